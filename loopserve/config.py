@@ -41,6 +41,7 @@ class CommonConfig:
         metadata={"help": "feedback log: a SQLite path or postgresql:// URL (default: <data-dir>/feedback.sqlite3)"},
     )
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (auto: CUDA when present)"})
+    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)"})
     log_level: str = field(default="INFO", metadata={"help": "Python logging level"})
 
     @property

@@ -1,0 +1,3 @@
+from loopserve.cli import main
+
+raise SystemExit(main())

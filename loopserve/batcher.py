@@ -1,0 +1,174 @@
+"""DynamicBatcher: gather concurrent requests into model batches, off the event loop.
+
+Requests wait in a bounded queue (a full queue is RESOURCE_EXHAUSTED: back-pressure, never an unbounded
+queue). A worker takes the oldest request, then keeps taking requests that run on the same model handle
+until the batch holds `max_batch_size` items or `max_wait_ms` has passed, and runs the batch on one
+executor thread. Each request carries the model handle it was admitted under, so a request in flight when
+a new version is swapped in finishes on the version it started with, and one response never mixes
+versions. A request whose caller went away (cancelled, deadline passed) is dropped before its batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from loopserve import metrics
+from loopserve.errors import ResourceExhausted, Unavailable
+
+logger = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+
+@dataclass
+class _Pending(Generic[Req, Res]):
+    key: Any  # the model handle the request runs on
+    request: Req
+    size: int
+    future: asyncio.Future[Res]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class DynamicBatcher(Generic[Req, Res]):
+    """`run_batch(key, requests) -> results` runs on the executor thread, one batch at a time."""
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[Any, list[Req]], Sequence[Res]],
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        executor: concurrent.futures.ThreadPoolExecutor | None = None,
+    ) -> None:
+        self.name = name
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait_ms / 1000.0
+        self.max_queue = max_queue
+        self._queue: collections.deque[_Pending[Req, Res]] = collections.deque()
+        self._queued_items = 0
+        self._wakeup: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._own_executor = executor is None
+        self._executor = executor or concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"batch-{name}")
+        self._closing = False
+        self._depth = metrics.QUEUE_DEPTH.labels(name)
+        self._batch_size = metrics.BATCH_SIZE.labels(name)
+
+    @property
+    def queued_items(self) -> int:
+        return self._queued_items
+
+    def start(self) -> None:
+        if self._task is None:
+            self._wakeup = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"batcher-{self.name}")
+
+    async def stop(self) -> None:
+        """Finish what is queued, then stop the worker."""
+        self._closing = True
+        if self._task is not None:
+            assert self._wakeup is not None
+            self._wakeup.set()
+            await self._task
+            self._task = None
+        if self._own_executor:
+            self._executor.shutdown(wait=True)
+
+    async def submit(self, key: Any, request: Req, size: int = 1) -> Res:
+        if self._closing:
+            raise Unavailable("the server is draining; retry on another replica")
+        if self._task is None:
+            raise Unavailable(f"batcher {self.name} is not started")
+        if self._queued_items + size > self.max_queue:
+            raise ResourceExhausted(
+                f"{self.name} queue is full ({self._queued_items} items waiting, limit {self.max_queue}); "
+                "retry with back-off"
+            )
+        loop = asyncio.get_running_loop()
+        pending: _Pending[Req, Res] = _Pending(key, request, size, loop.create_future())
+        self._queue.append(pending)
+        self._queued_items += size
+        self._depth.set(self._queued_items)
+        assert self._wakeup is not None
+        self._wakeup.set()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The caller went away (deadline, cancel): its request leaves the queue if still there.
+            pending.future.cancel()
+            raise
+
+    def _take_batch(self) -> tuple[Any, list[_Pending[Req, Res]]]:
+        """Pop the oldest live request and every following one on the same key, up to the batch limit."""
+        batch: list[_Pending[Req, Res]] = []
+        key: Any = None
+        items = 0
+        kept: collections.deque[_Pending[Req, Res]] = collections.deque()
+        while self._queue:
+            p = self._queue.popleft()
+            if p.future.done():  # cancelled while waiting
+                self._queued_items -= p.size
+                continue
+            if not batch:
+                key = p.key
+            elif p.key is not key or items + p.size > self.max_batch_size:
+                kept.append(p)
+                if items >= self.max_batch_size:
+                    break
+                continue
+            batch.append(p)
+            items += p.size
+            self._queued_items -= p.size
+            if items >= self.max_batch_size:
+                break
+        kept.extend(self._queue)
+        self._queue = kept
+        self._depth.set(self._queued_items)
+        return key, batch
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        assert self._wakeup is not None
+        while True:
+            if not self._queue:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            # Let a batch fill: wait until it is full or the oldest request has waited max_wait.
+            deadline = self._queue[0].enqueued + self.max_wait
+            while self._queued_items < self.max_batch_size and not self._closing:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            key, batch = self._take_batch()
+            if not batch:
+                continue
+            self._batch_size.observe(sum(p.size for p in batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch, key, [p.request for p in batch])
+            except Exception as exc:  # the whole batch failed: every caller gets the error
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, r in zip(batch, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(r)

@@ -1,0 +1,182 @@
+"""The `loopserve` command. Each subcommand builds its process's one typed config here, in main()."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import time
+from pathlib import Path
+
+from loopserve.config import (
+    CommonConfig,
+    PolicyConfig,
+    RewardConfig,
+    TrainerConfig,
+    add_arguments,
+    from_namespace,
+)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+# ---- models ---------------------------------------------------------------------------------------
+
+
+def cmd_models_pull(ns: argparse.Namespace) -> int:
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from loopserve.model_store import ModelStore
+    from loopserve.models import provision
+
+    cfg = from_namespace(CommonConfig, ns)
+    _setup_logging("WARNING")
+    start = time.perf_counter()
+    store = ModelStore(cfg.store_path)
+    models = ns.model or list(provision.MODELS)
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task("models", total=len(models))
+
+        def progress(msg: str) -> None:
+            bar.update(task, description=msg)
+            if msg.endswith("present"):
+                bar.advance(task)
+
+        for name in models:
+            before = store.latest(name)
+            provision.pull(store, models=[name], labels_file=ns.labels, progress=progress)
+            if before is None:
+                bar.advance(task)
+    for name in models:
+        print(f"{name}: {store.latest(name)}  ({store.path(name, store.latest(name) or '')})")
+    print(f"model store ready at {store.root} in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cmd_models_publish(ns: argparse.Namespace) -> int:
+    from loopserve.model_store import ModelStore
+    from loopserve.model_verify import verify_folder
+
+    cfg = from_namespace(CommonConfig, ns)
+    _setup_logging(cfg.log_level)
+    store = ModelStore(cfg.store_path)
+    src = Path(ns.from_dir)
+    parent = store.latest(ns.model)
+    verify_folder(ns.model, src, store)  # refuse before publishing what no service could load
+    manifest = store.publish_version(ns.model, src, parent=parent, meta={"published_by": "operator"})
+    print(f"published {ns.model} {manifest.version} (parent {parent})")
+    return 0
+
+
+def cmd_models_list(ns: argparse.Namespace) -> int:
+    from loopserve.model_store import ModelStore
+
+    cfg = from_namespace(CommonConfig, ns)
+    store = ModelStore(cfg.store_path)
+    for model in store.models():
+        latest = store.latest(model)
+        for v in store.list(model):
+            m = store.get(model, v)
+            mark = " (LATEST)" if v == latest else ""
+            print(f"{model}\t{v}{mark}\tparent={m.parent}\tcreated={m.created}\t{m.metrics}")
+    return 0
+
+
+# ---- services -------------------------------------------------------------------------------------
+
+
+def cmd_policy(ns: argparse.Namespace) -> int:
+    cfg = from_namespace(PolicyConfig, ns)
+    _setup_logging(cfg.log_level)
+    from policy_service.app import run
+
+    asyncio.run(run(cfg))
+    return 0
+
+
+def cmd_reward(ns: argparse.Namespace) -> int:
+    cfg = from_namespace(RewardConfig, ns)
+    _setup_logging(cfg.log_level)
+    from reward_service.app import run
+
+    asyncio.run(run(cfg))
+    return 0
+
+
+def cmd_train(ns: argparse.Namespace) -> int:
+    cfg = from_namespace(TrainerConfig, ns)
+    _setup_logging(cfg.log_level)
+    from trainer.__main__ import run_from_config
+
+    return run_from_config(cfg)
+
+
+def cmd_up(ns: argparse.Namespace) -> int:
+    from loopserve.embedded import run_embedded
+
+    policy = from_namespace(PolicyConfig, ns)
+    _setup_logging(policy.log_level)
+    return run_embedded(policy, reward_port=ns.reward_port, reward_metrics_port=ns.reward_metrics_port, train=not ns.no_trainer)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loopserve", description="Learning from human feedback in production.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    models = sub.add_parser("models", help="the model store").add_subparsers(dest="models_command", required=True)
+    pull = models.add_parser("pull", help="write the base versions of the bundled models (idempotent)")
+    add_arguments(pull, CommonConfig)
+    pull.add_argument("--model", action="append", help="only this model (repeatable)")
+    pull.add_argument("--labels", type=Path, help='JSON {"task": ..., "labels": [{"name", "description"}]}')
+    pull.set_defaults(fn=cmd_models_pull)
+    publish = models.add_parser("publish", help="publish weights trained elsewhere as a new version")
+    add_arguments(publish, CommonConfig)
+    publish.add_argument("--model", required=True)
+    publish.add_argument("--from", dest="from_dir", required=True, help="a folder in the model's format")
+    publish.set_defaults(fn=cmd_models_publish)
+    ls = models.add_parser("list", help="list versions")
+    add_arguments(ls, CommonConfig)
+    ls.set_defaults(fn=cmd_models_list)
+
+    policy = sub.add_parser("policy", help="run the policy service (with FeedbackService and ModelAdmin)")
+    add_arguments(policy, PolicyConfig)
+    policy.set_defaults(fn=cmd_policy)
+
+    reward = sub.add_parser("reward", help="run the reward service")
+    add_arguments(reward, RewardConfig)
+    reward.set_defaults(fn=cmd_reward)
+
+    train = sub.add_parser("train", help="run the trainer")
+    add_arguments(train, TrainerConfig)
+    train.set_defaults(fn=cmd_train)
+
+    up = sub.add_parser("up", help="run everything on this machine (policy, reward, trainer)")
+    add_arguments(up, PolicyConfig)
+    up.add_argument("--policy-port", dest="port", type=int, help="policy port (default 50051)")
+    up.add_argument("--reward-port", type=int, default=None)
+    up.add_argument("--reward-metrics-port", type=int, default=None)
+    up.add_argument("--no-trainer", action="store_true", help="services only")
+    up.set_defaults(fn=cmd_up)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return int(ns.fn(ns) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # the CLI says what went wrong in one line; --log-level DEBUG for more
+        from loopserve.errors import LoopserveError
+
+        if isinstance(e, LoopserveError | ValueError | FileNotFoundError):
+            print(f"loopserve: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""A small Python client for loopserve, sync and async, over the generated stubs.
+
+    from loopserve.client import Client
+    with Client("127.0.0.1:50051", token=...) as c:
+        r = c.annotate(["Great coffee, will buy again"])
+        print(r.model_version, r.annotations[0].labels[0].label)
+
+Tokens go in `authorization: Bearer` metadata; TLS by `root_certificates` (and a client key/cert for
+mTLS); every call has a deadline; calls are retried with exponential back-off only on UNAVAILABLE and
+RESOURCE_EXHAUSTED (back-pressure), never on errors a retry cannot fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from loopserve.admin.v1 import admin_pb2, admin_pb2_grpc
+from loopserve.feedback.v1 import feedback_pb2, feedback_pb2_grpc
+from loopserve.policy.v1 import policy_pb2, policy_pb2_grpc
+from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
+
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    initial_backoff_s: float = 0.05
+    max_backoff_s: float = 2.0
+
+    def backoff(self, attempt: int) -> float:
+        cap = min(self.max_backoff_s, self.initial_backoff_s * (2**attempt))
+        return random.uniform(cap / 2, cap)  # jitter: retries from many clients do not align
+
+
+def _credentials(
+    root_certificates: bytes | Path | None, private_key: bytes | Path | None, certificate_chain: bytes | Path | None
+) -> grpc.ChannelCredentials | None:
+    def read(x: bytes | Path | None) -> bytes | None:
+        return x.read_bytes() if isinstance(x, Path) else x
+
+    if root_certificates is None and private_key is None:
+        return None
+    return grpc.ssl_channel_credentials(read(root_certificates), read(private_key), read(certificate_chain))
+
+
+def _items(texts: Sequence[str] | Sequence[tuple[str, str]]) -> list[policy_pb2.Item]:
+    out = []
+    for i, t in enumerate(texts):
+        if isinstance(t, tuple):
+            out.append(policy_pb2.Item(id=t[0], text=t[1]))
+        else:
+            out.append(policy_pb2.Item(id=str(i), text=t))
+    return out
+
+
+def generate_request(prompt: str, **kw: Any) -> policy_pb2.GenerateRequest:
+    stop = kw.pop("stop", ())
+    return policy_pb2.GenerateRequest(prompt=prompt, stop=list(stop), **{k: v for k, v in kw.items() if v is not None})
+
+
+_CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+    ("grpc.max_send_message_length", 32 * 1024 * 1024),
+]
+
+
+class Client:
+    """Blocking client for the policy, feedback, reward and admin services on one target."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        root_certificates: bytes | Path | None = None,
+        private_key: bytes | Path | None = None,
+        certificate_chain: bytes | Path | None = None,
+        client_id: str = "",
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        creds = _credentials(root_certificates, private_key, certificate_chain)
+        self.channel = (
+            grpc.secure_channel(target, creds, _CHANNEL_OPTIONS)
+            if creds
+            else grpc.insecure_channel(target, _CHANNEL_OPTIONS)
+        )
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        md = list(metadata)
+        if token:
+            md.append(("authorization", f"Bearer {token}"))
+        if client_id:
+            md.append(("x-client-id", client_id))
+        self.metadata = tuple(md)
+        self.policy = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.feedback = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
+        self.reward = reward_pb2_grpc.RewardServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.ModelAdminStub(self.channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, fn: Callable[..., T], request: Any, timeout_s: float | None) -> T:
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        for attempt in range(self.retry.attempts):
+            remaining = deadline - time.monotonic()
+            try:
+                return fn(request, timeout=max(remaining, 0.001), metadata=self.metadata)
+            except grpc.RpcError as e:
+                last = attempt == self.retry.attempts - 1
+                if e.code() not in RETRYABLE or last:
+                    raise
+                pause = self.retry.backoff(attempt)
+                if time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
+    # ---- policy --------------------------------------------------------------------------------
+
+    def annotate(
+        self, texts: Sequence[str] | Sequence[tuple[str, str]], *, task: str = "", top_k: int = 0, timeout_s: float | None = None
+    ) -> policy_pb2.AnnotateResponse:
+        req = policy_pb2.AnnotateRequest(task=task, items=_items(texts), top_k=top_k)
+        return self._call(self.policy.Annotate, req, timeout_s)
+
+    def generate(self, prompt: str, *, timeout_s: float | None = None, **kw: Any) -> policy_pb2.GenerateResponse:
+        return self._call(self.policy.Generate, generate_request(prompt, **kw), timeout_s)
+
+    def generate_stream(self, prompt: str, *, timeout_s: float | None = None, **kw: Any) -> Iterator[policy_pb2.GenerateStreamResponse]:
+        return self.policy.GenerateStream(
+            generate_request(prompt, **kw), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+        )
+
+    def model_info(self) -> policy_pb2.ModelInfo:
+        return self._call(self.policy.GetModelInfo, policy_pb2.GetModelInfoRequest(), None)
+
+    # ---- feedback ------------------------------------------------------------------------------
+
+    def submit(self, events: Sequence[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None) -> feedback_pb2.SubmitResponse:
+        return self._call(self.feedback.Submit, feedback_pb2.SubmitRequest(events=list(events)), timeout_s)
+
+    def submit_stream(self, events: Iterable[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None) -> feedback_pb2.SubmitSummary:
+        # Not retried: a client stream cannot be replayed from an iterator (idempotency keys make a
+        # caller's own retry safe).
+        return self.feedback.SubmitStream(iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+
+    # ---- reward --------------------------------------------------------------------------------
+
+    def score(self, pairs: Sequence[tuple[str, str]], *, timeout_s: float | None = None) -> reward_pb2.ScoreResponse:
+        req = reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=p, response=r) for p, r in pairs])
+        return self._call(self.reward.Score, req, timeout_s)
+
+    def compare(self, prompt: str, a: str, b: str, *, timeout_s: float | None = None) -> reward_pb2.CompareResponse:
+        return self._call(self.reward.Compare, reward_pb2.CompareRequest(prompt=prompt, a=a, b=b), timeout_s)
+
+    # ---- admin ---------------------------------------------------------------------------------
+
+    def list_versions(self, model: str) -> admin_pb2.ListVersionsResponse:
+        return self._call(self.admin.ListVersions, admin_pb2.ListVersionsRequest(model=model), None)
+
+    def load_version(self, model: str, version: str, *, timeout_s: float = 120.0) -> admin_pb2.ModelStatus:
+        return self._call(self.admin.LoadVersion, admin_pb2.LoadVersionRequest(model=model, version=version), timeout_s)
+
+    def rollback(self, model: str, *, timeout_s: float = 120.0) -> admin_pb2.ModelStatus:
+        return self._call(self.admin.Rollback, admin_pb2.RollbackRequest(model=model), timeout_s)
+
+    def pin(self, model: str, version: str = "") -> admin_pb2.ModelStatus:
+        return self._call(self.admin.Pin, admin_pb2.PinRequest(model=model, version=version), 120.0)
+
+    def unpin(self, model: str) -> admin_pb2.ModelStatus:
+        return self._call(self.admin.Unpin, admin_pb2.UnpinRequest(model=model), None)
+
+
+class AsyncClient:
+    """The same calls on grpc.aio, for asyncio apps and load generators."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        *,
+        timeout_s: float = 30.0,
+        retry: RetryPolicy | None = None,
+        root_certificates: bytes | Path | None = None,
+        private_key: bytes | Path | None = None,
+        certificate_chain: bytes | Path | None = None,
+        client_id: str = "",
+        metadata: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        creds = _credentials(root_certificates, private_key, certificate_chain)
+        self.channel = (
+            aio.secure_channel(target, creds, _CHANNEL_OPTIONS) if creds else aio.insecure_channel(target, _CHANNEL_OPTIONS)
+        )
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        md = list(metadata)
+        if token:
+            md.append(("authorization", f"Bearer {token}"))
+        if client_id:
+            md.append(("x-client-id", client_id))
+        self.metadata = tuple(md)
+        self.policy = policy_pb2_grpc.PolicyServiceStub(self.channel)
+        self.feedback = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
+        self.reward = reward_pb2_grpc.RewardServiceStub(self.channel)
+        self.admin = admin_pb2_grpc.ModelAdminStub(self.channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def _call(self, fn: Callable[..., Any], request: Any, timeout_s: float | None) -> Any:
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        for attempt in range(self.retry.attempts):
+            remaining = deadline - time.monotonic()
+            try:
+                return await fn(request, timeout=max(remaining, 0.001), metadata=self.metadata)
+            except aio.AioRpcError as e:
+                if e.code() not in RETRYABLE or attempt == self.retry.attempts - 1:
+                    raise
+                pause = self.retry.backoff(attempt)
+                if time.monotonic() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+        raise AssertionError("unreachable")
+
+    async def annotate(
+        self, texts: Sequence[str] | Sequence[tuple[str, str]], *, task: str = "", top_k: int = 0, timeout_s: float | None = None
+    ) -> policy_pb2.AnnotateResponse:
+        req = policy_pb2.AnnotateRequest(task=task, items=_items(texts), top_k=top_k)
+        return await self._call(self.policy.Annotate, req, timeout_s)
+
+    async def generate(self, prompt: str, *, timeout_s: float | None = None, **kw: Any) -> policy_pb2.GenerateResponse:
+        return await self._call(self.policy.Generate, generate_request(prompt, **kw), timeout_s)
+
+    async def generate_stream(
+        self, prompt: str, *, timeout_s: float | None = None, **kw: Any
+    ) -> AsyncIterator[policy_pb2.GenerateStreamResponse]:
+        call = self.policy.GenerateStream(
+            generate_request(prompt, **kw), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+        )
+        async for msg in call:
+            yield msg
+
+    async def model_info(self) -> policy_pb2.ModelInfo:
+        return await self._call(self.policy.GetModelInfo, policy_pb2.GetModelInfoRequest(), None)
+
+    async def submit(self, events: Sequence[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None) -> feedback_pb2.SubmitResponse:
+        return await self._call(self.feedback.Submit, feedback_pb2.SubmitRequest(events=list(events)), timeout_s)
+
+    async def submit_stream(
+        self, events: Iterable[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None
+    ) -> feedback_pb2.SubmitSummary:
+        return await self.feedback.SubmitStream(iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+
+    async def score(self, pairs: Sequence[tuple[str, str]], *, timeout_s: float | None = None) -> reward_pb2.ScoreResponse:
+        req = reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=p, response=r) for p, r in pairs])
+        return await self._call(self.reward.Score, req, timeout_s)
+
+    async def compare(self, prompt: str, a: str, b: str, *, timeout_s: float | None = None) -> reward_pb2.CompareResponse:
+        return await self._call(self.reward.Compare, reward_pb2.CompareRequest(prompt=prompt, a=a, b=b), timeout_s)

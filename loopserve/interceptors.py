@@ -1,0 +1,155 @@
+"""The two grpc.aio server interceptors every loopserve server runs.
+
+- `StatusInterceptor` (outermost): the one place where domain errors (loopserve.errors) become gRPC
+  status codes, and where every RPC is counted and timed. Servicers never call abort themselves.
+- `AuthInterceptor`: bearer token -> role; raises Unauthenticated / PermissionDenied.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from loopserve import auth, metrics
+from loopserve.errors import LoopserveError
+
+logger = logging.getLogger(__name__)
+
+Behaviour = Callable[..., Any]
+
+
+def _split(full_method: str) -> tuple[str, str]:
+    service, _, method = full_method.lstrip("/").partition("/")
+    return service, method
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behaviour, str], Behaviour]) -> grpc.RpcMethodHandler:
+    """A copy of `handler` whose behaviour is wrap(behaviour, kind)."""
+    kw = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(wrap(handler.unary_unary, "unary_unary"), **kw)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(wrap(handler.unary_stream, "unary_stream"), **kw)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(wrap(handler.stream_unary, "stream_unary"), **kw)
+    return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, "stream_stream"), **kw)
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, LoopserveError):
+        return grpc.StatusCode[exc.code], exc.message
+    if isinstance(exc, TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the work finished"
+    incident = uuid.uuid4().hex[:12]
+    # Type and incident id only: exception messages can carry request data, which never goes to logs.
+    logger.error("internal error %s: %s", incident, type(exc).__name__, exc_info=(type(exc), exc, exc.__traceback__))
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server logged the details"
+
+
+class StatusInterceptor(aio.ServerInterceptor):
+    """Maps exceptions to status codes; counts and times every RPC."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        service, method = _split(details.method)
+
+        def finish(start: float, code: grpc.StatusCode) -> None:
+            metrics.REQUESTS.labels(service, method, code.name).inc()
+            metrics.REQUEST_SECONDS.labels(service, method).observe(time.perf_counter() - start)
+
+        async def fail(context: aio.ServicerContext, exc: BaseException, start: float) -> None:
+            code, message = _status(exc)
+            finish(start, code)
+            await context.abort(code, message)
+
+        def wrap(behaviour: Behaviour, kind: str) -> Behaviour:
+            if kind in ("unary_stream", "stream_stream"):
+
+                async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                    start = time.perf_counter()
+                    try:
+                        async for response in behaviour(request, context):
+                            yield response
+                    except asyncio.CancelledError:
+                        finish(start, grpc.StatusCode.CANCELLED)
+                        raise
+                    except aio.AbortError:
+                        finish(start, context.code() or grpc.StatusCode.UNKNOWN)
+                        raise
+                    except Exception as exc:
+                        await fail(context, exc, start)
+                    else:
+                        finish(start, grpc.StatusCode.OK)
+
+                return streaming
+
+            async def unary(request: Any, context: aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                try:
+                    response = await behaviour(request, context)
+                except asyncio.CancelledError:
+                    finish(start, grpc.StatusCode.CANCELLED)
+                    raise
+                except aio.AbortError:
+                    finish(start, context.code() or grpc.StatusCode.UNKNOWN)
+                    raise
+                except Exception as exc:
+                    await fail(context, exc, start)
+                finish(start, grpc.StatusCode.OK)
+                return response
+
+            return unary
+
+        return _rewrap(handler, wrap)
+
+
+class AuthInterceptor(aio.ServerInterceptor):
+    """Checks the bearer token against the token table before the servicer runs."""
+
+    def __init__(self, table: auth.TokenTable) -> None:
+        self.table = table
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or auth.required_role(details.method) is None:
+            return handler
+        metadata = {k: v for k, v in (details.invocation_metadata or ()) if isinstance(v, str)}
+        table = self.table
+
+        def wrap(behaviour: Behaviour, kind: str) -> Behaviour:
+            if kind in ("unary_stream", "stream_stream"):
+
+                async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+                    auth.authorize(table, details.method, metadata)
+                    async for response in behaviour(request, context):
+                        yield response
+
+                return streaming
+
+            async def unary(request: Any, context: aio.ServicerContext) -> Any:
+                auth.authorize(table, details.method, metadata)
+                return await behaviour(request, context)
+
+            return unary
+
+        return _rewrap(handler, wrap)

@@ -1,0 +1,174 @@
+"""The annotator and the reward model: a sentence encoder (all-MiniLM-L6-v2) with a small head.
+
+Both follow Sentence-BERT (Reimers & Gurevych, 2019): mean-pool the token states over the attention
+mask and L2-normalise, so the pooled vector is the sentence embedding the encoder was trained to give.
+
+- `AnnotatorModel`: logits = head(embedding) / temperature, one logit per label. Version 0 sets each
+  label's head row to the embedding of its description (zero-shot: cosine similarity to the label
+  description, scaled), so it labels better than chance before any feedback.
+- `RewardModel`: r = head(embedding of the (prompt, response) pair, cross-encoded as one sequence).
+
+On disk (a model-store version folder): the encoder's `config.json` and tokenizer files,
+`model.safetensors` holding every parameter (`encoder.*`, `head.*`), and `head.json` describing the
+head (kind, labels, temperature). Loading builds the modules from config and copies the safetensors
+tensors in, checking that every parameter is present with the right shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+
+from loopserve.errors import VerificationError
+
+HEAD_FILE = "head.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    name: str
+    description: str
+
+
+@dataclass
+class HeadSpec:
+    """What head.json holds."""
+
+    kind: str  # "annotator" | "reward"
+    labels: list[LabelSpec] = field(default_factory=list)
+    # Softmax temperature fitted on held-out human labels, so scores are calibrated probabilities.
+    temperature: float = 1.0
+    task: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "kind": self.kind,
+                "task": self.task,
+                "labels": [{"name": lb.name, "description": lb.description} for lb in self.labels],
+                "temperature": self.temperature,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def read(cls, folder: Path) -> HeadSpec:
+        d = json.loads((folder / HEAD_FILE).read_text())
+        return cls(
+            kind=d["kind"],
+            task=d.get("task", ""),
+            labels=[LabelSpec(x["name"], x.get("description", "")) for x in d.get("labels", [])],
+            temperature=float(d.get("temperature", 1.0)),
+        )
+
+    @property
+    def label_names(self) -> list[str]:
+        return [lb.name for lb in self.labels]
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T, C), (B, T) -> (B, C): average of the unmasked token states, L2-normalised."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)  # (B, T, 1)
+    summed = (hidden * m).sum(dim=1)  # (B, C)
+    counts = m.sum(dim=1).clamp(min=1e-9)  # (B, 1)
+    return F.normalize(summed / counts, dim=-1)
+
+
+class EncoderWithHead(nn.Module):
+    def __init__(self, encoder: nn.Module, out_features: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        hidden = encoder.config.hidden_size
+        self.head = nn.Linear(hidden, out_features)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
+        out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw)
+        return mean_pool(out.last_hidden_state, attention_mask)  # (B, C)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
+        # Run the head in fp32 whatever the encoder's dtype: logits feed softmax and losses.
+        return self.head(self.embed(input_ids, attention_mask, **kw).float())  # (B, out)
+
+
+class AnnotatorModel(EncoderWithHead):
+    def __init__(self, encoder: nn.Module, spec: HeadSpec) -> None:
+        super().__init__(encoder, len(spec.labels))
+        self.spec = spec
+        self.head.float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return super().forward(input_ids, attention_mask, **kw) / self.spec.temperature  # (B, L)
+
+
+class RewardModel(EncoderWithHead):
+    def __init__(self, encoder: nn.Module, spec: HeadSpec) -> None:
+        super().__init__(encoder, 1)
+        self.spec = spec
+        self.head.float()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return super().forward(input_ids, attention_mask, **kw).squeeze(-1)  # (B,)
+
+
+def build(folder: Path, spec: HeadSpec | None = None) -> EncoderWithHead:
+    """Modules from config alone (no weights): the shapes every saved version must match."""
+    spec = spec or HeadSpec.read(folder)
+    encoder = AutoModel.from_config(AutoConfig.from_pretrained(folder), attn_implementation="sdpa")
+    if spec.kind == "annotator":
+        return AnnotatorModel(encoder, spec)
+    if spec.kind == "reward":
+        return RewardModel(encoder, spec)
+    raise VerificationError(f"unknown head kind {spec.kind!r} in {HEAD_FILE}")
+
+
+def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> EncoderWithHead:
+    """Load a version folder through safetensors, refusing missing, extra or mis-shaped tensors."""
+    folder = Path(folder)
+    model = build(folder)
+    state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    # Buffers such as position_ids are rebuilt from config; only parameters are required.
+    param_names = {n for n, _ in model.named_parameters()}
+    missing = [m for m in missing if m in param_names]
+    if missing:
+        raise VerificationError(f"{folder.name}: {len(missing)} parameters missing, e.g. {missing[0]}")
+    if unexpected:
+        raise VerificationError(f"{folder.name}: {len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise VerificationError(
+                f"{folder.name}: tensor {name} has shape {tuple(tensor.shape)}, "
+                f"expected {tuple(expected[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False)
+    model.encoder.to(dtype=dtype)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def save(model: EncoderWithHead, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
+    """Write a complete version folder (config, tokenizer, head.json, model.safetensors)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.encoder.config.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    spec: HeadSpec = model.spec  # type: ignore[assignment]
+    (folder / HEAD_FILE).write_text(spec.to_json())
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(folder))

@@ -1,0 +1,1 @@
+"""The policy service: the annotator and generator runtimes, and their thin gRPC servicer."""

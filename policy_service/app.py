@@ -1,0 +1,82 @@
+"""Assemble and run the policy service process: runtime, frontend, servicers, server, metrics, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from loopserve import metrics
+from loopserve.admin.v1 import admin_pb2_grpc
+from loopserve.admin_servicer import ModelAdminServicer
+from loopserve.config import ADMIN_SERVICE, POLICY_SERVICE, PolicyConfig
+from loopserve.device import configure_threads, pick_device, pick_dtype
+from loopserve.model_store import ModelStore
+from loopserve.policy.v1 import policy_pb2_grpc
+from loopserve.server import GrpcServer, ServiceBinding, install_signal_handlers, token_table
+from policy_service.runtime import PolicyRuntime, RuntimeOptions
+from policy_service.service import DecisionSink, PolicyFrontend
+from policy_service.servicer import PolicyServicer
+
+logger = logging.getLogger(__name__)
+
+
+class PolicyApp:
+    """The whole policy process minus the signal handling: what tests start on an ephemeral port."""
+
+    def __init__(
+        self,
+        cfg: PolicyConfig,
+        *,
+        decisions: DecisionSink | None = None,
+        extra_bindings: Sequence[ServiceBinding] = (),
+    ) -> None:
+        self.cfg = cfg
+        device = pick_device(cfg.device)
+        self.runtime = PolicyRuntime(
+            ModelStore(cfg.store_path),
+            RuntimeOptions(
+                device=device,
+                dtype=pick_dtype(cfg.dtype, device),
+                max_input_tokens=cfg.max_input_tokens,
+                review_threshold=cfg.review_threshold,
+                max_prompt_tokens=cfg.max_prompt_tokens,
+                generator=cfg.generator,
+            ),
+        )
+        self.frontend = PolicyFrontend(cfg, self.runtime, decisions)
+        bindings = [
+            ServiceBinding(POLICY_SERVICE, PolicyServicer(self.frontend), policy_pb2_grpc.add_PolicyServiceServicer_to_server),
+            ServiceBinding(
+                ADMIN_SERVICE, ModelAdminServicer(self.runtime.slots()), admin_pb2_grpc.add_ModelAdminServicer_to_server
+            ),
+            *extra_bindings,
+        ]
+        self.server = GrpcServer(cfg, bindings, token_table(cfg))
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def start(self, watch: bool = True) -> int:
+        # Listen first (health NOT_SERVING) so probes see a live process while models load.
+        port = await self.server.start()
+        await self.frontend.start(watch=watch)
+        await self.server.set_serving(True)
+        logger.info("policy service ready on port %d (annotator %s)", port, self.runtime.annotator.current.version)
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.server.drain(grace_s)
+        await self.frontend.stop()
+
+
+async def run(cfg: PolicyConfig) -> None:
+    configure_threads(cfg.threads)
+    metrics.serve_metrics(cfg.metrics_port)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    app = PolicyApp(cfg)
+    await app.start()
+    await stop.wait()
+    await app.stop()

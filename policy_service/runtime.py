@@ -1,0 +1,240 @@
+"""PolicyRuntime: the annotator and the generator as plain Python over torch (no grpc).
+
+Life cycle (KServe's model base): `load()` fills both model slots from the store, `healthy()` says
+whether they are loaded, `annotate_batch` / `generate_batch` run one batch on a given loaded version
+(the caller pins the version per request so that a swap never mixes versions in one response).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from loopserve.errors import InvalidArgument, VerificationError
+from loopserve.model_slot import Loaded, ModelSlot
+from loopserve.model_store import Manifest, ModelStore
+from loopserve.models import encoder_heads, generator
+from loopserve.models.encoder_heads import AnnotatorModel
+from policy_service import sampling
+from policy_service.types import (
+    AnnotateCall,
+    Annotation,
+    Completion,
+    GenerateCall,
+    LabelScore,
+    TokenDelta,
+)
+
+logger = logging.getLogger(__name__)
+
+# Items are sorted by length and run in micro-batches of this size, so a long review does not make
+# every short one in its batch pay for padding.
+ENCODER_MICRO_BATCH = 32
+
+
+@dataclass(frozen=True)
+class AnnotatorBundle:
+    model: AnnotatorModel
+    tokenizer: PreTrainedTokenizerBase
+
+    @property
+    def labels(self) -> list[str]:
+        return self.model.spec.label_names
+
+
+@dataclass(frozen=True)
+class GeneratorBundle:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass
+class RuntimeOptions:
+    device: torch.device
+    dtype: torch.dtype
+    max_input_tokens: int = 256
+    review_threshold: float = 0.8
+    max_prompt_tokens: int = 1024
+    generator: bool = True
+
+
+class PolicyRuntime:
+    def __init__(self, store: ModelStore, options: RuntimeOptions) -> None:
+        self.store = store
+        self.opts = options
+        self.annotator: ModelSlot[AnnotatorBundle] = ModelSlot(
+            "annotator", store, self._load_annotator, self._check_annotator
+        )
+        self.generator: ModelSlot[GeneratorBundle] | None = (
+            ModelSlot("generator", store, self._load_generator, self._check_generator) if options.generator else None
+        )
+
+    # ---- life cycle ----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        self.annotator.load_latest()
+        if self.generator is not None:
+            self.generator.load_latest()
+
+    def healthy(self) -> bool:
+        return self.annotator.ready and (self.generator is None or self.generator.ready)
+
+    def slots(self) -> dict[str, ModelSlot]:  # type: ignore[type-arg]
+        out: dict[str, ModelSlot] = {"annotator": self.annotator}  # type: ignore[type-arg]
+        if self.generator is not None:
+            out["generator"] = self.generator
+        return out
+
+    # ---- loaders and checks (run by ModelSlot during a swap) -----------------------------------
+
+    def _load_annotator(self, folder: Path, manifest: Manifest) -> AnnotatorBundle:
+        model = encoder_heads.load(folder, self.opts.device, self.opts.dtype)
+        if not isinstance(model, AnnotatorModel):
+            raise VerificationError(f"{folder.name} is not an annotator (head kind {model.spec.kind!r})")
+        return AnnotatorBundle(model, encoder_heads.load_tokenizer(folder))
+
+    def _check_annotator(self, new: Loaded[AnnotatorBundle], old: Loaded[AnnotatorBundle] | None) -> None:
+        if old is not None and new.model.labels != old.model.labels and not new.manifest.meta.get("label_set_change"):
+            raise VerificationError(
+                f"label set changed from {old.model.labels} to {new.model.labels} without "
+                "manifest meta label_set_change=true"
+            )
+        probs = self._annotator_probs(new.model, ["smoke test: a short review of a product"])[0]
+        if not all(math.isfinite(p) for p in probs):
+            raise VerificationError("smoke batch gave non-finite outputs")
+
+    def _load_generator(self, folder: Path, manifest: Manifest) -> GeneratorBundle:
+        return GeneratorBundle(
+            generator.load(folder, self.opts.device, self.opts.dtype), generator.load_tokenizer(folder)
+        )
+
+    def _check_generator(self, new: Loaded[GeneratorBundle], old: Loaded[GeneratorBundle] | None) -> None:
+        tok = new.model.tokenizer
+        ids = tok("Hello", return_tensors="pt").input_ids.to(self.opts.device)
+        with torch.inference_mode():
+            logits = new.model.model(input_ids=ids).logits
+        if not bool(torch.isfinite(logits).all()):
+            raise VerificationError("smoke batch gave non-finite logits")
+        if old is not None and len(tok) != len(old.model.tokenizer):
+            raise VerificationError("tokenizer vocabulary changed")
+
+    # ---- annotate ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _annotator_probs(self, bundle: AnnotatorBundle, texts: list[str]) -> list[list[float]]:
+        tok = bundle.tokenizer
+        enc = tok(texts, truncation=True, max_length=self.opts.max_input_tokens)
+        order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+        out: list[list[float]] = [[] for _ in texts]
+        for start in range(0, len(order), ENCODER_MICRO_BATCH):
+            idx = order[start : start + ENCODER_MICRO_BATCH]
+            batch = tok.pad({"input_ids": [enc["input_ids"][i] for i in idx]}, return_tensors="pt")
+            logits = bundle.model(
+                batch["input_ids"].to(self.opts.device), batch["attention_mask"].to(self.opts.device)
+            )  # (b, L), already divided by the fitted temperature
+            probs = torch.softmax(logits.float(), dim=-1).cpu().tolist()
+            for i, p in zip(idx, probs, strict=True):
+                out[i] = p
+        return out
+
+    def annotate_batch(self, handle: Loaded[AnnotatorBundle], calls: list[AnnotateCall]) -> list[list[Annotation]]:
+        """One forward over every item of every call; per call, its annotations in item order."""
+        bundle = handle.model
+        labels = bundle.labels
+        texts = [t for c in calls for t in c.texts]
+        probs = self._annotator_probs(bundle, texts)
+        # Truncation flag: did the text need more tokens than the window? (cheap: length only)
+        lengths = bundle.tokenizer(texts, truncation=False, add_special_tokens=True, return_length=True)["length"]
+        results: list[list[Annotation]] = []
+        k = 0
+        for call in calls:
+            top_k = call.top_k or len(labels)
+            anns = []
+            for item_id in call.item_ids:
+                p = probs[k]
+                ranked = sorted(range(len(labels)), key=lambda j: -p[j])[:top_k]
+                scores = tuple(LabelScore(labels[j], float(p[j])) for j in ranked)
+                anns.append(
+                    Annotation(
+                        item_id=item_id,
+                        event_id=uuid.uuid4().hex,
+                        labels=scores,
+                        needs_review=scores[0].score < self.opts.review_threshold,
+                        truncated=lengths[k] > self.opts.max_input_tokens,
+                    )
+                )
+                k += 1
+            results.append(anns)
+        return results
+
+    # ---- generate ------------------------------------------------------------------------------
+
+    def prompt_ids(self, handle: Loaded[GeneratorBundle], call: GenerateCall) -> list[int]:
+        tok = handle.model.tokenizer
+        if call.raw_prompt or not tok.chat_template:
+            ids = tok(call.prompt, add_special_tokens=False)["input_ids"]
+        else:
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": call.prompt}], add_generation_prompt=True, tokenize=False
+            )
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.opts.max_prompt_tokens:
+            raise InvalidArgument(
+                f"the prompt has {len(ids)} tokens; the limit is {self.opts.max_prompt_tokens}"
+            )
+        return list(ids)
+
+    def generate_batch(
+        self, handle: Loaded[GeneratorBundle], jobs: list[tuple[GenerateCall, list[int], list[sampling.SequenceRequest]]]
+    ) -> list[list[Completion]]:
+        """Decode every sequence of every job in one batch; per job, its completions."""
+        bundle = handle.model
+        flat = [s for _, _, seqs in jobs for s in seqs]
+        outs = sampling.generate(bundle.model, bundle.tokenizer, flat)
+        results: list[list[Completion]] = []
+        k = 0
+        for call, _, seqs in jobs:
+            comps = []
+            for _ in seqs:
+                r = outs[k]
+                k += 1
+                comps.append(
+                    Completion(
+                        text=r.text,
+                        event_id=uuid.uuid4().hex,
+                        num_tokens=len(r.token_ids),
+                        finish_reason=r.finish_reason,
+                        sequence_logprob=r.sequence_logprob,
+                        token_logprobs=tuple(r.token_logprobs) if call.params.logprobs else (),
+                    )
+                )
+            results.append(comps)
+        return results
+
+    @staticmethod
+    def sequence_requests(
+        call: GenerateCall, prompt_ids: list[int], on_token: object = None, cancelled: object = None
+    ) -> list[sampling.SequenceRequest]:
+        """n rows for one call; with a seed, row i uses seed + i (reproducible, yet distinct)."""
+        seqs = []
+        for i in range(call.n):
+            seq = sampling.SequenceRequest(
+                prompt_ids=prompt_ids,
+                params=call.params,
+                row_seed=None if call.params.seed is None else call.params.seed + i,
+            )
+            if on_token is not None:
+                seq.on_token = on_token  # type: ignore[assignment]
+            if cancelled is not None:
+                seq.cancelled = cancelled  # type: ignore[assignment]
+            seqs.append(seq)
+        return seqs
+
+
+__all__ = ["AnnotatorBundle", "GeneratorBundle", "PolicyRuntime", "RuntimeOptions", "TokenDelta"]

@@ -1,0 +1,180 @@
+"""Batched autoregressive sampling with a KV cache, per-sequence parameters and streaming.
+
+Each row has its own temperature / top-p / top-k / seed / stop strings, so requests with different
+parameters share one batch. Rows are left-padded; a finished or cancelled row stops costing anything
+but its slot in the batch, and the loop ends when every row is done.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from policy_service.types import SamplingParams, TokenDelta
+
+
+@dataclass
+class SequenceRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    row_seed: int | None = None
+    on_token: Callable[[TokenDelta], None] | None = None  # streaming: called from the decode thread
+    cancelled: Callable[[], bool] = lambda: False
+
+
+@dataclass
+class SequenceResult:
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    token_logprobs: list[float] = field(default_factory=list)
+    finish_reason: str = ""
+
+    @property
+    def sequence_logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+
+def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """(V,) -> (V,) with the tokens outside top-k / the top-p nucleus set to -inf."""
+    if top_k > 0 and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # Drop a token when the mass before it already reaches top_p (the first token always stays).
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+class _Row:
+    """Book-keeping for one sequence: text so far, stop strings, what has been streamed."""
+
+    def __init__(self, req: SequenceRequest, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
+        self.req = req
+        self.tok = tokenizer
+        self.result = SequenceResult()
+        self.done = False
+        seed = req.row_seed if req.row_seed is not None else secrets.randbits(63)
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+        self.streamed = 0
+        self.holdback = max((len(s) for s in req.params.stop), default=1) - 1
+
+    def push(self, token_id: int, logprob: float, eos_ids: set[int]) -> None:
+        p = self.req.params
+        r = self.result
+        if token_id in eos_ids:
+            self._finish("stop")
+            return
+        r.token_ids.append(token_id)
+        r.token_logprobs.append(logprob)
+        text = self.tok.decode(r.token_ids, skip_special_tokens=True)
+        for s in p.stop:
+            cut = text.find(s)
+            if cut != -1:
+                r.text = text[:cut]
+                self._finish("stop")
+                return
+        r.text = text
+        if len(r.token_ids) >= p.max_new_tokens:
+            self._finish("length")
+            return
+        self._stream(logprob, final=False)
+
+    def _stream(self, logprob: float, final: bool) -> None:
+        if self.req.on_token is None:
+            return
+        text = self.result.text
+        # Hold back what could still turn into a stop string, and a half-decoded character.
+        safe = len(text) if final else max(self.streamed, len(text) - self.holdback)
+        if not final and text[self.streamed : safe].endswith("\ufffd"):
+            safe = self.streamed
+        delta = text[self.streamed : safe]
+        self.streamed = max(self.streamed, safe)
+        if final:
+            self.req.on_token(
+                TokenDelta(
+                    text=delta,
+                    logprob=logprob,
+                    done=True,
+                    finish_reason=self.result.finish_reason,
+                    num_tokens=len(self.result.token_ids),
+                )
+            )
+        elif delta or logprob:
+            self.req.on_token(TokenDelta(text=delta, logprob=logprob, num_tokens=len(self.result.token_ids)))
+
+    def _finish(self, reason: str) -> None:
+        self.done = True
+        self.result.finish_reason = reason
+        self._stream(0.0, final=True)
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[SequenceRequest],
+) -> list[SequenceResult]:
+    device = next(model.parameters()).device
+    rows = [_Row(r, tokenizer, device) for r in requests]
+    B = len(rows)
+    T = max(len(r.prompt_ids) for r in requests)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T), left-padded
+    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
+    for i, r in enumerate(requests):
+        n = len(r.prompt_ids)
+        input_ids[i, T - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
+        attention_mask[i, T - n :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        eos_ids.add(gen_eos)
+    elif isinstance(gen_eos, list):
+        eos_ids.update(gen_eos)
+
+    past = None
+    cur_ids, cur_pos = input_ids, position_ids
+    max_steps = max(r.params.max_new_tokens for r in requests)
+    for _ in range(max_steps):
+        out = model(
+            input_ids=cur_ids, attention_mask=attention_mask, position_ids=cur_pos, past_key_values=past, use_cache=True
+        )
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()  # (B, V)
+        next_ids = torch.full((B,), pad_id, dtype=torch.long, device=device)
+        for i, row in enumerate(rows):
+            if row.done:
+                continue
+            if row.req.cancelled():
+                row.done = True
+                row.result.finish_reason = "cancelled"
+                continue
+            p = row.req.params
+            if p.temperature == 0:
+                logp = torch.log_softmax(logits[i], dim=-1)  # (V,)
+                tok = int(torch.argmax(logp))
+            else:
+                scaled = _filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
+                logp = torch.log_softmax(scaled, dim=-1)  # (V,): the sampling distribution
+                tok = int(torch.multinomial(logp.exp(), 1, generator=row.gen))
+            next_ids[i] = tok
+            row.push(tok, float(logp[tok]), eos_ids)
+        if all(r.done for r in rows):
+            break
+        cur_ids = next_ids.unsqueeze(-1)  # (B, 1)
+        attention_mask = torch.cat([attention_mask, torch.ones((B, 1), dtype=attention_mask.dtype, device=device)], -1)
+        cur_pos = cur_pos[:, -1:] + 1  # (B, 1)
+    for row in rows:
+        if not row.done:  # ran out of steps in a mixed batch (cannot happen: each row caps itself)
+            row._finish("length")
+    return [r.result for r in rows]
