@@ -28,7 +28,7 @@ Req = TypeVar("Req")
 Res = TypeVar("Res")
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pending(Generic[Req, Res]):
     key: Any  # the model handle the request runs on
     request: Req
@@ -107,6 +107,10 @@ class DynamicBatcher(Generic[Req, Res]):
         except asyncio.CancelledError:
             # The caller went away (deadline, cancel): its request leaves the queue if still there.
             pending.future.cancel()
+            if pending in self._queue:  # not taken into a batch yet: give its room back now
+                self._queue.remove(pending)
+                self._queued_items -= pending.size
+                self._depth.set(self._queued_items)
             raise
 
     def _take_batch(self) -> tuple[Any, list[_Pending[Req, Res]]]:
@@ -158,17 +162,24 @@ class DynamicBatcher(Generic[Req, Res]):
                     await asyncio.wait_for(self._wakeup.wait(), remaining)
                 except TimeoutError:
                     break
-            key, batch = self._take_batch()
-            if not batch:
-                continue
-            self._batch_size.observe(sum(p.size for p in batch))
-            try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, key, [p.request for p in batch])
-            except Exception as exc:  # the whole batch failed: every caller gets the error
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            for p, r in zip(batch, results, strict=True):
+            # In its own frame, so that no local keeps the last batch's model handle (and requests)
+            # alive while the worker idles: ModelSlot frees a retired version when its last user ends.
+            await self._run_one(loop, *self._take_batch())
+
+    async def _run_one(
+        self, loop: asyncio.AbstractEventLoop, key: Any, batch: list[_Pending[Req, Res]]
+    ) -> None:
+        if not batch:
+            return
+        self._batch_size.observe(sum(p.size for p in batch))
+        try:
+            requests = [p.request for p in batch]
+            results = await loop.run_in_executor(self._executor, self.run_batch, key, requests)
+        except Exception as exc:  # the whole batch failed: every caller gets the error
+            for p in batch:
                 if not p.future.done():
-                    p.future.set_result(r)
+                    p.future.set_exception(exc)
+            return
+        for p, r in zip(batch, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(r)
