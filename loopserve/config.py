@@ -135,7 +135,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], skip: set[str
         tp = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "") + f" (env {ENV_PREFIX}{f.name.upper()})"
         if tp is bool:
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_)
 

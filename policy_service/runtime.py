@@ -126,15 +126,32 @@ class PolicyRuntime:
 
     # ---- annotate ------------------------------------------------------------------------------
 
+    def _encode(self, bundle: AnnotatorBundle, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+        """Token ids cut to the window, and whether each text was cut (one tokenizer pass)."""
+        enc = bundle.tokenizer(
+            texts, truncation=True, max_length=self.opts.max_input_tokens, return_overflowing_tokens=True
+        )
+        ids: list[list[int] | None] = [None] * len(texts)
+        truncated = [False] * len(texts)
+        for row, sample in enumerate(enc["overflow_to_sample_mapping"]):
+            if ids[sample] is None:
+                ids[sample] = enc["input_ids"][row]
+            else:  # an overflow chunk: the text did not fit the window
+                truncated[sample] = True
+        return [x or [] for x in ids], truncated
+
     @torch.inference_mode()
     def _annotator_probs(self, bundle: AnnotatorBundle, texts: list[str]) -> list[list[float]]:
+        return self._probs_from_ids(bundle, self._encode(bundle, texts)[0])
+
+    @torch.inference_mode()
+    def _probs_from_ids(self, bundle: AnnotatorBundle, input_ids: list[list[int]]) -> list[list[float]]:
         tok = bundle.tokenizer
-        enc = tok(texts, truncation=True, max_length=self.opts.max_input_tokens)
-        order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
-        out: list[list[float]] = [[] for _ in texts]
+        order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
+        out: list[list[float]] = [[] for _ in input_ids]
         for start in range(0, len(order), ENCODER_MICRO_BATCH):
             idx = order[start : start + ENCODER_MICRO_BATCH]
-            batch = tok.pad({"input_ids": [enc["input_ids"][i] for i in idx]}, return_tensors="pt")
+            batch = tok.pad({"input_ids": [input_ids[i] for i in idx]}, return_tensors="pt")
             logits = bundle.model(
                 batch["input_ids"].to(self.opts.device), batch["attention_mask"].to(self.opts.device)
             )  # (b, L), already divided by the fitted temperature
@@ -148,9 +165,8 @@ class PolicyRuntime:
         bundle = handle.model
         labels = bundle.labels
         texts = [t for c in calls for t in c.texts]
-        probs = self._annotator_probs(bundle, texts)
-        # Truncation flag: did the text need more tokens than the window? (cheap: length only)
-        lengths = bundle.tokenizer(texts, truncation=False, add_special_tokens=True, return_length=True)["length"]
+        input_ids, truncated = self._encode(bundle, texts)
+        probs = self._probs_from_ids(bundle, input_ids)
         results: list[list[Annotation]] = []
         k = 0
         for call in calls:
@@ -166,7 +182,7 @@ class PolicyRuntime:
                         event_id=uuid.uuid4().hex,
                         labels=scores,
                         needs_review=scores[0].score < self.opts.review_threshold,
-                        truncated=lengths[k] > self.opts.max_input_tokens,
+                        truncated=truncated[k],
                     )
                 )
                 k += 1

@@ -1,0 +1,79 @@
+"""Assemble and run the reward service process: runtime, frontend, servicers, server, metrics, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from loopserve import metrics
+from loopserve.admin.v1 import admin_pb2_grpc
+from loopserve.admin_servicer import ModelAdminServicer
+from loopserve.config import ADMIN_SERVICE, REWARD_SERVICE, RewardConfig
+from loopserve.device import configure_threads, pick_device, pick_dtype
+from loopserve.model_store import ModelStore
+from loopserve.reward.v1 import reward_pb2_grpc
+from loopserve.server import GrpcServer, ServiceBinding, install_signal_handlers, token_table
+from reward_service.runtime import RewardRuntime, RuntimeOptions
+from reward_service.service import RewardFrontend
+from reward_service.servicer import RewardServicer
+
+logger = logging.getLogger(__name__)
+
+
+class RewardApp:
+    """The whole reward process minus the signal handling: what tests start on an ephemeral port."""
+
+    def __init__(self, cfg: RewardConfig, *, extra_bindings: Sequence[ServiceBinding] = ()) -> None:
+        self.cfg = cfg
+        device = pick_device(cfg.device)
+        self.runtime = RewardRuntime(
+            ModelStore(cfg.store_path),
+            RuntimeOptions(
+                device=device,
+                dtype=pick_dtype(cfg.dtype, device),
+                max_input_tokens=cfg.max_input_tokens,
+            ),
+        )
+        self.frontend = RewardFrontend(cfg, self.runtime)
+        bindings = [
+            ServiceBinding(
+                REWARD_SERVICE,
+                RewardServicer(self.frontend),
+                reward_pb2_grpc.add_RewardServiceServicer_to_server,
+            ),
+            ServiceBinding(
+                ADMIN_SERVICE,
+                ModelAdminServicer(self.runtime.slots()),
+                admin_pb2_grpc.add_ModelAdminServicer_to_server,
+            ),
+            *extra_bindings,
+        ]
+        self.server = GrpcServer(cfg, bindings, token_table(cfg))
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def start(self, watch: bool = True) -> int:
+        # Listen first (health NOT_SERVING) so probes see a live process while the model loads.
+        port = await self.server.start()
+        await self.frontend.start(watch=watch)
+        await self.server.set_serving(True)
+        logger.info("reward service ready on port %d (reward %s)", port, self.runtime.reward.current.version)
+        return port
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        await self.server.drain(grace_s)
+        await self.frontend.stop()
+
+
+async def run(cfg: RewardConfig) -> None:
+    configure_threads(cfg.threads)
+    metrics.serve_metrics(cfg.metrics_port)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    app = RewardApp(cfg)
+    await app.start()
+    await stop.wait()
+    await app.stop()

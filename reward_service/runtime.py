@@ -1,0 +1,177 @@
+"""RewardRuntime: the reward model as plain Python over torch (no grpc).
+
+r(prompt, response) is the scalar head of a sentence encoder over the pair cross-encoded as one
+sequence (`[CLS] prompt [SEP] response [SEP]`, loopserve/models/encoder_heads.py); Compare is
+Bradley-Terry, P(a preferred over b) = sigmoid(r_a - r_b) (Bradley & Terry, 1952; the preference
+model of Ouyang et al., 2022).
+
+Life cycle (KServe's model base): `load()` fills the model slot from the store, `healthy()` says
+whether it is loaded, `score_batch` runs one batch on a given loaded version (the caller pins the
+version per request so that a swap never mixes versions in one response).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from loopserve.errors import VerificationError
+from loopserve.model_slot import Loaded, ModelSlot
+from loopserve.model_store import Manifest, ModelStore
+from loopserve.models import encoder_heads
+from loopserve.models.encoder_heads import RewardModel
+from reward_service.types import CompareCall, CompareResult
+
+logger = logging.getLogger(__name__)
+
+# Pairs are sorted by length and run in micro-batches of this size, so one long pair does not make
+# every short one in its batch pay for padding.
+ENCODER_MICRO_BATCH = 32
+
+SMOKE_PAIRS = (
+    ("smoke test: rate this answer", "a short, polite answer"),
+    ("smoke test: rate this answer", "another answer"),
+)
+
+
+class HasPairs(Protocol):
+    """Anything the batcher queues for scoring: a ScoreCall, or a CompareCall (two pairs)."""
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]: ...
+
+
+@dataclass(frozen=True)
+class RewardBundle:
+    model: RewardModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+@dataclass
+class RuntimeOptions:
+    device: torch.device
+    dtype: torch.dtype
+    max_input_tokens: int = 256
+    micro_batch: int = ENCODER_MICRO_BATCH
+
+
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int
+) -> dict[str, list[list[int]]]:
+    """Token ids (with special tokens) and token type ids of each pair, at most `max_length` tokens.
+
+    The reward judges the response, so a pair over the window loses prompt tokens first
+    ('only_first'). Only when the response alone leaves no room for a single prompt token does it
+    fall back to 'longest_first' (trim the longer side until the pair fits).
+    """
+    prompts = [p for p, _ in pairs]
+    responses = [r for _, r in pairs]
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    response_len = tokenizer(responses, add_special_tokens=False, return_length=True)["length"]
+    only_first = [i for i, n in enumerate(response_len) if n + specials < max_length]
+    longest_first = [i for i, n in enumerate(response_len) if n + specials >= max_length]
+    input_ids: list[list[int]] = [[] for _ in pairs]
+    token_type_ids: list[list[int]] = [[] for _ in pairs]
+    for idx, strategy in ((only_first, "only_first"), (longest_first, "longest_first")):
+        if not idx:
+            continue
+        enc = tokenizer(
+            [prompts[i] for i in idx],
+            [responses[i] for i in idx],
+            truncation=strategy,
+            max_length=max_length,
+            return_token_type_ids=True,
+        )
+        for j, i in enumerate(idx):
+            input_ids[i] = enc["input_ids"][j]
+            token_type_ids[i] = enc["token_type_ids"][j]
+    return {"input_ids": input_ids, "token_type_ids": token_type_ids}
+
+
+class RewardRuntime:
+    def __init__(self, store: ModelStore, options: RuntimeOptions) -> None:
+        self.store = store
+        self.opts = options
+        self.reward: ModelSlot[RewardBundle] = ModelSlot(
+            "reward", store, self._load_reward, self._check_reward
+        )
+
+    # ---- life cycle ----------------------------------------------------------------------------
+
+    def load(self) -> None:
+        self.reward.load_latest()
+
+    def healthy(self) -> bool:
+        return self.reward.ready
+
+    def slots(self) -> dict[str, ModelSlot]:  # type: ignore[type-arg]
+        return {"reward": self.reward}
+
+    # ---- loader and check (run by ModelSlot during a swap) -------------------------------------
+
+    def _load_reward(self, folder: Path, manifest: Manifest) -> RewardBundle:
+        model = encoder_heads.load(folder, self.opts.device, self.opts.dtype)
+        if not isinstance(model, RewardModel):
+            kind = encoder_heads.HeadSpec.read(folder).kind
+            raise VerificationError(f"{folder.name} is not a reward model (head kind {kind!r})")
+        return RewardBundle(model, encoder_heads.load_tokenizer(folder))
+
+    def _check_reward(self, new: Loaded[RewardBundle], old: Loaded[RewardBundle] | None) -> None:
+        rewards = self.rewards(new.model, SMOKE_PAIRS)
+        if not all(math.isfinite(r) for r in rewards):
+            raise VerificationError("smoke batch gave non-finite rewards")
+
+    # ---- score ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def rewards(self, bundle: RewardBundle, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """r for each pair, in order: pairs sorted by length, run in micro-batches."""
+        tok = bundle.tokenizer
+        enc = encode_pairs(tok, pairs, self.opts.max_input_tokens)
+        order = sorted(range(len(pairs)), key=lambda i: len(enc["input_ids"][i]))
+        out = [0.0] * len(pairs)
+        for start in range(0, len(order), self.opts.micro_batch):
+            idx = order[start : start + self.opts.micro_batch]
+            batch = tok.pad(
+                {
+                    "input_ids": [enc["input_ids"][i] for i in idx],
+                    "token_type_ids": [enc["token_type_ids"][i] for i in idx],
+                },
+                return_tensors="pt",
+            )
+            r = bundle.model(
+                batch["input_ids"].to(self.opts.device),
+                batch["attention_mask"].to(self.opts.device),
+                token_type_ids=batch["token_type_ids"].to(self.opts.device),
+            )  # (b,), fp32 head
+            for i, value in zip(idx, r.float().cpu().tolist(), strict=True):
+                out[i] = value
+        return out
+
+    def score_batch(self, handle: Loaded[RewardBundle], calls: Sequence[HasPairs]) -> list[list[float]]:
+        """One pass over every pair of every call; per call, its rewards in pair order."""
+        flat = [pair for call in calls for pair in call.pairs]
+        rewards = self.rewards(handle.model, flat)
+        results: list[list[float]] = []
+        k = 0
+        for call in calls:
+            n = len(call.pairs)
+            results.append(rewards[k : k + n])
+            k += n
+        return results
+
+    def compare_batch(
+        self, handle: Loaded[RewardBundle], calls: Sequence[CompareCall]
+    ) -> list[CompareResult]:
+        """P(a preferred) = sigmoid(r_a - r_b) for each call (for callers without a batcher)."""
+        return [CompareResult.from_scores(handle.version, a, b) for a, b in self.score_batch(handle, calls)]
+
+
+__all__ = ["RewardBundle", "RewardRuntime", "RuntimeOptions", "encode_pairs"]

@@ -1,0 +1,133 @@
+"""Domain types of the reward service, with validation and `from_pb` / `to_pb`.
+
+Validation lives here (not in the servicer): a bad request raises InvalidArgument with a message a
+person can act on, before anything is queued.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loopserve.errors import InvalidArgument
+from loopserve.reward.v1 import reward_pb2 as pb
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_pairs_per_request: int
+    max_text_chars: int
+
+
+def _check_text(text: str, what: str, limits: Limits) -> None:
+    if not text or not text.strip():
+        raise InvalidArgument(f"{what} is empty")
+    if len(text) > limits.max_text_chars:
+        raise InvalidArgument(
+            f"{what} has {len(text)} characters; the limit is {limits.max_text_chars} "
+            "(shorten the text, or raise --max-text-chars)"
+        )
+
+
+def preference_probability(score_a: float, score_b: float) -> float:
+    """Bradley-Terry: P(a preferred over b) = sigmoid(r_a - r_b), computed without overflow."""
+    d = score_a - score_b
+    if d >= 0:
+        return 1.0 / (1.0 + math.exp(-d))
+    e = math.exp(d)
+    return e / (1.0 + e)
+
+
+# ---- Score ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScoreCall:
+    """(prompt, response) pairs to score; what the batcher queues and the runtime runs."""
+
+    pairs: tuple[tuple[str, str], ...]
+
+    @classmethod
+    def from_pb(cls, req: pb.ScoreRequest, limits: Limits) -> ScoreCall:
+        if not req.pairs:
+            raise InvalidArgument("pairs is empty: send at least one (prompt, response) pair")
+        if len(req.pairs) > limits.max_pairs_per_request:
+            raise InvalidArgument(
+                f"{len(req.pairs)} pairs in one request; the limit is {limits.max_pairs_per_request} "
+                "(split the batch, or raise --max-pairs-per-request)"
+            )
+        for i, pair in enumerate(req.pairs):
+            _check_text(pair.prompt, f"pairs[{i}].prompt", limits)
+            _check_text(pair.response, f"pairs[{i}].response", limits)
+        return cls(pairs=tuple((p.prompt, p.response) for p in req.pairs))
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    model_version: str
+    scores: tuple[float, ...]  # one per pair, in request order
+
+    def to_pb(self) -> pb.ScoreResponse:
+        return pb.ScoreResponse(model_version=self.model_version, scores=list(self.scores))
+
+
+# ---- Compare ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CompareCall:
+    prompt: str
+    a: str
+    b: str
+
+    @classmethod
+    def from_pb(cls, req: pb.CompareRequest, limits: Limits) -> CompareCall:
+        _check_text(req.prompt, "prompt", limits)
+        _check_text(req.a, "a (the first response)", limits)
+        _check_text(req.b, "b (the second response)", limits)
+        return cls(prompt=req.prompt, a=req.a, b=req.b)
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The two pairs it scores, so a Compare rides in the same batches as Score calls."""
+        return ((self.prompt, self.a), (self.prompt, self.b))
+
+
+@dataclass(frozen=True)
+class CompareResult:
+    model_version: str
+    p_a_preferred: float
+    score_a: float
+    score_b: float
+
+    @classmethod
+    def from_scores(cls, model_version: str, score_a: float, score_b: float) -> CompareResult:
+        return cls(model_version, preference_probability(score_a, score_b), score_a, score_b)
+
+    def to_pb(self) -> pb.CompareResponse:
+        return pb.CompareResponse(
+            model_version=self.model_version,
+            p_a_preferred=self.p_a_preferred,
+            score_a=self.score_a,
+            score_b=self.score_b,
+        )
+
+
+# ---- GetModelInfo -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_version: str
+    limits: Limits
+    max_input_tokens: int
+    device: str
+
+    def to_pb(self) -> pb.ModelInfo:
+        return pb.ModelInfo(
+            model_version=self.model_version,
+            max_pairs_per_request=self.limits.max_pairs_per_request,
+            max_text_chars=self.limits.max_text_chars,
+            max_input_tokens=self.max_input_tokens,
+            device=self.device,
+        )
