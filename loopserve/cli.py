@@ -85,6 +85,50 @@ def cmd_models_list(ns: argparse.Namespace) -> int:
     return 0
 
 
+# ---- the feedback log -----------------------------------------------------------------------------
+
+
+def _open_log(ns: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from loopserve.feedback_log import open_feedback_log
+
+    cfg = from_namespace(CommonConfig, ns)
+    return open_feedback_log(cfg.feedback_log_url)
+
+
+def cmd_log_export(ns: argparse.Namespace) -> int:
+    with _open_log(ns) as log:
+        if ns.output == "-":
+            n = log.export_jsonl(sys.stdout, after_seq=ns.after_seq)
+        else:
+            n = log.export_jsonl(Path(ns.output), after_seq=ns.after_seq)
+    print(f"exported {n} records", file=sys.stderr)
+    return 0
+
+
+def cmd_log_import(ns: argparse.Namespace) -> int:
+    with _open_log(ns) as log:
+        r = log.import_jsonl(sys.stdin if ns.input == "-" else Path(ns.input))
+    print(f"imported {r.decisions} decisions and {r.feedback} feedback events; {r.skipped} already present")
+    return 0
+
+
+def cmd_log_stats(ns: argparse.Namespace) -> int:
+    import json
+
+    with _open_log(ns) as log:
+        st = log.stats()
+    out = {
+        "max_seq": st.max_seq,
+        "decisions": st.decisions,
+        "feedback": st.feedback,
+        "feedback_by_kind": st.feedback_by_kind,
+        "decisions_by_model_version": st.decisions_by_model_version,
+        "review_rate": st.review_rate,
+    }
+    print(json.dumps(out, indent=2))
+    return 0
+
+
 # ---- services -------------------------------------------------------------------------------------
 
 
@@ -140,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     ls = models.add_parser("list", help="list versions")
     add_arguments(ls, CommonConfig)
     ls.set_defaults(fn=cmd_models_list)
+
+    logp = sub.add_parser("log", help="the feedback log").add_subparsers(dest="log_command", required=True)
+    export = logp.add_parser("export", help="write records as JSON lines")
+    add_arguments(export, CommonConfig)
+    export.add_argument("--format", choices=["jsonl"], default="jsonl")
+    export.add_argument("--after-seq", type=int, default=0, help="only records after this sequence number")
+    export.add_argument("-o", "--output", default="-", help="a file, or - for stdout")
+    export.set_defaults(fn=cmd_log_export)
+    imp = logp.add_parser("import", help="read records from JSON lines (idempotent)")
+    add_arguments(imp, CommonConfig)
+    imp.add_argument("input", help="a .jsonl file written by `log export`, or - for stdin")
+    imp.set_defaults(fn=cmd_log_import)
+    stats = logp.add_parser("stats", help="counts by kind, by model version, review rate")
+    add_arguments(stats, CommonConfig)
+    stats.set_defaults(fn=cmd_log_stats)
 
     policy = sub.add_parser("policy", help="run the policy service (with FeedbackService and ModelAdmin)")
     add_arguments(policy, PolicyConfig)

@@ -9,13 +9,17 @@ from collections.abc import Sequence
 from loopserve import metrics
 from loopserve.admin.v1 import admin_pb2_grpc
 from loopserve.admin_servicer import ModelAdminServicer
-from loopserve.config import ADMIN_SERVICE, POLICY_SERVICE, PolicyConfig
+from loopserve.config import ADMIN_SERVICE, FEEDBACK_SERVICE, POLICY_SERVICE, PolicyConfig
 from loopserve.device import configure_threads, pick_device, pick_dtype
+from loopserve.feedback.v1 import feedback_pb2_grpc
+from loopserve.feedback_log import DecisionWriter, FeedbackCommitter, FeedbackLog, open_feedback_log
+from loopserve.feedback_servicer import FeedbackIngest, FeedbackServicer
 from loopserve.model_store import ModelStore
 from loopserve.policy.v1 import policy_pb2_grpc
 from loopserve.server import GrpcServer, ServiceBinding, install_signal_handlers, token_table
 from policy_service.runtime import PolicyRuntime, RuntimeOptions
-from policy_service.service import DecisionSink, PolicyFrontend
+from policy_service.decisions import LoggedDecisions
+from policy_service.service import PolicyFrontend
 from policy_service.servicer import PolicyServicer
 
 logger = logging.getLogger(__name__)
@@ -24,14 +28,14 @@ logger = logging.getLogger(__name__)
 class PolicyApp:
     """The whole policy process minus the signal handling: what tests start on an ephemeral port."""
 
-    def __init__(
-        self,
-        cfg: PolicyConfig,
-        *,
-        decisions: DecisionSink | None = None,
-        extra_bindings: Sequence[ServiceBinding] = (),
-    ) -> None:
+    def __init__(self, cfg: PolicyConfig, *, extra_bindings: Sequence[ServiceBinding] = ()) -> None:
         self.cfg = cfg
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        # The feedback log: decisions are group-committed off the request path; feedback is
+        # acknowledged once durable.
+        self.log: FeedbackLog = open_feedback_log(cfg.feedback_log_url)
+        self.decision_writer = DecisionWriter(self.log, capacity=cfg.decision_buffer)
+        self.committer = FeedbackCommitter(self.log, decisions=self.decision_writer)
         device = pick_device(cfg.device)
         self.runtime = PolicyRuntime(
             ModelStore(cfg.store_path),
@@ -44,11 +48,15 @@ class PolicyApp:
                 generator=cfg.generator,
             ),
         )
-        self.frontend = PolicyFrontend(cfg, self.runtime, decisions)
+        self.frontend = PolicyFrontend(cfg, self.runtime, LoggedDecisions(self.decision_writer, cfg.task))
+        ingest = FeedbackIngest(self.committer, lambda: {cfg.task: self.frontend.label_set()})
         bindings = [
             ServiceBinding(POLICY_SERVICE, PolicyServicer(self.frontend), policy_pb2_grpc.add_PolicyServiceServicer_to_server),
             ServiceBinding(
                 ADMIN_SERVICE, ModelAdminServicer(self.runtime.slots()), admin_pb2_grpc.add_ModelAdminServicer_to_server
+            ),
+            ServiceBinding(
+                FEEDBACK_SERVICE, FeedbackServicer(ingest), feedback_pb2_grpc.add_FeedbackServiceServicer_to_server
             ),
             *extra_bindings,
         ]
@@ -69,6 +77,10 @@ class PolicyApp:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.server.drain(grace_s)
         await self.frontend.stop()
+        # Everything acknowledged is already durable; this writes the decisions still buffered.
+        self.committer.close()
+        await asyncio.to_thread(self.decision_writer.close)
+        self.log.close()
 
 
 async def run(cfg: PolicyConfig) -> None:

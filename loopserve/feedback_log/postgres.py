@@ -34,10 +34,20 @@ from loopserve.feedback_log.sql import COLUMNS, SCHEMA_VERSION, Row, SqlFeedback
 
 logger = logging.getLogger(__name__)
 
-CHANNEL = "loopserve_feedback_log"
-# Advisory locks are one 64-bit key space per database; derive ours from a name so it is recognisable.
-APPEND_LOCK_KEY = zlib.crc32(b"loopserve.feedback_log.append")
+# Advisory locks and NOTIFY channels are per database, not per schema. The append lock and the
+# channel are derived from the schema the log lives in (the session's current_schema), so that logs
+# in separate schemas of one database neither serialise each other nor wake each other's followers.
 SCHEMA_LOCK_KEY = zlib.crc32(b"loopserve.feedback_log.schema")
+
+
+def _append_lock_key(schema: str) -> int:
+    return zlib.crc32(f"loopserve.feedback_log.append:{schema}".encode())
+
+
+def _channel(schema: str) -> str:
+    return f"loopserve_feedback_log_{zlib.crc32(schema.encode()):08x}"
+
+
 # A session that dies mid-append releases the lock with its connection; one that hangs idle inside
 # its transaction is cut off after this, so it cannot stall every other replica's appends.
 IDLE_IN_TX_TIMEOUT = "60s"
@@ -98,6 +108,15 @@ class PostgresFeedbackLog(SqlFeedbackLog):
         with self._write_lock:
             conn = self._write_connection()
             with conn.transaction(), conn.cursor() as cur:
+                cur.execute("SELECT current_schema()")
+                (schema,) = cur.fetchone() or (None,)
+                if schema is None:
+                    raise FailedPrecondition(
+                        "feedback log database has no schema on the search_path to create tables in"
+                    )
+                self.schema: str = schema
+                self._lock_key = _append_lock_key(schema)
+                self._channel = _channel(schema)
                 # Replicas starting together must not race on CREATE ... IF NOT EXISTS.
                 cur.execute("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
                 cur.execute(SCHEMA)
@@ -136,7 +155,7 @@ class PostgresFeedbackLog(SqlFeedbackLog):
         with self._write_lock:
             conn = self._write_connection()
             with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK_KEY,))
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
                 yield cur
 
     @contextlib.contextmanager
@@ -159,13 +178,13 @@ class PostgresFeedbackLog(SqlFeedbackLog):
                 copy.write_row(row)
 
     def _after_append(self, cur: Any) -> None:
-        cur.execute("SELECT pg_notify(%s, '')", (CHANNEL,))
+        cur.execute("SELECT pg_notify(%s, '')", (self._channel,))
 
     def _list_param(self, values: Sequence[str]) -> Any:
         return list(values)
 
     def _append_waiter(self) -> AppendWaiter:
-        return _NotifyWaiter(self._connect)
+        return _NotifyWaiter(self._connect, self._channel)
 
     def close(self) -> None:
         with self._write_lock, self._read_lock:
@@ -184,15 +203,16 @@ class _NotifyWaiter:
 
     _SLICE_S = 0.25  # how often `stop` is checked while waiting
 
-    def __init__(self, connect: Any) -> None:
+    def __init__(self, connect: Any, channel: str) -> None:
         self._connect = connect
+        self._channel = channel
         self._conn: psycopg.Connection[Any] | None = None
         self._listen()
 
     def _listen(self) -> None:
         try:
             conn = self._connect()
-            conn.execute(f"LISTEN {CHANNEL}")
+            conn.execute(f"LISTEN {self._channel}")
         except psycopg.Error as err:
             logger.warning("feedback log LISTEN failed (%s); polling instead", type(err).__name__)
             self._conn = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeAlias
 
 DecisionKind: TypeAlias = Literal["label", "generation"]
@@ -81,15 +81,19 @@ class Decision:
         return self.output[0][0]
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # Not dataclasses.asdict: its recursive deep copy was most of the append cost.
+        d = {name: getattr(self, name) for name in _DECISION_FIELDS}
         if not isinstance(self.output, str):
             d["output"] = [[label, score] for label, score in self.output]
         return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Decision:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        try:
+            return cls(**d)
+        except TypeError:
+            # Unknown keys are ignored, so a newer writer's extra fields do not break an older reader.
+            return cls(**{k: v for k, v in d.items() if k in _DECISION_FIELDS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,12 +129,18 @@ class Feedback:
         return tuple(i for i in ids if i)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {name: getattr(self, name) for name in _FEEDBACK_FIELDS}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Feedback:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        try:
+            return cls(**d)
+        except TypeError:
+            return cls(**{k: v for k, v in d.items() if k in _FEEDBACK_FIELDS})
+
+
+_DECISION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Decision))
+_FEEDBACK_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Feedback))
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,9 +40,9 @@ from loopserve.feedback_log.records import (
     record_from_dict,
 )
 from loopserve.feedback_log.validation import (
+    check_feedback_references,
     check_feedback_shape,
     validate_decision,
-    validate_feedback,
 )
 
 SCHEMA_VERSION = 1
@@ -227,7 +227,7 @@ class SqlFeedbackLog(FeedbackLog):
                 repeats.append((i, fb))
             else:
                 try:
-                    new[key] = (i, validate_feedback(fb, decisions, label_sets))
+                    new[key] = (i, check_feedback_references(fb, decisions, label_sets))
                 except LoopserveError as err:
                     results[i] = _rejected(i, fb, err)
         if not new:

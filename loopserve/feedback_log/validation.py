@@ -186,6 +186,13 @@ def validate_feedback(
     label, so the stored event names it explicitly.
     """
     check_feedback_shape(fb)
+    return check_feedback_references(fb, decisions, label_sets)
+
+
+def check_feedback_references(
+    fb: Feedback, decisions: Mapping[str, Decision], label_sets: Mapping[str, Collection[str]]
+) -> Feedback:
+    """The second stage of `validate_feedback`, for an event whose shape was already checked."""
     if fb.kind == "preference":
         _check_preference(fb, decisions)
         return fb

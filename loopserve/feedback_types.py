@@ -1,0 +1,57 @@
+"""FeedbackService wire conversions: protobuf events to `Feedback` records and results back.
+
+Shared by the grpc.aio servicer and the Ray deployment. Shape errors (no kind set) are reported per
+event, like every other rejection, so one bad event never sinks its batch.
+"""
+
+from __future__ import annotations
+
+from loopserve.errors import InvalidArgument
+from loopserve.feedback.v1 import feedback_pb2 as pb
+from loopserve.feedback_log.records import Feedback, FeedbackResult
+
+
+def feedback_from_pb(event: pb.FeedbackEvent) -> Feedback:
+    kind = event.WhichOneof("kind")
+    common = {"idempotency_key": event.idempotency_key, "annotator_id": event.annotator_id}
+    if kind == "accept":
+        return Feedback(kind="accept", event_id=event.accept.event_id, label=event.accept.label, **common)
+    if kind == "reject":
+        return Feedback(kind="reject", event_id=event.reject.event_id, label=event.reject.label, **common)
+    if kind == "correction":
+        return Feedback(kind="correction", event_id=event.correction.event_id, label=event.correction.label, **common)
+    if kind == "rating":
+        r = event.rating
+        return Feedback(
+            kind="rating", event_id=r.event_id, value=r.value, scale_min=r.scale_min, scale_max=r.scale_max, **common
+        )
+    if kind == "preference":
+        p = event.preference
+        return Feedback(
+            kind="preference",
+            chosen_event_id=p.chosen_event_id,
+            rejected_event_id=p.rejected_event_id,
+            prompt=p.prompt,
+            chosen=p.chosen,
+            rejected=p.rejected,
+            **common,
+        )
+    if kind == "edit":
+        return Feedback(kind="edit", event_id=event.edit.event_id, text=event.edit.text, **common)
+    raise InvalidArgument("the event has no kind: set one of accept, reject, correction, rating, preference, edit")
+
+
+def result_to_pb(r: FeedbackResult) -> pb.EventResult:
+    return pb.EventResult(
+        index=r.index,
+        idempotency_key=r.idempotency_key,
+        accepted=r.accepted,
+        duplicate=r.duplicate,
+        code=r.code,
+        reason=r.reason,
+        seq=r.seq,
+    )
+
+
+def rejected(index: int, event: pb.FeedbackEvent, code: str, reason: str) -> FeedbackResult:
+    return FeedbackResult(index=index, idempotency_key=event.idempotency_key, accepted=False, code=code, reason=reason)
