@@ -95,6 +95,9 @@ class PolicyConfig(ServerConfig):
     gen_max_batch_size: int = field(default=16, metadata={"help": "sequences decoded together"})
     generator: bool = field(default=True, metadata={"help": "serve the generator (off: annotation only)"})
     decision_buffer: int = field(default=100_000, metadata={"help": "decisions buffered before RESOURCE_EXHAUSTED"})
+    log_decisions: bool = field(
+        default=True, metadata={"help": "log every served answer (off: no feedback can join it; benchmarks only)"}
+    )
 
 
 @dataclass

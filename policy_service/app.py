@@ -48,7 +48,8 @@ class PolicyApp:
                 generator=cfg.generator,
             ),
         )
-        self.frontend = PolicyFrontend(cfg, self.runtime, LoggedDecisions(self.decision_writer, cfg.task))
+        sink = LoggedDecisions(self.decision_writer, cfg.task) if cfg.log_decisions else None
+        self.frontend = PolicyFrontend(cfg, self.runtime, sink)
         ingest = FeedbackIngest(self.committer, lambda: {cfg.task: self.frontend.label_set()})
         bindings = [
             ServiceBinding(POLICY_SERVICE, PolicyServicer(self.frontend), policy_pb2_grpc.add_PolicyServiceServicer_to_server),

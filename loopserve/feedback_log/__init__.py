@@ -14,7 +14,12 @@ from __future__ import annotations
 
 from loopserve.feedback_log.base import FeedbackLog, ImportResult, LabelSets, LogStats
 from loopserve.feedback_log.records import Decision, Feedback, FeedbackResult, LogRecord
-from loopserve.feedback_log.validation import check_feedback_shape, validate_decision, validate_feedback
+from loopserve.feedback_log.validation import (
+    check_feedback_references,
+    check_feedback_shape,
+    validate_decision,
+    validate_feedback,
+)
 from loopserve.feedback_log.writer import DecisionWriter, FeedbackCommitter
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -50,6 +55,7 @@ __all__ = [
     "LabelSets",
     "LogRecord",
     "LogStats",
+    "check_feedback_references",
     "check_feedback_shape",
     "open_feedback_log",
     "validate_decision",

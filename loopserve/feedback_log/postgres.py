@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -153,19 +153,46 @@ class PostgresFeedbackLog(SqlFeedbackLog):
     @contextlib.contextmanager
     def _write_tx(self) -> Iterator[psycopg.Cursor[Any]]:
         with self._write_lock:
-            conn = self._write_connection()
-            with conn.transaction(), conn.cursor() as cur:
-                cur.execute("SELECT pg_advisory_xact_lock(%s)", (self._lock_key,))
+            # The lock comes first in the transaction: see the module docstring.
+            with self._begin(
+                self._write_connection, "SELECT pg_advisory_xact_lock(%s)", (self._lock_key,)
+            ) as cur:
                 yield cur
 
     @contextlib.contextmanager
     def _read_tx(self) -> Iterator[psycopg.Cursor[Any]]:
         with self._read_lock:
-            conn = self._read_connection()
-            with conn.transaction(), conn.cursor() as cur:
-                # One snapshot for a page and its joins.
-                cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            # One snapshot for a page and its joins.
+            with self._begin(
+                self._read_connection, "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+            ) as cur:
                 yield cur
+
+    @contextlib.contextmanager
+    def _begin(
+        self, connection: Callable[[], psycopg.Connection[Any]], first: str, params: tuple[Any, ...] = ()
+    ) -> Iterator[psycopg.Cursor[Any]]:
+        """Open a transaction and run its first statement, reconnecting once if the connection turns
+        out to be dead (server restart, failover, idle cut-off). Nothing was sent for the caller yet,
+        so the retry cannot duplicate anything; a connection lost later fails the call as usual."""
+        for attempt in (1, 2):
+            conn = connection()
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(conn.transaction())
+                cur = stack.enter_context(conn.cursor())
+                cur.execute(first, params or None)
+            except psycopg.OperationalError as err:
+                with contextlib.suppress(psycopg.Error):
+                    stack.close()
+                if attempt == 2 or not conn.broken:
+                    raise
+                logger.info("feedback log connection lost (%s); reconnecting", type(err).__name__)
+                conn.close()
+                continue
+            with stack:
+                yield cur
+            return
 
     def _next_seqs(self, cur: Any, n: int) -> list[int]:
         # Under the append lock (see module docstring), so these are above every visible seq.

@@ -161,7 +161,7 @@ class DecisionWriter:
                 self._cond.notify_all()
             if not written:
                 with self._cond:
-                    self._abandon(list(self._buffer))
+                    self._abandon(batch + list(self._buffer))
                 return
 
     def _write(self, batch: list[Decision]) -> bool:
@@ -182,7 +182,6 @@ class DecisionWriter:
                     delay,
                 )
                 if self._give_up.wait(delay):
-                    self._abandon(batch)
                     return False
                 delay = min(delay * 2, self._retry_max_s)
             else:
@@ -242,8 +241,8 @@ class FeedbackCommitter:
         self._queued_events = 0
         self._inflight_events = 0
         self._closing = False
+        # Transactions written so far (calls / batches is the merge factor group commit achieved).
         self.batches = 0
-        """Transactions written so far (for tests and metrics: calls / batches is the merge factor)."""
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -306,16 +305,16 @@ class FeedbackCommitter:
                 self._cond.wait_for(lambda: self._queue or self._closing)
                 if not self._queue:
                     return
-                batch = self._take_batch()
+                batch, label_sets = self._take_batch()
             try:
                 if batch:
-                    self._commit(batch)
+                    self._commit(batch, label_sets)
             finally:
                 with self._cond:
                     self._inflight_events = 0
                     self._cond.notify_all()
 
-    def _take_batch(self) -> list[_Request]:
+    def _take_batch(self) -> tuple[list[_Request], dict[str, frozenset[str]]]:
         """Pop requests for one transaction (called with the lock held): up to `max_batch` events (at
         least one request), stopping early at a request whose label sets conflict with the batch's."""
         batch: list[_Request] = []
@@ -338,13 +337,10 @@ class FeedbackCommitter:
                 batch.append(req)
                 total += len(req.events)
         self._inflight_events = total
-        return batch
+        return batch, merged
 
-    def _commit(self, batch: list[_Request]) -> None:
+    def _commit(self, batch: list[_Request], label_sets: dict[str, frozenset[str]]) -> None:
         events = [e for req in batch for e in req.events]
-        label_sets: dict[str, frozenset[str]] = {}
-        for req in batch:
-            label_sets.update((task, frozenset(labels)) for task, labels in req.label_sets.items())
         started = time.monotonic()
         try:
             self._wait_for_decisions(events)
@@ -377,7 +373,14 @@ class FeedbackCommitter:
         offset = 0
         for req in batch:
             n = len(req.events)
-            mine = [dataclasses.replace(r, index=r.index - offset) for r in results[offset : offset + n]]
+            mine = results[offset : offset + n]
+            if offset:  # back to the caller's own indices
+                mine = [
+                    FeedbackResult(
+                        r.index - offset, r.idempotency_key, r.accepted, r.duplicate, r.code, r.reason, r.seq
+                    )
+                    for r in mine
+                ]
             req.future.set_result(mine)
             offset += n
 
