@@ -42,9 +42,25 @@ LABELS = {TASK: ["great", "other"]}
 
 def start(data_dir: Path, port: int, mport: int, log_url: str, log_decisions: bool = True) -> subprocess.Popen:
     argv = [
-        sys.executable, "-m", "loopserve", "policy", "--data-dir", str(data_dir), "--port", str(port),
-        "--metrics-port", str(mport), "--no-generator", "--log-url", log_url, "--log-level", "WARNING",
-        "--watch-interval-s", "60", "--max-batch-size", "64",
+        sys.executable,
+        "-m",
+        "loopserve",
+        "policy",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(mport),
+        "--no-generator",
+        "--log-url",
+        log_url,
+        "--log-level",
+        "WARNING",
+        "--watch-interval-s",
+        "60",
+        "--max-batch-size",
+        "64",
     ]
     if not log_decisions:
         argv.append("--no-log-decisions")
@@ -68,10 +84,16 @@ def raw_rate(log_url: str, n: int) -> dict:
     log = open_feedback_log(log_url)
     eids = [uuid.uuid4().hex for _ in range(100)]
     log.append_decisions(
-        [Decision(e, TASK, "label", "text", (("great", 0.6), ("other", 0.4)), 0.6, "prob", "annotator", "v0") for e in eids]
+        [
+            Decision(e, TASK, "label", "text", (("great", 0.6), ("other", 0.4)), 0.6, "prob", "annotator", "v0")
+            for e in eids
+        ]
     )
     run = uuid.uuid4().hex[:8]
-    evs = [Feedback(kind="correction", idempotency_key=f"raw-{run}-{i}", event_id=eids[i % 100], label="great") for i in range(n)]
+    evs = [
+        Feedback(kind="correction", idempotency_key=f"raw-{run}-{i}", event_id=eids[i % 100], label="great")
+        for i in range(n)
+    ]
     start_t = time.perf_counter()
     for i in range(0, n, 1000):
         log.append_feedback(evs[i : i + 1000], LABELS)
@@ -107,7 +129,11 @@ async def through_service(data_dir: Path, log_url: str, n: int) -> dict:
             accepted = sum(await asyncio.gather(*(one(ch) for ch in chunks)))
             submit_s = time.perf_counter() - t
             assert accepted == n
-        return {"events": n, "submit_stream_events_per_s": n / stream_s, "submit_batched_events_per_s": n / submit_s}
+        return {
+            "events": n,
+            "submit_stream_events_per_s": n / stream_s,
+            "submit_batched_events_per_s": n / submit_s,
+        }
     finally:
         proc.terminate()
         proc.wait(30)
@@ -156,8 +182,11 @@ async def main() -> None:
             raw = raw_rate(make_url(), args.events)
             svc = await through_service(data, make_url(), args.events)
             result["backends"][name] = {"raw_in_process": raw, "service": svc}
-            print(f"{name}: raw {raw['events_per_s']:.0f}/s, SubmitStream {svc['submit_stream_events_per_s']:.0f}/s, "
-                  f"Submit x500 {svc['submit_batched_events_per_s']:.0f}/s", flush=True)
+            print(
+                f"{name}: raw {raw['events_per_s']:.0f}/s, SubmitStream {svc['submit_stream_events_per_s']:.0f}/s, "
+                f"Submit x500 {svc['submit_batched_events_per_s']:.0f}/s",
+                flush=True,
+            )
         result["decision_logging"] = await logging_cost(data, args.seconds)
     result["targets"] = {"sqlite_submit_stream_events_per_s": 20_000, "decision_logging_cost_fraction": 0.10}
     args.out.mkdir(parents=True, exist_ok=True)

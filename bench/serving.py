@@ -54,9 +54,29 @@ def free_port() -> int:
 
 def start_service(data_dir: Path, port: int, mport: int, batch: int, dtype: str) -> subprocess.Popen:
     argv = [
-        sys.executable, "-m", "loopserve", "policy", "--data-dir", str(data_dir), "--port", str(port),
-        "--metrics-port", str(mport), "--no-generator", "--max-batch-size", str(batch), "--max-wait-ms", "4",
-        "--max-queue", "4096", "--dtype", dtype, "--log-level", "WARNING", "--watch-interval-s", "60",
+        sys.executable,
+        "-m",
+        "loopserve",
+        "policy",
+        "--data-dir",
+        str(data_dir),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(mport),
+        "--no-generator",
+        "--max-batch-size",
+        str(batch),
+        "--max-wait-ms",
+        "4",
+        "--max-queue",
+        "4096",
+        "--dtype",
+        dtype,
+        "--log-level",
+        "WARNING",
+        "--watch-interval-s",
+        "60",
     ]
     proc = subprocess.Popen(argv, cwd=REPO)
     return proc
@@ -131,8 +151,11 @@ async def run_service(data_dir: Path, batch: int, dtype: str, seconds: float, le
             s1, c1 = batch_histogram(mport)
             r["mean_batch"] = (s1 - s0) / max(1.0, c1 - c0)
             out.append(r)
-            print(f"  batch<={batch:3d} clients={n:3d}: {r['items_per_s']:7.1f} items/s  p50 {r['p50_ms']:.1f} ms  "
-                  f"p99 {r['p99_ms']:.1f} ms  mean batch {r['mean_batch']:.1f}  errors {r['errors']}", flush=True)
+            print(
+                f"  batch<={batch:3d} clients={n:3d}: {r['items_per_s']:7.1f} items/s  p50 {r['p50_ms']:.1f} ms  "
+                f"p99 {r['p99_ms']:.1f} ms  mean batch {r['mean_batch']:.1f}  errors {r['errors']}",
+                flush=True,
+            )
         return out
     finally:
         proc.terminate()
@@ -239,7 +262,18 @@ async def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving.json").write_text(json.dumps(result, indent=2))
     plot(result, args.out / "serving.png")
-    print(json.dumps({k: result[k] for k in ("inprocess_limit_items_per_s", "saturation_ratio_grpc_vs_inprocess", "speedup_vs_naive_at_32")}))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "inprocess_limit_items_per_s",
+                    "saturation_ratio_grpc_vs_inprocess",
+                    "speedup_vs_naive_at_32",
+                )
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

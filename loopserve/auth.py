@@ -32,7 +32,11 @@ SERVICE_ROLE = {
     FEEDBACK_SERVICE: "annotator",
     ADMIN_SERVICE: "admin",
 }
-OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "grpc.reflection.v1.ServerReflection")
+OPEN_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
 
 
 @dataclass(frozen=True)

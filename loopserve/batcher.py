@@ -166,9 +166,7 @@ class DynamicBatcher(Generic[Req, Res]):
             # alive while the worker idles: ModelSlot frees a retired version when its last user ends.
             await self._run_one(loop, *self._take_batch())
 
-    async def _run_one(
-        self, loop: asyncio.AbstractEventLoop, key: Any, batch: list[_Pending[Req, Res]]
-    ) -> None:
+    async def _run_one(self, loop: asyncio.AbstractEventLoop, key: Any, batch: list[_Pending[Req, Res]]) -> None:
         if not batch:
             return
         self._batch_size.observe(sum(p.size for p in batch))

@@ -163,7 +163,9 @@ def cmd_up(ns: argparse.Namespace) -> int:
 
     policy = from_namespace(PolicyConfig, ns)
     _setup_logging(policy.log_level)
-    return run_embedded(policy, reward_port=ns.reward_port, reward_metrics_port=ns.reward_metrics_port, train=not ns.no_trainer)
+    return run_embedded(
+        policy, reward_port=ns.reward_port, reward_metrics_port=ns.reward_metrics_port, train=not ns.no_trainer
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

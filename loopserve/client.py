@@ -138,7 +138,12 @@ class Client:
     # ---- policy --------------------------------------------------------------------------------
 
     def annotate(
-        self, texts: Sequence[str] | Sequence[tuple[str, str]], *, task: str = "", top_k: int = 0, timeout_s: float | None = None
+        self,
+        texts: Sequence[str] | Sequence[tuple[str, str]],
+        *,
+        task: str = "",
+        top_k: int = 0,
+        timeout_s: float | None = None,
     ) -> policy_pb2.AnnotateResponse:
         req = policy_pb2.AnnotateRequest(task=task, items=_items(texts), top_k=top_k)
         return self._call(self.policy.Annotate, req, timeout_s)
@@ -146,7 +151,9 @@ class Client:
     def generate(self, prompt: str, *, timeout_s: float | None = None, **kw: Any) -> policy_pb2.GenerateResponse:
         return self._call(self.policy.Generate, generate_request(prompt, **kw), timeout_s)
 
-    def generate_stream(self, prompt: str, *, timeout_s: float | None = None, **kw: Any) -> Iterator[policy_pb2.GenerateStreamResponse]:
+    def generate_stream(
+        self, prompt: str, *, timeout_s: float | None = None, **kw: Any
+    ) -> Iterator[policy_pb2.GenerateStreamResponse]:
         return self.policy.GenerateStream(
             generate_request(prompt, **kw), timeout=timeout_s or self.timeout_s, metadata=self.metadata
         )
@@ -156,10 +163,14 @@ class Client:
 
     # ---- feedback ------------------------------------------------------------------------------
 
-    def submit(self, events: Sequence[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None) -> feedback_pb2.SubmitResponse:
+    def submit(
+        self, events: Sequence[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None
+    ) -> feedback_pb2.SubmitResponse:
         return self._call(self.feedback.Submit, feedback_pb2.SubmitRequest(events=list(events)), timeout_s)
 
-    def submit_stream(self, events: Iterable[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None) -> feedback_pb2.SubmitSummary:
+    def submit_stream(
+        self, events: Iterable[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None
+    ) -> feedback_pb2.SubmitSummary:
         # Not retried: a client stream cannot be replayed from an iterator (idempotency keys make a
         # caller's own retry safe).
         return self.feedback.SubmitStream(iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
@@ -209,7 +220,9 @@ class AsyncClient:
     ) -> None:
         creds = _credentials(root_certificates, private_key, certificate_chain)
         self.channel = (
-            aio.secure_channel(target, creds, _CHANNEL_OPTIONS) if creds else aio.insecure_channel(target, _CHANNEL_OPTIONS)
+            aio.secure_channel(target, creds, _CHANNEL_OPTIONS)
+            if creds
+            else aio.insecure_channel(target, _CHANNEL_OPTIONS)
         )
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
@@ -249,7 +262,12 @@ class AsyncClient:
         raise AssertionError("unreachable")
 
     async def annotate(
-        self, texts: Sequence[str] | Sequence[tuple[str, str]], *, task: str = "", top_k: int = 0, timeout_s: float | None = None
+        self,
+        texts: Sequence[str] | Sequence[tuple[str, str]],
+        *,
+        task: str = "",
+        top_k: int = 0,
+        timeout_s: float | None = None,
     ) -> policy_pb2.AnnotateResponse:
         req = policy_pb2.AnnotateRequest(task=task, items=_items(texts), top_k=top_k)
         return await self._call(self.policy.Annotate, req, timeout_s)
@@ -269,17 +287,25 @@ class AsyncClient:
     async def model_info(self) -> policy_pb2.ModelInfo:
         return await self._call(self.policy.GetModelInfo, policy_pb2.GetModelInfoRequest(), None)
 
-    async def submit(self, events: Sequence[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None) -> feedback_pb2.SubmitResponse:
+    async def submit(
+        self, events: Sequence[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None
+    ) -> feedback_pb2.SubmitResponse:
         return await self._call(self.feedback.Submit, feedback_pb2.SubmitRequest(events=list(events)), timeout_s)
 
     async def submit_stream(
         self, events: Iterable[feedback_pb2.FeedbackEvent], *, timeout_s: float | None = None
     ) -> feedback_pb2.SubmitSummary:
-        return await self.feedback.SubmitStream(iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+        return await self.feedback.SubmitStream(
+            iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata
+        )
 
-    async def score(self, pairs: Sequence[tuple[str, str]], *, timeout_s: float | None = None) -> reward_pb2.ScoreResponse:
+    async def score(
+        self, pairs: Sequence[tuple[str, str]], *, timeout_s: float | None = None
+    ) -> reward_pb2.ScoreResponse:
         req = reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=p, response=r) for p, r in pairs])
         return await self._call(self.reward.Score, req, timeout_s)
 
-    async def compare(self, prompt: str, a: str, b: str, *, timeout_s: float | None = None) -> reward_pb2.CompareResponse:
+    async def compare(
+        self, prompt: str, a: str, b: str, *, timeout_s: float | None = None
+    ) -> reward_pb2.CompareResponse:
         return await self._call(self.reward.Compare, reward_pb2.CompareRequest(prompt=prompt, a=a, b=b), timeout_s)

@@ -41,7 +41,9 @@ def _read_lazyload(data_dir: Path, names: list[str]) -> dict[str, object]:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rdata warns that a bare serialisation is "assumed RDS"
-        index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress((data_dir / "Rdata.rdx").read_bytes())))
+        index = rdata.conversion.convert(
+            rdata.parser.parse_data(gzip.decompress((data_dir / "Rdata.rdx").read_bytes()))
+        )
         blob = (data_dir / "Rdata.rdb").read_bytes()
         out = {}
         for name in names:

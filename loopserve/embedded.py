@@ -19,7 +19,16 @@ logger = logging.getLogger(__name__)
 
 
 def _common_flags(cfg: PolicyConfig) -> list[str]:
-    flags = ["--data-dir", str(cfg.data_dir), "--device", cfg.device, "--dtype", cfg.dtype, "--log-level", cfg.log_level]
+    flags = [
+        "--data-dir",
+        str(cfg.data_dir),
+        "--device",
+        cfg.device,
+        "--dtype",
+        cfg.dtype,
+        "--log-level",
+        cfg.log_level,
+    ]
     if cfg.store_dir:
         flags += ["--store-dir", str(cfg.store_dir)]
     if cfg.log_url:
@@ -37,7 +46,11 @@ def _server_flags(cfg: PolicyConfig) -> list[str]:
 
 
 def run_embedded(
-    cfg: PolicyConfig, *, reward_port: int | None = None, reward_metrics_port: int | None = None, train: bool = True
+    cfg: PolicyConfig,
+    *,
+    reward_port: int | None = None,
+    reward_metrics_port: int | None = None,
+    train: bool = True,
 ) -> int:
     if not cfg.no_auth and cfg.token_file is None:
         ensure_token_file(cfg.token_path)
@@ -46,17 +59,38 @@ def run_embedded(
     # Two services and a trainer share the cores: give each a fair share of torch threads.
     threads = str(max(1, (os.cpu_count() or 2) // 2))
     procs = {
-        "policy": exe + ["policy", "--port", str(cfg.port), "--metrics-port", str(cfg.metrics_port),
-                         "--threads", threads] + _common_flags(cfg) + _server_flags(cfg),
-        "reward": exe + ["reward", "--port", str(reward_port or DEFAULT_REWARD_PORT),
-                         "--metrics-port", str(reward_metrics_port or DEFAULT_REWARD_METRICS_PORT),
-                         "--threads", threads] + _common_flags(cfg) + _server_flags(cfg),
+        "policy": [
+            *exe,
+            "policy",
+            "--port",
+            str(cfg.port),
+            "--metrics-port",
+            str(cfg.metrics_port),
+            "--threads",
+            threads,
+            *_common_flags(cfg),
+            *_server_flags(cfg),
+        ],
+        "reward": [
+            *exe,
+            "reward",
+            "--port",
+            str(reward_port or DEFAULT_REWARD_PORT),
+            "--metrics-port",
+            str(reward_metrics_port or DEFAULT_REWARD_METRICS_PORT),
+            "--threads",
+            threads,
+            *_common_flags(cfg),
+            *_server_flags(cfg),
+        ],
     }
     if train:
-        procs["trainer"] = exe + ["train"] + _common_flags(cfg)
+        procs["trainer"] = [*exe, "train", *_common_flags(cfg)]
     running = {name: subprocess.Popen(argv) for name, argv in procs.items()}
-    print(f"policy on {cfg.host}:{cfg.port} (metrics :{cfg.metrics_port}/metrics), "
-          f"reward on {cfg.host}:{reward_port or DEFAULT_REWARD_PORT}; Ctrl-C stops everything")
+    print(
+        f"policy on {cfg.host}:{cfg.port} (metrics :{cfg.metrics_port}/metrics), "
+        f"reward on {cfg.host}:{reward_port or DEFAULT_REWARD_PORT}; Ctrl-C stops everything"
+    )
     stopping = False
 
     def stop(*_: object) -> None:

@@ -27,6 +27,7 @@ STREAM_CHUNK = 2_000
 MAX_INFLIGHT = 8
 MAX_REJECTIONS_REPORTED = 100
 
+
 def _error(code: str, reason: str) -> LoopserveError:
     """A domain error carrying a status code name chosen at run time (the first rejection's)."""
     err = LoopserveError(reason)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
-REQUESTS = Counter(
-    "loopserve_requests", "RPCs handled, by final status code.", ["service", "method", "code"]
-)
+REQUESTS = Counter("loopserve_requests", "RPCs handled, by final status code.", ["service", "method", "code"])
 REQUEST_SECONDS = Histogram(
     "loopserve_request_seconds",
     "RPC latency in seconds.",
@@ -21,9 +19,7 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 QUEUE_DEPTH = Gauge("loopserve_queue_depth", "Items waiting in a queue.", ["queue"])
-MODEL_VERSION = Gauge(
-    "loopserve_model_version", "Version number being served (v<N> -> N).", ["model"]
-)
+MODEL_VERSION = Gauge("loopserve_model_version", "Version number being served (v<N> -> N).", ["model"])
 SWAPS = Counter("loopserve_swaps", "Model swaps attempted, by result.", ["model", "result"])
 SWAP_SECONDS = Histogram(
     "loopserve_swap_seconds",
@@ -31,12 +27,8 @@ SWAP_SECONDS = Histogram(
     ["model"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )
-FEEDBACK_EVENTS = Counter(
-    "loopserve_feedback_events", "Feedback events acknowledged (durable), by kind.", ["kind"]
-)
-FEEDBACK_REJECTED = Counter(
-    "loopserve_feedback_rejected", "Feedback events rejected, by status code.", ["code"]
-)
+FEEDBACK_EVENTS = Counter("loopserve_feedback_events", "Feedback events acknowledged (durable), by kind.", ["kind"])
+FEEDBACK_REJECTED = Counter("loopserve_feedback_rejected", "Feedback events rejected, by status code.", ["code"])
 DECISIONS_LOGGED = Counter("loopserve_decisions_logged", "Decisions written to the feedback log.")
 TRAINER_LAG = Gauge("loopserve_trainer_lag_events", "Log records not yet consumed by the trainer.")
 TRAINER_LOSS = Gauge("loopserve_trainer_loss", "Last training loss, by objective.", ["objective"])

@@ -17,8 +17,8 @@ from loopserve.feedback_servicer import FeedbackIngest, FeedbackServicer
 from loopserve.model_store import ModelStore
 from loopserve.policy.v1 import policy_pb2_grpc
 from loopserve.server import GrpcServer, ServiceBinding, install_signal_handlers, token_table
-from policy_service.runtime import PolicyRuntime, RuntimeOptions
 from policy_service.decisions import LoggedDecisions
+from policy_service.runtime import PolicyRuntime, RuntimeOptions
 from policy_service.service import PolicyFrontend
 from policy_service.servicer import PolicyServicer
 
@@ -52,12 +52,20 @@ class PolicyApp:
         self.frontend = PolicyFrontend(cfg, self.runtime, sink)
         ingest = FeedbackIngest(self.committer, lambda: {cfg.task: self.frontend.label_set()})
         bindings = [
-            ServiceBinding(POLICY_SERVICE, PolicyServicer(self.frontend), policy_pb2_grpc.add_PolicyServiceServicer_to_server),
             ServiceBinding(
-                ADMIN_SERVICE, ModelAdminServicer(self.runtime.slots()), admin_pb2_grpc.add_ModelAdminServicer_to_server
+                POLICY_SERVICE,
+                PolicyServicer(self.frontend),
+                policy_pb2_grpc.add_PolicyServiceServicer_to_server,
             ),
             ServiceBinding(
-                FEEDBACK_SERVICE, FeedbackServicer(ingest), feedback_pb2_grpc.add_FeedbackServiceServicer_to_server
+                ADMIN_SERVICE,
+                ModelAdminServicer(self.runtime.slots()),
+                admin_pb2_grpc.add_ModelAdminServicer_to_server,
+            ),
+            ServiceBinding(
+                FEEDBACK_SERVICE,
+                FeedbackServicer(ingest),
+                feedback_pb2_grpc.add_FeedbackServiceServicer_to_server,
             ),
             *extra_bindings,
         ]

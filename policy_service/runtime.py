@@ -201,13 +201,13 @@ class PolicyRuntime:
             )
             ids = tok(text, add_special_tokens=False)["input_ids"]
         if len(ids) > self.opts.max_prompt_tokens:
-            raise InvalidArgument(
-                f"the prompt has {len(ids)} tokens; the limit is {self.opts.max_prompt_tokens}"
-            )
+            raise InvalidArgument(f"the prompt has {len(ids)} tokens; the limit is {self.opts.max_prompt_tokens}")
         return list(ids)
 
     def generate_batch(
-        self, handle: Loaded[GeneratorBundle], jobs: list[tuple[GenerateCall, list[int], list[sampling.SequenceRequest]]]
+        self,
+        handle: Loaded[GeneratorBundle],
+        jobs: list[tuple[GenerateCall, list[int], list[sampling.SequenceRequest]]],
     ) -> list[list[Completion]]:
         """Decode every sequence of every job in one batch; per job, its completions."""
         bundle = handle.model

@@ -147,7 +147,11 @@ def generate(
     max_steps = max(r.params.max_new_tokens for r in requests)
     for _ in range(max_steps):
         out = model(
-            input_ids=cur_ids, attention_mask=attention_mask, position_ids=cur_pos, past_key_values=past, use_cache=True
+            input_ids=cur_ids,
+            attention_mask=attention_mask,
+            position_ids=cur_pos,
+            past_key_values=past,
+            use_cache=True,
         )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()  # (B, V)

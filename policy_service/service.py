@@ -123,7 +123,9 @@ class PolicyFrontend:
             self.decisions.record_completions(call, result, client_id)
         return result
 
-    async def generate_stream(self, call: GenerateCall, client_id: str = "") -> AsyncIterator[tuple[str, str, TokenDelta]]:
+    async def generate_stream(
+        self, call: GenerateCall, client_id: str = ""
+    ) -> AsyncIterator[tuple[str, str, TokenDelta]]:
         """Yields (model_version, event_id, delta); the last delta has done=True."""
         if self.decisions is not None:
             self.decisions.reserve(1)
@@ -162,7 +164,11 @@ class PolicyFrontend:
                     result = GenerateResult(handle.version, tuple(comps))
                     if self.decisions is not None:
                         self.decisions.record_completions(call, result, client_id)
-                    yield handle.version, comps[0].event_id, TokenDelta("", 0.0, True, comps[0].finish_reason, comps[0].num_tokens)
+                    yield (
+                        handle.version,
+                        comps[0].event_id,
+                        TokenDelta("", 0.0, True, comps[0].finish_reason, comps[0].num_tokens),
+                    )
                     return
         finally:
             cancelled.set()

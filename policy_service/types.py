@@ -60,8 +60,7 @@ class AnnotateCall:
             raise InvalidArgument("items is empty: send at least one item")
         if len(req.items) > limits.max_items_per_request:
             raise InvalidArgument(
-                f"{len(req.items)} items in one request; the limit is {limits.max_items_per_request} "
-                "(split the batch)"
+                f"{len(req.items)} items in one request; the limit is {limits.max_items_per_request} (split the batch)"
             )
         if req.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {req.top_k}")
@@ -110,9 +109,7 @@ class AnnotateResult:
     annotations: tuple[Annotation, ...]
 
     def to_pb(self) -> pb.AnnotateResponse:
-        return pb.AnnotateResponse(
-            model_version=self.model_version, annotations=[a.to_pb() for a in self.annotations]
-        )
+        return pb.AnnotateResponse(model_version=self.model_version, annotations=[a.to_pb() for a in self.annotations])
 
 
 # ---- Generate ---------------------------------------------------------------------------------------
@@ -204,9 +201,7 @@ class GenerateResult:
     completions: tuple[Completion, ...]
 
     def to_pb(self) -> pb.GenerateResponse:
-        return pb.GenerateResponse(
-            model_version=self.model_version, completions=[c.to_pb() for c in self.completions]
-        )
+        return pb.GenerateResponse(model_version=self.model_version, completions=[c.to_pb() for c in self.completions])
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,11 @@ def key() -> str:
 
 
 def correction(event_id: str, label: str, k: str | None = None) -> fb.FeedbackEvent:
-    return fb.FeedbackEvent(idempotency_key=k or key(), annotator_id="ann-1", correction=fb.LabelCorrection(event_id=event_id, label=label))
+    return fb.FeedbackEvent(
+        idempotency_key=k or key(),
+        annotator_id="ann-1",
+        correction=fb.LabelCorrection(event_id=event_id, label=label),
+    )
 
 
 async def _fails(coro: object) -> tuple[grpc.StatusCode, str]:
@@ -95,16 +99,34 @@ async def test_generation_decisions_and_preferences(svc: Svc) -> None:
         g = await c.generate("Write a review", n=2, max_new_tokens=4, seed=1)
         e1, e2 = (x.event_id for x in g.completions)
         ok = await a.submit(
-            [fb.FeedbackEvent(idempotency_key=key(), preference=fb.Preference(chosen_event_id=e1, rejected_event_id=e2))]
+            [
+                fb.FeedbackEvent(
+                    idempotency_key=key(), preference=fb.Preference(chosen_event_id=e1, rejected_event_id=e2)
+                )
+            ]
         )
         assert ok.accepted == 1
         code, details = await _fails(
-            a.submit([fb.FeedbackEvent(idempotency_key=key(), preference=fb.Preference(chosen_event_id=e1, rejected_event_id=e1))])
+            a.submit(
+                [
+                    fb.FeedbackEvent(
+                        idempotency_key=key(),
+                        preference=fb.Preference(chosen_event_id=e1, rejected_event_id=e1),
+                    )
+                ]
+            )
         )
         assert code == grpc.StatusCode.INVALID_ARGUMENT
         other = (await c.generate("A different prompt", max_new_tokens=2)).completions[0].event_id
         code, details = await _fails(
-            a.submit([fb.FeedbackEvent(idempotency_key=key(), preference=fb.Preference(chosen_event_id=e1, rejected_event_id=other))])
+            a.submit(
+                [
+                    fb.FeedbackEvent(
+                        idempotency_key=key(),
+                        preference=fb.Preference(chosen_event_id=e1, rejected_event_id=other),
+                    )
+                ]
+            )
         )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in details
         code, _ = await _fails(a.submit([correction(e1, "great")]))
@@ -121,10 +143,29 @@ async def test_bad_feedback_gets_clear_status_and_the_server_keeps_serving(svc: 
         cases = [
             ([correction("no-such-event", "great")], grpc.StatusCode.NOT_FOUND),
             ([correction(eid, "purple")], grpc.StatusCode.INVALID_ARGUMENT),
-            ([fb.FeedbackEvent(idempotency_key=key(), rating=fb.Rating(event_id=eid, value=math.nan, scale_min=1, scale_max=5))], grpc.StatusCode.INVALID_ARGUMENT),
-            ([fb.FeedbackEvent(idempotency_key=key(), rating=fb.Rating(event_id=eid, value=9, scale_min=1, scale_max=5))], grpc.StatusCode.INVALID_ARGUMENT),
+            (
+                [
+                    fb.FeedbackEvent(
+                        idempotency_key=key(),
+                        rating=fb.Rating(event_id=eid, value=math.nan, scale_min=1, scale_max=5),
+                    )
+                ],
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
+            (
+                [
+                    fb.FeedbackEvent(
+                        idempotency_key=key(),
+                        rating=fb.Rating(event_id=eid, value=9, scale_min=1, scale_max=5),
+                    )
+                ],
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),
             ([fb.FeedbackEvent(idempotency_key=key())], grpc.StatusCode.INVALID_ARGUMENT),  # no kind
-            ([fb.FeedbackEvent(accept=fb.LabelAccept(event_id=eid))], grpc.StatusCode.INVALID_ARGUMENT),  # no key
+            (
+                [fb.FeedbackEvent(accept=fb.LabelAccept(event_id=eid))],
+                grpc.StatusCode.INVALID_ARGUMENT,
+            ),  # no key
             ([], grpc.StatusCode.INVALID_ARGUMENT),
         ]
         for events, want in cases:
@@ -188,8 +229,23 @@ def _free_port() -> int:
 
 def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "loopserve", "policy", "--data-dir", str(data_dir), "--port", str(port),
-         "--metrics-port", "-1", "--no-generator", "--log-level", "WARNING", "--watch-interval-s", "60"],
+        [
+            sys.executable,
+            "-m",
+            "loopserve",
+            "policy",
+            "--data-dir",
+            str(data_dir),
+            "--port",
+            str(port),
+            "--metrics-port",
+            "-1",
+            "--no-generator",
+            "--log-level",
+            "WARNING",
+            "--watch-interval-s",
+            "60",
+        ],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )

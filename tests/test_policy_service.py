@@ -25,7 +25,12 @@ NO_RETRY = RetryPolicy(attempts=1)
 
 def _cfg(data_dir: Path, **kw: object) -> PolicyConfig:
     base = PolicyConfig(
-        data_dir=data_dir, port=0, metrics_port=-1, max_input_tokens=32, max_new_tokens_cap=32, watch_interval_s=0.2
+        data_dir=data_dir,
+        port=0,
+        metrics_port=-1,
+        max_input_tokens=32,
+        max_new_tokens_cap=32,
+        watch_interval_s=0.2,
     )
     return replace(base, **kw)  # type: ignore[arg-type]
 
@@ -87,14 +92,26 @@ async def test_annotate_generate_stream_and_info(svc: Running) -> None:
 BAD_ANNOTATE = [
     ("empty batch", policy_pb2.AnnotateRequest(items=[]), "items is empty"),
     ("empty text", policy_pb2.AnnotateRequest(items=[policy_pb2.Item(id="a", text="  ")]), "empty"),
-    ("oversize text", policy_pb2.AnnotateRequest(items=[policy_pb2.Item(id="a", text="x" * 20_001)]), "limit is 20000"),
+    (
+        "oversize text",
+        policy_pb2.AnnotateRequest(items=[policy_pb2.Item(id="a", text="x" * 20_001)]),
+        "limit is 20000",
+    ),
     (
         "too many items",
         policy_pb2.AnnotateRequest(items=[policy_pb2.Item(id=str(i), text="t") for i in range(257)]),
         "limit is 256",
     ),
-    ("unknown task", policy_pb2.AnnotateRequest(task="ner", items=[policy_pb2.Item(id="a", text="t")]), "unknown task"),
-    ("negative top_k", policy_pb2.AnnotateRequest(top_k=-1, items=[policy_pb2.Item(id="a", text="t")]), "top_k"),
+    (
+        "unknown task",
+        policy_pb2.AnnotateRequest(task="ner", items=[policy_pb2.Item(id="a", text="t")]),
+        "unknown task",
+    ),
+    (
+        "negative top_k",
+        policy_pb2.AnnotateRequest(top_k=-1, items=[policy_pb2.Item(id="a", text="t")]),
+        "top_k",
+    ),
 ]
 
 BAD_GENERATE = [
@@ -138,7 +155,9 @@ async def _drain(call: object) -> None:
 
 async def test_stream_needs_one_completion(svc: Running) -> None:
     async with svc.client() as c:
-        code, details = await _code(_drain(c.policy.GenerateStream(policy_pb2.GenerateRequest(prompt="p", n=2), metadata=c.metadata)))
+        code, details = await _code(
+            _drain(c.policy.GenerateStream(policy_pb2.GenerateRequest(prompt="p", n=2), metadata=c.metadata))
+        )
         assert code == grpc.StatusCode.INVALID_ARGUMENT and "n must be 0 or 1" in details
 
 
@@ -151,7 +170,9 @@ async def test_auth_missing_wrong_and_insufficient(svc: Running) -> None:
     async with svc.client("client") as c:
         from loopserve.admin.v1 import admin_pb2
 
-        code, details = await _code(c.admin.ListVersions(admin_pb2.ListVersionsRequest(model="annotator"), metadata=c.metadata))
+        code, details = await _code(
+            c.admin.ListVersions(admin_pb2.ListVersionsRequest(model="annotator"), metadata=c.metadata)
+        )
         assert code == grpc.StatusCode.PERMISSION_DENIED and "admin" in details
     async with svc.client("admin") as a:  # admin may predict too
         assert (await a.annotate(["x"])).annotations

