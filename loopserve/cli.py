@@ -13,7 +13,6 @@ from loopserve.config import (
     CommonConfig,
     PolicyConfig,
     RewardConfig,
-    TrainerConfig,
     add_arguments,
     from_namespace,
 )
@@ -150,14 +149,6 @@ def cmd_reward(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(ns: argparse.Namespace) -> int:
-    cfg = from_namespace(TrainerConfig, ns)
-    _setup_logging(cfg.log_level)
-    from trainer.__main__ import run_from_config
-
-    return run_from_config(cfg)
-
-
 def cmd_up(ns: argparse.Namespace) -> int:
     from loopserve.embedded import run_embedded
 
@@ -210,9 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(reward, RewardConfig)
     reward.set_defaults(fn=cmd_reward)
 
-    train = sub.add_parser("train", help="run the trainer")
-    add_arguments(train, TrainerConfig)
-    train.set_defaults(fn=cmd_train)
+    # `loopserve train ...` hands its arguments to the trainer's own parser (TrainerArgs, its one config).
+    sub.add_parser("train", help="run the trainer (`loopserve train --help` lists its flags)", add_help=False)
 
     up = sub.add_parser("up", help="run everything on this machine (policy, reward, trainer)")
     add_arguments(up, PolicyConfig)
@@ -225,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["train"]:
+        from trainer.__main__ import main as train_main
+
+        return train_main(args[1:])
+    ns = build_parser().parse_args(args)
     try:
         return int(ns.fn(ns) or 0)
     except KeyboardInterrupt:

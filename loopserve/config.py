@@ -107,17 +107,6 @@ class RewardConfig(ServerConfig):
     max_pairs_per_request: int = field(default=256, metadata={"help": "pairs per Score call"})
 
 
-@dataclass
-class TrainerConfig(CommonConfig):
-    metrics_port: int = DEFAULT_TRAINER_METRICS_PORT
-    reward_target: str = field(default=f"127.0.0.1:{DEFAULT_REWARD_PORT}", metadata={"help": "reward service"})
-    token_file: Path | None = None
-
-    @property
-    def token_path(self) -> Path:
-        return self.token_file or self.data_dir / "tokens.json"
-
-
 C = TypeVar("C")
 
 

@@ -85,7 +85,20 @@ def run_embedded(
         ],
     }
     if train:
-        procs["trainer"] = [*exe, "train", *_common_flags(cfg)]
+        procs["trainer"] = [
+            *exe,
+            "train",
+            "--data-dir",
+            str(cfg.data_dir),
+            "--device",
+            cfg.device,
+            "--log-level",
+            cfg.log_level,
+            "--reward-target",
+            f"127.0.0.1:{reward_port or DEFAULT_REWARD_PORT}",
+            *(["--store-dir", str(cfg.store_dir)] if cfg.store_dir else []),
+            *(["--log-url", cfg.log_url] if cfg.log_url else []),
+        ]
     running = {name: subprocess.Popen(argv) for name, argv in procs.items()}
     print(
         f"policy on {cfg.host}:{cfg.port} (metrics :{cfg.metrics_port}/metrics), "

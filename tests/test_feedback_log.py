@@ -81,9 +81,7 @@ def log(log_url):
     log.close()
 
 
-def label_decision(
-    event_id: str, *, top: str = "great", p: float = 0.8, version: str = "v1", **kw
-) -> Decision:
+def label_decision(event_id: str, *, top: str = "great", p: float = 0.8, version: str = "v1", **kw) -> Decision:
     other = "other" if top == "great" else "great"
     return Decision(
         event_id=event_id,
@@ -135,9 +133,7 @@ def test_decisions_and_feedback_read_back_in_one_seq_order(log):
     log.append_decisions([label_decision("d1"), label_decision("d2")])
     [r1] = log.append_feedback([Feedback("accept", key(), event_id="d1")], LABELS)
     log.append_decisions([generation("g1")])
-    [r2] = log.append_feedback(
-        [Feedback("rating", key(), event_id="g1", value=4, scale_min=1, scale_max=5)], {}
-    )
+    [r2] = log.append_feedback([Feedback("rating", key(), event_id="g1", value=4, scale_min=1, scale_max=5)], {})
 
     records = log.read(after_seq=0, limit=100)
     assert [(r.type, getattr(r.record, "event_id", "")) for r in records] == [
@@ -179,9 +175,7 @@ def test_correction_joins_served_label_propensity_and_model_version(log):
 
 def test_preference_joins_both_generations(log):
     log.append_decisions([generation("a", completion="Hi!"), generation("b", completion="Go away")])
-    [res] = log.append_feedback(
-        [Feedback("preference", key(), chosen_event_id="a", rejected_event_id="b")], {}
-    )
+    [res] = log.append_feedback([Feedback("preference", key(), chosen_event_id="a", rejected_event_id="b")], {})
     assert res.accepted
     pref = log.read()[-1]
     assert [d.output for d in pref.joined_decisions] == ["Hi!", "Go away"]
@@ -191,16 +185,12 @@ def test_repeated_idempotency_key_is_acknowledged_and_stored_once(log):
     log.append_decisions([label_decision("d1")])
     k = key()
     [first] = log.append_feedback([Feedback("accept", k, event_id="d1")], LABELS)
-    again = log.append_feedback(
-        [Feedback("accept", k, event_id="d1"), Feedback("accept", k, event_id="d1")], LABELS
-    )
+    again = log.append_feedback([Feedback("accept", k, event_id="d1"), Feedback("accept", k, event_id="d1")], LABELS)
     assert first.accepted and not first.duplicate
     assert all(r.accepted and r.duplicate and r.seq == first.seq for r in again)
 
     k2 = key()
-    within = log.append_feedback(
-        [Feedback("accept", k2, event_id="d1"), Feedback("accept", k2, event_id="d1")], LABELS
-    )
+    within = log.append_feedback([Feedback("accept", k2, event_id="d1"), Feedback("accept", k2, event_id="d1")], LABELS)
     assert [r.duplicate for r in within] == [False, True]
     assert within[0].seq == within[1].seq
 
@@ -286,10 +276,10 @@ REJECTIONS = {
         "INVALID_ARGUMENT",
         "needs chosen_event_id and rejected_event_id",
     ),
-    "accept on generation": (
-        Feedback("accept", "k", event_id="gen1"),
-        "FAILED_PRECONDITION",
-        "is a generation",
+    "accept with a label on generation": (
+        Feedback("accept", "k", event_id="gen1", label="great"),
+        "INVALID_ARGUMENT",
+        "takes no label",
     ),
     "correction on generation": (
         Feedback("correction", "k", event_id="gen1", label="great"),
@@ -325,6 +315,14 @@ def test_invalid_feedback_is_rejected_with_an_actionable_reason(log, case):
     assert reason in bad_result.reason
     assert good_result.accepted, "one bad event does not sink the rest of its batch"
     assert [r.record.idempotency_key for r in log.read() if r.type == "feedback"] == [good.idempotency_key]
+
+
+def test_accept_and_reject_on_a_generation_are_pointwise_feedback(log):
+    log.append_decisions([generation("gen1", prompt="Say hello", completion="Hi")])
+    results = log.append_feedback(
+        [Feedback("accept", key(), event_id="gen1"), Feedback("reject", key(), event_id="gen1")], LABELS
+    )
+    assert all(r.accepted for r in results)
 
 
 def test_preference_carrying_its_own_texts_needs_no_served_events(log):
@@ -384,9 +382,7 @@ def test_follow_wakes_up_on_new_rows(log, backend):
     arrived = threading.Event()
     stop = threading.Event()
     # On PostgreSQL poll only every 5 s: a prompt wake-up can then only come from LISTEN/NOTIFY.
-    poll = (
-        {"poll_s": 5.0, "max_poll_s": 5.0} if backend == "postgres" else {"poll_s": 0.02, "max_poll_s": 0.2}
-    )
+    poll = {"poll_s": 5.0, "max_poll_s": 5.0} if backend == "postgres" else {"poll_s": 0.02, "max_poll_s": 0.2}
 
     def consume() -> None:
         for rec in log.follow(after_seq=0, stop=stop, **poll):
@@ -584,9 +580,7 @@ def test_feedback_committer_pushes_back_when_full(log):
         )
         assert entered.wait(5)
         with pytest.raises(ResourceExhausted, match="feedback commit queue full"):
-            committer.submit(
-                [Feedback("accept", "c", event_id="d1"), Feedback("accept", "d", event_id="d1")], LABELS
-            )
+            committer.submit([Feedback("accept", "c", event_id="d1"), Feedback("accept", "d", event_id="d1")], LABELS)
         release.set()
         assert [r.accepted for r in first.result(10)] == [True, True]
     finally:
@@ -696,9 +690,7 @@ def test_acknowledged_events_survive_sigkill(log_url):
     assert child.returncode == -signal.SIGKILL
 
     with open_feedback_log(log_url) as reopened:
-        stored = Counter(
-            r.record.idempotency_key for r in reopened.read(limit=100_000) if r.type == "feedback"
-        )
+        stored = Counter(r.record.idempotency_key for r in reopened.read(limit=100_000) if r.type == "feedback")
     missing = [k for k in acked if stored[k] != 1]
     assert not missing, f"{len(missing)} acknowledged events lost or doubled, e.g. {missing[:3]}"
 

@@ -84,9 +84,7 @@ def validate_decision(d: Decision) -> None:
     _check_text("input_text", d.input_text, required=False)
     if d.kind == "label":
         if isinstance(d.output, str) or not d.output:
-            raise InvalidArgument(
-                "a label decision's output is a non-empty list of (label, score), best first"
-            )
+            raise InvalidArgument("a label decision's output is a non-empty list of (label, score), best first")
         for label, score in d.output:
             _check_id("label", label)
             _finite("label score", score)
@@ -154,13 +152,9 @@ def _check_preference_shape(fb: Feedback) -> None:
             "preference needs chosen_event_id and rejected_event_id, or prompt, chosen and rejected texts"
         )
     if has_ids and fb.chosen_event_id == fb.rejected_event_id:
-        raise InvalidArgument(
-            f"preference compares event {fb.chosen_event_id} with itself; give two different answers"
-        )
+        raise InvalidArgument(f"preference compares event {fb.chosen_event_id} with itself; give two different answers")
     if not has_ids and fb.chosen == fb.rejected:
-        raise InvalidArgument(
-            "preference chosen and rejected texts are identical; give two different answers"
-        )
+        raise InvalidArgument("preference chosen and rejected texts are identical; give two different answers")
 
 
 def label_set_for(decision: Decision, label_sets: Mapping[str, Collection[str]]) -> Collection[str]:
@@ -199,11 +193,16 @@ def check_feedback_references(
     decision = decisions.get(fb.event_id)
     if decision is None:
         raise _unknown_event(fb.event_id)
+    if fb.kind in ("accept", "reject") and decision.kind == "generation":
+        # Thumbs up / down on a completion: a pointwise target for the reward model (DESIGN.md).
+        if fb.label:
+            raise InvalidArgument(f"{fb.kind} on a generation takes no label (event {fb.event_id})")
+        return fb
     if fb.kind in LABEL_FEEDBACK_KINDS:
         if decision.kind != "label":
             raise FailedPrecondition(
                 f"{fb.kind} applies to served labels, but event {fb.event_id} is a generation "
-                "(use rating, edit or preference)"
+                "(use accept, reject, rating, edit or preference)"
             )
         if not fb.label:
             return dataclasses.replace(fb, label=decision.top_label or "")

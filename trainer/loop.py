@@ -1,0 +1,557 @@
+"""The trainer process: tail the feedback log, run a learning round per model when it is due, gate,
+publish, checkpoint.
+
+    state <- checkpoint (or empty)
+    loop:
+        records <- log.read(after_seq = state.cursor)        # trainer.consumer.ingest folds them in
+        when caught up, for each model whose round is due:   # enough new relevant events, or time
+            load the serving version; evaluate it on the held-out slice
+            train it in place (the candidate); evaluate the candidate on the same slice
+            gate; publish (ModelStore.publish_version, metrics in the manifest) or record as gated
+            checkpoint (cursor, buffers, optimizer state, RNG) atomically
+        sleep while the log is idle
+
+The services see a publish through the store's LATEST (their watch) and hot-swap. A round that
+diverges (RoundAborted) publishes nothing. When the reward service is down the generator's round is
+deferred with exponential back-off while the annotator and reward model keep learning.
+
+Logs carry ids, counts, versions and durations only, never user text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loopserve.device import pick_device
+from loopserve.errors import VerificationError
+from loopserve.feedback_log import open_feedback_log
+from loopserve.metrics import PUBLISH, ROUND_SECONDS, TRAINER_LAG, TRAINER_LOSS
+from loopserve.model_store import ModelStore
+from loopserve.models import encoder_heads, generator
+from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, RewardModel
+from trainer import annotation_policy, checkpoint, dpo, generation_rl, reward_model
+from trainer.causal_lm import add_lora, merge_lora
+from trainer.config import TrainerArgs
+from trainer.consumer import ANNOTATOR, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
+from trainer.examples import heldout
+from trainer.gate import LossGuard, RoundAborted, gate_annotator, gate_generator, gate_reward_model
+from trainer.generation_rl import RewardFn, RewardUnavailable
+from trainer.optim import load_optimizer
+
+logger = logging.getLogger(__name__)
+
+ROUNDS_FILE = "rounds.jsonl"
+PROBE_PAIR = ("Is the reward service up?", "Yes.")
+
+
+@dataclass
+class RoundResult:
+    """What one round did; appended to <data-dir>/trainer/rounds.jsonl (numbers and ids only)."""
+
+    model: str
+    result: str
+    """published | gated | aborted (diverged) | failed (an error) | skipped (not enough data) |
+    deferred (reward service down)"""
+    round: int = 0
+    serving: str | None = None
+    version: str | None = None
+    """The version published (None unless result == "published")."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Candidate: held-out evaluation and training losses."""
+    serving_metrics: dict[str, float] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Context:
+    """What the rounds share: configuration, store, RNGs, the reward function and its back-off."""
+
+    args: TrainerArgs
+    store: ModelStore
+    device: torch.device
+    reward_fn: RewardFn | None
+    py_rng: random.Random
+    gen: torch.Generator
+    checkpoint_folder: Path | None = None
+    generator_retry_at: float = 0.0
+    reward_failures: int = 0
+
+
+# ---- helpers shared by the rounds ----------------------------------------------------------------
+
+
+def label_space(store: ModelStore) -> LabelSpace:
+    """The serving annotator's task and labels (nothing when there is no annotator)."""
+    version = store.latest(ANNOTATOR)
+    if version is None:
+        return LabelSpace("", ())
+    spec = HeadSpec.read(store.path(ANNOTATOR, version))
+    return LabelSpace(spec.task, tuple(spec.label_names))
+
+
+def _finite(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+
+
+def _maybe_load_optimizer(
+    ctx: Context, state: TrainerState, objective: str, opt: torch.optim.Optimizer, serving: str
+) -> None:
+    """Resume Adam's moments only when they belong to the weights this round starts from."""
+    if state.optimizer_versions.get(objective) != serving or ctx.checkpoint_folder is None:
+        return
+    if load_optimizer(opt, ctx.checkpoint_folder / checkpoint.OPTIM_DIR, objective):
+        logger.info("%s: resumed optimizer state of %s", objective, serving)
+
+
+def _publish(
+    ctx: Context,
+    state: TrainerState,
+    model: str,
+    save: Callable[[Path], None],
+    serving: str,
+    metrics: dict[str, float],
+    meta: dict[str, object],
+) -> str:
+    ctx.args.trainer_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".tmp-publish-", dir=ctx.args.trainer_dir) as tmp:
+        save(Path(tmp))
+        manifest = ctx.store.publish_version(
+            model,
+            tmp,
+            parent=serving,
+            metrics=_finite(metrics),
+            meta={"trainer_round": state.round, "cursor": state.cursor, **meta},
+        )
+    return manifest.version
+
+
+def _keep_optimizer(
+    ctx: Context, state: TrainerState, objective: str, opt: torch.optim.Optimizer, version: str
+) -> dict[str, torch.optim.Optimizer]:
+    if objective not in ctx.args.optimizer_objectives():
+        return {}
+    state.optimizer_versions[objective] = version
+    return {objective: opt}
+
+
+def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+# ---- one round per model -------------------------------------------------------------------------
+
+RoundOutput = tuple[RoundResult, dict[str, torch.optim.Optimizer]]
+
+
+def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
+    args, cfg = ctx.args, ctx.args.annotator
+    serving = ctx.store.latest(ANNOTATOR)
+    if serving is None:
+        return RoundResult(ANNOTATOR, "skipped", reasons=["no annotator in the store"]), {}
+    folder = ctx.store.path(ANNOTATOR, serving)
+    spec = HeadSpec.read(folder)
+    known = set(spec.label_names)
+    items = [x for x in state.labels.values() if x.label in known]
+    evals = [x for x in items if heldout(x.text, args.heldout_fraction)]
+    train = [x for x in items if not heldout(x.text, args.heldout_fraction)]
+    rejects = [x for x in state.bandit if x.label in known and not heldout(x.text, args.heldout_fraction)]
+    result = RoundResult(ANNOTATOR, "skipped", round=state.round, serving=serving)
+    if len(evals) < args.gate.min_eval_items:
+        result.reasons.append(f"held-out slice has {len(evals)} items, need {args.gate.min_eval_items}")
+        return result, {}
+    if not train and not rejects:
+        result.reasons.append("no training items")
+        return result, {}
+    tokenizer = encoder_heads.load_tokenizer(folder)
+    model = encoder_heads.load(folder, ctx.device)  # the serving version; trained in place below
+    if not isinstance(model, AnnotatorModel):
+        raise VerificationError(f"annotator {serving} has no annotator head")
+    result.serving_metrics = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
+    opt = annotation_policy.make_optimizer(model, cfg)
+    _maybe_load_optimizer(ctx, state, ANNOTATOR, opt, serving)
+    train_metrics = annotation_policy.train_annotation_policy(
+        model,
+        tokenizer,
+        train,
+        rejects,
+        cfg,
+        baseline=state.baseline,
+        optimizer=opt,
+        guard=LossGuard(ANNOTATOR, args.gate),
+        generator=ctx.gen,
+    )
+    TRAINER_LOSS.labels(objective=ANNOTATOR).set(train_metrics.get("loss", float("nan")))
+    cand = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
+    temperature = annotation_policy.calibrate(model, tokenizer, evals, cfg)
+    calibrated = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
+    cand.update(ece_calibrated=calibrated["ece"], nll_calibrated=calibrated["nll"], temperature=temperature)
+    cand.update(_prefixed("train_", train_metrics), n_train=float(len(train)), n_rejects=float(len(rejects)))
+    result.metrics = cand
+    decision = gate_annotator(cand, result.serving_metrics, args.gate)
+    if not decision.publish:
+        result.result, result.reasons = "gated", decision.reasons
+        return result, {}
+    result.version = _publish(
+        ctx,
+        state,
+        ANNOTATOR,
+        lambda dest: encoder_heads.save(model, tokenizer, dest),
+        serving,
+        {**cand, **_prefixed("serving_", result.serving_metrics)},
+        {"objective": "annotation_policy", "task": spec.task, "labels": spec.label_names},
+    )
+    result.result = "published"
+    return result, _keep_optimizer(ctx, state, ANNOTATOR, opt, result.version)
+
+
+def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
+    args, cfg = ctx.args, ctx.args.reward
+    serving = ctx.store.latest(REWARD)
+    if serving is None:
+        return RoundResult(REWARD, "skipped", reasons=["no reward model in the store"]), {}
+    frac = args.heldout_fraction
+
+    def split(xs: list[Any]) -> tuple[list[Any], list[Any]]:
+        return [x for x in xs if not heldout(x.prompt, frac)], [x for x in xs if heldout(x.prompt, frac)]
+
+    (pairs, eval_pairs), (ratings, eval_ratings) = split(state.pairs), split(state.ratings)
+    pointwise, eval_pointwise = split(state.pointwise)
+    result = RoundResult(REWARD, "skipped", round=state.round, serving=serving)
+    if len(eval_pairs) < args.gate.min_eval_pairs:
+        result.reasons.append(f"held-out slice has {len(eval_pairs)} pairs, need {args.gate.min_eval_pairs}")
+        return result, {}
+    folder = ctx.store.path(REWARD, serving)
+    tokenizer = encoder_heads.load_tokenizer(folder)
+    model = encoder_heads.load(folder, ctx.device)
+    if not isinstance(model, RewardModel):
+        raise VerificationError(f"reward model {serving} has no reward head")
+    evaluate = reward_model.evaluate_reward_model
+    result.serving_metrics = evaluate(model, tokenizer, eval_pairs, eval_ratings, eval_pointwise, cfg)
+    opt = reward_model.make_optimizer(model, cfg)
+    _maybe_load_optimizer(ctx, state, REWARD, opt, serving)
+    train_metrics = reward_model.train_reward_model(
+        model,
+        tokenizer,
+        pairs,
+        ratings,
+        pointwise,
+        cfg,
+        optimizer=opt,
+        guard=LossGuard(REWARD, args.gate),
+        generator=ctx.gen,
+    )
+    TRAINER_LOSS.labels(objective=REWARD).set(train_metrics.get("loss", float("nan")))
+    cand = evaluate(model, tokenizer, eval_pairs, eval_ratings, eval_pointwise, cfg)
+    cand.update(_prefixed("train_", train_metrics), n_train_pairs=float(len(pairs)))
+    result.metrics = cand
+    decision = gate_reward_model(cand, result.serving_metrics, args.gate)
+    if not decision.publish:
+        result.result, result.reasons = "gated", decision.reasons
+        return result, {}
+    result.version = _publish(
+        ctx,
+        state,
+        REWARD,
+        lambda dest: encoder_heads.save(model, tokenizer, dest),
+        serving,
+        {**cand, **_prefixed("serving_", result.serving_metrics)},
+        {"objective": "reward_model"},
+    )
+    result.result = "published"
+    return result, _keep_optimizer(ctx, state, REWARD, opt, result.version)
+
+
+def _eval_prompts(state: TrainerState, args: TrainerArgs) -> tuple[list[str], list[str]]:
+    """(train prompts, a fixed held-out subset): the subset is the first `max_eval_prompts` held-out
+    prompts in arrival order, so it stays the same from round to round once full."""
+    train: list[str] = []
+    evals: list[str] = []
+    for prompt in state.prompts:
+        (evals if heldout(prompt, args.heldout_fraction) else train).append(prompt)
+    return train, evals[: args.max_eval_prompts]
+
+
+def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
+    args = ctx.args
+    serving = ctx.store.latest(GENERATOR)
+    result = RoundResult(GENERATOR, "skipped", round=state.round, serving=serving)
+    if serving is None:
+        result.reasons.append("no generator in the store")
+        return result, {}
+    if ctx.reward_fn is None:
+        result.reasons.append("no reward function configured")
+        return result, {}
+    train_prompts, eval_prompts = _eval_prompts(state, args)
+    train_pairs = [p for p in state.pairs if not heldout(p.prompt, args.heldout_fraction)]
+    eval_pairs = [p for p in state.pairs if heldout(p.prompt, args.heldout_fraction)]
+    if len(eval_prompts) < args.gate.min_eval_prompts:
+        result.reasons.append(f"held-out slice has {len(eval_prompts)} prompts, need {args.gate.min_eval_prompts}")
+        return result, {}
+    objectives = args.generator_objective_list()
+    run_dpo = "dpo" in objectives and bool(train_pairs)
+    run_grpo = "grpo" in objectives and bool(train_prompts)
+    if not (run_dpo or run_grpo):
+        result.reasons.append("no training data for the generator objectives")
+        return result, {}
+    # Probe the reward service before loading two copies of the generator (a fixed pair, no user text).
+    generation_rl.score(ctx.reward_fn, [PROBE_PAIR[0]], [PROBE_PAIR[1]])
+    ref_version = args.generator_ref_version or ctx.store.list(GENERATOR)[0]
+    folder = ctx.store.path(GENERATOR, serving)
+    tokenizer = generator.load_tokenizer(folder)
+    ref = generator.load(ctx.store.path(GENERATOR, ref_version), ctx.device).requires_grad_(False)
+    policy = generator.load(folder, ctx.device)
+    result.serving_metrics = generation_rl.evaluate_policy(
+        policy, ref, tokenizer, eval_prompts, ctx.reward_fn, args.grpo
+    )
+    if eval_pairs:
+        result.serving_metrics.update(dpo.evaluate_dpo(policy, ref, tokenizer, eval_pairs, args.dpo))
+    policy = add_lora(policy, args.lora)
+    optimizers: dict[str, torch.optim.Optimizer] = {}
+    train_metrics: dict[str, float] = {}
+    if run_dpo:
+        opt = dpo.make_optimizer(policy, args.dpo)
+        if args.lora.r == 0:
+            _maybe_load_optimizer(ctx, state, "dpo", opt, serving)
+        m = dpo.train_dpo(
+            policy,
+            ref,
+            tokenizer,
+            train_pairs,
+            args.dpo,
+            optimizer=opt,
+            guard=LossGuard("dpo", args.gate),
+            generator=ctx.gen,
+        )
+        TRAINER_LOSS.labels(objective="dpo").set(m.get("dpo_loss", float("nan")))
+        train_metrics.update(_prefixed("train_", m))
+        optimizers["dpo"] = opt
+    if run_grpo:
+        opt = generation_rl.make_optimizer(policy, args.grpo)
+        if args.lora.r == 0:
+            _maybe_load_optimizer(ctx, state, "grpo", opt, serving)
+        m = generation_rl.train_grpo(
+            policy,
+            ref,
+            tokenizer,
+            train_prompts,
+            ctx.reward_fn,
+            args.grpo,
+            optimizer=opt,
+            guard=LossGuard("grpo", args.gate),
+            rng=ctx.py_rng,
+        )
+        TRAINER_LOSS.labels(objective="grpo").set(m.get("loss", float("nan")))
+        train_metrics.update(_prefixed("train_grpo_", m))
+        optimizers["grpo"] = opt
+    policy = merge_lora(policy)
+    cand = generation_rl.evaluate_policy(policy, ref, tokenizer, eval_prompts, ctx.reward_fn, args.grpo)
+    if eval_pairs:
+        cand.update(dpo.evaluate_dpo(policy, ref, tokenizer, eval_pairs, args.dpo))
+    cand.update(train_metrics)
+    result.metrics = cand
+    decision = gate_generator(cand, result.serving_metrics, args.gate)
+    if not decision.publish:
+        result.result, result.reasons = "gated", decision.reasons
+        return result, {}
+
+    def save(dest: Path) -> None:
+        policy.save_pretrained(dest, safe_serialization=True)
+        tokenizer.save_pretrained(dest)
+
+    result.version = _publish(
+        ctx,
+        state,
+        GENERATOR,
+        save,
+        serving,
+        {**cand, **_prefixed("serving_", result.serving_metrics)},
+        {"objective": "+".join(o for o in objectives if o in optimizers), "reference": ref_version},
+    )
+    result.result = "published"
+    kept: dict[str, torch.optim.Optimizer] = {}
+    if args.lora.r == 0:  # LoRA adapters are merged and re-created each round: their state has no future
+        for objective, opt in optimizers.items():
+            kept.update(_keep_optimizer(ctx, state, objective, opt, result.version))
+    return result, kept
+
+
+ROUNDS: dict[str, Callable[[Context, TrainerState], RoundOutput]] = {
+    ANNOTATOR: annotator_round,
+    REWARD: reward_round,
+    GENERATOR: generator_round,
+}
+
+
+# ---- scheduling ----------------------------------------------------------------------------------
+
+
+def due(ctx: Context, state: TrainerState, model: str, now: float) -> bool:
+    """Enough new relevant events, or enough time with at least one (or, for GRPO, with prompts)."""
+    args = ctx.args
+    if model == GENERATOR and now < ctx.generator_retry_at:
+        return False
+    new = state.new_events[model]
+    if new >= args.round_min_events:
+        return True
+    waited = now - state.last_round_at.get(model, now) >= args.round_interval_s
+    if model == GENERATOR and "grpo" in args.generator_objective_list() and ctx.reward_fn is not None:
+        return waited and bool(state.prompts)
+    return waited and new > 0
+
+
+def run_round(ctx: Context, state: TrainerState, model: str) -> RoundOutput:
+    """One round with its bookkeeping: metrics, back-off, rounds.jsonl, and the trigger reset."""
+    t0 = time.monotonic()
+    state.round += 1
+    try:
+        try:
+            result, optimizers = ROUNDS[model](ctx, state)
+        finally:
+            if ctx.device.type == "cuda":
+                torch.cuda.empty_cache()
+    except RoundAborted as e:
+        result, optimizers = RoundResult(model, "aborted", round=state.round, reasons=[str(e)]), {}
+    except RewardUnavailable as e:
+        state.round -= 1
+        ctx.reward_failures += 1
+        wait = min(ctx.args.reward_backoff_s * 2 ** (ctx.reward_failures - 1), ctx.args.reward_backoff_max_s)
+        ctx.generator_retry_at = time.time() + wait
+        logger.warning(
+            "reward service %s unavailable (%s, failure %d): generator round deferred, retry in %.0fs; "
+            "other learners continue",
+            ctx.args.reward_target,
+            e,
+            ctx.reward_failures,
+            wait,
+        )
+        result = RoundResult(model, "deferred", reasons=[str(e)], seconds=time.monotonic() - t0)
+        _record(ctx, result)
+        return result, {}
+    except Exception as e:  # a failing learner must not stop the others; no message: it may quote data
+        tb = "".join(traceback.format_tb(e.__traceback__))
+        logger.error("round %d %s failed with %s at\n%s", state.round, model, type(e).__name__, tb)
+        result, optimizers = RoundResult(model, "failed", round=state.round, reasons=[type(e).__name__]), {}
+    if model == GENERATOR and result.result != "skipped":
+        ctx.reward_failures = 0
+    result.round = state.round
+    result.seconds = time.monotonic() - t0
+    state.new_events[model] = 0
+    state.last_round_at[model] = time.time()
+    ROUND_SECONDS.labels(objective=model).observe(result.seconds)
+    if result.result != "skipped":
+        PUBLISH.labels(model=model, result=result.result).inc()
+    _record(ctx, result)
+    logger.info(
+        "round %d %s: %s %s (serving %s) in %.1fs%s",
+        result.round,
+        model,
+        result.result,
+        result.version or "",
+        result.serving,
+        result.seconds,
+        f": {'; '.join(result.reasons)}" if result.reasons else "",
+    )
+    return result, optimizers
+
+
+def _record(ctx: Context, result: RoundResult) -> None:
+    ctx.args.trainer_dir.mkdir(parents=True, exist_ok=True)
+    row = asdict(result)
+    row["metrics"], row["serving_metrics"] = _finite(result.metrics), _finite(result.serving_metrics)
+    row["time"] = time.time()
+    with (ctx.args.trainer_dir / ROUNDS_FILE).open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def read_rounds(args: TrainerArgs) -> list[dict[str, object]]:
+    """Every round recorded so far (for the CLI, dashboards and tests)."""
+    path = args.trainer_dir / ROUNDS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- the process ---------------------------------------------------------------------------------
+
+
+def run_trainer(
+    args: TrainerArgs, *, reward_fn: RewardFn | None = None, stop: threading.Event | None = None
+) -> TrainerState:
+    """Run until `stop` is set (or, with `args.once`, until the log is consumed and due rounds ran;
+    or after `args.max_rounds` rounds). Returns the final state."""
+    stop = stop or threading.Event()
+    root = args.trainer_dir
+    store = ModelStore(args.store_path)
+    with checkpoint.exclusive(root), contextlib.closing(open_feedback_log(args.feedback_log_url)) as log:
+        checkpoint.clean_leftovers(root)
+        state, folder = checkpoint.load_checkpoint(root)
+        ctx = Context(args, store, pick_device(args.device), reward_fn, random.Random(args.seed), torch.Generator())
+        ctx.checkpoint_folder = folder
+        if not checkpoint.restore_rng(state, ctx.py_rng, ctx.gen):
+            ctx.gen.manual_seed(args.seed)
+            torch.manual_seed(args.seed)
+        started = time.time()
+        for model in args.model_list():
+            state.last_round_at.setdefault(model, started)
+        logger.info(
+            "trainer starting at cursor %d from %s (%d labels, %d pairs, %d prompts)",
+            state.cursor,
+            folder.name if folder else "an empty state",
+            len(state.labels),
+            len(state.pairs),
+            len(state.prompts),
+        )
+        rounds = 0
+        dirty = False
+        last_save = time.monotonic()
+
+        def save(optimizers: dict[str, torch.optim.Optimizer] | None = None) -> None:
+            nonlocal dirty, last_save
+            checkpoint.capture_rng(state, ctx.py_rng, ctx.gen)
+            ctx.checkpoint_folder = checkpoint.save_checkpoint(root, state, optimizers, keep=args.checkpoint_keep)
+            dirty, last_save = False, time.monotonic()
+
+        while not stop.is_set():
+            records = log.read(state.cursor, args.read_batch)
+            if records:
+                ingest(state, records, label_space(store), max_buffer=args.max_buffer)
+                dirty = True
+            TRAINER_LAG.set(max(log.max_seq() - state.cursor, 0))
+            caught_up = len(records) < args.read_batch
+            if not caught_up:
+                if time.monotonic() - last_save >= args.checkpoint_interval_s:
+                    save()
+                continue  # drain the backlog before training on it
+            for model in args.model_list():
+                if stop.is_set() or (args.max_rounds and rounds >= args.max_rounds):
+                    break
+                if not due(ctx, state, model, time.time()):
+                    continue
+                result, optimizers = run_round(ctx, state, model)
+                if result.result != "deferred":
+                    rounds += result.result != "skipped"
+                    save(optimizers)  # with every round, so a published version and its state meet soon
+            if dirty and (args.once or time.monotonic() - last_save >= args.checkpoint_interval_s):
+                save()
+            if args.once or (args.max_rounds and rounds >= args.max_rounds):
+                break
+            stop.wait(args.poll_interval_s)
+        if dirty:
+            save()
+        logger.info("trainer stopping at cursor %d after %d rounds", state.cursor, rounds)
+        return state
