@@ -55,12 +55,11 @@ def _credentials(
 
 
 def _items(texts: Sequence[str] | Sequence[tuple[str, str]]) -> list[policy_pb2.Item]:
+    """Plain texts get ids "0", "1", ...; (id, text) pairs keep theirs."""
     out = []
     for i, t in enumerate(texts):
-        if isinstance(t, tuple):
-            out.append(policy_pb2.Item(id=t[0], text=t[1]))
-        else:
-            out.append(policy_pb2.Item(id=str(i), text=t))
+        item_id, text = (t[0], t[1]) if isinstance(t, tuple) else (str(i), t)
+        out.append(policy_pb2.Item(id=item_id, text=str(text)))
     return out
 
 

@@ -102,7 +102,8 @@ def load_dataset(path: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple
     if not rows or "text" not in rows[0] or "label" not in rows[0]:
         raise InvalidArgument(f"{path}: needs `text` and `label` columns")
     rng = random.Random(seed)
-    train, test = [], []
+    train: list[Example] = []
+    test: list[Example] = []
     for r in rows:
         split = r.get("split") or ("test" if rng.random() < test_fraction else "train")
         ex = Example(str(r["text"]), str(r["label"]), split)

@@ -74,7 +74,7 @@ class _Row:
             return
         r.token_ids.append(token_id)
         r.token_logprobs.append(logprob)
-        text = self.tok.decode(r.token_ids, skip_special_tokens=True)
+        text = str(self.tok.decode(r.token_ids, skip_special_tokens=True))
         for s in p.stop:
             cut = text.find(s)
             if cut != -1:

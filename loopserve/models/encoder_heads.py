@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from loopserve.errors import VerificationError
 
@@ -84,10 +85,13 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 class EncoderWithHead(nn.Module):
-    def __init__(self, encoder: nn.Module, out_features: int) -> None:
+    encoder: Any  # a transformers encoder (BertModel): has .config and .save_pretrained
+    spec: HeadSpec
+
+    def __init__(self, encoder: Any, out_features: int) -> None:
         super().__init__()
         self.encoder = encoder
-        hidden = encoder.config.hidden_size
+        hidden = int(encoder.config.hidden_size)
         self.head = nn.Linear(hidden, out_features)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
@@ -133,7 +137,8 @@ def build(folder: Path, spec: HeadSpec | None = None) -> EncoderWithHead:
 def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> EncoderWithHead:
     """Load a version folder through safetensors, refusing missing, extra or mis-shaped tensors."""
     folder = Path(folder)
-    model = build(folder)
+    with no_init_weights():  # every parameter is overwritten below: skip the random init
+        model = build(folder)
     state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
