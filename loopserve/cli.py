@@ -25,32 +25,34 @@ def _setup_logging(level: str) -> None:
 # ---- models ---------------------------------------------------------------------------------------
 
 
-def cmd_models_pull(ns: argparse.Namespace) -> int:
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+BUNDLED_MODELS = ("annotator", "generator", "reward")
 
+
+def cmd_models_pull(ns: argparse.Namespace) -> int:
     from loopserve.model_store import ModelStore
-    from loopserve.models import provision
 
     cfg = from_namespace(CommonConfig, ns)
-    _setup_logging("WARNING")
     start = time.perf_counter()
     store = ModelStore(cfg.store_path)
-    models = ns.model or list(provision.MODELS)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False) as bar:
-        task = bar.add_task("models", total=len(models))
+    models = ns.model or list(BUNDLED_MODELS)
+    missing = [m for m in models if store.latest(m) is None]
+    if missing:
+        # torch and transformers load only when there is something to build: a second run is a no-op.
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-        def progress(msg: str) -> None:
-            bar.update(task, description=msg)
-            if msg.endswith("present"):
-                bar.advance(task)
+        from loopserve.models import provision
 
-        for name in models:
-            before = store.latest(name)
-            provision.pull(store, models=[name], labels_file=ns.labels, progress=progress)
-            if before is None:
+        _setup_logging("WARNING")
+        columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+        with Progress(*columns) as bar:
+            task = bar.add_task("models", total=len(missing))
+            for name in missing:
+                bar.update(task, description=f"{name}: building the base version")
+                provision.pull(store, models=[name], labels_file=ns.labels)
                 bar.advance(task)
     for name in models:
-        print(f"{name}: {store.latest(name)}  ({store.path(name, store.latest(name) or '')})")
+        version = store.latest(name) or ""
+        print(f"{name}: {version}  ({store.path(name, version)})")
     print(f"model store ready at {store.root} in {time.perf_counter() - start:.1f}s")
     return 0
 
@@ -159,6 +161,42 @@ def cmd_up(ns: argparse.Namespace) -> int:
     )
 
 
+# ---- data and the demo ------------------------------------------------------------------------------
+
+
+def cmd_data_pull(ns: argparse.Namespace) -> int:
+    from loopserve.datasets import label_set, load_dataset, pull_finefoods
+
+    cfg = from_namespace(CommonConfig, ns)
+    path = pull_finefoods(cfg.data_dir / "data")
+    train, test = load_dataset(path)
+    print(f"{ns.name}: {len(train)} train, {len(test)} test, labels {label_set(train + test)} at {path}")
+    return 0
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    cfg = from_namespace(CommonConfig, ns)
+    _setup_logging("WARNING")
+    if ns.generation:
+        from loopserve.demo.generation import GenerationDemo, GenerationDemoOptions
+
+        gen = GenerationDemoOptions(
+            data_dir=cfg.data_dir, dataset=ns.dataset, quick=ns.quick, objective=ns.objective, seed=ns.seed
+        )
+        GenerationDemo(gen).run()
+        return 0
+    from loopserve.demo.annotation import AnnotationDemo, AnnotationDemoOptions
+
+    opts = AnnotationDemoOptions(
+        data_dir=cfg.data_dir, dataset=ns.dataset, quick=ns.quick, seed=ns.seed, measure_ceiling=ns.measure_ceiling
+    )
+    for name in ("budget_fraction", "error_rate", "audit_fraction", "review_threshold", "train_items", "test_items"):
+        if getattr(ns, name) is not None:
+            setattr(opts, name, getattr(ns, name))
+    AnnotationDemo(opts).run()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loopserve", description="Learning from human feedback in production.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -211,6 +249,28 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--reward-metrics-port", type=int, default=None)
     up.add_argument("--no-trainer", action="store_true", help="services only")
     up.set_defaults(fn=cmd_up)
+
+    data = sub.add_parser("data", help="labelled data sets").add_subparsers(dest="data_command", required=True)
+    dpull = data.add_parser("pull", help="download a bundled data set into <data-dir>/data as JSONL")
+    add_arguments(dpull, CommonConfig)
+    dpull.add_argument("name", choices=["finefoods"], help="finefoods: Amazon Fine Food reviews (great / other)")
+    dpull.set_defaults(fn=cmd_data_pull)
+
+    demo = sub.add_parser("demo", help="the loop end to end on real data, with simulated annotators; a report")
+    add_arguments(demo, CommonConfig)
+    demo.add_argument("--dataset", type=Path, help="JSONL / CSV with text, label[, split] (default: Fine Food)")
+    demo.add_argument("--quick", action="store_true", help="a small run (about 3 minutes; what CI runs)")
+    demo.add_argument("--generation", action="store_true", help="the generation demo (preferences, GRPO)")
+    demo.add_argument("--objective", choices=["grpo", "dpo"], default="grpo", help="generation: RL objective")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--measure-ceiling", action="store_true", help="train on all train labels (slow)")
+    demo.add_argument("--budget-fraction", type=float, help="human interactions / train items (default 0.3)")
+    demo.add_argument("--error-rate", type=float, help="simulated annotators' mean error rate (default 0.05)")
+    demo.add_argument("--audit-fraction", type=float, help="share of confident items still reviewed (0.05)")
+    demo.add_argument("--review-threshold", type=float, help="needs_review under this probability (0.8)")
+    demo.add_argument("--train-items", type=int, help="stream only this many train items")
+    demo.add_argument("--test-items", type=int, help="evaluate on this many test items")
+    demo.set_defaults(fn=cmd_demo)
     return p
 
 
