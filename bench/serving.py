@@ -30,7 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from loopserve.auth import read_token  # noqa: E402
+from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import provision  # noqa: E402
@@ -138,6 +138,7 @@ async def load(target: str, token: str, clients: int, seconds: float) -> dict:
 
 async def run_service(data_dir: Path, batch: int, dtype: str, seconds: float, levels: list[int]) -> list[dict]:
     port, mport = free_port(), free_port()
+    ensure_token_file(data_dir / "tokens.json")  # before the service starts: we read it at once
     proc = start_service(data_dir, port, mport, batch, dtype)
     target = f"127.0.0.1:{port}"
     token = read_token(data_dir / "tokens.json", "client")

@@ -250,6 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-trainer", action="store_true", help="services only")
     up.set_defaults(fn=cmd_up)
 
+    from loopserve.ray_serve import add_serve_parser  # imports no ray until `serve` runs
+
+    add_serve_parser(sub)
+
     data = sub.add_parser("data", help="labelled data sets").add_subparsers(dest="data_command", required=True)
     dpull = data.add_parser("pull", help="download a bundled data set into <data-dir>/data as JSONL")
     add_arguments(dpull, CommonConfig)

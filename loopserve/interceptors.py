@@ -45,7 +45,7 @@ def _rewrap(handler: grpc.RpcMethodHandler, wrap: Callable[[Behaviour, str], Beh
     return grpc.stream_stream_rpc_method_handler(wrap(handler.stream_stream, "stream_stream"), **kw)
 
 
-def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, LoopserveError):
         return grpc.StatusCode[exc.code], exc.message
     if isinstance(exc, TimeoutError):
@@ -74,7 +74,7 @@ class StatusInterceptor(aio.ServerInterceptor):
             metrics.REQUEST_SECONDS.labels(service, method).observe(time.perf_counter() - start)
 
         async def fail(context: aio.ServicerContext, exc: BaseException, start: float) -> None:
-            code, message = _status(exc)
+            code, message = status_of(exc)
             finish(start, code)
             await context.abort(code, message)
 

@@ -81,7 +81,7 @@ class PolicyDeployment:
     """One replica: a PolicyRuntime, its store watch, its metrics endpoint, and (with `log_url`) the
     feedback log. Methods are named after the RPCs: Ray's proxy calls the one the client called."""
 
-    async def __init__(self, cfg: PolicyConfig) -> None:
+    async def __init__(self, cfg: PolicyConfig) -> None:  # type: ignore[misc]  # Ray awaits an async __init__
         configure_replica_logging(cfg.log_level)
         configure_threads(cfg.threads)
         self.cfg = cfg
@@ -101,10 +101,10 @@ class PolicyDeployment:
         )
         await asyncio.to_thread(self.runtime.load)
         self._model = model_executor("policy")
-        self.annotate_batch.set_max_batch_size(cfg.max_batch_size)
-        self.annotate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)
-        self.generate_batch.set_max_batch_size(cfg.gen_max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)
+        self.annotate_batch.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
+        self.annotate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
+        self.generate_batch.set_max_batch_size(cfg.gen_max_batch_size)  # type: ignore[attr-defined]
+        self.generate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
         self.watch = SlotWatch(self.runtime.slots().values(), cfg.watch_interval_s)
         self.metrics = ReplicaMetrics.start(cfg.metrics_port)
         self.feedback = ReplicaFeedbackLog(cfg, self.runtime) if cfg.log_url else None
@@ -290,7 +290,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     cfg, ray_cfg = read_configs(PolicyConfig, args)
     prepare_server_config(cfg, ray_cfg)
     options = deployment_options(ray_cfg, cfg, max(cfg.max_batch_size, cfg.gen_max_batch_size))
-    return PolicyDeployment.options(**options).bind(cfg)
+    return PolicyDeployment.options(**options).bind(cfg)  # type: ignore[attr-defined]
 
 
 app = build_app
