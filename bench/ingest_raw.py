@@ -92,9 +92,7 @@ class Events:
             if self._n % 2:
                 out.append(Feedback("accept", key, event_id=eid, annotator_id="annotator-17"))
             else:
-                out.append(
-                    Feedback("correction", key, event_id=eid, label="other", annotator_id="annotator-17")
-                )
+                out.append(Feedback("correction", key, event_id=eid, label="other", annotator_id="annotator-17"))
         return out
 
 

@@ -66,8 +66,13 @@ def cmd_models_publish(ns: argparse.Namespace) -> int:
     store = ModelStore(cfg.store_path)
     src = Path(ns.from_dir)
     parent = store.latest(ns.model)
-    verify_folder(ns.model, src, store)  # refuse before publishing what no service could load
-    manifest = store.publish_version(ns.model, src, parent=parent, meta={"published_by": "operator"})
+    meta = {"published_by": "operator"}
+    if ns.label_set_change:
+        meta["label_set_change"] = True  # type: ignore[assignment]
+    if ns.architecture_change:
+        meta["architecture_change"] = True  # type: ignore[assignment]
+    verify_folder(ns.model, src, store, meta=meta)  # refuse before publishing what no service could load
+    manifest = store.publish_version(ns.model, src, parent=parent, meta=meta)
     print(f"published {ns.model} {manifest.version} (parent {parent})")
     return 0
 
@@ -211,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(publish, CommonConfig)
     publish.add_argument("--model", required=True)
     publish.add_argument("--from", dest="from_dir", required=True, help="a folder in the model's format")
+    publish.add_argument("--label-set-change", action="store_true", help="the new version's labels differ on purpose")
+    publish.add_argument("--architecture-change", action="store_true", help="tensor names or shapes differ on purpose")
     publish.set_defaults(fn=cmd_models_publish)
     ls = models.add_parser("list", help="list versions")
     add_arguments(ls, CommonConfig)

@@ -308,3 +308,21 @@ class AsyncClient:
         self, prompt: str, a: str, b: str, *, timeout_s: float | None = None
     ) -> reward_pb2.CompareResponse:
         return await self._call(self.reward.Compare, reward_pb2.CompareRequest(prompt=prompt, a=a, b=b), timeout_s)
+
+    # ---- admin ---------------------------------------------------------------------------------
+
+    async def list_versions(self, model: str) -> admin_pb2.ListVersionsResponse:
+        return await self._call(self.admin.ListVersions, admin_pb2.ListVersionsRequest(model=model), None)
+
+    async def load_version(self, model: str, version: str, *, timeout_s: float = 120.0) -> admin_pb2.ModelStatus:
+        req = admin_pb2.LoadVersionRequest(model=model, version=version)
+        return await self._call(self.admin.LoadVersion, req, timeout_s)
+
+    async def rollback(self, model: str, *, timeout_s: float = 120.0) -> admin_pb2.ModelStatus:
+        return await self._call(self.admin.Rollback, admin_pb2.RollbackRequest(model=model), timeout_s)
+
+    async def pin(self, model: str, version: str = "") -> admin_pb2.ModelStatus:
+        return await self._call(self.admin.Pin, admin_pb2.PinRequest(model=model, version=version), 120.0)
+
+    async def unpin(self, model: str) -> admin_pb2.ModelStatus:
+        return await self._call(self.admin.Unpin, admin_pb2.UnpinRequest(model=model), None)

@@ -15,15 +15,39 @@ def feedback_from_pb(event: pb.FeedbackEvent) -> Feedback:
     kind = event.WhichOneof("kind")
     key, who = event.idempotency_key, event.annotator_id
     if kind == "accept":
-        return Feedback(kind="accept", event_id=event.accept.event_id, label=event.accept.label, idempotency_key=key, annotator_id=who)
+        return Feedback(
+            kind="accept",
+            event_id=event.accept.event_id,
+            label=event.accept.label,
+            idempotency_key=key,
+            annotator_id=who,
+        )
     if kind == "reject":
-        return Feedback(kind="reject", event_id=event.reject.event_id, label=event.reject.label, idempotency_key=key, annotator_id=who)
+        return Feedback(
+            kind="reject",
+            event_id=event.reject.event_id,
+            label=event.reject.label,
+            idempotency_key=key,
+            annotator_id=who,
+        )
     if kind == "correction":
-        return Feedback(kind="correction", event_id=event.correction.event_id, label=event.correction.label, idempotency_key=key, annotator_id=who)
+        return Feedback(
+            kind="correction",
+            event_id=event.correction.event_id,
+            label=event.correction.label,
+            idempotency_key=key,
+            annotator_id=who,
+        )
     if kind == "rating":
         r = event.rating
         return Feedback(
-            kind="rating", event_id=r.event_id, value=r.value, scale_min=r.scale_min, scale_max=r.scale_max, idempotency_key=key, annotator_id=who
+            kind="rating",
+            event_id=r.event_id,
+            value=r.value,
+            scale_min=r.scale_min,
+            scale_max=r.scale_max,
+            idempotency_key=key,
+            annotator_id=who,
         )
     if kind == "preference":
         p = event.preference
@@ -34,10 +58,13 @@ def feedback_from_pb(event: pb.FeedbackEvent) -> Feedback:
             prompt=p.prompt,
             chosen=p.chosen,
             rejected=p.rejected,
-            idempotency_key=key, annotator_id=who,
+            idempotency_key=key,
+            annotator_id=who,
         )
     if kind == "edit":
-        return Feedback(kind="edit", event_id=event.edit.event_id, text=event.edit.text, idempotency_key=key, annotator_id=who)
+        return Feedback(
+            kind="edit", event_id=event.edit.event_id, text=event.edit.text, idempotency_key=key, annotator_id=who
+        )
     raise InvalidArgument("the event has no kind: set one of accept, reject, correction, rating, preference, edit")
 
 

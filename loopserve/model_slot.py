@@ -1,30 +1,61 @@
 """ModelSlot: the one model a service serves, and how it is replaced without dropping a request.
 
-To swap, the slot loads the new version beside the old one (checksums against the manifest, every
-parameter present with the right shape, the label set unchanged unless the manifest declares a change,
-a smoke batch with finite outputs), then replaces one reference. Requests hold the handle they were
-admitted under, so those in flight finish on their version; the old copy is freed when the last of them
-finishes (at most two copies at once: loads are serialised). A failed load keeps the old version.
+A swap (watch of the store's LATEST, or ModelAdmin.LoadVersion) loads the new version beside the old
+one and verifies it (loopserve/model_verify.py): checksums against the manifest (hashed on a second
+thread while the loader reads the same files), every parameter present with the right shape, the
+runtime's checks (label set unchanged unless declared, a smoke batch with finite outputs), the same
+tensors as the version it replaces. Only then does one reference assignment
+switch the slot, so the switch falls between batches: a request holds the `Loaded` handle it was
+admitted under, the batcher never mixes handles in a batch, and requests in flight finish on the
+version they started with. A version that fails is refused: the old one keeps serving, the refusal is
+counted in `loopserve_swaps_total{result="failed"}`, and a log line says why.
+
+Memory: at most two copies of a model at once. Loads run one at a time on the slot's own loader thread,
+and a load first waits until the copy retired by the previous swap has been freed by its last request
+(tracked with a weak reference), so the copies alive are the serving one and the one being loaded. On a
+GPU the runtimes' loaders stage the new copy in host memory (safetensors -> CPU tensors -> a module
+built without random init) and move it to the device in one `.to(device)` at the end of the load; the
+device holds old + new from then until the retired copy's last request ends (the smoke batch runs on
+the device), never a third copy, and the caching allocator reuses the retired copy's blocks (same
+shapes) for the next version.
+
+The watch is edge-triggered: it loads LATEST when LATEST *changes*, so a version pushed with
+LoadVersion keeps serving until the next publish. Pin holds a version against the watch; Unpin hands
+the slot back to the watch (which then serves LATEST); Rollback serves the version before the current
+one and pins it, so the watch does not bring the rolled-back version straight back.
+
+The slot also records in the store (`ModelStore.hold`) the versions it must keep (serving, pinned,
+rollback target) so that a prune in another process never deletes them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import gc
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from loopserve import metrics
 from loopserve.errors import FailedPrecondition, LoopserveError, NotFoundError, Unavailable, VerificationError
-from loopserve.model_store import Manifest, ModelStore, version_number
+from loopserve.model_store import HOLD_REFRESH_S, Manifest, ModelStore, version_number
+from loopserve.model_verify import ARCHITECTURE_CHANGE, LABEL_SET_CHANGE, compare_tensors, declares
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M")
+T = TypeVar("T")
+
+HISTORY_LIMIT = 32
 
 
 @dataclass(frozen=True)
@@ -37,28 +68,63 @@ class Loaded(Generic[M]):
     model: M
 
 
-# loader(folder, manifest) -> model; check(new, old) raises VerificationError; smoke(model) raises too.
+# loader(folder, manifest) -> model; check(new, old) raises VerificationError (label set, smoke batch).
 Loader = Callable[[Path, Manifest], M]
 Check = Callable[["Loaded[M]", "Loaded[M] | None"], None]
 
 
+def _weak(loaded: Loaded[Any]) -> weakref.ref[Any]:
+    try:
+        return weakref.ref(loaded.model)
+    except TypeError:  # a model type without weak references: track the handle instead
+        return weakref.ref(loaded)
+
+
 class ModelSlot(Generic[M]):
+    """
+    Args:
+        name: the model's name in the store (annotator, generator, reward).
+        loader: builds the model from a verified version folder.
+        check: the runtime's checks of a loaded version against the serving one.
+        retire_timeout_s: how long a load waits for the copy retired by the previous swap to be
+            freed (its last request to finish) before it gives up with UNAVAILABLE; the watch retries.
+        loader_nice: niceness added to the loader thread (Linux), so that hashing and loading yield
+            the CPU to serving threads; 0 leaves it alone.
+    """
+
     def __init__(
         self,
         name: str,
         store: ModelStore,
         loader: Loader[M],
         check: Check[M] | None = None,
+        *,
+        retire_timeout_s: float = 120.0,
+        loader_nice: int = 0,
     ) -> None:
         self.name = name
         self.store = store
         self.loader = loader
         self.check = check
+        self.retire_timeout_s = retire_timeout_s
+        self.loader_nice = loader_nice
         self._current: Loaded[M] | None = None
         self._history: list[str] = []  # versions served before, newest last (for Rollback)
         self._pinned: str | None = None
-        self._lock = threading.Lock()  # one load at a time: at most two copies in memory
-        self._failed: set[str] = set()  # versions refused by verification (not retried by the watch)
+        self._seen_latest: str | None = None  # the LATEST the watch last acted on
+        self._failed: dict[str, str] = {}  # version -> why it was refused (the watch does not retry it)
+        self._retiring: weakref.ref[Any] | None = None
+        self._retiring_version = ""
+        self._lock = threading.RLock()  # one load or state change at a time
+        self._holder = store.holder_id()
+        self._hold_written = 0.0
+        self._hold_failed = False
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"swap-{name}", initializer=self._init_loader_thread
+        )
+        self._hasher = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"verify-{name}", initializer=self._init_loader_thread
+        )
 
     # ---- state ---------------------------------------------------------------------------------
 
@@ -81,94 +147,207 @@ class ModelSlot(Generic[M]):
     def previous(self) -> str | None:
         return self._history[-1] if self._history else None
 
+    @property
+    def failed(self) -> dict[str, str]:
+        return dict(self._failed)
+
+    # ---- the loader thread ---------------------------------------------------------------------
+
+    def _init_loader_thread(self) -> None:
+        if self.loader_nice > 0 and hasattr(os, "setpriority"):
+            with contextlib.suppress(OSError):  # per-thread on Linux: the thread id is the "process"
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self.loader_nice)
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kw: Any) -> T:
+        """Run a slot operation on the loader thread (never on the event loop), in arrival order."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kw))
+
+    def close(self) -> None:
+        """Stop the loader thread and drop this process's hold on versions in the store."""
+        self._executor.shutdown(wait=True)
+        self._hasher.shutdown(wait=True)
+        with contextlib.suppress(OSError):
+            self.store.release(self.name, self._holder)
+
     # ---- loading -------------------------------------------------------------------------------
 
+    def _timed_verify(self, version: str, t0: float) -> tuple[Manifest, float]:
+        manifest = self.store.verify(self.name, version)
+        return manifest, time.perf_counter() - t0
+
+    def _wait_for_retired(self) -> None:
+        """Block until the copy retired by the last swap is freed: then at most two copies exist."""
+        ref = self._retiring
+        if ref is None:
+            return
+        start = time.monotonic()
+        collected = False
+        while ref() is not None:
+            waited = time.monotonic() - start
+            if waited > self.retire_timeout_s:
+                raise Unavailable(
+                    f"{self.name} {self._retiring_version} still has requests in flight after "
+                    f"{self.retire_timeout_s:.0f}s; loading another copy would hold three; retry later"
+                )
+            if not collected and waited > 1.0:
+                gc.collect()  # a reference cycle (e.g. a traceback) may be all that keeps it alive
+                collected = True
+            time.sleep(0.002)
+        self._retiring = None
+        if time.monotonic() - start > 0.05:
+            logger.info("%s %s freed after %.3fs", self.name, self._retiring_version, time.monotonic() - start)
+
+    def _refuse(self, version: str, reason: str) -> VerificationError:
+        self._failed[version] = reason
+        metrics.SWAPS.labels(self.name, "failed").inc()
+        logger.warning("refused %s %s: %s (still serving %s)", self.name, version, reason, self._serving_name())
+        return VerificationError(f"{self.name} {version} refused: {reason}")
+
+    def _serving_name(self) -> str:
+        return self._current.version if self._current is not None else "nothing"
+
     def load_version(self, version: str, *, record_history: bool = True) -> Loaded[M]:
-        """Load, verify and switch to `version` (blocking; call off the event loop)."""
+        """Load, verify and switch to `version` (blocking; call it on the loader thread via `call`)."""
         with self._lock:
             cur = self._current
             if cur is not None and cur.version == version:
                 return cur
-            start = time.perf_counter()
+            folder = self.store.path(self.name, version)  # NOT_FOUND for an unknown version
+            self._wait_for_retired()
+            t0 = time.perf_counter()
+            # Checksums on a second thread while the loader reads the same files (page cache): the
+            # swap takes max(hash, load), not the sum. Nothing is served from the new copy unless
+            # both pass; parsing unverified files is safe (safetensors and JSON, never pickle).
+            checksums = self._hasher.submit(self._timed_verify, version, t0)
             try:
-                self.store.path(self.name, version)  # NOT_FOUND for an unknown version
-                manifest = self.store.verify(self.name, version)
-                model = self.loader(self.store.path(self.name, version), manifest)
+                try:
+                    model = self.loader(folder, self.store.get(self.name, version))
+                except BaseException:
+                    checksums.result()  # a corrupted file is the root cause: report the mismatch
+                    raise
+                t_load = time.perf_counter() - t0
+                manifest, t_hash = checksums.result()
+                t2 = time.perf_counter()
                 new = Loaded(self.name, version, manifest, model)
+                del model
                 if self.check is not None:
                     self.check(new, cur)
-            except NotFoundError:
-                metrics.SWAPS.labels(self.name, "failed").inc()
-                raise
+                if cur is not None and not declares(manifest.meta, LABEL_SET_CHANGE, ARCHITECTURE_CHANGE):
+                    old_folder = self.store.path(self.name, cur.version)
+                    compare_tensors(folder, old_folder, new_name=version, old_name=cur.version)
+            except NotFoundError as exc:  # pruned or renamed while we loaded it
+                raise self._refuse(version, exc.message) from exc
             except LoopserveError as exc:
-                self._failed.add(version)
-                metrics.SWAPS.labels(self.name, "failed").inc()
-                logger.warning("refused %s %s: %s", self.name, version, exc.message)
-                raise VerificationError(f"{self.name} {version} refused: {exc.message}") from exc
-            except Exception as exc:
-                self._failed.add(version)
-                metrics.SWAPS.labels(self.name, "failed").inc()
-                logger.warning("refused %s %s: %s", self.name, version, type(exc).__name__)
-                raise VerificationError(f"{self.name} {version} refused: {type(exc).__name__}: {exc}") from exc
-            if cur is not None and record_history:
-                self._history.append(cur.version)
+                raise self._refuse(version, exc.message) from exc
+            except Exception as exc:  # a loader or check that fails in an unexpected way refuses too
+                raise self._refuse(version, f"{type(exc).__name__}: {exc}") from exc
+            t3 = time.perf_counter()
+            if cur is not None:
+                if record_history:
+                    self._history = [*self._history, cur.version][-HISTORY_LIMIT:]
+                self._retiring = _weak(cur)
+                self._retiring_version = cur.version
             self._current = new  # the switch: one reference assignment, between batches
-            dt = time.perf_counter() - start
+            del cur  # the retired copy lives exactly as long as the requests that still hold it
+            self._failed.pop(version, None)
             metrics.SWAPS.labels(self.name, "ok").inc()
-            metrics.SWAP_SECONDS.labels(self.name).observe(dt)
+            metrics.SWAP_SECONDS.labels(self.name).observe(t3 - t0)
             metrics.MODEL_VERSION.labels(self.name).set(version_number(version))
-            logger.info("swapped %s to %s in %.3fs", self.name, version, dt)
+            logger.info(
+                "swapped %s to %s in %.3fs (checksums %.3fs beside load %.3fs, checks %.3fs)",
+                self.name, version, t3 - t0, t_hash, t_load, t3 - t2,
+            )  # fmt: skip
+            self._write_hold()
             return new
 
     def load_latest(self) -> Loaded[M]:
-        latest = self.store.latest(self.name)
-        if latest is None:
-            raise NotFoundError(f"the store has no version of {self.name}; run `loopserve models pull`")
-        return self.load_version(latest)
+        with self._lock:
+            latest = self.store.latest(self.name)
+            if latest is None:
+                raise NotFoundError(f"the store has no version of {self.name}; run `loopserve models pull`")
+            loaded = self.load_version(latest)
+            self._seen_latest = latest
+            return loaded
 
     def rollback(self) -> Loaded[M]:
         """Serve the version that served before the current one, and pin it so the watch keeps it."""
-        if not self._history:
-            raise FailedPrecondition(f"{self.name} has no earlier version to roll back to")
-        target = self._history[-1]
-        loaded = self.load_version(target, record_history=False)
-        self._history.pop()
-        self._pinned = target
-        return loaded
+        with self._lock:
+            if not self._history:
+                raise FailedPrecondition(f"{self.name} has no earlier version to roll back to")
+            target = self._history[-1]
+            loaded = self.load_version(target, record_history=False)
+            self._history = self._history[:-1]
+            self._pinned = target
+            self._write_hold()
+            logger.info("rolled %s back to %s (pinned)", self.name, target)
+            return loaded
 
     def pin(self, version: str | None = None) -> str:
-        version = version or self.current.version
-        if version != self.current.version:
-            self.load_version(version)
-        self._pinned = version
-        return version
+        """Hold `version` (default: the serving one) against the watch, loading it if needed."""
+        with self._lock:
+            version = version or self.current.version
+            if version != self.current.version:
+                self.load_version(version)
+            self._pinned = version
+            self._write_hold()
+            logger.info("pinned %s to %s", self.name, version)
+            return version
 
     def unpin(self) -> None:
-        self._pinned = None
+        """Give the slot back to the watch: it serves LATEST from its next poll on."""
+        with self._lock:
+            if self._pinned is not None:
+                logger.info("unpinned %s (was %s)", self.name, self._pinned)
+            self._pinned = None
+            self._seen_latest = None
+            self._write_hold()
+
+    # ---- holds in the store --------------------------------------------------------------------
+
+    def _write_hold(self) -> None:
+        serving = self._current.version if self._current is not None else None
+        keep = {v for v in (serving, self._pinned, self.previous) if v}
+        try:
+            self.store.hold(self.name, self._holder, keep)
+            self._hold_written = time.monotonic()
+        except OSError as exc:  # a read-only store still serves; prune just cannot see us
+            if not self._hold_failed:
+                logger.warning("could not record held versions of %s (prune cannot see them): %s", self.name, exc)
+            self._hold_failed = True
+            self._hold_written = time.monotonic()
 
     # ---- the watch -----------------------------------------------------------------------------
 
     def poll_once(self) -> bool:
-        """Swap to the store's LATEST if it changed and nothing is pinned. Returns True on a swap."""
-        if self._pinned is not None:
-            return False
-        latest = self.store.latest(self.name)
-        if latest is None or latest in self._failed:
-            return False
-        cur = self._current
-        if cur is not None and cur.version == latest:
-            return False
-        try:
-            self.load_version(latest)
-        except LoopserveError:
-            return False  # counted and logged; the old version keeps serving
-        return True
+        """Swap to the store's LATEST if it changed since the last poll and nothing is pinned.
+        Returns True on a swap. A refused version is not retried until LATEST changes again."""
+        with self._lock:
+            if self._current is not None and time.monotonic() - self._hold_written > HOLD_REFRESH_S:
+                self._write_hold()
+            if self._pinned is not None:
+                return False
+            latest = self.store.latest(self.name)
+            if latest is None or latest == self._seen_latest:
+                return False
+            if latest in self._failed or (self._current is not None and self._current.version == latest):
+                self._seen_latest = latest
+                return False
+            try:
+                self.load_version(latest)
+            except Unavailable:
+                return False  # the retired copy is still in use: try again at the next poll
+            except LoopserveError:
+                self._seen_latest = latest  # refused: counted and logged; the old version serves on
+                return False
+            self._seen_latest = latest
+            return True
 
     async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Poll LATEST every interval until `stop` is set; loads run on a thread beside serving."""
+        """Poll LATEST every interval until `stop` is set; loads run on the loader thread."""
         while not stop.is_set():
             try:
-                await asyncio.to_thread(self.poll_once)
+                await self.call(self.poll_once)
             except Exception:
                 logger.exception("watch of %s failed; retrying", self.name)
             try:

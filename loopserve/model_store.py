@@ -4,17 +4,26 @@ Layout (DESIGN.md):
 
     <root>/models/<model>/<version>/      safetensors weights, config, tokenizer, manifest.json
     <root>/models/<model>/LATEST          the newest published version's name
-    <root>/models/<model>/.tmp-*          a publish in progress (removed on the next open)
+    <root>/models/<model>/.highest        the highest version number ever allocated (never reused)
+    <root>/models/<model>/.lock           held (flock) by a publisher while it writes
+    <root>/models/<model>/.holds/*.json   versions a live service serves, pins or may roll back to
+    <root>/models/<model>/.tmp-*          a publish (or prune) in progress; removed on the next open
+                                          once its writer is dead
 
-A version is written under a temporary name, fsynced, renamed into place, and only then is LATEST
-replaced (write a temp file, fsync, rename), so a reader never sees half a version. Versions are named
-``v<N>`` with N increasing and never reused, even after a prune.
+A publish copies the files under a temporary name while hashing them, fsyncs them, writes
+manifest.json (sha256 of every file), renames the folder into place and only then replaces LATEST
+(write a temp file, fsync, rename). A reader therefore sees a version whole or not at all, and a
+publisher killed with kill -9 at any point leaves only whole versions plus a `.tmp-*` leftover that the
+next `ModelStore(...)` removes. Versions are named ``v<N>``; N is reserved in `.highest` before the
+rename, so a number is never handed out twice, even after a crash or a prune.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -24,21 +33,28 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopserve.errors import NotFoundError, VerificationError
+from loopserve.errors import InvalidArgument, NotFoundError, VerificationError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "LATEST"
+HIGHEST = ".highest"
+LOCK = ".lock"
+HOLDS = ".holds"
 _VERSION_RE = re.compile(r"^v(\d+)$")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 _TMP_PREFIX = ".tmp-"
-# Never look inside these when hashing or copying: they are the store's own bookkeeping.
-_SKIP = {MANIFEST}
+_CHUNK = 4 << 20
+# A hold from another host counts while it was refreshed within this long (a live slot refreshes it
+# every HOLD_REFRESH_S); a hold from this host counts while its process lives.
+HOLD_TTL_S = 600.0
+HOLD_REFRESH_S = 60.0
 
 
 def version_number(version: str) -> int:
@@ -48,11 +64,29 @@ def version_number(version: str) -> int:
     return int(m.group(1))
 
 
+def check_model_name(model: str) -> str:
+    if not _MODEL_RE.match(model):
+        raise InvalidArgument(f"bad model name {model!r}: use letters, digits, '_', '.', '-' (not first)")
+    return model
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)  # hashlib drops the GIL for large buffers: serving threads keep running
+    return h.hexdigest()
+
+
+def _copy_hashing(src: Path, dest: Path) -> str:
+    """Copy `src` to `dest`, fsync it, and return its sha256: one read of the source."""
+    h = hashlib.sha256()
+    with src.open("rb") as fin, dest.open("wb") as fout:
+        for chunk in iter(lambda: fin.read(_CHUNK), b""):
             h.update(chunk)
+            fout.write(chunk)
+        fout.flush()
+        os.fsync(fout.fileno())
     return h.hexdigest()
 
 
@@ -64,14 +98,48 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _owner_tag() -> str:
+    return f"~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}"
+
+
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f"{_TMP_PREFIX}{path.name}{_owner_tag()}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def _process_alive(host: str, pid: str) -> bool | None:
+    """True / False for a process on this host; None when it runs elsewhere (cannot tell)."""
+    if host != socket.gethostname() or not pid.isdigit():
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _abandoned(tmp: Path, stale_after_s: float = 3600.0) -> bool:
+    """A temp entry is abandoned when its writer (same host) is dead, or it is old (other hosts)."""
+    parts = tmp.name.split("~")
+    if len(parts) == 4:
+        alive = _process_alive(parts[1], parts[2])
+        if alive is not None:
+            return not alive
+    try:
+        return time.time() - tmp.stat().st_mtime > stale_after_s
+    except FileNotFoundError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -84,7 +152,8 @@ class Manifest:
     created: str
     files: dict[str, str]  # relative path -> sha256
     metrics: dict[str, float] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)  # e.g. label set, base model, objective
+    # e.g. label set, base model, objective; `label_set_change: true` allows a new label set.
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(
@@ -115,29 +184,9 @@ class Manifest:
         )
 
 
-def _owner_tag() -> str:
-    return f"~{socket.gethostname()}~{os.getpid()}~{uuid.uuid4().hex[:8]}"
-
-
-def _abandoned(tmp: Path, stale_after_s: float = 3600.0) -> bool:
-    """A temp entry is abandoned when its writer (same host) is dead, or it is old (other hosts)."""
-    parts = tmp.name.split("~")
-    if len(parts) == 4 and parts[1] == socket.gethostname() and parts[2].isdigit():
-        try:
-            os.kill(int(parts[2]), 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
-    try:
-        return time.time() - tmp.stat().st_mtime > stale_after_s
-    except FileNotFoundError:
-        return False
-
-
 class ModelStore:
-    """A directory of versioned models. Safe for one publisher and many readers per model."""
+    """A directory of versioned models: any number of readers, and publishers serialised per model
+    by a file lock (so two trainers cannot both take v<N>)."""
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -145,62 +194,83 @@ class ModelStore:
         self.models_dir.mkdir(parents=True, exist_ok=True)
         self._clean_leftovers()
 
+    def _model_dir(self, model: str) -> Path:
+        return self.models_dir / check_model_name(model)
+
     # ---- reading -------------------------------------------------------------------------------
 
     def models(self) -> list[str]:
-        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and _MODEL_RE.match(p.name))
 
     def list(self, model: str) -> list[str]:
         """Whole versions of `model`, oldest first."""
-        d = self.models_dir / model
+        d = self._model_dir(model)
         if not d.is_dir():
             return []
-        versions = [
-            p.name for p in d.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()
-        ]
+        versions = [p.name for p in d.iterdir() if _VERSION_RE.match(p.name) and (p / MANIFEST).is_file()]
         return sorted(versions, key=version_number)
 
     def latest(self, model: str) -> str | None:
         """The version LATEST names, or None when nothing is published."""
         try:
-            version = (self.models_dir / model / LATEST).read_text().strip()
+            version = (self._model_dir(model) / LATEST).read_text().strip()
         except FileNotFoundError:
             return None
         return version or None
 
     def path(self, model: str, version: str) -> Path:
-        p = self.models_dir / model / version
         version_number(version)
+        p = self._model_dir(model) / version
         if not (p / MANIFEST).is_file():
-            raise NotFoundError(f"model {model!r} has no version {version!r}")
+            known = ", ".join(self.list(model)[-5:]) or "none"
+            raise NotFoundError(f"model {model!r} has no version {version!r} (newest: {known})")
         return p
 
     def get(self, model: str, version: str) -> Manifest:
         return Manifest.from_json((self.path(model, version) / MANIFEST).read_text())
 
     def verify(self, model: str, version: str) -> Manifest:
-        """Check every file against the manifest's sha256; raise VerificationError on a mismatch."""
+        """Check every file against the manifest's sha256, and that no file is missing or unlisted;
+        raise VerificationError saying which file is wrong."""
         path = self.path(model, version)
         manifest = self.get(model, version)
-        for rel, digest in manifest.files.items():
+        if manifest.model != model or manifest.version != version:
+            raise VerificationError(
+                f"{model} {version}: its manifest names {manifest.model} {manifest.version} (folder renamed?)"
+            )
+        for rel, digest in sorted(manifest.files.items()):
             f = path / rel
             if not f.is_file():
                 raise VerificationError(f"{model} {version}: file {rel} is missing")
             if sha256_file(f) != digest:
                 raise VerificationError(f"{model} {version}: checksum mismatch in {rel}")
+        for f in path.rglob("*"):
+            rel = f.relative_to(path).as_posix()
+            if f.is_file() and rel != MANIFEST and rel not in manifest.files:
+                raise VerificationError(f"{model} {version}: file {rel} is not in the manifest")
         return manifest
 
     # ---- writing -------------------------------------------------------------------------------
 
-    def next_version(self, model: str) -> str:
-        d = self.models_dir / model
+    @contextlib.contextmanager
+    def _publish_lock(self, model_dir: Path) -> Iterator[None]:
+        with (model_dir / LOCK).open("a+b") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)  # released by the kernel if we are killed
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def _highest(self, model: str) -> int:
         highest = -1
-        marker = d / ".highest"
         with contextlib.suppress(FileNotFoundError, ValueError):
-            highest = int(marker.read_text().strip())
+            highest = int((self._model_dir(model) / HIGHEST).read_text().strip())
         for v in self.list(model):
             highest = max(highest, version_number(v))
-        return f"v{highest + 1}"
+        return highest
+
+    def next_version(self, model: str) -> str:
+        return f"v{self._highest(model) + 1}"
 
     def publish_version(
         self,
@@ -218,78 +288,129 @@ class ModelStore:
         src = Path(src)
         if not src.is_dir():
             raise NotFoundError(f"no such folder: {src}")
-        model_dir = self.models_dir / model
+        model_dir = self._model_dir(model)
         model_dir.mkdir(parents=True, exist_ok=True)
-        version = version or self.next_version(model)
-        final = model_dir / version
-        if final.exists():
-            raise VerificationError(f"{model} {version} already exists; versions are never reused")
-        tmp = model_dir / f"{_TMP_PREFIX}{version}{_owner_tag()}"
-        tmp.mkdir()
-        try:
-            files: dict[str, str] = {}
-            for f in sorted(src.rglob("*")):
-                rel = f.relative_to(src).as_posix()
-                if f.is_dir() or rel in _SKIP or rel.startswith(_TMP_PREFIX):
-                    continue
-                dest = tmp / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(f, dest)
-            for rel, data in extra_files:
-                dest = tmp / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(data)
-            for f in sorted(tmp.rglob("*")):
-                if f.is_file():
-                    with f.open("rb") as fh:
+        start = time.perf_counter()
+        with self._publish_lock(model_dir):
+            highest = self._highest(model)
+            if version is None:
+                version = f"v{highest + 1}"
+            elif version_number(version) <= highest:
+                raise VerificationError(
+                    f"{model} {version}: versions are never reused and v{highest} was already allocated"
+                )
+            final = model_dir / version
+            tmp = model_dir / f"{_TMP_PREFIX}{version}{_owner_tag()}"
+            tmp.mkdir()
+            try:
+                files: dict[str, str] = {}
+                for f in sorted(src.rglob("*")):
+                    rel = f.relative_to(src).as_posix()
+                    if f.is_dir() or rel == MANIFEST or rel.startswith(_TMP_PREFIX):
+                        continue
+                    dest = tmp / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    files[rel] = _copy_hashing(f, dest)
+                for rel, data in extra_files:
+                    dest = tmp / rel
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    dest.write_bytes(data)
+                    with dest.open("rb") as fh:
                         os.fsync(fh.fileno())
-                    files[f.relative_to(tmp).as_posix()] = sha256_file(f)
-            manifest = Manifest(
-                model=model,
-                version=version,
-                parent=parent,
-                created=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
-                files=files,
-                metrics=dict(metrics or {}),
-                meta=dict(meta or {}),
-            )
-            (tmp / MANIFEST).write_text(manifest.to_json())
-            with (tmp / MANIFEST).open("rb") as fh:
-                os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            os.rename(tmp, final)
-            _fsync_dir(model_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _write_atomic(model_dir / ".highest", str(version_number(version)).encode())
-        if set_latest:
-            self.set_latest(model, version)
-        logger.info("published %s %s (%d files)", model, version, len(files))
+                    files[rel] = hashlib.sha256(data).hexdigest()
+                if not files:
+                    raise NotFoundError(f"{src} holds no files to publish")
+                manifest = Manifest(
+                    model=model,
+                    version=version,
+                    parent=parent,
+                    created=dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds"),
+                    files=dict(sorted(files.items())),
+                    metrics=dict(metrics or {}),
+                    meta=dict(meta or {}),
+                )
+                with (tmp / MANIFEST).open("w") as fh:
+                    fh.write(manifest.to_json())
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                for d in {p.parent for p in tmp.rglob("*")}:
+                    _fsync_dir(d)
+                # Reserve the number first: a crash after this point burns it, never reuses it.
+                _write_atomic(model_dir / HIGHEST, str(version_number(version)).encode())
+                os.rename(tmp, final)  # the version appears whole, in one step
+                _fsync_dir(model_dir)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            if set_latest:
+                self.set_latest(model, version)
+        logger.info("published %s %s (%d files) in %.3fs", model, version, len(files), time.perf_counter() - start)
         return manifest
 
     def set_latest(self, model: str, version: str) -> None:
         self.path(model, version)
-        _write_atomic(self.models_dir / model / LATEST, version.encode())
+        _write_atomic(self._model_dir(model) / LATEST, version.encode())
 
-    def prune(self, model: str, keep: int, protect: Iterable[str] = ()) -> list[str]:
-        """Delete all but the newest `keep` versions, never LATEST or a version in `protect`
-        (the serving and pinned ones). Returns what was removed."""
-        versions = self.list(model)
-        keepers = set(versions[-keep:]) if keep > 0 else set()
-        keepers |= set(protect)
-        latest = self.latest(model)
-        if latest:
-            keepers.add(latest)
-        removed = []
-        for v in versions:
-            if v in keepers:
-                continue
-            victim = self.models_dir / model / v
-            trash = victim.with_name(f"{_TMP_PREFIX}rm{v}{_owner_tag()}")
-            os.rename(victim, trash)  # atomic: readers see the version whole or not at all
-            shutil.rmtree(trash, ignore_errors=True)
-            removed.append(v)
+    # ---- holds: what live services need kept --------------------------------------------------
+
+    def hold(self, model: str, holder: str, versions: Iterable[str]) -> None:
+        """Record (replacing `holder`'s previous record) the versions a live service must keep:
+        the one it serves, its pin, its rollback target. `prune` never removes a held version."""
+        d = self._model_dir(model) / HOLDS
+        d.mkdir(parents=True, exist_ok=True)
+        body = {"versions": sorted(set(versions)), "updated": time.time()}
+        _write_atomic(d / f"{holder}.json", json.dumps(body).encode())
+
+    def release(self, model: str, holder: str) -> None:
+        (self._model_dir(model) / HOLDS / f"{holder}.json").unlink(missing_ok=True)
+
+    def held(self, model: str) -> set[str]:
+        """Versions held by live services; the records of dead ones are removed."""
+        d = self._model_dir(model) / HOLDS
+        out: set[str] = set()
+        if not d.is_dir():
+            return out
+        for f in d.glob("*.json"):
+            parts = f.stem.split("~")
+            alive = _process_alive(parts[0], parts[1]) if len(parts) == 3 else None
+            try:
+                if alive is None:
+                    alive = time.time() - f.stat().st_mtime < HOLD_TTL_S
+                if not alive:
+                    f.unlink(missing_ok=True)
+                    continue
+                out.update(json.loads(f.read_text()).get("versions", []))
+            except (FileNotFoundError, ValueError):
+                continue  # replaced or released while we looked
+        return out
+
+    @staticmethod
+    def holder_id() -> str:
+        """A holder name that says which process holds: `<host>~<pid>~<random>`."""
+        return _owner_tag()[1:]
+
+    def prune(self, model: str, keep: int, protect: Iterable[str] = ()) -> builtins.list[str]:
+        """Delete all but the newest `keep` versions, never LATEST, a version in `protect`, or one a
+        live service holds (serving, pinned or its rollback target). Returns what was removed."""
+        model_dir = self._model_dir(model)
+        with self._publish_lock(model_dir):
+            versions = self.list(model)
+            keepers = set(versions[-keep:]) if keep > 0 else set()
+            keepers |= set(protect) | self.held(model)
+            latest = self.latest(model)
+            if latest:
+                keepers.add(latest)
+            removed = []
+            for v in versions:
+                if v in keepers:
+                    continue
+                victim = model_dir / v
+                trash = victim.with_name(f"{_TMP_PREFIX}rm-{v}{_owner_tag()}")
+                os.rename(victim, trash)  # atomic: readers see the version whole or not at all
+                shutil.rmtree(trash, ignore_errors=True)
+                removed.append(v)
+        if removed:
+            logger.info("pruned %s: removed %d versions (%s)", model, len(removed), ", ".join(removed))
         return removed
 
     def _clean_leftovers(self) -> None:
@@ -298,10 +419,12 @@ class ModelStore:
         for model_dir in self.models_dir.iterdir():
             if not model_dir.is_dir():
                 continue
-            for p in model_dir.iterdir():
+            holds = model_dir / HOLDS
+            for p in [*model_dir.iterdir(), *(holds.iterdir() if holds.is_dir() else ())]:
                 if p.name.startswith(_TMP_PREFIX) and _abandoned(p):
                     logger.info("removing leftover %s/%s", model_dir.name, p.name)
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)
                     else:
-                        p.unlink(missing_ok=True)
+                        with contextlib.suppress(OSError):  # e.g. a read-only mount: readers skip it
+                            p.unlink(missing_ok=True)

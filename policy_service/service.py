@@ -88,6 +88,8 @@ class PolicyFrontend:
             await t
         await self.annotate_batcher.stop()
         await self.generate_batcher.stop()
+        for slot in self.runtime.slots().values():
+            slot.close()  # stop its loader thread and release its hold on store versions
 
     # ---- calls ---------------------------------------------------------------------------------
 

@@ -99,9 +99,7 @@ class RewardRuntime:
     def __init__(self, store: ModelStore, options: RuntimeOptions) -> None:
         self.store = store
         self.opts = options
-        self.reward: ModelSlot[RewardBundle] = ModelSlot(
-            "reward", store, self._load_reward, self._check_reward
-        )
+        self.reward: ModelSlot[RewardBundle] = ModelSlot("reward", store, self._load_reward, self._check_reward)
 
     # ---- life cycle ----------------------------------------------------------------------------
 
@@ -167,9 +165,7 @@ class RewardRuntime:
             k += n
         return results
 
-    def compare_batch(
-        self, handle: Loaded[RewardBundle], calls: Sequence[CompareCall]
-    ) -> list[CompareResult]:
+    def compare_batch(self, handle: Loaded[RewardBundle], calls: Sequence[CompareCall]) -> list[CompareResult]:
         """P(a preferred) = sigmoid(r_a - r_b) for each call (for callers without a batcher)."""
         return [CompareResult.from_scores(handle.version, a, b) for a, b in self.score_batch(handle, calls)]
 

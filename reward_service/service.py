@@ -43,9 +43,7 @@ class RewardFrontend:
         self.score_batcher.start()
         if watch:
             for slot in self.runtime.slots().values():
-                self._watches.append(
-                    asyncio.create_task(slot.watch(self.cfg.watch_interval_s, self._stop_watch))
-                )
+                self._watches.append(asyncio.create_task(slot.watch(self.cfg.watch_interval_s, self._stop_watch)))
 
     async def stop(self) -> None:
         self._stop_watch.set()
@@ -53,6 +51,8 @@ class RewardFrontend:
             await t
         self._watches.clear()
         await self.score_batcher.stop()
+        for slot in self.runtime.slots().values():
+            slot.close()  # stop its loader thread and release its hold on store versions
 
     # ---- calls ---------------------------------------------------------------------------------
 

@@ -24,7 +24,5 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         result = await self.frontend.compare(call)
         return result.to_pb()
 
-    async def GetModelInfo(
-        self, request: pb.GetModelInfoRequest, context: aio.ServicerContext
-    ) -> pb.ModelInfo:
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: aio.ServicerContext) -> pb.ModelInfo:
         return self.frontend.model_info().to_pb()

@@ -151,9 +151,7 @@ def postgres_server(database: str = "loopserve") -> Iterator[str]:
             subprocess.run(
                 # immediate: skip the shutdown checkpoint (seconds of fsync on a busy disk); the data is
                 # deleted next anyway.
-                _as_server_user(
-                    [str(BINDIR / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w", "stop"]
-                ),
+                _as_server_user([str(BINDIR / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w", "stop"]),
                 cwd=root,
                 capture_output=True,
                 check=False,

@@ -142,9 +142,7 @@ def find(objs: list[Obj], kind: str, name: str) -> Obj:
 def named(objs: list[Obj], kind: str, prefix: str) -> Obj:
     """A generated object (ConfigMap with a hash suffix) by its name before the suffix."""
     hits = [
-        o
-        for o in objs
-        if o["kind"] == kind and re.fullmatch(rf"{prefix}(-[a-z0-9]{{10}})?", o["metadata"]["name"])
+        o for o in objs if o["kind"] == kind and re.fullmatch(rf"{prefix}(-[a-z0-9]{{10}})?", o["metadata"]["name"])
     ]
     assert len(hits) == 1, f"expected one {kind} named {prefix}*, found {len(hits)}"
     return hits[0]
@@ -278,9 +276,7 @@ def test_everything_lands_in_one_namespace(rendered: Rendered) -> None:
             if o["kind"] == "Namespace":
                 assert o["metadata"]["name"] == "loopserve"
             else:
-                assert o["metadata"].get("namespace") == "loopserve", (
-                    f"{name}: {o['kind']}/{o['metadata']['name']}"
-                )
+                assert o["metadata"].get("namespace") == "loopserve", f"{name}: {o['kind']}/{o['metadata']['name']}"
 
 
 # ---- probes, ports, drain ------------------------------------------------------------------------
@@ -321,9 +317,7 @@ def test_tls_component_probes_the_same_services_over_tls(rendered: Rendered) -> 
         assert script.name in named(objs, "ConfigMap", "loopserve-grpc-probe")["data"]
         assert vol["configMap"]["name"].startswith("loopserve-grpc-probe")
     env = env_of(objs, c)
-    assert (
-        Path(env["LOOPSERVE_TLS_CERT"]).name == "tls.crt" and Path(env["LOOPSERVE_TLS_KEY"]).name == "tls.key"
-    )
+    assert Path(env["LOOPSERVE_TLS_CERT"]).name == "tls.crt" and Path(env["LOOPSERVE_TLS_KEY"]).name == "tls.key"
     # the reward service (the trainer's only server) stays on the native plaintext probes
     assert "grpc" in container(objs, "reward")["readinessProbe"]
 
@@ -348,14 +342,10 @@ def test_ports_match_loopserve_config(rendered: Rendered, overlay: str) -> None:
         assert int(ann["prometheus.io/port"]) == METRICS_PORTS[component]
         # Services send their ports to those container ports
         for svc in [
-            o
-            for o in objs
-            if o["kind"] == "Service" and selects(o["spec"]["selector"], tmpl["metadata"]["labels"])
+            o for o in objs if o["kind"] == "Service" and selects(o["spec"]["selector"], tmpl["metadata"]["labels"])
         ]:
             for p in svc["spec"]["ports"]:
-                assert p["targetPort"] in ports and p["port"] == ports[p["targetPort"]], svc["metadata"][
-                    "name"
-                ]
+                assert p["targetPort"] in ports and p["port"] == ports[p["targetPort"]], svc["metadata"]["name"]
     env = env_of(objs, container(objs, "trainer"))
     assert env[f"{ENV_PREFIX}REWARD_TARGET"] == f"loopserve-reward:{DEFAULT_REWARD_PORT}"
 
@@ -388,19 +378,14 @@ def test_trainer_is_one_replica_recreated(rendered: Rendered) -> None:
         assert not [
             h
             for h in objs
-            if h["kind"] == "HorizontalPodAutoscaler"
-            and h["spec"]["scaleTargetRef"]["name"] == "loopserve-trainer"
+            if h["kind"] == "HorizontalPodAutoscaler" and h["spec"]["scaleTargetRef"]["name"] == "loopserve-trainer"
         ]
         init = {c["name"]: c for c in spec["template"]["spec"]["initContainers"]}
         assert init["models-pull"]["args"] == ["models", "pull"]
         assert container(objs, "trainer")["args"] == ["train"]
         # the checkpoint volume cannot be shared by a second trainer either
-        claim = next(v for v in spec["template"]["spec"]["volumes"] if v["name"] == "data")[
-            "persistentVolumeClaim"
-        ]
-        assert find(objs, "PersistentVolumeClaim", claim["claimName"])["spec"]["accessModes"] == [
-            "ReadWriteOnce"
-        ]
+        claim = next(v for v in spec["template"]["spec"]["volumes"] if v["name"] == "data")["persistentVolumeClaim"]
+        assert find(objs, "PersistentVolumeClaim", claim["claimName"])["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
 def test_gpu_overlay_asks_for_gpus(rendered: Rendered) -> None:
@@ -548,8 +533,7 @@ def test_network_policies(rendered: Rendered, overlay: str) -> None:
         )
         trainer_labels = pods["Deployment/loopserve-trainer"]
         assert any(
-            "podSelector" in f and selects(f["podSelector"]["matchLabels"], trainer_labels)
-            for f in grpc_rule["from"]
+            "podSelector" in f and selects(f["podSelector"]["matchLabels"], trainer_labels) for f in grpc_rule["from"]
         )
     if "loopserve-postgres" in policies:
         db = policies["loopserve-postgres"]
@@ -662,9 +646,7 @@ def test_servicemonitor_scrapes_every_metrics_port(rendered: Rendered) -> None:
     assert endpoint["port"] == "metrics" and endpoint["path"] == "/metrics"
     scraped = set()
     for svc in objs:
-        if svc["kind"] == "Service" and selects(
-            sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"]
-        ):
+        if svc["kind"] == "Service" and selects(sm["spec"]["selector"]["matchLabels"], svc["metadata"]["labels"]):
             ports = {p["name"]: p["port"] for p in svc["spec"]["ports"]}
             scraped.add(ports[endpoint["port"]])
     assert scraped == set(METRICS_PORTS.values())
@@ -706,9 +688,7 @@ def test_make_secrets_writes_the_secrets_the_pods_mount(secrets_dir: Path) -> No
     for o in objs:
         kubernetes_validate.validate(o, K8S_VERSIONS[0], strict=True)
         assert o["metadata"]["namespace"] == "loopserve"
-    data = {
-        o["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in o["data"].items()} for o in objs
-    }
+    data = {o["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in o["data"].items()} for o in objs}
     assert {k: set(v) for k, v in data.items()} == SECRET_KEYS
     tokens = json.loads(data["loopserve-tokens"]["tokens.json"])
     assert sorted(tokens.values()) == ["admin", "annotator", "client"]
@@ -793,14 +773,10 @@ def test_tls_probe_script_reports_serving_and_not_serving(secrets_dir: Path) -> 
 def test_dockerfile_builds_what_the_manifests_run(rendered: Rendered) -> None:
     text = (ROOT / "Dockerfile").read_text()
     lines = [
-        ln.strip()
-        for ln in text.replace("\\\n", " ").splitlines()
-        if ln.strip() and not ln.lstrip().startswith("#")
+        ln.strip() for ln in text.replace("\\\n", " ").splitlines() if ln.strip() and not ln.lstrip().startswith("#")
     ]
     froms = [ln for ln in lines if ln.startswith("FROM ")]
-    assert len(froms) >= 2 and froms[-1].startswith("FROM ${BASE_IMAGE}"), (
-        "multi-stage, runtime base by build argument"
-    )
+    assert len(froms) >= 2 and froms[-1].startswith("FROM ${BASE_IMAGE}"), "multi-stage, runtime base by build argument"
     assert "ARG BASE_IMAGE=python:3.11-slim" in text
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in text
     assert '--index-url "${TORCH_INDEX_URL}" "torch==2.13.0"' in text
@@ -813,9 +789,7 @@ def test_dockerfile_builds_what_the_manifests_run(rendered: Rendered) -> None:
     # what the Dockerfile copies exists, and the build context does not exclude it
     copies = [p for ln in lines if ln.startswith("COPY ") and "--from" not in ln for p in ln.split()[1:-1]]
     ignored = {
-        ln.strip()
-        for ln in (ROOT / ".dockerignore").read_text().splitlines()
-        if ln.strip() and not ln.startswith("#")
+        ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip() and not ln.startswith("#")
     }
     for p in copies:
         assert (ROOT / p).exists(), p

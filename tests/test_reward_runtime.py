@@ -72,9 +72,7 @@ def runtime(tmp_path_factory: pytest.TempPathFactory, tiny_reward_dir: Path) -> 
     store.publish_version("reward", tiny_reward_dir)
     rt = RewardRuntime(
         store,
-        RuntimeOptions(
-            device=torch.device("cpu"), dtype=torch.float32, max_input_tokens=MAX_TOKENS, micro_batch=2
-        ),
+        RuntimeOptions(device=torch.device("cpu"), dtype=torch.float32, max_input_tokens=MAX_TOKENS, micro_batch=2),
     )
     assert not rt.healthy()
     rt.load()
@@ -127,9 +125,7 @@ def test_calls_in_one_batch_get_their_own_rewards(runtime):
     assert results[2] == pytest.approx(score_all(runtime, [PAIRS[4]]), abs=1e-5)
 
 
-def test_an_old_handle_keeps_scoring_on_its_version_after_a_swap(
-    fresh_runtime: RewardRuntime, tmp_path: Path
-) -> None:
+def test_an_old_handle_keeps_scoring_on_its_version_after_a_swap(fresh_runtime: RewardRuntime, tmp_path: Path) -> None:
     old = fresh_runtime.reward.current
     before = fresh_runtime.score_batch(old, [ScoreCall(tuple(PAIRS))])[0]
     fresh_runtime.store.publish_version("reward", tiny_reward_version(tmp_path / "v1", bias=5.0))
@@ -205,9 +201,7 @@ def test_preference_probability_does_not_overflow():
 # ---- loading: what is refused keeps the old version serving ----------------------------------------
 
 
-def test_a_version_that_is_not_a_reward_model_is_refused(
-    fresh_runtime: RewardRuntime, tmp_path: Path
-) -> None:
+def test_a_version_that_is_not_a_reward_model_is_refused(fresh_runtime: RewardRuntime, tmp_path: Path) -> None:
     fresh_runtime.store.publish_version("reward", tiny_models.tiny_annotator(tmp_path / "ann"))
     with pytest.raises(VerificationError, match="not a reward model"):
         fresh_runtime.reward.load_version("v1")

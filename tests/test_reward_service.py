@@ -55,9 +55,7 @@ def client(app: RewardApp, role: str | None = "client") -> AsyncClient:
 
 async def health(app: RewardApp, service: str) -> int:
     async with aio.insecure_channel(f"127.0.0.1:{app.port}") as channel:
-        reply = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service)
-        )
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
         return reply.status
 
 
@@ -155,9 +153,7 @@ async def test_bad_score_is_invalid_argument_and_the_server_stays_serving(app, r
         ("p", "x", "y" * 2001, "b (the second response) has 2001 characters"),
     ],
 )
-async def test_bad_compare_is_invalid_argument_and_the_server_stays_serving(
-    app, reward, prompt, a, b, message
-):
+async def test_bad_compare_is_invalid_argument_and_the_server_stays_serving(app, reward, prompt, a, b, message):
     with pytest.raises(aio.AioRpcError) as err:
         await reward.compare(prompt, a, b)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -179,9 +175,7 @@ async def test_a_call_without_a_token_is_unauthenticated(app):
 
 async def test_model_admin_needs_the_admin_role(app, reward):
     with pytest.raises(aio.AioRpcError) as err:
-        await reward.admin.ListVersions(
-            admin_pb2.ListVersionsRequest(model="reward"), metadata=reward.metadata
-        )
+        await reward.admin.ListVersions(admin_pb2.ListVersionsRequest(model="reward"), metadata=reward.metadata)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     async with client(app, role="admin") as admin:
         listing = await admin.admin.ListVersions(admin_pb2.ListVersionsRequest(), metadata=admin.metadata)

@@ -154,9 +154,7 @@ class PostgresFeedbackLog(SqlFeedbackLog):
     def _write_tx(self) -> Iterator[psycopg.Cursor[Any]]:
         with self._write_lock:
             # The lock comes first in the transaction: see the module docstring.
-            with self._begin(
-                self._write_connection, "SELECT pg_advisory_xact_lock(%s)", (self._lock_key,)
-            ) as cur:
+            with self._begin(self._write_connection, "SELECT pg_advisory_xact_lock(%s)", (self._lock_key,)) as cur:
                 yield cur
 
     @contextlib.contextmanager

@@ -79,9 +79,7 @@ class SqliteFeedbackLog(SqlFeedbackLog):
         self._closed = False
         with self._write_lock:
             self._write_conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
-            (version,) = self._write_conn.execute(
-                "SELECT value FROM meta WHERE key = 'schema_version'"
-            ).fetchone()
+            (version,) = self._write_conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if int(version) != SCHEMA_VERSION:
             raise FailedPrecondition(
                 f"feedback log {self.path} has schema version {version}; this build reads {SCHEMA_VERSION}"
@@ -90,9 +88,7 @@ class SqliteFeedbackLog(SqlFeedbackLog):
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves (the module's implicit transactions
         # would otherwise start a deferred one, which can deadlock two writers).
-        conn = sqlite3.connect(
-            self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        conn = sqlite3.connect(self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False)
         (mode,) = conn.execute("PRAGMA journal_mode=WAL").fetchone()
         if str(mode).lower() != "wal":
             conn.close()

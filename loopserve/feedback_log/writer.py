@@ -173,8 +173,7 @@ class DecisionWriter:
                 self._log.append_decisions(batch)
             except Exception as err:
                 logger.warning(
-                    "decision log write of %d decisions (first event_id %s) failed: %s; attempt %d, "
-                    "retrying in %.2fs",
+                    "decision log write of %d decisions (first event_id %s) failed: %s; attempt %d, retrying in %.2fs",
                     len(batch),
                     batch[0].event_id,
                     describe_error(err),
@@ -186,9 +185,7 @@ class DecisionWriter:
                 delay = min(delay * 2, self._retry_max_s)
             else:
                 if attempt > 1:
-                    logger.info(
-                        "decision log write of %d decisions succeeded on attempt %d", len(batch), attempt
-                    )
+                    logger.info("decision log write of %d decisions succeeded on attempt %d", len(batch), attempt)
                 return True
 
     def _abandon(self, decisions: list[Decision]) -> None:
@@ -390,8 +387,7 @@ class FeedbackCommitter:
         ids = {eid for e in events for eid in e.event_ids}
         if self._decisions.has_pending(ids) and not self._decisions.flush(self._decision_wait_s):
             logger.warning(
-                "decision writer did not catch up within %.1fs; %d feedback events may be rejected as "
-                "NOT_FOUND",
+                "decision writer did not catch up within %.1fs; %d feedback events may be rejected as NOT_FOUND",
                 self._decision_wait_s,
                 len(events),
             )

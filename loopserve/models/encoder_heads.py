@@ -153,8 +153,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise VerificationError(
-                f"{folder.name}: tensor {name} has shape {tuple(tensor.shape)}, "
-                f"expected {tuple(expected[name].shape)}"
+                f"{folder.name}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
             )
     model.load_state_dict(state, strict=False)
     model.encoder.to(dtype=dtype)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.initialization import no_init_weights
 
 from loopserve.errors import NotFoundError, VerificationError
 
@@ -59,7 +60,8 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    with no_init_weights():  # every parameter is overwritten below: skip the random init
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(folder):
         state.update(load_file(str(f), device="cpu"))
