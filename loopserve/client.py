@@ -74,8 +74,11 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-class Client:
-    """Blocking client for the policy, feedback, reward and admin services on one target."""
+class _Stubs:
+    """What both clients share: the channel, the stubs, the call metadata, the retry policy."""
+
+    _secure: Any = staticmethod(grpc.secure_channel)
+    _insecure: Any = staticmethod(grpc.insecure_channel)
 
     def __init__(
         self,
@@ -92,9 +95,7 @@ class Client:
     ) -> None:
         creds = _credentials(root_certificates, private_key, certificate_chain)
         self.channel = (
-            grpc.secure_channel(target, creds, _CHANNEL_OPTIONS)
-            if creds
-            else grpc.insecure_channel(target, _CHANNEL_OPTIONS)
+            self._secure(target, creds, _CHANNEL_OPTIONS) if creds else self._insecure(target, _CHANNEL_OPTIONS)
         )
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
@@ -108,6 +109,10 @@ class Client:
         self.feedback = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
         self.reward = reward_pb2_grpc.RewardServiceStub(self.channel)
         self.admin = admin_pb2_grpc.ModelAdminStub(self.channel)
+
+
+class Client(_Stubs):
+    """Blocking client for the policy, feedback, reward and admin services on one target."""
 
     def __enter__(self) -> Client:
         return self
@@ -201,40 +206,11 @@ class Client:
         return self._call(self.admin.Unpin, admin_pb2.UnpinRequest(model=model), None)
 
 
-class AsyncClient:
+class AsyncClient(_Stubs):
     """The same calls on grpc.aio, for asyncio apps and load generators."""
 
-    def __init__(
-        self,
-        target: str,
-        token: str | None = None,
-        *,
-        timeout_s: float = 30.0,
-        retry: RetryPolicy | None = None,
-        root_certificates: bytes | Path | None = None,
-        private_key: bytes | Path | None = None,
-        certificate_chain: bytes | Path | None = None,
-        client_id: str = "",
-        metadata: Sequence[tuple[str, str]] = (),
-    ) -> None:
-        creds = _credentials(root_certificates, private_key, certificate_chain)
-        self.channel = (
-            aio.secure_channel(target, creds, _CHANNEL_OPTIONS)
-            if creds
-            else aio.insecure_channel(target, _CHANNEL_OPTIONS)
-        )
-        self.timeout_s = timeout_s
-        self.retry = retry or RetryPolicy()
-        md = list(metadata)
-        if token:
-            md.append(("authorization", f"Bearer {token}"))
-        if client_id:
-            md.append(("x-client-id", client_id))
-        self.metadata = tuple(md)
-        self.policy = policy_pb2_grpc.PolicyServiceStub(self.channel)
-        self.feedback = feedback_pb2_grpc.FeedbackServiceStub(self.channel)
-        self.reward = reward_pb2_grpc.RewardServiceStub(self.channel)
-        self.admin = admin_pb2_grpc.ModelAdminStub(self.channel)
+    _secure = staticmethod(aio.secure_channel)
+    _insecure = staticmethod(aio.insecure_channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -122,6 +122,38 @@ class GrpcServer:
         logger.info("draining: grace %.1fs", grace)
         await self.set_serving(False)
         await self.server.stop(grace)
+
+
+class ServiceProcess(Protocol):
+    """What `serve_until_signalled` runs: PolicyApp, RewardApp."""
+
+    async def start(self, watch: bool = True) -> int: ...
+
+    async def stop(self, grace_s: float | None = None) -> None: ...
+
+
+def admin_binding(slots: Mapping[str, Any]) -> ServiceBinding:
+    """ModelAdmin over a service's model slots (the same servicer in both services)."""
+    from loopserve.admin.v1 import admin_pb2_grpc
+    from loopserve.admin_servicer import ModelAdminServicer
+    from loopserve.config import ADMIN_SERVICE
+
+    return ServiceBinding(ADMIN_SERVICE, ModelAdminServicer(slots), admin_pb2_grpc.add_ModelAdminServicer_to_server)
+
+
+async def serve_until_signalled(cfg: ServerConfig, make_app: Callable[[], ServiceProcess]) -> None:
+    """A service process's main: threads, /metrics, start, wait for SIGTERM/SIGINT, drain, exit 0."""
+    from loopserve import metrics
+    from loopserve.device import configure_threads
+
+    configure_threads(cfg.threads)
+    metrics.serve_metrics(cfg.metrics_port)
+    stop = asyncio.Event()
+    install_signal_handlers(stop)
+    app = make_app()
+    await app.start()
+    await stop.wait()
+    await app.stop()
 
 
 def install_signal_handlers(stop: asyncio.Event) -> None:

@@ -6,17 +6,14 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from loopserve import metrics
-from loopserve.admin.v1 import admin_pb2_grpc
-from loopserve.admin_servicer import ModelAdminServicer
-from loopserve.config import ADMIN_SERVICE, FEEDBACK_SERVICE, POLICY_SERVICE, PolicyConfig
-from loopserve.device import configure_threads, pick_device, pick_dtype
+from loopserve.config import FEEDBACK_SERVICE, POLICY_SERVICE, PolicyConfig
+from loopserve.device import pick_device, pick_dtype
 from loopserve.feedback.v1 import feedback_pb2_grpc
 from loopserve.feedback_log import DecisionWriter, FeedbackCommitter, FeedbackLog, open_feedback_log
 from loopserve.feedback_servicer import FeedbackIngest, FeedbackServicer
 from loopserve.model_store import ModelStore
 from loopserve.policy.v1 import policy_pb2_grpc
-from loopserve.server import GrpcServer, ServiceBinding, install_signal_handlers, token_table
+from loopserve.server import GrpcServer, ServiceBinding, admin_binding, serve_until_signalled, token_table
 from policy_service.decisions import LoggedDecisions
 from policy_service.runtime import PolicyRuntime, RuntimeOptions
 from policy_service.service import PolicyFrontend
@@ -57,11 +54,7 @@ class PolicyApp:
                 PolicyServicer(self.frontend),
                 policy_pb2_grpc.add_PolicyServiceServicer_to_server,
             ),
-            ServiceBinding(
-                ADMIN_SERVICE,
-                ModelAdminServicer(self.runtime.slots()),
-                admin_pb2_grpc.add_ModelAdminServicer_to_server,
-            ),
+            admin_binding(self.runtime.slots()),
             ServiceBinding(
                 FEEDBACK_SERVICE,
                 FeedbackServicer(ingest),
@@ -93,11 +86,4 @@ class PolicyApp:
 
 
 async def run(cfg: PolicyConfig) -> None:
-    configure_threads(cfg.threads)
-    metrics.serve_metrics(cfg.metrics_port)
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    app = PolicyApp(cfg)
-    await app.start()
-    await stop.wait()
-    await app.stop()
+    await serve_until_signalled(cfg, lambda: PolicyApp(cfg))

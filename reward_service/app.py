@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Sequence
 
-from loopserve import metrics
-from loopserve.admin.v1 import admin_pb2_grpc
-from loopserve.admin_servicer import ModelAdminServicer
-from loopserve.config import ADMIN_SERVICE, REWARD_SERVICE, RewardConfig
-from loopserve.device import configure_threads, pick_device, pick_dtype
+from loopserve.config import REWARD_SERVICE, RewardConfig
+from loopserve.device import pick_device, pick_dtype
 from loopserve.model_store import ModelStore
 from loopserve.reward.v1 import reward_pb2_grpc
-from loopserve.server import GrpcServer, ServiceBinding, install_signal_handlers, token_table
+from loopserve.server import GrpcServer, ServiceBinding, admin_binding, serve_until_signalled, token_table
 from reward_service.runtime import RewardRuntime, RuntimeOptions
 from reward_service.service import RewardFrontend
 from reward_service.servicer import RewardServicer
@@ -42,11 +38,7 @@ class RewardApp:
                 RewardServicer(self.frontend),
                 reward_pb2_grpc.add_RewardServiceServicer_to_server,
             ),
-            ServiceBinding(
-                ADMIN_SERVICE,
-                ModelAdminServicer(self.runtime.slots()),
-                admin_pb2_grpc.add_ModelAdminServicer_to_server,
-            ),
+            admin_binding(self.runtime.slots()),
             *extra_bindings,
         ]
         self.server = GrpcServer(cfg, bindings, token_table(cfg))
@@ -69,11 +61,4 @@ class RewardApp:
 
 
 async def run(cfg: RewardConfig) -> None:
-    configure_threads(cfg.threads)
-    metrics.serve_metrics(cfg.metrics_port)
-    stop = asyncio.Event()
-    install_signal_handlers(stop)
-    app = RewardApp(cfg)
-    await app.start()
-    await stop.wait()
-    await app.stop()
+    await serve_until_signalled(cfg, lambda: RewardApp(cfg))
