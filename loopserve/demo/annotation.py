@@ -1,0 +1,425 @@
+"""The annotation demo: an app streams the train split through Annotate; humans review some items.
+
+    app ──Annotate(chunk)──▶ policy ──needs_review?──▶ simulated annotators ──Submit(accept|correction)──▶ log
+                                     └─ otherwise: auto-labelled (a random audit share still goes to people)
+    trainer ◀── log: a round per `round_labels` human labels; gate; publish ──▶ store ──watch──▶ policy swaps
+    demo ──Annotate(test split)──▶ accuracy of every version served
+
+The app hands items to people only while the human budget lasts; after that everything it streams is
+auto-labelled. Once it has handed `round_labels` labels to the trainer it waits for that round to end
+(and for the policy to serve what it published) before it streams on: on 2 CPU cores the stream would
+otherwise outrun the trainer and the demo would show a backlog instead of a loop. That pacing is the
+only thing the demo does that a production app would not.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loopserve.client import Client
+from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
+from loopserve.demo import passive, report
+from loopserve.demo.annotators import AnnotatorPool
+from loopserve.demo.stack import Stack, link_base_versions, new_run_folder, sigterm_as_interrupt
+from loopserve.feedback.v1 import feedback_pb2
+from loopserve.model_store import ModelStore
+
+logger = logging.getLogger(__name__)
+
+CEILING_REFERENCE = 0.852
+"""MiniLM fully fine-tuned on all 4,000 Fine Food train labels (3 epochs, 256 tokens): DESIGN.md."""
+
+
+@dataclass
+class AnnotationDemoOptions:
+    data_dir: Path = Path("./.loopserve")
+    """The main data dir: its store holds the base versions, its runs/ gets this run's folder."""
+    dataset: Path | None = None
+    """A JSONL / CSV with text, label[, split]; default: Fine Food (pulled on first use)."""
+    quick: bool = False
+    """A small run for CI (a subset of the data; minutes)."""
+    budget_fraction: float = 0.3
+    """Human interactions allowed, as a share of the train items streamed."""
+    audit_fraction: float = 0.05
+    """Share of the items the policy is sure of that still go to a person (to measure auto-labels)."""
+    error_rate: float = 0.05
+    """Mean error rate of the simulated annotators."""
+    double_review: float = 0.1
+    """Share of reviewed items that a second annotator also reviews."""
+    annotators: int = 5
+    """Simulated annotators in the pool."""
+    chunk: int = 100
+    """Items per Annotate call of the app."""
+    round_labels: int = 150
+    """Human labels per trainer round (--round-min-events)."""
+    review_threshold: float = 0.8
+    """needs_review when the top calibrated probability is under this (PolicyConfig)."""
+    epochs: float = 1.0
+    """Passes over the replay buffer per round."""
+    max_steps: int = 0
+    """Cap on optimizer steps (batch 16) per round; 0: `epochs` full passes over the replay buffer.
+    (A cap makes rounds cheap but a gated round then throws its few steps away and the next one starts
+    from the same serving weights with as few: the loop can stall. Full passes grow with the buffer.)"""
+    max_length: int = 128
+    """Tokens per item in training and serving (the services truncate to it too)."""
+    heldout_fraction: float = 0.15
+    """Share of verified items the trainer keeps for its gate."""
+    min_eval_items: int = 30
+    """Gate: held-out items needed before the first publish."""
+    min_lift_z: float = 0.0
+    """Gate: standard errors by which accuracy must beat the held-out majority rate. Off in the demo: the
+    check refuses models trained on random labels, which simulated annotators with a known error rate do
+    not give, and the held-out slice (items the policy was unsure of) has a skewed majority rate."""
+    train_items: int = 0
+    """Stream only this many train items (0: all)."""
+    test_items: int = 0
+    """Evaluate on this many test items (0: all)."""
+    seed: int = 0
+    measure_ceiling: bool = False
+    """Train on every train label (slow) instead of quoting the reference ceiling."""
+    round_timeout_s: float = 600.0
+    """Longest the app waits for one trainer round."""
+
+    def apply_quick(self) -> None:
+        self.train_items, self.test_items = self.train_items or 400, self.test_items or 200
+        self.chunk, self.round_labels, self.epochs = 60, 60, 2.0
+        self.heldout_fraction, self.min_eval_items = 0.25, 15
+        self.round_timeout_s = min(self.round_timeout_s, 120.0)
+
+
+@dataclass
+class VersionPoint:
+    version: str
+    human_labels: int
+    accuracy: float
+    published_at: float | None = None
+    served_at: float | None = None
+    eval_seconds: float = 0.0
+
+
+@dataclass
+class ChunkPoint:
+    t: float
+    items: int
+    human_labels: int
+    version: str
+    review_rate: float
+    """Share of the chunk the policy flagged needs_review."""
+    auto_share: float
+    """Share of the chunk auto-labelled (no person saw it)."""
+    auto_accuracy: float | None
+    """Accuracy of the auto-labels against the data's labels."""
+
+
+@dataclass
+class AnnotationRun:
+    opts: AnnotationDemoOptions
+    run: Path
+    labels: list[str]
+    train: list[Example]
+    test: list[Example]
+    t0: float = field(default_factory=time.monotonic)
+    versions: list[VersionPoint] = field(default_factory=list)
+    chunks: list[ChunkPoint] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    human_labels: int = 0
+    items_seen: int = 0
+    auto_total: int = 0
+    auto_correct: int = 0
+    labels_at_last_round: int = 0
+    serving: str = "v0"
+    status: str = "starting"
+    passive: dict[str, float] = field(default_factory=dict)
+    ceiling: dict[str, Any] = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def _dataset(opts: AnnotationDemoOptions) -> tuple[list[Example], list[Example]]:
+    path = opts.dataset or pull_finefoods(opts.data_dir / "data")
+    train, test = load_dataset(path, seed=opts.seed)
+    rng = random.Random(opts.seed)
+    rng.shuffle(train)  # the order the app streams them in
+    if opts.train_items:
+        train = train[: opts.train_items]
+    if opts.test_items:
+        test = random.Random(opts.seed + 1).sample(test, min(opts.test_items, len(test)))
+    return train, test
+
+
+def _prepare_store(opts: AnnotationDemoOptions, run: Path, labels: list[str]) -> None:
+    main_store = opts.data_dir / "store"
+    link_base_versions(main_store, run / "store", ["annotator", "reward"])
+    store = ModelStore(run / "store")
+    served = json.loads((store.path("annotator", "v0") / "head.json").read_text())
+    if sorted(x["name"] for x in served["labels"]) != sorted(labels):
+        # Another data set: a fresh zero-shot base annotator for its labels, in this run's store only.
+        import shutil
+
+        from loopserve.models import provision
+
+        shutil.rmtree(run / "store" / "models" / "annotator")
+        spec = {"task": served.get("task", "sentiment"), "labels": [{"name": x, "description": x} for x in labels]}
+        (run / "labels.json").write_text(json.dumps(spec))
+        provision.pull(store, models=["annotator"], labels_file=run / "labels.json")
+
+
+def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
+    objectives = {
+        "annotator": {"epochs": opts.epochs, "max_length": opts.max_length, "max_steps": opts.max_steps},
+        "gate": {"min_eval_items": opts.min_eval_items, "min_lift_z": opts.min_lift_z},
+    }
+    path = run / "objectives.json"
+    path.write_text(json.dumps(objectives, indent=2))
+    return [
+        "--models",
+        "annotator",
+        "--round-min-events",
+        str(opts.round_labels),
+        "--round-interval-s",
+        "15" if opts.quick else "30",
+        "--heldout-fraction",
+        str(opts.heldout_fraction),
+        "--poll-interval-s",
+        "0.5",
+        "--seed",
+        str(opts.seed),
+        "--objectives-json",
+        str(path),
+    ]
+
+
+def _evaluate(client: Client, test: list[Example], batch: int = 128) -> tuple[str, float]:
+    """Accuracy of the served top label on the test split, through Annotate; (version, accuracy)."""
+    for _attempt in range(3):
+        versions, correct = set(), 0
+        for i in range(0, len(test), batch):
+            part = test[i : i + batch]
+            r = client.annotate([e.text for e in part], top_k=1, timeout_s=300)
+            versions.add(r.model_version)
+            correct += sum(a.labels[0].label == e.label for a, e in zip(r.annotations, part, strict=True))
+        if len(versions) == 1:
+            return versions.pop(), correct / len(test)
+        # A swap landed mid-evaluation: evaluate again on the one version now serving.
+    raise RuntimeError("the served version kept changing during evaluation")
+
+
+def _annotator_rounds(run: Path) -> list[dict[str, Any]]:
+    path = run / "trainer" / "rounds.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r for r in rows if r.get("model") == "annotator"]
+
+
+def _published_at(run: Path, version: str) -> float:
+    import datetime as dt
+
+    manifest = json.loads((run / "store" / "models" / "annotator" / version / "manifest.json").read_text())
+    return dt.datetime.fromisoformat(manifest["created"]).timestamp()
+
+
+class AnnotationDemo:
+    def __init__(self, opts: AnnotationDemoOptions) -> None:
+        if opts.quick:
+            opts.apply_quick()
+        self.opts = opts
+
+    # ---- the trainer side, as the app sees it ------------------------------------------------------
+
+    def _wait_round(self, st: AnnotationRun, stack: Stack, client: Client, seen: int, refresh: Any) -> int:
+        """Wait for the next annotator round after `seen` rows; evaluate what it published."""
+        deadline = time.monotonic() + self.opts.round_timeout_s
+        st.status = "trainer round running"
+        refresh()
+        labels = st.human_labels
+        while True:
+            stack.check_alive()
+            rows = _annotator_rounds(st.run)
+            if len(rows) > seen:
+                break
+            if time.monotonic() > deadline:
+                logger.warning("no trainer round within %.0fs; streaming on", self.opts.round_timeout_s)
+                return seen
+            time.sleep(0.3)
+            refresh()
+        new = [r for r in rows[seen:] if r.get("result") != "skipped"]
+        if not new:  # only skipped rounds (too little held-out data yet): keep streaming
+            return len(rows)
+        st.labels_at_last_round = labels
+        for row in new:
+            st.rounds.append({**row, "human_labels": labels, "t": st.elapsed()})
+            if row.get("result") == "published" and row.get("version"):
+                self._swap_and_evaluate(st, client, row["version"], labels, refresh)
+        return len(rows)
+
+    def _swap_and_evaluate(self, st: AnnotationRun, client: Client, version: str, labels: int, refresh: Any) -> None:
+        st.status = f"waiting for the policy to serve {version}"
+        refresh()
+        deadline = time.monotonic() + 120
+        while client.model_info().annotator_version != version:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the policy did not swap to {version} within 120s")
+            time.sleep(0.1)
+        served_at = time.time()
+        st.serving = version
+        st.status = f"evaluating {version} on the test split"
+        refresh()
+        t = time.monotonic()
+        got, acc = _evaluate(client, st.test)
+        st.versions.append(
+            VersionPoint(got, labels, acc, _published_at(st.run, version), served_at, time.monotonic() - t)
+        )
+
+    # ---- the app ---------------------------------------------------------------------------------------
+
+    def _review_chunk(
+        self, st: AnnotationRun, pool: AnnotatorPool, part: list[Example], resp: Any, rng: random.Random
+    ) -> list[feedback_pb2.FeedbackEvent]:
+        budget = int(self.opts.budget_fraction * len(st.train))
+        events, flagged, auto, auto_ok = [], 0, 0, 0
+        for ex, ann in zip(part, resp.annotations, strict=True):
+            served = ann.labels[0].label
+            flagged += ann.needs_review
+            to_people = ann.needs_review or rng.random() < self.opts.audit_fraction
+            if to_people and pool.reviews < budget:
+                for rv in pool.review(ex.label, served, max_reviews=budget - pool.reviews):
+                    key = f"{st.run.name}:{ann.event_id}:{rv.annotator_id}"
+                    if rv.kind == "accept":
+                        ev = feedback_pb2.FeedbackEvent(
+                            idempotency_key=key,
+                            annotator_id=rv.annotator_id,
+                            accept=feedback_pb2.LabelAccept(event_id=ann.event_id),
+                        )
+                    else:
+                        ev = feedback_pb2.FeedbackEvent(
+                            idempotency_key=key,
+                            annotator_id=rv.annotator_id,
+                            correction=feedback_pb2.LabelCorrection(event_id=ann.event_id, label=rv.label),
+                        )
+                    events.append(ev)
+            else:
+                auto += 1
+                auto_ok += served == ex.label
+        st.auto_total += auto
+        st.auto_correct += auto_ok
+        st.human_labels = pool.reviews
+        st.items_seen += len(part)
+        st.chunks.append(
+            ChunkPoint(
+                st.elapsed(),
+                st.items_seen,
+                st.human_labels,
+                resp.model_version,
+                flagged / len(part),
+                auto / len(part),
+                auto_ok / auto if auto else None,
+            )
+        )
+        return events
+
+    def run(self) -> Path:
+        from rich.console import Console
+
+        opts = self.opts
+        console = Console()
+        train, test = _dataset(opts)
+        labels = label_set(train + test)
+        run = new_run_folder(opts.data_dir, "annotation")
+        (run / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
+        st = AnnotationRun(opts, run, labels, train, test)
+        console.print(f"run folder: {run}")
+        console.print(
+            f"data: {len(train)} train items streamed, {len(test)} test items, labels {labels}; "
+            f"human budget {int(opts.budget_fraction * len(train))} interactions"
+        )
+        _prepare_store(opts, run, labels)
+        pool = AnnotatorPool(
+            labels, size=opts.annotators, error_rate=opts.error_rate, double_review=opts.double_review, seed=opts.seed
+        )
+        stack = Stack(
+            run,
+            trainer_flags=_trainer_flags(opts, run),
+            policy_flags=["--review-threshold", str(opts.review_threshold), "--max-input-tokens", str(opts.max_length)],
+        )
+        sigterm_as_interrupt()
+        rng = random.Random(opts.seed + 1)
+        try:
+            stack.start()
+            st.status = "starting the services"
+            with report.LiveView(console, lambda: report.live_table(st), lambda: report.live_line(st)) as view:
+                refresh = view.refresh
+                refresh()
+                ready = stack.wait_ready()
+                st.status = f"services ready in {ready:.0f}s; evaluating v0"
+                refresh()
+                with (
+                    Client(stack.policy_target, stack.token("client"), timeout_s=120) as app,
+                    Client(stack.policy_target, stack.token("annotator"), timeout_s=120) as people,
+                ):
+                    t = time.monotonic()
+                    version, acc = _evaluate(app, test)
+                    st.versions.append(VersionPoint(version, 0, acc, None, None, time.monotonic() - t))
+                    st.serving = version
+                    seen = 0
+                    for i in range(0, len(train), opts.chunk):
+                        stack.check_alive()
+                        part = train[i : i + opts.chunk]
+                        st.status = "streaming"
+                        resp = app.annotate([e.text for e in part], top_k=0)
+                        events = self._review_chunk(st, pool, part, resp, rng)
+                        if events:
+                            people.submit(events)
+                        refresh()
+                        if st.human_labels - st.labels_at_last_round >= opts.round_labels:
+                            seen = self._wait_round(st, stack, app, seen, refresh)
+                    if st.human_labels > st.labels_at_last_round:
+                        st.status = "waiting for the last round"
+                        seen = self._wait_round(st, stack, app, seen, refresh)
+                    st.status = "loop done; stopping the services"
+                    refresh()
+            stack.stop()
+            self._baselines(st, pool, console)
+        except KeyboardInterrupt:
+            stack.stop()
+            console.print(f"interrupted: stopped every process the demo started; log and store in {run}")
+            raise
+        finally:
+            stack.stop()
+        summary = report.write_annotation_report(st, pool)
+        console.print(report.summary_lines(summary))
+        print(run)
+        return run
+
+    def _baselines(self, st: AnnotationRun, pool: AnnotatorPool, console: Any) -> None:
+        opts = self.opts
+        from trainer.annotation_policy import AnnotationPolicyConfig
+
+        cfg = AnnotationPolicyConfig(epochs=opts.epochs, max_length=opts.max_length, max_steps=opts.max_steps)
+        base = st.run / "store" / "models" / "annotator" / "v0"
+        published = [r["human_labels"] for r in st.rounds if r.get("result") == "published"]
+        schedule = published or [st.human_labels]
+        budget = schedule[-1]
+        noisy = AnnotatorPool(
+            st.labels, size=opts.annotators, error_rate=opts.error_rate, double_review=0.0, seed=opts.seed + 1
+        )
+        labelled = passive.passive_labels(st.train, budget, noisy.noisy_label, opts.seed)
+        console.print(f"passive baseline: {budget} random items, the loop's schedule {schedule}, trained offline ...")
+        res = passive.train_offline(base, labelled, schedule, st.test, cfg, heldout_fraction=opts.heldout_fraction)
+        st.passive = res
+        console.print(f"passive: accuracy {res['accuracy']:.3f} with {budget} labels in {res['seconds']:.0f}s")
+        if opts.measure_ceiling:
+            console.print(f"ceiling: all {len(st.train)} train labels, 3 epochs, trained offline ...")
+            cfg3 = AnnotationPolicyConfig(epochs=3.0, max_length=opts.max_length)
+            all_labels = [(e.text, e.label) for e in st.train]
+            res = passive.train_offline(base, all_labels, [len(all_labels)], st.test, cfg3, heldout_fraction=0.0)
+            st.ceiling = {"accuracy": res["accuracy"], "measured": True, "seconds": res["seconds"]}
+        else:
+            st.ceiling = {"accuracy": CEILING_REFERENCE, "measured": False}

@@ -1,0 +1,139 @@
+"""The demo: simulated annotators and run folders (fast), and the quick demos end to end (slow: real
+models, real processes, real gRPC), including Ctrl-C leaving nothing running and the log and store whole."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loopserve.demo.annotators import AnnotatorPool
+from loopserve.demo.stack import link_base_versions
+from loopserve.model_store import ModelStore
+from tests import tiny_models
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_simulated_annotators_err_at_their_rate_and_disagree() -> None:
+    pool = AnnotatorPool(["great", "other"], size=5, error_rate=0.1, double_review=0.5, seed=3)
+    reviews = [pool.review("great", "great") for _ in range(4000)]
+    wrong = sum(r.label != "great" for rs in reviews for r in rs)
+    assert 0.06 < wrong / pool.reviews < 0.14
+    assert pool.double_reviewed > 1500 and 0.05 < pool.disagreement_rate < 0.35
+    kinds = {r.kind for rs in reviews for r in rs}
+    assert kinds == {"accept", "correction"}  # a wrong answer about a right served label is a correction
+
+
+def test_run_store_hard_links_the_base_versions(tiny_data_dir: Path, tmp_path: Path) -> None:
+    run_store = tmp_path / "run" / "store"
+    got = link_base_versions(tiny_data_dir / "store", run_store, ["annotator", "reward"])
+    assert got == {"annotator": "v0", "reward": "v0"}
+    main, run = ModelStore(tiny_data_dir / "store"), ModelStore(run_store)
+    assert run.latest("annotator") == "v0"
+    run.verify("annotator", "v0")
+    for f in main.path("annotator", "v0").iterdir():
+        assert (run.path("annotator", "v0") / f.name).stat().st_ino == f.stat().st_ino  # linked, not copied
+
+
+def _data_dir(tmp_path: Path) -> Path:
+    """A data dir whose store is the real one's base versions and whose data is Fine Food."""
+    from loopserve.datasets import pull_finefoods
+    from loopserve.models import provision
+
+    provision.pull(ModelStore(tiny_models.REAL_STORE))
+    (tmp_path / "store").symlink_to(Path(tiny_models.REAL_STORE).resolve())
+    src = pull_finefoods(REPO / ".loopserve" / "data")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / src.name).symlink_to(src.resolve())
+    return tmp_path
+
+
+def _demo(data_dir: Path, *flags: str) -> tuple[Path, dict]:  # type: ignore[type-arg]
+    r = subprocess.run(
+        [sys.executable, "-m", "loopserve", "demo", "--quick", "--data-dir", str(data_dir), *flags],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    run = Path(r.stdout.strip().splitlines()[-1])  # the run folder is the demo's last line
+    return run, json.loads((run / "summary.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
+    run, s = _demo(_data_dir(tmp_path))
+    assert s["accuracy_final"] > s["accuracy_base"], s
+    assert s["human_labels"] <= 0.3 * s["train_items"]
+    for key in ("accuracy_passive", "accuracy_ceiling", "train_items"):
+        assert key in s
+    assert len(s["versions"]) >= 2  # at least one version published, swapped in and evaluated
+    for f in ("report.md", "accuracy_vs_labels.png", "review_and_auto_labels.png"):
+        assert (run / f).stat().st_size > 0
+    assert "simulated" in (run / "report.md").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_quick_generation_demo_raises_the_reward(tmp_path: Path) -> None:
+    run, s = _demo(_data_dir(tmp_path), "--generation")
+    assert s["reward_final"] > s["reward_base"], s
+    for key in ("kl_final", "rm_pairwise_accuracy"):
+        assert key in s
+    assert (run / "report.md").stat().st_size > 0
+    assert list(run.glob("*.png"))
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_ctrl_c_stops_every_process_and_leaves_log_and_store_whole(tmp_path: Path) -> None:
+    data_dir = _data_dir(tmp_path)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "loopserve", "demo", "--quick", "--data-dir", str(data_dir)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 300
+    run = None
+    while time.monotonic() < deadline:  # wait until the app is streaming (feedback in the log)
+        runs = list((data_dir / "runs").glob("*")) if (data_dir / "runs").is_dir() else []
+        if runs and (runs[0] / "feedback.sqlite3").exists():
+            run = runs[0]
+            with sqlite3.connect(run / "feedback.sqlite3") as db:
+                if db.execute("select count(*) from records").fetchone()[0] > 0:
+                    break
+        time.sleep(1)
+    assert run is not None
+    assert _processes_mentioning(str(run))  # the stack is up
+    demo.send_signal(signal.SIGINT)
+    demo.wait(120)
+    assert demo.returncode != 0
+    assert _processes_mentioning(str(run)) == []
+    with sqlite3.connect(run / "feedback.sqlite3") as db:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    store = ModelStore(run / "store")
+    for model in store.models():
+        for v in store.list(model):
+            store.verify(model, v)
