@@ -6,11 +6,11 @@ person can act on, before anything is queued.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from loopserve.errors import InvalidArgument
 from loopserve.policy.v1 import policy_pb2 as pb
+from loopserve.request_checks import check_finite, check_text
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
@@ -26,19 +26,7 @@ class Limits:
 
 
 def _check_text(text: str, what: str, limits: Limits) -> None:
-    if not text or not text.strip():
-        raise InvalidArgument(f"{what} is empty")
-    if len(text) > limits.max_text_chars:
-        raise InvalidArgument(
-            f"{what} has {len(text)} characters; the limit is {limits.max_text_chars} "
-            "(split the text, or raise --max-text-chars)"
-        )
-
-
-def _finite(value: float, name: str) -> float:
-    if not math.isfinite(value):
-        raise InvalidArgument(f"{name} must be a finite number, got {value}")
-    return value
+    check_text(text, what, limits.max_text_chars)
 
 
 # ---- Annotate ---------------------------------------------------------------------------------------
@@ -141,10 +129,10 @@ class GenerateCall:
                 f"max_new_tokens must be in [1, {limits.max_new_tokens_cap}] (0 means the default "
                 f"{limits.max_new_tokens_default}), got {req.max_new_tokens}"
             )
-        temperature = _finite(req.temperature, "temperature") if req.HasField("temperature") else 1.0
+        temperature = check_finite(req.temperature, "temperature") if req.HasField("temperature") else 1.0
         if temperature < 0:
             raise InvalidArgument(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-        top_p = _finite(req.top_p, "top_p") if req.HasField("top_p") else 1.0
+        top_p = check_finite(req.top_p, "top_p") if req.HasField("top_p") else 1.0
         if not 0.0 < top_p <= 1.0:
             raise InvalidArgument(f"top_p must be in (0, 1], got {top_p}")
         if req.top_k < 0:

@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from loopserve.errors import InvalidArgument
+from loopserve.request_checks import check_text
 from loopserve.reward.v1 import reward_pb2 as pb
 
 
@@ -20,13 +21,7 @@ class Limits:
 
 
 def _check_text(text: str, what: str, limits: Limits) -> None:
-    if not text or not text.strip():
-        raise InvalidArgument(f"{what} is empty")
-    if len(text) > limits.max_text_chars:
-        raise InvalidArgument(
-            f"{what} has {len(text)} characters; the limit is {limits.max_text_chars} "
-            "(shorten the text, or raise --max-text-chars)"
-        )
+    check_text(text, what, limits.max_text_chars)
 
 
 def preference_probability(score_a: float, score_b: float) -> float:
