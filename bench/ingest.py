@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import free_port, load, wait_ready  # noqa: E402
+from bench.serving import free_port, load, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2 as fb  # noqa: E402
@@ -41,30 +41,8 @@ LABELS = {TASK: ["great", "other"]}
 
 
 def start(data_dir: Path, port: int, mport: int, log_url: str, log_decisions: bool = True) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "loopserve",
-        "policy",
-        "--data-dir",
-        str(data_dir),
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(mport),
-        "--no-generator",
-        "--log-url",
-        log_url,
-        "--log-level",
-        "WARNING",
-        "--watch-interval-s",
-        "60",
-        "--max-batch-size",
-        "64",
-    ]
-    if not log_decisions:
-        argv.append("--no-log-decisions")
-    return subprocess.Popen(argv, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    extra = ["--log-url", log_url, *([] if log_decisions else ["--no-log-decisions"])]
+    return start_service(data_dir, port, mport, extra=extra)
 
 
 def events_for(event_ids: list[str], n: int) -> list[fb.FeedbackEvent]:

@@ -25,13 +25,14 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
-from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
+from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving  # noqa: E402
 from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import provision  # noqa: E402
 
@@ -52,7 +53,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_service(data_dir: Path, port: int, mport: int, batch: int, dtype: str) -> subprocess.Popen:
+def start_service(
+    data_dir: Path, port: int, mport: int, batch: int = 64, dtype: str = "float32", extra: Sequence[str] = ()
+) -> subprocess.Popen:
     argv = [
         sys.executable,
         "-m",
@@ -77,21 +80,17 @@ def start_service(data_dir: Path, port: int, mport: int, batch: int, dtype: str)
         "WARNING",
         "--watch-interval-s",
         "60",
+        *extra,
     ]
     proc = subprocess.Popen(argv, cwd=REPO)
     return proc
 
 
 async def wait_ready(target: str, token: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            async with AsyncClient(target, token, retry=RetryPolicy(attempts=1)) as c:
-                await c.annotate(["warm up"], timeout_s=30)
-                return
-        except Exception:
-            await asyncio.sleep(0.5)
-    raise TimeoutError("service did not come up")
+    """SERVING on grpc.health.v1 (no polling), then one warm-up call."""
+    await asyncio.to_thread(wait_until_serving, target, timeout)
+    async with AsyncClient(target, token, retry=RetryPolicy(attempts=1)) as c:
+        await c.annotate(["warm up"], timeout_s=30)
 
 
 def batch_histogram(mport: int) -> tuple[float, float]:

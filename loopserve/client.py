@@ -74,6 +74,27 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+def wait_until_serving(target: str, timeout_s: float = 120.0, service: str = "") -> None:
+    """Block until `target` reports SERVING on grpc.health.v1 (a Watch stream, no polling), or raise
+    TimeoutError. A process that is still starting (port not open yet) is waited for too."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(target) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=timeout_s)
+            stream = health_pb2_grpc.HealthStub(channel).Watch(
+                health_pb2.HealthCheckRequest(service=service), timeout=max(0.001, deadline - time.monotonic())
+            )
+            for update in stream:
+                if update.status == health_pb2.HealthCheckResponse.SERVING:
+                    stream.cancel()
+                    return
+        except (grpc.FutureTimeoutError, grpc.RpcError):
+            pass
+    raise TimeoutError(f"{target} did not report SERVING within {timeout_s:.0f}s")
+
+
 class _Stubs:
     """What both clients share: the channel, the stubs, the call metadata, the retry policy."""
 

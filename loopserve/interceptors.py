@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 import uuid
@@ -56,6 +57,17 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); the server logged the details"
 
 
+async def _responses(behaviour: Behaviour, request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+    """A streaming handler is either an async generator or a coroutine that writes with
+    `context.write` (grpc's own health servicer's Watch): iterate the first, await the second."""
+    result = behaviour(request, context)
+    if inspect.isasyncgen(result):
+        async for response in result:
+            yield response
+    else:
+        await result
+
+
 class StatusInterceptor(aio.ServerInterceptor):
     """Maps exceptions to status codes; counts and times every RPC."""
 
@@ -84,7 +96,7 @@ class StatusInterceptor(aio.ServerInterceptor):
                 async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                     start = time.perf_counter()
                     try:
-                        async for response in behaviour(request, context):
+                        async for response in _responses(behaviour, request, context):
                             yield response
                     except asyncio.CancelledError:
                         finish(start, grpc.StatusCode.CANCELLED)
@@ -141,7 +153,7 @@ class AuthInterceptor(aio.ServerInterceptor):
 
                 async def streaming(request: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
                     auth.authorize(table, details.method, metadata)
-                    async for response in behaviour(request, context):
+                    async for response in _responses(behaviour, request, context):
                         yield response
 
                 return streaming

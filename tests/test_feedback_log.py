@@ -19,7 +19,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -38,6 +37,7 @@ from loopserve.feedback_log import (
     validate_decision,
 )
 from tests.pg_server import create_database, create_schema, postgres_server
+from tests.waiting import wait_until
 
 LABELS = {"sentiment": ["great", "other"]}
 SECRET = "user text that must never reach a log line"
@@ -393,7 +393,7 @@ def test_follow_wakes_up_on_new_rows(log, backend):
     follower = threading.Thread(target=consume)
     follower.start()
     try:
-        time.sleep(0.5)  # the follower has read d1 and is idle
+        wait_until(lambda: len(got) == 1, 5, "the follower to read d1")
         assert [r.record.event_id for r in got] == ["d1"]
         log.append_decisions([label_decision("d2")])
         log.append_feedback([Feedback("accept", key(), event_id="d2")], LABELS)
@@ -593,7 +593,8 @@ def test_feedback_on_a_decision_still_queued_is_accepted(log):
     slow = WrappedLog(log)
 
     def slow_append(decisions):
-        time.sleep(0.3)
+        # Write the decision only once the feedback on it is queued at the committer.
+        wait_until(lambda: committer.pending > 0, 10, "the feedback to reach the committer")
         log.append_decisions(decisions)
 
     slow.append_decisions = slow_append
@@ -635,10 +636,10 @@ def test_cursor_consumer_misses_nothing_while_replicas_append(log, log_url):
     for th in writers:
         th.join(60)
     expected = [r.seq for r in log.read(limit=10_000)]
-    deadline = time.monotonic() + 10
-    while len(seen) < len(expected) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    stop.set()
+    try:
+        wait_until(lambda: len(seen) >= len(expected), 10, "the follower to catch up")
+    finally:
+        stop.set()
     follower.join(5)
     assert seen == expected
 

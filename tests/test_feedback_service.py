@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,12 +18,13 @@ import pytest
 from grpc import aio
 
 from loopserve.auth import ensure_token_file, read_token
-from loopserve.client import AsyncClient, Client, RetryPolicy
+from loopserve.client import AsyncClient, Client, RetryPolicy, wait_until_serving
 from loopserve.config import PolicyConfig
 from loopserve.feedback.v1 import feedback_pb2 as fb
 from loopserve.feedback_log import open_feedback_log
 from policy_service.app import PolicyApp
 from tests.pg_server import create_schema, postgres_server
+from tests.waiting import wait_until
 
 NO_RETRY = RetryPolicy(attempts=1)
 REPO = Path(__file__).resolve().parent.parent
@@ -252,15 +252,7 @@ def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
 
 
 def _wait_ready(target: str, token: str) -> None:
-    deadline = time.monotonic() + 120
-    with Client(target, token, retry=NO_RETRY) as c:
-        while time.monotonic() < deadline:
-            try:
-                c.annotate(["ready?"], timeout_s=10)
-                return
-            except grpc.RpcError:
-                time.sleep(0.3)
-    raise TimeoutError("policy service did not start")
+    wait_until_serving(target, timeout_s=120)
 
 
 @pytest.mark.slow
@@ -289,8 +281,7 @@ def test_acknowledged_feedback_survives_kill_9(tiny_data_dir: Path) -> None:
 
         t = threading.Thread(target=send)
         t.start()
-        while len(acked) < 2000 and t.is_alive():
-            time.sleep(0.01)
+        wait_until(lambda: len(acked) >= 2000 or not t.is_alive(), 120, "2,000 acknowledged events")
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         t.join(30)

@@ -235,3 +235,11 @@ async def test_drain_finishes_in_flight_and_refuses_new(tiny_data_dir: Path) -> 
         await stopping
         code, _ = await _code(c.annotate(["too late"], timeout_s=2))
         assert code == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_health_watch_streams_through_the_interceptors(svc: Running) -> None:
+    # Watch is a streaming handler written with context.write (not a generator): probes and
+    # `wait_until_serving` rely on it passing through the status and auth interceptors.
+    from loopserve.client import wait_until_serving
+
+    await asyncio.to_thread(wait_until_serving, svc.target, 10)
