@@ -84,16 +84,11 @@ def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.xfail(
-    strict=False,
-    reason="known flake (issue 6 open): in the quick budget the gate sometimes refuses the only GRPO "
-    "candidate (the reward model decides on ~12 held-out pairs), so the reward does not move",
-)
 def test_quick_generation_demo_raises_the_reward(tmp_path: Path) -> None:
     run, s = _demo(_data_dir(tmp_path), "--generation")
+    assert s["final_version"] != "v0", s  # a GRPO candidate passed the gate and was swapped in
     assert s["reward_final"] > s["reward_base"], s
-    for key in ("kl_final", "rm_pairwise_accuracy"):
-        assert key in s
+    assert 0 < s["kl_final"] <= 0.5 and s["rm_pairwise_accuracy"] > 0.5, s
     assert (run / "report.md").stat().st_size > 0
     assert list(run.glob("*.png"))
 

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -442,3 +443,57 @@ def test_contradictory_labels_are_gated_and_recorded_with_their_numbers(data_dir
     assert ModelStore(data_dir / "store").latest("annotator") == "v0"
     assert row["metrics"]["n"] >= 30 and 0.3 < row["metrics"]["accuracy"] < 0.7
     assert "accuracy" in row["serving_metrics"] and any("majority" in r for r in row["reasons"])
+
+
+def test_sigterm_mid_round_publishes_nothing_and_the_round_runs_again_after_restart(data_dir):
+    """The stop event (what SIGTERM sets) ends a GRPO round at its next step, not after the round."""
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_generation_stream(log, random.Random(3), n_prompts=16, n_pairs=0)
+    stop = threading.Event()
+    calls = []
+
+    def reward_then_stop(pairs):
+        calls.append(len(pairs))
+        if len(calls) == 4:  # the probe, the serving version's evaluation, then inside the training steps
+            stop.set()
+        return fraction_of_a(pairs)
+
+    args = small_args(data_dir, models="generator", generator_objectives="grpo", poll_interval_s=0.05)
+    args.once, args.grpo.steps = False, 50
+    run_trainer(args, reward_fn=reward_then_stop, stop=stop)  # returns: the loop saw the stop
+    [row] = read_rounds(args)
+    assert row["result"] == "interrupted" and row["version"] is None, row
+    assert "step" in row["reasons"][0]
+    assert len(calls) < 10  # ended within a step of the stop, not after the 50 steps of the round
+    assert ModelStore(data_dir / "store").latest("generator") == "v0"
+
+    args.once, args.grpo.steps = True, 2
+    run_trainer(args, reward_fn=fraction_of_a)  # the restart: the round is still due, and runs
+    rows = read_rounds(args)
+    assert rows[0]["result"] == "interrupted"
+    assert rows[-1]["result"] in ("published", "gated") and rows[-1]["round"] == 1
+
+
+def test_excluded_clients_traffic_never_enters_the_prompt_pool(tmp_path):
+    with open_feedback_log(str(tmp_path / "feedback.sqlite3")) as log:
+        log.append_decisions(
+            [
+                generation("G1", "review the tea", "fine"),
+                Decision(
+                    "G2",
+                    "chat",
+                    "generation",
+                    "held-out prompt",
+                    "ok",
+                    -2.0,
+                    "logprob",
+                    "generator",
+                    "v0",
+                    client_id="evaluation",
+                ),
+            ]
+        )
+        state = TrainerState()
+        ingest(state, log.read(0, 100), LABELS, exclude_clients=frozenset({"evaluation", "canary"}))
+    assert list(state.prompts) == ["review the tea"]
+    assert state.consumed["decision:generation:excluded_client"] == 1

@@ -26,7 +26,7 @@ from transformers import (
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, LabelSpec, RewardModel
 from trainer import annotation_policy as ap
 from trainer import dpo, generation_rl, reward_model
-from trainer.causal_lm import LoraSettings, add_lora, merge_lora, sample
+from trainer.causal_lm import LoraSettings, Sampler, add_lora, merge_lora, sample
 from trainer.examples import BanditExample, LabelExample, PointwiseExample, PreferencePair, RatingExample
 from trainer.gate import (
     GateConfig,
@@ -320,6 +320,55 @@ def test_grpo_with_lora_merges_into_a_plain_model(lm_tokenizer):
     assert isinstance(merged, LlamaForCausalLM) and set(merged.state_dict()) == keys
     changed = [k for k in keys if not torch.equal(merged.state_dict()[k], before[k])]
     assert changed and all("q_proj" in k or "v_proj" in k for k in changed)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_the_bf16_sampler_follows_the_policy_it_samples_for(lm_tokenizer, lora_r):
+    """After each training step the sampling copy holds the policy's effective weights (LoRA deltas
+    merged in), cast to bf16, and the policy itself is left untouched by the copy."""
+    policy = add_lora(tiny_lm(lm_tokenizer), LoraSettings(r=lora_r, alpha=8))
+    sampler = Sampler(policy, torch.bfloat16)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=5e-2)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    for _ in range(2):
+        policy(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        before = {k: v.clone() for k, v in policy.state_dict().items()}
+        sampler.sync(policy)
+        assert all(torch.equal(v, before[k]) for k, v in policy.state_dict().items())
+        effective = copy.deepcopy(policy)
+        effective = merge_lora(effective).state_dict()
+        got = sampler.model.state_dict()
+        assert set(got) == set(effective)
+        for k, v in effective.items():
+            assert got[k].dtype == torch.bfloat16
+            torch.testing.assert_close(got[k].float(), v, atol=2e-2, rtol=1e-2)
+    ro = sample(sampler.model, lm_tokenizer, ["say"], 2, max_new_tokens=4, max_prompt_tokens=8)
+    assert len(ro.texts) == 2
+
+
+def test_grpo_in_bf16_raises_a_planted_reward(lm_tokenizer):
+    policy = tiny_lm(lm_tokenizer)
+    ref = copy.deepcopy(policy).requires_grad_(False)
+    cfg = generation_rl.GRPOConfig(
+        group_size=8,
+        prompts_per_step=4,
+        steps=16,
+        max_new_tokens=8,
+        lr=2e-3,
+        beta=0.1,
+        chat_template=False,
+        eval_samples=8,
+        precision="bf16",
+    )
+    before = generation_rl.evaluate_policy(policy, ref, lm_tokenizer, HELD_PROMPTS, fraction_of_a, cfg)
+    assert before["kl"] == pytest.approx(0.0, abs=1e-6)  # policy and reference computed alike under autocast
+    generation_rl.train_grpo(policy, ref, lm_tokenizer, PROMPTS, fraction_of_a, cfg, rng=random.Random(0))
+    assert all(p.dtype == torch.float32 for p in policy.parameters())  # the training weights stay fp32
+    after = generation_rl.evaluate_policy(policy, ref, lm_tokenizer, HELD_PROMPTS, fraction_of_a, cfg)
+    assert after["mean_reward"] > before["mean_reward"] + 0.1, (before, after)
+    assert after["kl"] <= 0.5
 
 
 def test_sampled_completions_stop_at_eos_and_logprobs_ignore_padding(lm_tokenizer):

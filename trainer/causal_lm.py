@@ -12,7 +12,9 @@ positions P-1 .. P+C-2 predict the C completion tokens, and only those are compu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -169,6 +171,65 @@ def sample(
         for ids, m in zip(completion_ids, completion_mask, strict=True)
     ]
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+
+
+def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """ "auto" (bf16 on CUDA, fp32 on CPU, as the services pick), "fp32" or "bf16"."""
+    from loopserve.device import pick_dtype
+
+    return pick_dtype({"fp32": "float32", "bf16": "bfloat16"}.get(precision, precision), device)
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Mixed precision for forward passes when `dtype` is below fp32 (the weights and their gradients
+    stay fp32, so the optimizer's updates do not lose small steps); a no-op in fp32."""
+    if dtype == torch.float32:
+        yield
+        return
+    with torch.autocast(device.type, dtype=dtype):
+        yield
+
+
+class Sampler:
+    """A low-precision copy of a policy to sample rollouts from, refreshed from the policy each step.
+
+    Sampling is most of a GRPO step and runs with no gradient, so it need not run on the fp32 training
+    weights: decoding with bf16 weights is ~1.6x faster on this CPU (and the norm on GPUs, as TRL's
+    vLLM generation is). Casting weights inside autocast on every decoded token would cost more than it
+    saves, hence a persistent copy. The log-probs the loss uses are still taken from the training
+    weights, so the small bf16 rounding only makes the samples very slightly off-policy.
+
+    `sync` copies the policy's effective weights: every trainable parameter, and for each LoRA-wrapped
+    layer its frozen base weight plus the adapter's current delta (never mutating the policy)."""
+
+    def __init__(self, policy: PreTrainedModel, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.shares_policy = dtype == torch.float32
+        if self.shares_policy:
+            self.model = policy  # fp32: sample from the policy itself, nothing to copy
+            return
+        plain: torch.nn.Module = merge_lora(copy.deepcopy(policy))
+        self.model = plain.to(dtype).eval().requires_grad_(False)  # type: ignore[assignment]
+        self.params = dict(self.model.named_parameters())
+
+    @staticmethod
+    def _plain_name(name: str) -> str:
+        """A peft parameter/module name as it is in the plain model."""
+        return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+    @torch.no_grad()
+    def sync(self, policy: PreTrainedModel) -> None:
+        if self.shares_policy:
+            return
+        for name, module in policy.named_modules():
+            delta = getattr(module, "get_delta_weight", None)
+            if delta is not None and hasattr(module, "base_layer"):  # a peft LoRA layer
+                w = module.base_layer.weight + sum(delta(a) for a in module.active_adapters)
+                self.params[self._plain_name(name) + ".weight"].copy_(w)
+        for name, p in policy.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                self.params[self._plain_name(name)].copy_(p)
 
 
 @dataclass

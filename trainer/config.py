@@ -50,6 +50,9 @@ class TrainerArgs:
     """Share of items (by content hash) held out for evaluation and the gate, never trained on."""
     max_eval_prompts: int = 64
     """Held-out prompts used to evaluate the generator (a fixed subset, the same for every round)."""
+    exclude_clients: str = ""
+    """Comma-separated client ids (the x-client-id header) whose generation requests never enter the RL
+    prompt pool: evaluation, canary and load-test traffic."""
     max_buffer: int = 200_000
     """Per-kind cap on stored examples (oldest dropped first); 0 means no cap."""
     checkpoint_interval_s: float = 30.0
@@ -95,6 +98,9 @@ class TrainerArgs:
 
     def model_list(self) -> list[str]:
         return [m.strip() for m in self.models.split(",") if m.strip()]
+
+    def excluded_clients(self) -> frozenset[str]:
+        return frozenset(c.strip() for c in self.exclude_clients.split(",") if c.strip())
 
     def generator_objective_list(self) -> list[str]:
         return [m.strip() for m in self.generator_objectives.split(",") if m.strip()]

@@ -128,16 +128,27 @@ def _trim(buffer: list[Any], max_size: int) -> None:
 
 
 def ingest(
-    state: TrainerState, records: Sequence[LogRecord], labels: LabelSpace, *, max_buffer: int = 0
+    state: TrainerState,
+    records: Sequence[LogRecord],
+    labels: LabelSpace,
+    *,
+    max_buffer: int = 0,
+    exclude_clients: frozenset[str] = frozenset(),
 ) -> IngestStats:
-    """Fold `records` (seq order, each seq > state.cursor) into `state`; returns what happened."""
+    """Fold `records` (seq order, each seq > state.cursor) into `state`; returns what happened.
+
+    Generation decisions of `exclude_clients` (evaluation, canary, load-test traffic, by x-client-id)
+    never enter the RL prompt pool: training on the prompts a model is evaluated on would flatter it."""
     stats = IngestStats()
     for rec in records:
         if rec.seq <= state.cursor:
             raise ValueError(f"record seq {rec.seq} is not after the cursor {state.cursor}: the log went back")
         stats.records += 1
         if rec.decision is not None:
-            _fold_decision(state, rec.decision, rec.seq)
+            if rec.decision.client_id and rec.decision.client_id in exclude_clients:
+                state.consumed[f"decision:{rec.decision.kind}:excluded_client"] += 1
+            else:
+                _fold_decision(state, rec.decision, rec.seq)
         elif rec.feedback is not None:
             if _fold_feedback(state, rec, rec.feedback, labels, stats):
                 stats.used += 1

@@ -13,12 +13,15 @@ round is never compared with a fresh one.
   `kl_bound`.
 
 `LossGuard` aborts a round (raises `RoundAborted`) on a NaN, infinite or exploding loss; the loop
-then keeps the serving version and records the round as aborted.
+then keeps the serving version and records the round as aborted. It also ends a round at the next
+optimizer step once the process is asked to stop (`RoundInterrupted`), so SIGTERM is honoured within a
+step rather than after a round that may take minutes (Kubernetes kills after its grace period).
 """
 
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -32,6 +35,15 @@ class RoundAborted(RuntimeError):
         self.step = step
         self.loss = loss
         self.reason = reason
+
+
+class RoundInterrupted(RuntimeError):
+    """The process is stopping: the candidate is dropped and the round runs again after a restart."""
+
+    def __init__(self, objective: str, step: int) -> None:
+        super().__init__(f"{objective}: round interrupted at step {step}: the trainer is stopping")
+        self.objective = objective
+        self.step = step
 
 
 @dataclass
@@ -70,14 +82,17 @@ class GateDecision:
 
 
 class LossGuard:
-    """Watches one objective's losses within a round."""
+    """Watches one objective's losses within a round, and the process's stop event."""
 
-    def __init__(self, objective: str, cfg: GateConfig | None = None) -> None:
+    def __init__(self, objective: str, cfg: GateConfig | None = None, stop: threading.Event | None = None) -> None:
         self.objective = objective
         self.cfg = cfg or GateConfig()
+        self.stop = stop
         self.first: float | None = None
 
     def check(self, step: int, loss: float) -> None:
+        if self.stop is not None and self.stop.is_set():
+            raise RoundInterrupted(self.objective, step)
         if not math.isfinite(loss):
             raise RoundAborted(self.objective, step, loss, "non-finite loss")
         if self.first is None:

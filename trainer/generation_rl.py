@@ -34,7 +34,7 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from trainer.causal_lm import completion_logprobs, sample
+from trainer.causal_lm import Sampler, autocast, completion_logprobs, precision_dtype, sample
 from trainer.gate import LossGuard
 from trainer.optim import lm_optimizer
 
@@ -83,6 +83,9 @@ class GRPOConfig:
     """Sampling seed of the evaluation (identical for candidate and serving version)."""
     eval_batch_prompts: int = 8
     """Held-out prompts per sampling call in evaluation."""
+    precision: str = "auto"
+    """fp32 | bf16 | auto (bf16 on CUDA, fp32 on CPU). bf16: rollouts are sampled from a bf16 copy of
+    the policy and forward passes run under autocast; weights, gradients and the optimizer stay fp32."""
 
 
 def group_advantages(rewards: torch.Tensor, scale: bool) -> torch.Tensor:
@@ -147,11 +150,15 @@ def train_grpo(
     optimizer = optimizer or make_optimizer(policy, cfg)
     guard = guard or LossGuard("generator_rl")
     k = cfg.group_size
+    device = next(policy.parameters()).device
+    dtype = precision_dtype(cfg.precision, device)
+    sampler = Sampler(policy, dtype)
     totals = {"loss": 0.0, "reward": 0.0, "kl": 0.0, "completion_tokens": 0.0}
     for step in range(cfg.steps):
         batch_prompts = rng.sample(list(prompts), min(cfg.prompts_per_step, len(prompts)))
+        sampler.sync(policy)
         rollout = sample(
-            policy,
+            sampler.model,
             tokenizer,
             batch_prompts,
             k,
@@ -165,9 +172,10 @@ def train_grpo(
         advantages = group_advantages(rewards, cfg.scale_rewards).flatten()  # (B,)
         policy.train()
         args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
-        logp = completion_logprobs(policy, *args, temperature=cfg.temperature)  # (B, C)
-        with torch.no_grad():
-            ref_logp = completion_logprobs(ref, *args, temperature=cfg.temperature)  # (B, C)
+        with autocast(device, dtype):
+            logp = completion_logprobs(policy, *args, temperature=cfg.temperature)  # (B, C)
+            with torch.no_grad():
+                ref_logp = completion_logprobs(ref, *args, temperature=cfg.temperature)  # (B, C)
         mask = rollout.completion_mask.to(logp.device)
         loss, kl = grpo_loss(logp, ref_logp, advantages.to(logp.device), mask, cfg.beta)
         guard.check(step, loss.item())
@@ -201,12 +209,14 @@ def evaluate_policy(
         return {"mean_reward": float("nan"), "kl": float("nan"), "n_prompts": 0.0}
     rewards, kl_sum, n_tokens = [], 0.0, 0.0
     device = next(policy.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    dtype = precision_dtype(cfg.precision, device)
+    sampler = Sampler(policy, dtype)  # the same sampling path as training: what the gate compares
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast(device, dtype):
         torch.manual_seed(cfg.eval_seed)
         for i in range(0, len(prompts), cfg.eval_batch_prompts):
             chunk = list(prompts[i : i + cfg.eval_batch_prompts])
             rollout = sample(
-                policy,
+                sampler.model,
                 tokenizer,
                 chunk,
                 cfg.eval_samples,

@@ -13,7 +13,9 @@ publish, checkpoint.
 
 The services see a publish through the store's LATEST (their watch) and hot-swap. A round that
 diverges (RoundAborted) publishes nothing. When the reward service is down the generator's round is
-deferred with exponential back-off while the annotator and reward model keep learning.
+deferred with exponential back-off while the annotator and reward model keep learning. SIGTERM ends a
+running round at its next optimizer step (RoundInterrupted): nothing is published, the round's trigger
+is kept so it runs again after a restart, and the state is checkpointed.
 
 Logs carry ids, counts, versions and durations only, never user text.
 """
@@ -48,7 +50,7 @@ from trainer.causal_lm import add_lora, merge_lora
 from trainer.config import TrainerArgs
 from trainer.consumer import ANNOTATOR, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
 from trainer.examples import heldout
-from trainer.gate import LossGuard, RoundAborted, gate_annotator, gate_generator, gate_reward_model
+from trainer.gate import LossGuard, RoundAborted, RoundInterrupted, gate_annotator, gate_generator, gate_reward_model
 from trainer.generation_rl import RewardFn, RewardUnavailable
 from trainer.optim import load_optimizer
 
@@ -90,6 +92,11 @@ class Context:
     checkpoint_folder: Path | None = None
     generator_retry_at: float = 0.0
     reward_failures: int = 0
+    stop: threading.Event | None = None
+    """Set on SIGTERM: training loops end the round at their next step (RoundInterrupted)."""
+
+    def guard(self, objective: str) -> LossGuard:
+        return LossGuard(objective, self.args.gate, self.stop)
 
 
 # ---- helpers shared by the rounds ----------------------------------------------------------------
@@ -192,7 +199,7 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
         cfg,
         baseline=state.baseline,
         optimizer=opt,
-        guard=LossGuard(ANNOTATOR, args.gate),
+        guard=ctx.guard(ANNOTATOR),
         generator=ctx.gen,
     )
     TRAINER_LOSS.labels(objective=ANNOTATOR).set(train_metrics.get("loss", float("nan")))
@@ -252,7 +259,7 @@ def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
         pointwise,
         cfg,
         optimizer=opt,
-        guard=LossGuard(REWARD, args.gate),
+        guard=ctx.guard(REWARD),
         generator=ctx.gen,
     )
     TRAINER_LOSS.labels(objective=REWARD).set(train_metrics.get("loss", float("nan")))
@@ -334,7 +341,7 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
             train_pairs,
             args.dpo,
             optimizer=opt,
-            guard=LossGuard("dpo", args.gate),
+            guard=ctx.guard("dpo"),
             generator=ctx.gen,
         )
         TRAINER_LOSS.labels(objective="dpo").set(m.get("dpo_loss", float("nan")))
@@ -352,7 +359,7 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
             ctx.reward_fn,
             args.grpo,
             optimizer=opt,
-            guard=LossGuard("grpo", args.gate),
+            guard=ctx.guard("grpo"),
             rng=ctx.py_rng,
         )
         TRAINER_LOSS.labels(objective="grpo").set(m.get("loss", float("nan")))
@@ -426,6 +433,13 @@ def run_round(ctx: Context, state: TrainerState, model: str) -> RoundOutput:
                 torch.cuda.empty_cache()
     except RoundAborted as e:
         result, optimizers = RoundResult(model, "aborted", round=state.round, reasons=[str(e)]), {}
+    except RoundInterrupted as e:
+        # Nothing is published and the trigger is kept, so the round runs again after a restart.
+        state.round -= 1
+        result = RoundResult(model, "interrupted", reasons=[str(e)], seconds=time.monotonic() - t0)
+        _record(ctx, result)
+        logger.info("%s", e)
+        return result, {}
     except RewardUnavailable as e:
         state.round -= 1
         ctx.reward_failures += 1
@@ -500,7 +514,9 @@ def run_trainer(
     with checkpoint.exclusive(root), contextlib.closing(open_feedback_log(args.feedback_log_url)) as log:
         checkpoint.clean_leftovers(root)
         state, folder = checkpoint.load_checkpoint(root)
-        ctx = Context(args, store, pick_device(args.device), reward_fn, random.Random(args.seed), torch.Generator())
+        ctx = Context(
+            args, store, pick_device(args.device), reward_fn, random.Random(args.seed), torch.Generator(), stop=stop
+        )
         ctx.checkpoint_folder = folder
         if not checkpoint.restore_rng(state, ctx.py_rng, ctx.gen):
             ctx.gen.manual_seed(args.seed)
@@ -529,7 +545,13 @@ def run_trainer(
         while not stop.is_set():
             records = log.read(state.cursor, args.read_batch)
             if records:
-                ingest(state, records, label_space(store), max_buffer=args.max_buffer)
+                ingest(
+                    state,
+                    records,
+                    label_space(store),
+                    max_buffer=args.max_buffer,
+                    exclude_clients=args.excluded_clients(),
+                )
                 dirty = True
             TRAINER_LAG.set(max(log.max_seq() - state.cursor, 0))
             caught_up = len(records) < args.read_batch
@@ -543,6 +565,8 @@ def run_trainer(
                 if not due(ctx, state, model, time.time()):
                     continue
                 result, optimizers = run_round(ctx, state, model)
+                if result.result == "interrupted":
+                    break
                 if result.result != "deferred":
                     rounds += result.result != "skipped"
                     save(optimizers)  # with every round, so a published version and its state meet soon

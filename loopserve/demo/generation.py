@@ -1,12 +1,12 @@
 """The generation demo: preferences from a simulated labeller, a reward model, online RL, hot-swaps.
 
     app ──Generate(prompt, n=4)──▶ policy (generator) ── 4 completions with event_ids ──▶ log
-    simulated labeller: of (a, b) and (c, d), the more positive one is chosen
+    simulated labeller: of each two completions with clearly different positivity, the more positive
     app ──Submit(Preference(chosen_event_id, rejected_event_id))──▶ FeedbackService ──▶ log
     trainer: reward round (Bradley-Terry on the pairs) ──publish──▶ reward service swaps
              generator round (GRPO against the reward service, KL to the base; DPO by flag) ──gate──▶ publish
-    demo: the served versions' samples on fixed evaluation prompts, scored by the reward service and by the
-          labeller
+    demo: the served versions' samples on fixed evaluation prompts (client id "evaluation", which the
+          trainer keeps out of its RL prompt pool), scored by the reward service and by the labeller
 
 The labeller is **simulated**: a TF-IDF + logistic-regression sentiment classifier trained on the data
 set's real labels (Fine Food: great / other), standing in for a person who prefers the more enthusiastic
@@ -16,6 +16,7 @@ products is used only for evaluation).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import random
@@ -106,6 +107,8 @@ EVAL_PRODUCTS = [
     "mint tea",
     "barbecue sauce",
 ]
+EVAL_CLIENT = "evaluation"
+"""The demo's evaluation traffic names itself (x-client-id) so the trainer leaves it out of RL."""
 TEMPLATES = [
     "Write a short product review of {p}.",
     "In two sentences, review the {p} you bought online.",
@@ -126,17 +129,24 @@ class GenerationDemoOptions:
     rounds: int = 3
     """Rounds of (generate, prefer, train)."""
     prompts_per_round: int = 48
-    """New prompts the app sends per round (4 completions each, 2 preference pairs each)."""
-    max_new_tokens: int = 40
+    """New prompts the app sends per round (4 completions each, up to 6 preference pairs each)."""
+    max_new_tokens: int = 32
     """Completion length, served and in RL."""
+    temperature: float = 0.7
+    """Sampling temperature, served and in RL (RL's log-probs must be those of what is served)."""
+    pair_margin: float = 0.1
+    """The labeller states a preference between two completions when their positivity differs by this."""
+    grpo_steps: int = 8
+    """GRPO steps per generator round (4 prompts x 4 samples each)."""
     eval_prompts: int = 16
-    """Fixed evaluation prompts (reserved products), 2 samples each."""
+    """Fixed evaluation prompts (reserved products), 4 samples each."""
     positive_label: str = "great"
     """The label the simulated labeller prefers (its probability is the 'positivity')."""
     round_timeout_s: float = 1200.0
 
     def apply_quick(self) -> None:
         self.rounds, self.prompts_per_round, self.max_new_tokens, self.eval_prompts = 1, 24, 24, 8
+        self.grpo_steps = 6
 
 
 class SimulatedLabeller:
@@ -192,18 +202,23 @@ def _eval_prompts(n: int) -> list[str]:
 
 
 def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
-    min_events = (3 * opts.prompts_per_round + 1) // 2  # 1.5 per prompt: see the comment below
     grpo = {
         "group_size": 4,
-        "prompts_per_step": 2 if opts.quick else 4,
-        "steps": 4 if opts.quick else 8,
+        "prompts_per_step": 4,
+        "steps": opts.grpo_steps,
         "max_new_tokens": opts.max_new_tokens,
-        "lr": 2e-4,
-        "eval_samples": 2,
+        "temperature": opts.temperature,
+        # LoRA on q/v: lr 1e-3 moves the policy measurably within a handful of steps on 2 cores (2e-4 did
+        # not: KL 3e-4 and an unchanged reward); the KL term and the gate's bound hold it near the base.
+        "lr": 1e-3,
+        "precision": "bf16",  # a bf16 sampling copy and autocast: ~1.3x a step on this CPU (AMX-BF16)
+        "eval_samples": 4,
         "eval_batch_prompts": 8,
     }
     objectives = {
-        "reward": {"epochs": 3.0, "max_length": 128},
+        # A few hundred pairs at most: higher rates than the production defaults, or the head's scale
+        # stays near 0 and GRPO's group-normalised advantages are mostly noise.
+        "reward": {"epochs": 4.0, "max_length": 128, "encoder_lr": 1e-4, "head_lr": 1e-2},
         "grpo": grpo,
         "dpo": {"lr": 5e-5, "epochs": 1.0, "max_completion_tokens": 64, "batch_size": 4},
         "lora": {"r": 8},
@@ -216,17 +231,19 @@ def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
         "reward,generator",
         "--generator-objectives",
         opts.objective,
-        # A round's pairs (2 per prompt, fewer if two completions are identical) make the reward model
-        # due; the generator counts the round's prompts and pairs (3 per prompt), so it is due only once
-        # the pairs are in, never on the prompts alone (1 per prompt, plus the evaluation prompts once).
+        # A round's prompts count for the generator only (1 each); its pairs count for both. So with the
+        # trigger at prompts + 1 the generator is never due on a round's prompts alone, and the reward
+        # model is due once the pairs are in (the app sends at least this many: `_preferences`).
         "--round-min-events",
-        str(min_events),
+        str(_min_events(opts)),
         "--round-interval-s",
         "100000",
         "--heldout-fraction",
         "0.25",
         "--max-eval-prompts",
         str(opts.eval_prompts),
+        "--exclude-clients",
+        EVAL_CLIENT,
         "--poll-interval-s",
         "0.5",
         "--seed",
@@ -234,6 +251,10 @@ def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
         "--objectives-json",
         str(path),
     ]
+
+
+def _min_events(opts: GenerationDemoOptions) -> int:
+    return opts.prompts_per_round + 1
 
 
 def _trainer_rounds(run: Path) -> list[dict[str, Any]]:
@@ -256,7 +277,7 @@ class GenerationDemo:
                 p,
                 n=n,
                 max_new_tokens=self.opts.max_new_tokens,
-                temperature=1.0,
+                temperature=self.opts.temperature,
                 seed=None if seed is None else seed + 97 * i,
                 timeout_s=600,
             )
@@ -266,7 +287,7 @@ class GenerationDemo:
 
     def _evaluate(self, st: GenerationRun, app: Client, labeller: SimulatedLabeller) -> list[tuple[str, str]]:
         prompts = _eval_prompts(self.opts.eval_prompts)
-        resps = self._generate(app, prompts, 2, seed=self.opts.seed + 1000)
+        resps = self._generate(app, prompts, 4, seed=self.opts.seed + 1000)
         samples = [(p, c.text) for p, r in zip(prompts, resps, strict=True) for c in r.completions]
         pos = labeller.positivity([s for _, s in samples])
         st.evals.append({"version": resps[0].model_version, "positivity": sum(pos) / len(pos), "t": st.elapsed()})
@@ -295,7 +316,8 @@ class GenerationDemo:
             run,
             generator=True,
             trainer_flags=_trainer_flags(opts, run),
-            policy_flags=["--max-input-tokens", "128"],
+            # bf16 serving: the fast path on this CPU (DESIGN: ~2x fp32 generation at batch 16).
+            policy_flags=["--max-input-tokens", "128", "--dtype", "bfloat16"],
         )
         sigterm_as_interrupt()
         prompts = _prompts(opts.seed)
@@ -307,44 +329,29 @@ class GenerationDemo:
                 ready = stack.wait_ready()
                 with (
                     Client(stack.policy_target, stack.token("client"), timeout_s=600) as app,
+                    Client(
+                        stack.policy_target, stack.token("client"), timeout_s=600, client_id=EVAL_CLIENT
+                    ) as evaluator,
                     Client(stack.policy_target, stack.token("annotator"), timeout_s=120) as people,
                     Client(stack.reward_target, stack.token("client"), timeout_s=300) as rewards,
                 ):
                     st.status = f"services ready in {ready:.0f}s; sampling the base version"
                     view.refresh()
-                    st.samples_base = self._evaluate(st, app, labeller)
+                    st.samples_base = self._evaluate(st, evaluator, labeller)
                     seen = 0
                     for k in range(opts.rounds):
                         part = prompts[k * opts.prompts_per_round : (k + 1) * opts.prompts_per_round]
                         st.status = f"round {k + 1}: generating 4 completions for {len(part)} prompts"
                         view.refresh()
                         resps = self._generate(app, part, 4, seed=None)
-                        events = []
-                        for r in resps:
-                            # The labeller ranks the 4 completions; the most positive is preferred over the
-                            # least and over the third (clear margins make consistent preferences).
-                            cs = list(r.completions)
-                            pos = labeller.positivity([c.text for c in cs])
-                            ranked = [cs[i] for i in sorted(range(len(cs)), key=lambda i: -pos[i])]
-                            for win, lose in ((ranked[0], ranked[-1]), (ranked[0], ranked[-2])):
-                                if win.text == lose.text:
-                                    continue
-                                events.append(
-                                    feedback_pb2.FeedbackEvent(
-                                        idempotency_key=f"{run.name}:{win.event_id}:{lose.event_id}",
-                                        annotator_id="simulated-labeller",
-                                        preference=feedback_pb2.Preference(
-                                            chosen_event_id=win.event_id, rejected_event_id=lose.event_id
-                                        ),
-                                    )
-                                )
+                        events = self._preferences(run.name, resps, labeller)
                         people.submit(events)
                         st.prompts_sent += len(part)
                         st.pairs_sent += len(events)
                         st.status = f"round {k + 1}: trainer (reward model, then {opts.objective})"
                         view.refresh()
                         seen = self._wait_rounds(st, stack, app, seen, view.refresh)
-                        st.samples_final = self._evaluate(st, app, labeller)
+                        st.samples_final = self._evaluate(st, evaluator, labeller)
                         view.refresh()
                     st.status = "scoring base and final samples with the final reward model"
                     view.refresh()
@@ -360,6 +367,31 @@ class GenerationDemo:
         console.print(report.summary_lines(summary))
         print(run)
         return run
+
+    def _preferences(self, run_name: str, resps: list[Any], labeller: SimulatedLabeller) -> list[Any]:
+        """The labeller's preferences between the completions of each prompt: every two that differ in
+        positivity by `pair_margin` (a person states no preference between near-equals), at least
+        `_min_events` in all (the next-clearest pairs are added when too few are clear) so that the
+        trainer's reward round is due."""
+        clear: list[tuple[float, Any, Any]] = []
+        rest: list[tuple[float, Any, Any]] = []
+        for r in resps:
+            cs = [c for i, c in enumerate(r.completions) if c.text not in {x.text for x in r.completions[:i]}]
+            pos = labeller.positivity([c.text for c in cs])
+            for i, j in itertools.combinations(range(len(cs)), 2):
+                win, lose = (i, j) if pos[i] >= pos[j] else (j, i)
+                margin = pos[win] - pos[lose]
+                (clear if margin >= self.opts.pair_margin else rest).append((margin, cs[win], cs[lose]))
+        rest.sort(key=lambda x: -x[0])
+        chosen = clear + rest[: max(0, _min_events(self.opts) - len(clear))]
+        return [
+            feedback_pb2.FeedbackEvent(
+                idempotency_key=f"{run_name}:{win.event_id}:{lose.event_id}",
+                annotator_id="simulated-labeller",
+                preference=feedback_pb2.Preference(chosen_event_id=win.event_id, rejected_event_id=lose.event_id),
+            )
+            for _, win, lose in chosen
+        ]
 
     def _wait_rounds(self, st: GenerationRun, stack: Stack, app: Client, seen: int, refresh: Any) -> int:
         """Wait for this batch's generator round (the reward round runs just before it)."""
@@ -387,17 +419,18 @@ class GenerationDemo:
 
     def _final_scores(self, st: GenerationRun, rewards: Client, labeller: SimulatedLabeller) -> None:
         """Base and final samples on the same prompts, scored by the final reward model and the labeller;
-        the reward model's pairwise accuracy on held-out pairs (base sample pairs the labeller ranked)."""
+        the reward model's pairwise accuracy on held-out pairs: two base samples of the same evaluation
+        prompt (never trained on) that the labeller ranks as it ranks the pairs it sends."""
         base, final = st.samples_base, st.samples_final
         r_base = list(rewards.score(base).scores) if base else []
         r_final = list(rewards.score(final).scores) if final else []
         p_base, p_final = labeller.positivity([s for _, s in base]), labeller.positivity([s for _, s in final])
         agree = n = 0
-        for i in range(0, len(base) - 1, 2):  # the two base samples of each evaluation prompt
-            if p_base[i] == p_base[i + 1] or r_base[i] == r_base[i + 1]:
+        for i, j in itertools.combinations(range(len(base)), 2):
+            if base[i][0] != base[j][0] or abs(p_base[i] - p_base[j]) < self.opts.pair_margin:
                 continue
             n += 1
-            agree += (p_base[i] > p_base[i + 1]) == (r_base[i] > r_base[i + 1])
+            agree += (p_base[i] > p_base[j]) == (r_base[i] > r_base[j])
         st.summary.update(
             reward_base=sum(r_base) / max(len(r_base), 1),
             reward_final=sum(r_final) / max(len(r_final), 1),

@@ -443,18 +443,22 @@ def write_generation_report(st: GenerationRun) -> dict[str, Any]:
     lines += [""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Samples: base (v0) and final side by side", "", f"| prompt | base v0 | final {st.serving} |"]
     lines += ["| --- | --- | --- |"]
-    for (p, b), (_, f) in list(zip(st.samples_base, st.samples_final, strict=False))[::2][:8]:
+    for (p, b), (_, f) in list(zip(st.samples_base, st.samples_final, strict=False))[::4][:8]:
         lines.append(f"| {_cell(p)} | {_cell(b)} | {_cell(f)} |")
     lines += [
         "",
         "## How it ran",
         "",
         f"- {opts.rounds} round(s): the app sent {opts.prompts_per_round} new prompts, 4 completions each "
-        f"(max {opts.max_new_tokens} new tokens, temperature 1); the labeller preferred the most positive "
-        "completion over the least and over the third most positive; the trainer then ran a reward-model "
-        "round (Bradley-Terry) and a generator round "
-        f"({opts.objective}, LoRA r=8 on q/v, KL to the base; gate: held-out mean reward up, KL under 0.5); "
-        "the services hot-swapped what passed the gate.",
+        f"(max {opts.max_new_tokens} new tokens, temperature {opts.temperature:g}, served in bf16); of every two "
+        f"completions of a prompt whose positivity differs by at least {opts.pair_margin:g} the labeller "
+        "preferred the more positive; the trainer then ran a reward-model round (Bradley-Terry) and a "
+        f"generator round ({opts.objective}, {opts.grpo_steps} steps of 4 prompts x 4 samples, LoRA r=8 on "
+        "q/v, KL to the base; gate: held-out mean reward up, KL under 0.5); the services hot-swapped what "
+        "passed the gate.",
+        f"- Evaluation: {opts.eval_prompts} prompts about products never used in training, 4 samples each "
+        "with a fixed seed, sent with client id `evaluation`, which the trainer keeps out of its RL prompt "
+        "pool.",
         "- Model output is shown above on purpose; review texts from the data set are never written here.",
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
