@@ -4,6 +4,7 @@ models, real processes, real gRPC), including Ctrl-C leaving nothing running and
 from __future__ import annotations
 
 import json
+import random
 import signal
 import sqlite3
 import subprocess
@@ -12,9 +13,12 @@ from pathlib import Path
 
 import pytest
 
+from loopserve.datasets import Example
+from loopserve.demo.annotation import AnnotationDemo, AnnotationDemoOptions, AnnotationRun, VersionPoint
 from loopserve.demo.annotators import AnnotatorPool
 from loopserve.demo.stack import link_base_versions
 from loopserve.model_store import ModelStore
+from loopserve.policy.v1 import policy_pb2
 from tests import tiny_models
 from tests.waiting import wait_until
 
@@ -29,6 +33,49 @@ def test_simulated_annotators_err_at_their_rate_and_disagree() -> None:
     assert pool.double_reviewed > 1500 and 0.05 < pool.disagreement_rate < 0.35
     kinds = {r.kind for rs in reviews for r in rs}
     assert kinds == {"accept", "correction"}  # a wrong answer about a right served label is a correction
+
+
+def _chunk(version: str, scores: list[float], threshold: float = 0.8) -> policy_pb2.AnnotateResponse:
+    return policy_pb2.AnnotateResponse(
+        model_version=version,
+        annotations=[
+            policy_pb2.Annotation(
+                event_id=f"e{i}",
+                needs_review=p < threshold,
+                labels=[
+                    policy_pb2.LabelScore(label="great", score=p),
+                    policy_pb2.LabelScore(label="other", score=1 - p),
+                ],
+            )
+            for i, p in enumerate(scores)
+        ],
+    )
+
+
+def test_routing_spends_the_budget_on_a_pace_line_least_confident_first(tmp_path: Path) -> None:
+    opts = AnnotationDemoOptions(budget_fraction=0.3, audit_fraction=0.0, explore_fraction=0.0, double_review=0.0)
+    demo = AnnotationDemo(opts)
+    train = [Example(f"item {i}", "great", "train") for i in range(400)]
+    st = AnnotationRun(opts, tmp_path, ["great", "other"], train, [])
+    st.versions.append(VersionPoint("v0", 0, 0.6))
+    pool = AnnotatorPool(["great", "other"], size=3, error_rate=0.0, double_review=0.0, seed=0)
+    rng = random.Random(0)
+    part = train[:100]
+    # Cold start: the base version serves, so its (meaningless) confidence is not used; 30 random items.
+    cold = demo._review_chunk(st, pool, part, _chunk("v0", [0.5 + 0.004 * i for i in range(100)]), rng)
+    assert len(cold) == 30 and st.human_labels == 30
+    # A trained version: nearly everything flagged, but only the chunk's share (30) is spent, on the least
+    # confident items; the confident ones and the rest of the flagged are auto-labelled.
+    scores = [0.99 if i % 10 == 0 else 0.79 - 0.002 * i for i in range(100)]
+    events = demo._review_chunk(st, pool, part, _chunk("v1", scores), rng)
+    picked = [int(e.accept.event_id[1:]) for e in events]
+    flagged = sorted((i for i in range(100) if scores[i] < 0.8), key=lambda i: scores[i])
+    assert sorted(picked) == sorted(flagged[:30])
+    assert st.human_labels == 60 and st.chunks[-1].auto_share == 0.7
+    # Nothing left on the pace line: a third chunk only gets its own share; the budget is never exceeded.
+    for _ in range(3):
+        demo._review_chunk(st, pool, part, _chunk("v1", scores), rng)
+    assert st.human_labels == 120 == int(0.3 * len(train))
 
 
 def test_run_store_hard_links_the_base_versions(tiny_data_dir: Path, tmp_path: Path) -> None:

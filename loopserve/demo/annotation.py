@@ -48,6 +48,8 @@ class AnnotationDemoOptions:
     """Human interactions allowed, as a share of the train items streamed."""
     audit_fraction: float = 0.05
     """Share of the items the policy is sure of that still go to a person (to measure auto-labels)."""
+    explore_fraction: float = 0.5
+    """Share of each chunk's review quota spent on random items; the rest goes to the least confident."""
     error_rate: float = 0.05
     """Mean error rate of the simulated annotators."""
     double_review: float = 0.1
@@ -283,31 +285,53 @@ class AnnotationDemo:
     def _review_chunk(
         self, st: AnnotationRun, pool: AnnotatorPool, part: list[Example], resp: Any, rng: random.Random
     ) -> list[feedback_pb2.FeedbackEvent]:
+        """Route one chunk: people see the audit picks, then random items, then the least confident of
+        the items the policy flagged, as far as the chunk's share of the budget allows; the rest is
+        auto-labelled.
+
+        The share follows a pace line (by the time n items have streamed, at most budget_fraction * n
+        interactions are spent, unspent share carrying over), so the budget is spread over the whole
+        stream instead of going to whatever comes first while the early models flag almost everything.
+        Of each share, `explore_fraction` goes to random items (representative labels; all of it while the
+        untrained base version serves, whose confidence says little) and the rest to the items the
+        current model is least sure of (uncertainty sampling)."""
         budget = int(self.opts.budget_fraction * len(st.train))
-        events, flagged, auto, auto_ok = [], 0, 0, 0
-        for ex, ann in zip(part, resp.annotations, strict=True):
-            served = ann.labels[0].label
-            flagged += ann.needs_review
-            to_people = ann.needs_review or rng.random() < self.opts.audit_fraction
-            if to_people and pool.reviews < budget:
-                for rv in pool.review(ex.label, served, max_reviews=budget - pool.reviews):
-                    key = f"{st.run.name}:{ann.event_id}:{rv.annotator_id}"
-                    if rv.kind == "accept":
-                        ev = feedback_pb2.FeedbackEvent(
-                            idempotency_key=key,
-                            annotator_id=rv.annotator_id,
-                            accept=feedback_pb2.LabelAccept(event_id=ann.event_id),
-                        )
-                    else:
-                        ev = feedback_pb2.FeedbackEvent(
-                            idempotency_key=key,
-                            annotator_id=rv.annotator_id,
-                            correction=feedback_pb2.LabelCorrection(event_id=ann.event_id, label=rv.label),
-                        )
-                    events.append(ev)
-            else:
+        pace = min(budget, int(self.opts.budget_fraction * (st.items_seen + len(part))))
+        anns = resp.annotations
+        audits = [i for i, a in enumerate(anns) if not a.needs_review and rng.random() < self.opts.audit_fraction]
+        flagged = sorted((i for i, a in enumerate(anns) if a.needs_review), key=lambda i: anns[i].labels[0].score)
+        quota = max(pace - pool.reviews, 0)
+        cold = resp.model_version == st.versions[0].version
+        explore = rng.sample(
+            range(len(part)), min(len(part), round(quota * (1.0 if cold else self.opts.explore_fraction)))
+        )
+        order = list(dict.fromkeys([*audits, *explore, *flagged]))  # in that order, each item once
+        events, reviewed = [], set()
+        for i in order:
+            if pool.reviews >= pace:
+                break
+            ann, ex = resp.annotations[i], part[i]
+            reviewed.add(i)
+            for rv in pool.review(ex.label, ann.labels[0].label, max_reviews=pace - pool.reviews):
+                key = f"{st.run.name}:{ann.event_id}:{rv.annotator_id}"
+                if rv.kind == "accept":
+                    ev = feedback_pb2.FeedbackEvent(
+                        idempotency_key=key,
+                        annotator_id=rv.annotator_id,
+                        accept=feedback_pb2.LabelAccept(event_id=ann.event_id),
+                    )
+                else:
+                    ev = feedback_pb2.FeedbackEvent(
+                        idempotency_key=key,
+                        annotator_id=rv.annotator_id,
+                        correction=feedback_pb2.LabelCorrection(event_id=ann.event_id, label=rv.label),
+                    )
+                events.append(ev)
+        auto = auto_ok = 0
+        for i, (ex, ann) in enumerate(zip(part, resp.annotations, strict=True)):
+            if i not in reviewed:
                 auto += 1
-                auto_ok += served == ex.label
+                auto_ok += ann.labels[0].label == ex.label
         st.auto_total += auto
         st.auto_correct += auto_ok
         st.human_labels = pool.reviews
@@ -318,7 +342,7 @@ class AnnotationDemo:
                 st.items_seen,
                 st.human_labels,
                 resp.model_version,
-                flagged / len(part),
+                len(flagged) / len(part),
                 auto / len(part),
                 auto_ok / auto if auto else None,
             )

@@ -276,11 +276,13 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         "",
         "## How it ran",
         "",
-        f"- The app streamed {len(st.train)} train items through `Annotate` in chunks of {opts.chunk}; items "
-        f"flagged `needs_review` (top calibrated probability under {opts.review_threshold}) and a random "
-        f"{opts.audit_fraction:.0%} audit of the rest went to the annotators while the budget of {budget} "
-        "interactions lasted; the rest were auto-labelled. Feedback went through `FeedbackService.Submit` "
-        "(accept, or a correction with the right label).",
+        f"- The app streamed {len(st.train)} train items through `Annotate` in chunks of {opts.chunk}. Each "
+        f"chunk's share of the budget (a pace line: after n items at most {opts.budget_fraction:.0%} of n "
+        f"interactions, {budget} in all) went first to a random {opts.audit_fraction:.0%} audit of the "
+        f"confident items, then {opts.explore_fraction:.0%} of it to random items of the chunk (all of it "
+        "while the untrained base version served), then to the items flagged `needs_review` (top calibrated "
+        f"probability under {opts.review_threshold}), least confident first; the rest were auto-labelled. "
+        "Feedback went through `FeedbackService.Submit` (accept, or a correction with the right label).",
         f"- The trainer ran a round per {opts.round_labels} human labels: the serving version trained "
         f"{opts.epochs:g} pass(es) over the replay buffer of every human-verified label "
         f"({f'at most {opts.max_steps} steps' if opts.max_steps else 'full passes'} of 16-item batches), max_length "
