@@ -83,31 +83,50 @@ def pull_finefoods(dest: Path, deb: Path | None = None) -> Path:
     return out
 
 
-def _rows(path: Path) -> Iterator[dict[str, str]]:
+def _rows(path: Path) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) pairs; a line that is not a JSON object is refused with its number."""
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such data set file")
     if path.suffix in (".jsonl", ".json"):
         with path.open() as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InvalidArgument(f"{path}:{n}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict):
+                    raise InvalidArgument(f"{path}:{n}: each line must be a JSON object")
+                yield n, row
     elif path.suffix == ".csv":
         with path.open(newline="") as f:
-            yield from csv.DictReader(f)
+            yield from enumerate(csv.DictReader(f), 2)  # line 1 is the header
     else:
         raise InvalidArgument(f"{path}: a dataset is a .jsonl or .csv file with text and label columns")
 
 
 def load_dataset(path: Path, test_fraction: float = 0.2, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, test). Rows without a `split` column are split at random, reproducibly."""
-    rows = list(_rows(Path(path)))
-    if not rows or "text" not in rows[0] or "label" not in rows[0]:
-        raise InvalidArgument(f"{path}: needs `text` and `label` columns")
+    """(train, test) from a JSONL or CSV file with `text` and `label` (and optionally `split`: train /
+    test) columns. Rows without a split are split at random, reproducibly (`seed`); the label set is
+    whatever labels the file holds. A row without text or label is refused with its line number."""
+    path = Path(path)
     rng = random.Random(seed)
     train: list[Example] = []
     test: list[Example] = []
-    for r in rows:
-        split = r.get("split") or ("test" if rng.random() < test_fraction else "train")
-        ex = Example(str(r["text"]), str(r["label"]), split)
+    for n, r in _rows(path):
+        text, label = r.get("text"), r.get("label")
+        if text is None or label is None or not str(text).strip() or not str(label).strip():
+            raise InvalidArgument(f"{path}:{n}: needs non-empty `text` and `label` columns")
+        split = str(r.get("split") or "").strip() or ("test" if rng.random() < test_fraction else "train")
+        if split not in ("train", "test"):
+            raise InvalidArgument(f"{path}:{n}: split must be train or test, not {split!r}")
+        ex = Example(str(text), str(label).strip(), split)
         (test if split == "test" else train).append(ex)
+    if not train or not test:
+        raise InvalidArgument(f"{path}: needs both train and test rows (got {len(train)} / {len(test)})")
+    if len(label_set(train + test)) < 2:
+        raise InvalidArgument(f"{path}: needs at least two labels")
     return train, test
 
 
