@@ -74,13 +74,24 @@ _CHANNEL_OPTIONS = [
 ]
 
 
-def wait_until_serving(target: str, timeout_s: float = 120.0, service: str = "") -> None:
+def wait_until_serving(
+    target: str,
+    timeout_s: float = 120.0,
+    service: str = "",
+    *,
+    root_certificates: bytes | Path | None = None,
+    private_key: bytes | Path | None = None,
+    certificate_chain: bytes | Path | None = None,
+) -> None:
     """Block until `target` reports SERVING on grpc.health.v1 (a Watch stream, no polling), or raise
-    TimeoutError. A process that is still starting (port not open yet) is waited for too."""
+    TimeoutError. A process that is still starting (port not open yet) is waited for too. The TLS
+    arguments are the clients' (a CA to trust; a key and chain for mTLS)."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(target) as channel:
+    creds = _credentials(root_certificates, private_key, certificate_chain)
+    channel = grpc.secure_channel(target, creds) if creds else grpc.insecure_channel(target)
+    with channel:
         try:
             grpc.channel_ready_future(channel).result(timeout=timeout_s)
             stream = health_pb2_grpc.HealthStub(channel).Watch(

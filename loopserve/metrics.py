@@ -3,6 +3,8 @@ Labels stay few and fixed: service, method, code, model, result, kind, objective
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
 REQUESTS = Counter("loopserve_requests", "RPCs handled, by final status code.", ["service", "method", "code"])
@@ -44,10 +46,13 @@ EVENTS_SKIPPED = Counter(
 )
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> None:
-    """Expose /metrics over HTTP on a daemon thread (no-op for a negative port)."""
-    if port >= 0:
-        start_http_server(port, addr=host, registry=REGISTRY)
+def serve_metrics(port: int, host: str = "0.0.0.0") -> Any:
+    """Expose /metrics over HTTP on a daemon thread; returns the HTTP server (its `server_port` is the
+    port bound, useful with port 0; `shutdown()` stops it), or None for a negative port."""
+    if port < 0:
+        return None
+    server, _thread = start_http_server(port, addr=host, registry=REGISTRY)
+    return server
 
 
 def version_number_or_nan(version: str) -> float:

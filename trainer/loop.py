@@ -77,6 +77,8 @@ class RoundResult:
     serving_metrics: dict[str, float] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase of the round (load, evaluate serving, train, evaluate candidate, publish)."""
 
 
 @dataclass
@@ -154,6 +156,18 @@ def _keep_optimizer(
         return {}
     state.optimizer_versions[objective] = version
     return {objective: opt}
+
+
+class _PhaseClock:
+    """Writes the seconds since the previous lap into `phases` under each lap's name."""
+
+    def __init__(self, phases: dict[str, float]) -> None:
+        self.phases, self.t = phases, time.monotonic()
+
+    def lap(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round(now - self.t, 2)
+        self.t = now
 
 
 def _prefixed(prefix: str, metrics: dict[str, float]) -> dict[str, float]:
@@ -242,13 +256,16 @@ def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
     if len(eval_pairs) < args.gate.min_eval_pairs:
         result.reasons.append(f"held-out slice has {len(eval_pairs)} pairs, need {args.gate.min_eval_pairs}")
         return result, {}
+    clock = _PhaseClock(result.phases)
     folder = ctx.store.path(REWARD, serving)
     tokenizer = encoder_heads.load_tokenizer(folder)
     model = encoder_heads.load(folder, ctx.device)
     if not isinstance(model, RewardModel):
         raise VerificationError(f"reward model {serving} has no reward head")
+    clock.lap("load")
     evaluate = reward_model.evaluate_reward_model
     result.serving_metrics = evaluate(model, tokenizer, eval_pairs, eval_ratings, eval_pointwise, cfg)
+    clock.lap("evaluate_serving")
     opt = reward_model.make_optimizer(model, cfg)
     _maybe_load_optimizer(ctx, state, REWARD, opt, serving)
     train_metrics = reward_model.train_reward_model(
@@ -263,7 +280,9 @@ def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
         generator=ctx.gen,
     )
     TRAINER_LOSS.labels(objective=REWARD).set(train_metrics.get("loss", float("nan")))
+    clock.lap("train")
     cand = evaluate(model, tokenizer, eval_pairs, eval_ratings, eval_pointwise, cfg)
+    clock.lap("evaluate_candidate")
     cand.update(_prefixed("train_", train_metrics), n_train_pairs=float(len(pairs)))
     result.metrics = cand
     decision = gate_reward_model(cand, result.serving_metrics, args.gate)
@@ -317,16 +336,19 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
         return result, {}
     # Probe the reward service before loading two copies of the generator (a fixed pair, no user text).
     generation_rl.score(ctx.reward_fn, [PROBE_PAIR[0]], [PROBE_PAIR[1]])
+    clock = _PhaseClock(result.phases)
     ref_version = args.generator_ref_version or ctx.store.list(GENERATOR)[0]
     folder = ctx.store.path(GENERATOR, serving)
     tokenizer = generator.load_tokenizer(folder)
     ref = generator.load(ctx.store.path(GENERATOR, ref_version), ctx.device).requires_grad_(False)
     policy = generator.load(folder, ctx.device)
+    clock.lap("load")
     result.serving_metrics = generation_rl.evaluate_policy(
         policy, ref, tokenizer, eval_prompts, ctx.reward_fn, args.grpo
     )
-    if eval_pairs:
+    if eval_pairs and run_dpo:  # DPO's implicit-reward metrics cost two forward passes per pair
         result.serving_metrics.update(dpo.evaluate_dpo(policy, ref, tokenizer, eval_pairs, args.dpo))
+    clock.lap("evaluate_serving")
     policy = add_lora(policy, args.lora)
     optimizers: dict[str, torch.optim.Optimizer] = {}
     train_metrics: dict[str, float] = {}
@@ -366,9 +388,11 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
         train_metrics.update(_prefixed("train_grpo_", m))
         optimizers["grpo"] = opt
     policy = merge_lora(policy)
+    clock.lap("train")
     cand = generation_rl.evaluate_policy(policy, ref, tokenizer, eval_prompts, ctx.reward_fn, args.grpo)
-    if eval_pairs:
+    if eval_pairs and run_dpo:
         cand.update(dpo.evaluate_dpo(policy, ref, tokenizer, eval_pairs, args.dpo))
+    clock.lap("evaluate_candidate")
     cand.update(train_metrics)
     result.metrics = cand
     decision = gate_generator(cand, result.serving_metrics, args.gate)

@@ -217,8 +217,10 @@ def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
     }
     objectives = {
         # A few hundred pairs at most: higher rates than the production defaults, or the head's scale
-        # stays near 0 and GRPO's group-normalised advantages are mostly noise.
-        "reward": {"epochs": 4.0, "max_length": 128, "encoder_lr": 1e-4, "head_lr": 1e-2},
+        # stays near 0 and GRPO's group-normalised advantages are mostly noise. Each round continues the
+        # serving version (and its optimizer), so later rounds need not repeat 4 passes over every pair:
+        # at most 40 steps, drawn from the whole buffer.
+        "reward": {"epochs": 4.0, "max_steps": 40, "max_length": 128, "encoder_lr": 1e-4, "head_lr": 1e-2},
         "grpo": grpo,
         "dpo": {"lr": 5e-5, "epochs": 1.0, "max_completion_tokens": 64, "batch_size": 4},
         "lora": {"r": 8},
