@@ -6,59 +6,22 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from loopserve.auth import read_token
-from loopserve.client import AsyncClient, RetryPolicy
-from loopserve.config import POLICY_SERVICE, PolicyConfig
+from loopserve.client import AsyncClient
+from loopserve.config import POLICY_SERVICE
 from loopserve.policy.v1 import policy_pb2
-from policy_service.app import PolicyApp
-
-NO_RETRY = RetryPolicy(attempts=1)
-
-
-def _cfg(data_dir: Path, **kw: object) -> PolicyConfig:
-    base = PolicyConfig(
-        data_dir=data_dir,
-        port=0,
-        metrics_port=-1,
-        max_input_tokens=32,
-        max_new_tokens_cap=32,
-        watch_interval_s=0.2,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
-
-
-class Running:
-    def __init__(self, app: PolicyApp) -> None:
-        self.app = app
-        self.target = f"127.0.0.1:{app.port}"
-        self.tokens = {r: read_token(app.cfg.token_path, r) for r in ("client", "annotator", "admin")}
-
-    def client(self, role: str = "client", **kw: object) -> AsyncClient:
-        return AsyncClient(self.target, self.tokens[role], retry=NO_RETRY, **kw)  # type: ignore[arg-type]
-
-    async def health(self, service: str = POLICY_SERVICE) -> int:
-        async with aio.insecure_channel(self.target) as ch:
-            r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            return r.status
-
-
-async def _start(cfg: PolicyConfig) -> Running:
-    app = PolicyApp(cfg)
-    await app.start()
-    return Running(app)
+from tests.policy_harness import NO_RETRY, Running, policy_config, start_policy
 
 
 @pytest.fixture
 async def svc(tiny_data_dir: Path) -> AsyncIterator[Running]:
-    running = await _start(_cfg(tiny_data_dir))
+    running = await start_policy(policy_config(tiny_data_dir))
     yield running
     await running.app.stop(1)
 
@@ -195,7 +158,7 @@ async def test_health_and_reflection_are_open(svc: Running) -> None:
 
 
 async def test_queue_full_is_resource_exhausted_and_recovers(tiny_data_dir: Path) -> None:
-    running = await _start(_cfg(tiny_data_dir, max_queue=8, max_batch_size=8, max_wait_ms=200.0))
+    running = await start_policy(policy_config(tiny_data_dir, max_queue=8, max_batch_size=8, max_wait_ms=200.0))
     try:
         async with running.client() as c:
             texts = ["some words " * 10] * 8
@@ -210,7 +173,7 @@ async def test_queue_full_is_resource_exhausted_and_recovers(tiny_data_dir: Path
 
 
 async def test_deadline_shorter_than_batch_wait(tiny_data_dir: Path) -> None:
-    running = await _start(_cfg(tiny_data_dir, max_wait_ms=1500.0))
+    running = await start_policy(policy_config(tiny_data_dir, max_wait_ms=1500.0))
     try:
         async with running.client() as c:
             code, _ = await _code(c.annotate(["x"], timeout_s=0.2))
@@ -224,7 +187,7 @@ async def test_deadline_shorter_than_batch_wait(tiny_data_dir: Path) -> None:
 
 
 async def test_drain_finishes_in_flight_and_refuses_new(tiny_data_dir: Path) -> None:
-    running = await _start(_cfg(tiny_data_dir, max_wait_ms=600.0))
+    running = await start_policy(policy_config(tiny_data_dir, max_wait_ms=600.0))
     async with running.client() as c:
         in_flight = asyncio.create_task(c.annotate(["in flight"], timeout_s=10))
         await asyncio.sleep(0.1)

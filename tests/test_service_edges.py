@@ -13,26 +13,24 @@ import asyncio
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 from grpc import aio
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from loopserve import metrics
-from loopserve.auth import read_token
-from loopserve.client import AsyncClient, RetryPolicy, generate_request
-from loopserve.config import POLICY_SERVICE, PolicyConfig
+from loopserve.client import AsyncClient, generate_request
+from loopserve.config import POLICY_SERVICE
 from loopserve.feedback.v1 import feedback_pb2 as fb
 from policy_service.app import PolicyApp
 from policy_service.types import Completion
+from tests.policy_harness import Running, policy_config, start_policy
 from tests.waiting import wait_until
 
-NO_RETRY = RetryPolicy(attempts=1)
 # A stream far longer than its deadline: the tiny generator needs well over a millisecond a token on
 # CPU (a forward, a sample and a detokenisation of the whole text so far), so 1,500 tokens take
 # seconds, while the first token comes within milliseconds.
@@ -40,41 +38,9 @@ LONG_TOKENS = 1500
 STREAM_DEADLINE_S = 1.0
 
 
-def _cfg(data_dir: Path, **kw: object) -> PolicyConfig:
-    base = PolicyConfig(
-        data_dir=data_dir,
-        port=0,
-        metrics_port=-1,
-        max_input_tokens=32,
-        max_new_tokens_cap=LONG_TOKENS,
-        watch_interval_s=0.2,
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
-
-
-class Running:
-    def __init__(self, app: PolicyApp) -> None:
-        self.app = app
-        self.target = f"127.0.0.1:{app.port}"
-
-    def client(self, role: str = "client") -> AsyncClient:
-        return AsyncClient(self.target, read_token(self.app.cfg.token_path, role), retry=NO_RETRY, timeout_s=30)
-
-    async def health(self, service: str = POLICY_SERVICE) -> int:
-        async with aio.insecure_channel(self.target) as ch:
-            r = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            return r.status
-
-
-async def _start(cfg: PolicyConfig) -> Running:
-    app = PolicyApp(cfg)
-    await app.start()
-    return Running(app)
-
-
 @pytest.fixture
 async def svc(tiny_data_dir: Path) -> AsyncIterator[Running]:
-    running = await _start(_cfg(tiny_data_dir))
+    running = await start_policy(policy_config(tiny_data_dir, max_new_tokens_cap=LONG_TOKENS))
     yield running
     await running.app.stop(1)
 
@@ -119,7 +85,7 @@ async def _all_stopped(finished: list[Completion], count: int) -> None:
 
 async def test_generate_stream_honours_the_client_deadline_and_frees_its_slot(tiny_data_dir: Path) -> None:
     # A batch window wide enough that streams sent together are decoded in one batch.
-    svc = await _start(_cfg(tiny_data_dir, max_wait_ms=300.0))
+    svc = await start_policy(policy_config(tiny_data_dir, max_new_tokens_cap=LONG_TOKENS, max_wait_ms=300.0))
     try:
         await _check_stream_deadlines(svc)
     finally:

@@ -25,10 +25,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loopserve.auth import read_token
 from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving
-from loopserve.config import POLICY_SERVICE, PolicyConfig
-from policy_service.app import PolicyApp
+from loopserve.config import POLICY_SERVICE
+from tests.policy_harness import Running, policy_config, start_policy
 
 NO_RETRY = RetryPolicy(attempts=1)
 DEADLINE_S = 10.0  # a refused connection must end as UNAVAILABLE well before this, never hang
@@ -149,31 +148,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 # ---- servers ------------------------------------------------------------------------------------------
 
 
-class Running:
-    def __init__(self, app: PolicyApp) -> None:
-        self.app = app
-        self.port = app.port
-        self.target = f"127.0.0.1:{app.port}"
-        self.token = read_token(app.cfg.token_path, "client")
-
-    def client(self, target: str | None = None, **tls: object) -> AsyncClient:
-        return AsyncClient(target or self.target, self.token, retry=NO_RETRY, timeout_s=DEADLINE_S, **tls)  # type: ignore[arg-type]
+def _client(svc: Running, **kw: object) -> AsyncClient:
+    return svc.client(timeout_s=DEADLINE_S, **kw)  # type: ignore[arg-type]
 
 
 async def _start(data_dir: Path, pki: Pki, *, mtls: bool) -> Running:
-    cfg = PolicyConfig(
-        data_dir=data_dir,
-        port=0,
-        metrics_port=-1,
-        max_input_tokens=32,
+    cfg = policy_config(
+        data_dir,
         generator=False,  # the transport is under test, not the models
         tls_cert=pki.dir / "server.crt",
         tls_key=pki.dir / "server.key",
         tls_client_ca=pki.dir / "ca.crt" if mtls else None,
     )
-    app = PolicyApp(cfg)
-    await app.start()
-    return Running(app)
+    return await start_policy(cfg)
 
 
 @pytest.fixture
@@ -209,25 +196,25 @@ async def _health(target: str, creds: grpc.ChannelCredentials, service: str) -> 
 
 
 async def test_a_client_that_trusts_the_ca_is_served_by_ip_and_by_name(tls_svc: Running, pki: Pki) -> None:
-    async with tls_svc.client(root_certificates=pki.ca) as c:
+    async with _client(tls_svc, root_certificates=pki.ca) as c:
         r = await c.annotate(["lovely tea", "stale coffee"])
         assert r.model_version == "v0" and [a.item_id for a in r.annotations] == ["0", "1"]
         assert (await c.model_info()).annotator_version == "v0"
     # The certificate names localhost too (a DNS SAN), not only 127.0.0.1.
-    async with tls_svc.client(f"localhost:{tls_svc.port}", root_certificates=pki.ca) as c:
+    async with _client(tls_svc, target=f"localhost:{tls_svc.port}", root_certificates=pki.ca) as c:
         assert (await c.annotate(["by name"])).annotations
 
 
 async def test_a_plaintext_client_fails_fast_with_unavailable(tls_svc: Running) -> None:
-    err = await _refused(tls_svc.client())  # no root certificates: an insecure channel
+    err = await _refused(_client(tls_svc))  # no root certificates: an insecure channel
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
 
 
 async def test_a_client_that_trusts_another_ca_is_refused(tls_svc: Running, pki: Pki) -> None:
-    err = await _refused(tls_svc.client(root_certificates=pki.other_ca))
+    err = await _refused(_client(tls_svc, root_certificates=pki.other_ca))
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
     # ...and the server still serves a client that does trust it.
-    async with tls_svc.client(root_certificates=pki.ca) as c:
+    async with _client(tls_svc, root_certificates=pki.ca) as c:
         assert (await c.annotate(["after the refusal"])).annotations
 
 
@@ -241,31 +228,31 @@ async def test_health_answers_over_tls(tls_svc: Running, pki: Pki) -> None:
 
 
 async def test_mtls_serves_a_client_with_a_certificate_from_the_ca(mtls_svc: Running, pki: Pki) -> None:
-    async with mtls_svc.client(
-        root_certificates=pki.ca, private_key=pki.client.key, certificate_chain=pki.client.cert
+    async with _client(
+        mtls_svc, root_certificates=pki.ca, private_key=pki.client.key, certificate_chain=pki.client.cert
     ) as c:
         r = await c.annotate(["with a client certificate"])
         assert r.model_version == "v0" and len(r.annotations) == 1
 
 
 async def test_mtls_refuses_a_client_without_a_certificate(mtls_svc: Running, pki: Pki) -> None:
-    err = await _refused(mtls_svc.client(root_certificates=pki.ca))
+    err = await _refused(_client(mtls_svc, root_certificates=pki.ca))
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
 
 
 async def test_mtls_refuses_a_client_certificate_from_another_ca(mtls_svc: Running, pki: Pki) -> None:
     err = await _refused(
-        mtls_svc.client(root_certificates=pki.ca, private_key=pki.stranger.key, certificate_chain=pki.stranger.cert)
+        _client(mtls_svc, root_certificates=pki.ca, private_key=pki.stranger.key, certificate_chain=pki.stranger.cert)
     )
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
-    async with mtls_svc.client(
-        root_certificates=pki.ca, private_key=pki.client.key, certificate_chain=pki.client.cert
+    async with _client(
+        mtls_svc, root_certificates=pki.ca, private_key=pki.client.key, certificate_chain=pki.client.cert
     ) as c:
         assert (await c.annotate(["after the refusals"])).annotations
 
 
 async def test_mtls_refuses_a_plaintext_client(mtls_svc: Running) -> None:
-    err = await _refused(mtls_svc.client())
+    err = await _refused(_client(mtls_svc))
     assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
 
 
