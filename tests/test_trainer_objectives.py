@@ -278,7 +278,9 @@ PROMPTS = ["say something", "please now", "say a", "now b c", "please say", "som
 HELD_PROMPTS = ["say now", "please something", "now say", "something please"]
 
 
-def test_grpo_raises_a_planted_reward_while_kl_stays_bounded(lm_tokenizer):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_grpo_raises_a_planted_reward_while_kl_stays_bounded(lm_tokenizer, precision):
+    """bf16: rollouts from a bf16 sampling copy, forward passes under autocast; the weights stay fp32."""
     policy = tiny_lm(lm_tokenizer)
     ref = copy.deepcopy(policy).requires_grad_(False)
     cfg = generation_rl.GRPOConfig(
@@ -290,6 +292,7 @@ def test_grpo_raises_a_planted_reward_while_kl_stays_bounded(lm_tokenizer):
         beta=0.1,
         chat_template=False,
         eval_samples=8,
+        precision=precision,
     )
     opt = generation_rl.make_optimizer(policy, cfg)
     rng = random.Random(0)
@@ -302,6 +305,7 @@ def test_grpo_raises_a_planted_reward_while_kl_stays_bounded(lm_tokenizer):
     assert rewards[2] > rewards[0] + 0.1, rewards
     assert history[2]["kl"] <= 0.5, history
     assert gate_generator(history[2], history[0], GateConfig(kl_bound=0.5, min_eval_prompts=4)).publish
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
 
 
 def test_grpo_with_lora_merges_into_a_plain_model(lm_tokenizer):
@@ -346,29 +350,6 @@ def test_the_bf16_sampler_follows_the_policy_it_samples_for(lm_tokenizer, lora_r
             torch.testing.assert_close(got[k].float(), v, atol=2e-2, rtol=1e-2)
     ro = sample(sampler.model, lm_tokenizer, ["say"], 2, max_new_tokens=4, max_prompt_tokens=8)
     assert len(ro.texts) == 2
-
-
-def test_grpo_in_bf16_raises_a_planted_reward(lm_tokenizer):
-    policy = tiny_lm(lm_tokenizer)
-    ref = copy.deepcopy(policy).requires_grad_(False)
-    cfg = generation_rl.GRPOConfig(
-        group_size=8,
-        prompts_per_step=4,
-        steps=16,
-        max_new_tokens=8,
-        lr=2e-3,
-        beta=0.1,
-        chat_template=False,
-        eval_samples=8,
-        precision="bf16",
-    )
-    before = generation_rl.evaluate_policy(policy, ref, lm_tokenizer, HELD_PROMPTS, fraction_of_a, cfg)
-    assert before["kl"] == pytest.approx(0.0, abs=1e-6)  # policy and reference computed alike under autocast
-    generation_rl.train_grpo(policy, ref, lm_tokenizer, PROMPTS, fraction_of_a, cfg, rng=random.Random(0))
-    assert all(p.dtype == torch.float32 for p in policy.parameters())  # the training weights stay fp32
-    after = generation_rl.evaluate_policy(policy, ref, lm_tokenizer, HELD_PROMPTS, fraction_of_a, cfg)
-    assert after["mean_reward"] > before["mean_reward"] + 0.1, (before, after)
-    assert after["kl"] <= 0.5
 
 
 def test_sampled_completions_stop_at_eos_and_logprobs_ignore_padding(lm_tokenizer):
