@@ -193,6 +193,26 @@ def test_loss_guard_aborts_on_nan_and_on_explosion():
         LossGuard("x").check(0, float("nan"))
 
 
+def test_the_annotator_gate_refuses_a_significant_regression_not_noise():
+    serving = {"accuracy": 0.85, "n": 100.0, "majority_rate": 0.6}
+
+    def cand(broken: float | None, fixed: float | None) -> dict[str, float]:
+        c = {"accuracy": 0.85 + ((fixed or 0) - (broken or 0)) / 100, "n": 100.0, "majority_rate": 0.6}
+        if broken is not None and fixed is not None:
+            c.update(broken=broken, fixed=fixed)
+        return c
+
+    cfg = GateConfig(min_eval_items=50)
+    noise = cand(8, 3)  # 5 points down, but 8 vs 3 discordant items: McNemar z 1.5
+    assert noise["accuracy"] == pytest.approx(0.80) and gate_annotator(noise, serving, cfg).publish
+    real = cand(20, 5)  # z 3.0: the candidate is worse
+    decision = gate_annotator(real, serving, cfg)
+    assert not decision.publish and "paired z 3.00" in decision.summary()
+    assert not gate_annotator(noise, serving, GateConfig(min_eval_items=50, regression_z=0)).publish
+    assert not gate_annotator(cand(None, None) | {"accuracy": 0.8}, serving, cfg).publish  # no pairs: plain rule
+    assert gate_annotator(cand(2, 6), serving, cfg).publish  # better: nothing to test
+
+
 # ---- reward model --------------------------------------------------------------------------------
 
 

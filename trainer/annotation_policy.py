@@ -239,10 +239,20 @@ def evaluate_annotation_policy(
     cfg: AnnotationPolicyConfig,
 ) -> dict[str, float]:
     """Held-out metrics of the model as it would be served (with its current temperature)."""
+    return evaluate_with_correct(model, tokenizer, items, cfg)[0]
+
+
+def evaluate_with_correct(
+    model: AnnotatorModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[LabelExample],
+    cfg: AnnotationPolicyConfig,
+) -> tuple[dict[str, float], torch.Tensor]:
+    """(held-out metrics, which items the top label got right: (N,) bool), for paired comparisons."""
     index = {name: i for i, name in enumerate(model.spec.label_names)}
     labels = torch.tensor([index[x.label] for x in items], dtype=torch.long)  # (N,)
     logits = predict_logits(model, tokenizer, [x.text for x in items], cfg)  # (N, L)
-    return classification_metrics(logits, labels, cfg.ece_bins)
+    return classification_metrics(logits, labels, cfg.ece_bins), logits.argmax(-1) == labels
 
 
 T_MIN, T_MAX = 0.05, 20.0

@@ -4,8 +4,13 @@ Both are evaluated in the same round on the same held-out slice (and, for the ge
 same reward function and sampling seed), so the comparison is paired; a stored metric from an older
 round is never compared with a fresh one.
 
-- annotator: accuracy >= serving's - `accuracy_tolerance`, on at least `min_eval_items` items, and
-  the accuracy must beat the slice's majority-class rate by `min_lift_z` binomial standard errors. The
+- annotator: no significant regression against serving on at least `min_eval_items` items, and the
+  accuracy must beat the slice's majority-class rate by `min_lift_z` binomial standard errors. A
+  regression is a drop of more than `accuracy_tolerance` that is also significant in a paired test
+  (McNemar: of the items exactly one model gets right, the candidate broke `b` the serving version got
+  right and fixed `c` it got wrong; z = (b - c) / sqrt(b + c) > `regression_z`). On the slices a young
+  loop has (tens to a few hundred items) a drop of a few points is noise, and refusing it throws away a
+  candidate trained on more labels; `regression_z = 0` restores the plain tolerance check. The
   last check is what refuses a model trained on contradictory (random) labels: such a model matches
   the serving one only by chance, but it cannot beat "always say the commonest label".
 - reward model: held-out pairwise accuracy not lower than serving's, on at least `min_eval_pairs`.
@@ -52,6 +57,9 @@ class GateConfig:
     """Annotator: the candidate may be at most this much less accurate than serving (evaluation noise)."""
     min_eval_items: int = 50
     """Annotator: fewer held-out human-verified items than this and nothing is published."""
+    regression_z: float = 2.0
+    """Annotator: a drop past the tolerance refuses the candidate only when the paired McNemar z exceeds
+    this; 0 means any drop past the tolerance refuses it."""
     min_lift_z: float = 2.0
     """Annotator: accuracy must exceed the majority-class rate by this many standard errors
     (sqrt(p(1-p)/n)); 0 turns the check off."""
@@ -102,6 +110,12 @@ class LossGuard:
             raise RoundAborted(self.objective, step, loss, f"loss exploded past {limit:.4g}")
 
 
+def mcnemar_z(broken: float, fixed: float) -> float:
+    """z of "the candidate is worse" from the discordant pairs; 0 when the models never disagree."""
+    n = broken + fixed
+    return (broken - fixed) / math.sqrt(n) if n > 0 else 0.0
+
+
 def gate_annotator(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:
     """`cand` / `serving`: evaluate_annotation_policy metrics (accuracy, n, majority_rate, ...)."""
     reasons = []
@@ -109,8 +123,13 @@ def gate_annotator(cand: Mapping[str, float], serving: Mapping[str, float], cfg:
     if n < cfg.min_eval_items:
         reasons.append(f"held-out slice has {n} items, need {cfg.min_eval_items}")
     acc, acc_s = cand["accuracy"], serving["accuracy"]
-    if not math.isfinite(acc) or acc < acc_s - cfg.accuracy_tolerance:
-        reasons.append(f"accuracy {acc:.4f} < serving {acc_s:.4f} - {cfg.accuracy_tolerance}")
+    if not math.isfinite(acc):
+        reasons.append("accuracy is not finite")
+    elif acc < acc_s - cfg.accuracy_tolerance:
+        broken, fixed = cand.get("broken"), cand.get("fixed")
+        z = mcnemar_z(broken, fixed) if broken is not None and fixed is not None else math.inf
+        if cfg.regression_z <= 0 or z > cfg.regression_z:
+            reasons.append(f"accuracy {acc:.4f} < serving {acc_s:.4f} - {cfg.accuracy_tolerance} (paired z {z:.2f})")
     p = cand["majority_rate"]
     se = math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
     if cfg.min_lift_z > 0 and acc < p + cfg.min_lift_z * se:

@@ -202,7 +202,7 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     model = encoder_heads.load(folder, ctx.device)  # the serving version; trained in place below
     if not isinstance(model, AnnotatorModel):
         raise VerificationError(f"annotator {serving} has no annotator head")
-    result.serving_metrics = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
+    result.serving_metrics, serving_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
     opt = annotation_policy.make_optimizer(model, cfg)
     _maybe_load_optimizer(ctx, state, ANNOTATOR, opt, serving)
     train_metrics = annotation_policy.train_annotation_policy(
@@ -217,7 +217,10 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
         generator=ctx.gen,
     )
     TRAINER_LOSS.labels(objective=ANNOTATOR).set(train_metrics.get("loss", float("nan")))
-    cand = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
+    cand, cand_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
+    # The paired disagreements on the same held-out items, for the gate's regression test.
+    cand["broken"] = float((serving_correct & ~cand_correct).sum())
+    cand["fixed"] = float((~serving_correct & cand_correct).sum())
     temperature = annotation_policy.calibrate(model, tokenizer, evals, cfg)
     calibrated = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
     cand.update(ece_calibrated=calibrated["ece"], nll_calibrated=calibrated["nll"], temperature=temperature)

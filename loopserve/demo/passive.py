@@ -48,8 +48,10 @@ def train_offline(
     heldout_fraction: float,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    eval_dtype: torch.dtype = torch.float32,
 ) -> dict[str, float]:
-    """Train the base annotator on `labelled[:n]` for each n in `schedule` in turn; test accuracy."""
+    """Train the base annotator on `labelled[:n]` for each n in `schedule` in turn; test accuracy with
+    the weights cast to `eval_dtype` (the dtype the loop's versions were served and evaluated in)."""
     t0 = time.monotonic()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -69,7 +71,7 @@ def train_offline(
             progress(f"round {k}/{len(schedule)}: {len(items)} labels")
         m = annotation_policy.train_annotation_policy(model, tokenizer, items, [], cfg, optimizer=opt, generator=gen)
         steps += m.get("steps", 0.0)
-    acc = accuracy_on(model, tokenizer, test, cfg)
+    acc = accuracy_on(model.to(eval_dtype), tokenizer, test, cfg)
     return {
         "accuracy": acc,
         "steps": steps,

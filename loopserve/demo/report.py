@@ -291,7 +291,8 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         f"(at least {opts.min_eval_items} items, lift over the majority rate {opts.min_lift_z} s.e.).",
         "- Once it handed a round's worth of labels over, the app waited for that round and its swap before "
         "streaming on (pacing to 2 CPU cores); every served version was evaluated on the test split "
-        f"({len(st.test)} items) through the real gRPC `Annotate`.",
+        f"({len(st.test)} items) through the real gRPC `Annotate`, weights served in {opts.serve_dtype} "
+        "(the offline baselines were evaluated in the same dtype).",
         "- The passive baseline bought the same number of labels for random train items from the same "
         "simulated pool and trained offline with the trainer's own code, config and round schedule.",
         "",
