@@ -193,7 +193,7 @@ def test_loss_guard_aborts_on_nan_and_on_explosion():
         LossGuard("x").check(0, float("nan"))
 
 
-def test_the_annotator_gate_refuses_a_significant_regression_not_noise():
+def test_the_gates_refuse_a_significant_regression_not_noise():
     serving = {"accuracy": 0.85, "n": 100.0, "majority_rate": 0.6}
 
     def cand(broken: float | None, fixed: float | None) -> dict[str, float]:
@@ -211,6 +211,10 @@ def test_the_annotator_gate_refuses_a_significant_regression_not_noise():
     assert not gate_annotator(noise, serving, GateConfig(min_eval_items=50, regression_z=0)).publish
     assert not gate_annotator(cand(None, None) | {"accuracy": 0.8}, serving, cfg).publish  # no pairs: plain rule
     assert gate_annotator(cand(2, 6), serving, cfg).publish  # better: nothing to test
+    # The reward model's gate uses the same test over the held-out pairs.
+    rm_serving, rm_cand = {"pairwise_accuracy": 0.853, "n_pairs": 68.0}, {"pairwise_accuracy": 0.838, "n_pairs": 68.0}
+    assert gate_reward_model(rm_cand | {"broken": 3.0, "fixed": 2.0}, rm_serving, GateConfig(min_eval_pairs=20)).publish
+    assert not gate_reward_model(rm_cand, rm_serving, GateConfig(min_eval_pairs=20)).publish
 
 
 # ---- reward model --------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ round is never compared with a fresh one.
   candidate trained on more labels; `regression_z = 0` restores the plain tolerance check. The
   last check is what refuses a model trained on contradictory (random) labels: such a model matches
   the serving one only by chance, but it cannot beat "always say the commonest label".
-- reward model: held-out pairwise accuracy not lower than serving's, on at least `min_eval_pairs`.
+- reward model: no significant regression of held-out pairwise accuracy (the same paired test, over
+  the pairs exactly one of the two models orders right), on at least `min_eval_pairs`.
 - generator: mean held-out reward strictly up, and the mean per-token KL to the reference under
   `kl_bound`.
 
@@ -29,6 +30,8 @@ import math
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+import torch
 
 
 class RoundAborted(RuntimeError):
@@ -58,8 +61,8 @@ class GateConfig:
     min_eval_items: int = 50
     """Annotator: fewer held-out human-verified items than this and nothing is published."""
     regression_z: float = 2.0
-    """Annotator: a drop past the tolerance refuses the candidate only when the paired McNemar z exceeds
-    this; 0 means any drop past the tolerance refuses it."""
+    """Annotator and reward model: a drop past the tolerance refuses the candidate only when the paired
+    McNemar z exceeds this; 0 means any drop past the tolerance refuses it."""
     min_lift_z: float = 2.0
     """Annotator: accuracy must exceed the majority-class rate by this many standard errors
     (sqrt(p(1-p)/n)); 0 turns the check off."""
@@ -110,6 +113,33 @@ class LossGuard:
             raise RoundAborted(self.objective, step, loss, f"loss exploded past {limit:.4g}")
 
 
+def paired_counts(serving_correct: torch.Tensor, cand_correct: torch.Tensor) -> dict[str, float]:
+    """Of the held-out items (bool, (N,) each): the candidate broke `broken` that serving got right and
+    fixed `fixed` that serving got wrong."""
+    return {
+        "broken": float((serving_correct & ~cand_correct).sum()),
+        "fixed": float((~serving_correct & cand_correct).sum()),
+    }
+
+
+def _significant_drop(
+    what: str, cand: Mapping[str, float], serving: Mapping[str, float], tolerance: float, cfg: GateConfig
+) -> str | None:
+    """Why the candidate regressed on metric `what` (None when it did not): a drop past `tolerance` that
+    the paired test on cand's broken / fixed counts finds significant (or, without those counts or with
+    regression_z 0, any drop past `tolerance`)."""
+    value, serving_value = cand[what], serving[what]
+    if not math.isfinite(value):
+        return f"{what} is not finite"
+    if value >= serving_value - tolerance:
+        return None
+    broken, fixed = cand.get("broken"), cand.get("fixed")
+    z = mcnemar_z(broken, fixed) if broken is not None and fixed is not None else math.inf
+    if cfg.regression_z > 0 and z <= cfg.regression_z:
+        return None
+    return f"{what} {value:.4f} < serving {serving_value:.4f} - {tolerance} (paired z {z:.2f})"
+
+
 def mcnemar_z(broken: float, fixed: float) -> float:
     """z of "the candidate is worse" from the discordant pairs; 0 when the models never disagree."""
     n = broken + fixed
@@ -122,14 +152,10 @@ def gate_annotator(cand: Mapping[str, float], serving: Mapping[str, float], cfg:
     n = int(cand["n"])
     if n < cfg.min_eval_items:
         reasons.append(f"held-out slice has {n} items, need {cfg.min_eval_items}")
-    acc, acc_s = cand["accuracy"], serving["accuracy"]
-    if not math.isfinite(acc):
-        reasons.append("accuracy is not finite")
-    elif acc < acc_s - cfg.accuracy_tolerance:
-        broken, fixed = cand.get("broken"), cand.get("fixed")
-        z = mcnemar_z(broken, fixed) if broken is not None and fixed is not None else math.inf
-        if cfg.regression_z <= 0 or z > cfg.regression_z:
-            reasons.append(f"accuracy {acc:.4f} < serving {acc_s:.4f} - {cfg.accuracy_tolerance} (paired z {z:.2f})")
+    acc = cand["accuracy"]
+    drop = _significant_drop("accuracy", cand, serving, cfg.accuracy_tolerance, cfg)
+    if drop:
+        reasons.append(drop)
     p = cand["majority_rate"]
     se = math.sqrt(max(p * (1 - p), 1e-12) / max(n, 1))
     if cfg.min_lift_z > 0 and acc < p + cfg.min_lift_z * se:
@@ -143,9 +169,9 @@ def gate_reward_model(cand: Mapping[str, float], serving: Mapping[str, float], c
     n = int(cand["n_pairs"])
     if n < cfg.min_eval_pairs:
         reasons.append(f"held-out slice has {n} pairs, need {cfg.min_eval_pairs}")
-    acc, acc_s = cand["pairwise_accuracy"], serving["pairwise_accuracy"]
-    if not math.isfinite(acc) or acc < acc_s - cfg.pairwise_tolerance:
-        reasons.append(f"pairwise accuracy {acc:.4f} < serving {acc_s:.4f}")
+    drop = _significant_drop("pairwise_accuracy", cand, serving, cfg.pairwise_tolerance, cfg)
+    if drop:
+        reasons.append(drop)
     return GateDecision(not reasons, reasons)
 
 

@@ -50,7 +50,15 @@ from trainer.causal_lm import add_lora, merge_lora
 from trainer.config import TrainerArgs
 from trainer.consumer import ANNOTATOR, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
 from trainer.examples import heldout
-from trainer.gate import LossGuard, RoundAborted, RoundInterrupted, gate_annotator, gate_generator, gate_reward_model
+from trainer.gate import (
+    LossGuard,
+    RoundAborted,
+    RoundInterrupted,
+    gate_annotator,
+    gate_generator,
+    gate_reward_model,
+    paired_counts,
+)
 from trainer.generation_rl import RewardFn, RewardUnavailable
 from trainer.optim import load_optimizer
 
@@ -218,9 +226,7 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     )
     TRAINER_LOSS.labels(objective=ANNOTATOR).set(train_metrics.get("loss", float("nan")))
     cand, cand_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
-    # The paired disagreements on the same held-out items, for the gate's regression test.
-    cand["broken"] = float((serving_correct & ~cand_correct).sum())
-    cand["fixed"] = float((~serving_correct & cand_correct).sum())
+    cand.update(paired_counts(serving_correct, cand_correct))  # for the gate's paired regression test
     temperature = annotation_policy.calibrate(model, tokenizer, evals, cfg)
     calibrated = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
     cand.update(ece_calibrated=calibrated["ece"], nll_calibrated=calibrated["nll"], temperature=temperature)
@@ -268,6 +274,7 @@ def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
     clock.lap("load")
     evaluate = reward_model.evaluate_reward_model
     result.serving_metrics = evaluate(model, tokenizer, eval_pairs, eval_ratings, eval_pointwise, cfg)
+    serving_correct = reward_model.pairwise_scores(model, tokenizer, eval_pairs, cfg) > 0.5
     clock.lap("evaluate_serving")
     opt = reward_model.make_optimizer(model, cfg)
     _maybe_load_optimizer(ctx, state, REWARD, opt, serving)
@@ -285,6 +292,7 @@ def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
     TRAINER_LOSS.labels(objective=REWARD).set(train_metrics.get("loss", float("nan")))
     clock.lap("train")
     cand = evaluate(model, tokenizer, eval_pairs, eval_ratings, eval_pointwise, cfg)
+    cand.update(paired_counts(serving_correct, reward_model.pairwise_scores(model, tokenizer, eval_pairs, cfg) > 0.5))
     clock.lap("evaluate_candidate")
     cand.update(_prefixed("train_", train_metrics), n_train_pairs=float(len(pairs)))
     result.metrics = cand

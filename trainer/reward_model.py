@@ -170,8 +170,19 @@ def evaluate_pairwise_accuracy(
     """Share of pairs with r_chosen > r_rejected (ties count half); NaN with no pairs."""
     if not pairs:
         return float("nan")
+    return float(pairwise_scores(model, tokenizer, pairs, cfg).mean())
+
+
+@torch.no_grad()
+def pairwise_scores(
+    model: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[PreferencePair],
+    cfg: RewardModelConfig,
+) -> torch.Tensor:
+    """Per pair: 1 when r_chosen > r_rejected, 0.5 on a tie, else 0: (P,)."""
     model.eval()
-    wins = 0.0
+    out = []
     bs = max(1, cfg.eval_batch_size // 2)
     for i in range(0, len(pairs), bs):
         chunk = pairs[i : i + bs]
@@ -179,8 +190,8 @@ def evaluate_pairwise_accuracy(
         responses = [p.chosen for p in chunk] + [p.rejected for p in chunk]
         r = rewards(model, tokenizer, prompts, responses, cfg.max_length)  # (2P,)
         r_c, r_r = r[: len(chunk)], r[len(chunk) :]
-        wins += (r_c > r_r).sum().item() + 0.5 * (r_c == r_r).sum().item()
-    return wins / len(pairs)
+        out.append((r_c > r_r).float() + 0.5 * (r_c == r_r).float())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 @torch.no_grad()
