@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from loopserve.datasets import Example
 from loopserve.demo.annotation import AnnotationDemo, AnnotationDemoOptions, AnnotationRun, VersionPoint
@@ -185,3 +186,20 @@ def test_ctrl_c_stops_every_process_and_leaves_log_and_store_whole(tmp_path: Pat
     for model in store.models():
         for v in store.list(model):
             store.verify(model, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_passive_baseline_trains_offline_and_evaluates_in_the_served_dtype(tiny_data_dir: Path, dtype) -> None:
+    """The baseline is evaluated the way the services load a version (encoder in the serving dtype, head
+    in fp32), so that it compares like for like with the loop's served versions."""
+    from loopserve.demo import passive
+    from trainer.annotation_policy import AnnotationPolicyConfig
+
+    base = ModelStore(tiny_data_dir / "store").path("annotator", "v0")
+    rng = random.Random(0)
+    labelled = [(f"review {i} {'good' if i % 2 else 'bad'}", "great" if i % 2 else "other") for i in range(40)]
+    test = [Example(f"test {i} {'good' if i % 2 else 'bad'}", "great" if i % 2 else "other", "test") for i in range(20)]
+    rng.shuffle(labelled)
+    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16)
+    res = passive.train_offline(base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, eval_dtype=dtype)
+    assert 0.0 <= res["accuracy"] <= 1.0 and res["steps"] > 0 and res["labels"] == 40

@@ -71,7 +71,8 @@ def train_offline(
             progress(f"round {k}/{len(schedule)}: {len(items)} labels")
         m = annotation_policy.train_annotation_policy(model, tokenizer, items, [], cfg, optimizer=opt, generator=gen)
         steps += m.get("steps", 0.0)
-    acc = accuracy_on(model.to(eval_dtype), tokenizer, test, cfg)
+    model.encoder.to(eval_dtype)  # as the services load it: the encoder in eval_dtype, the head in fp32
+    acc = accuracy_on(model, tokenizer, test, cfg)
     return {
         "accuracy": acc,
         "steps": steps,
