@@ -3,6 +3,7 @@ killed with kill -9 mid-write leaves only whole versions; the next open removes 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import pytest
 
 from loopserve.errors import InvalidArgument, NotFoundError, VerificationError
 from loopserve.model_store import ModelStore
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,6 +39,11 @@ def folder(path: Path, seed: int = 0, size: int = 4096) -> Path:
 @pytest.fixture
 def store(tmp_path: Path) -> ModelStore:
     return ModelStore(tmp_path / "store")
+
+
+def _writing(model_dir: Path) -> bool:
+    """A publisher's temporary version folder exists."""
+    return any(p.name.startswith(".tmp-v") for p in model_dir.iterdir())
 
 
 def test_publish_writes_a_whole_version_with_a_manifest_and_moves_latest(store: ModelStore, tmp_path: Path) -> None:
@@ -200,12 +207,14 @@ def test_kill_9_during_publish_leaves_only_whole_versions_and_the_next_open_clea
         proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(root), str(src)], cwd=REPO)
         try:
             model_dir = root / "models" / "m"
-            deadline = time.monotonic() + 60
             # Wait until the publisher is writing (its temporary folder exists), then kill it at
-            # a different point of the write each round.
-            while not any(p.name.startswith(".tmp-v") for p in model_dir.iterdir()):
-                assert time.monotonic() < deadline, "the publisher never started writing"
-                time.sleep(0.001)
+            # a different point of the write each round (the pause is the kill point, not a wait).
+            wait_until(
+                functools.partial(_writing, model_dir),
+                60,
+                "the publisher to start writing",
+                interval_s=0.001,
+            )
             time.sleep(0.02 * round_)
         finally:
             os.kill(proc.pid, signal.SIGKILL)

@@ -12,9 +12,7 @@ import json
 import os
 import socket
 import threading
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -28,6 +26,7 @@ from loopserve.policy.v1 import policy_pb2, policy_pb2_grpc
 from loopserve.ray_serve import METRICS_PORT_STRIDE, build_apps, deploy, start_serve, stop_serve
 from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
 from tests import tiny_models
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(300)]
 
@@ -44,15 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
 def annotator_version(metrics_port: int) -> float | None:
@@ -197,16 +187,26 @@ def test_policy_and_reward_on_ray_serve(
             assert s.model_version == "v0" and len(s.scores) == 2 and s.scores[0] == pytest.approx(s.scores[1])
 
             # Each policy replica exports loopserve's metrics on its own port.
-            wait_for("both replicas' /metrics", lambda: all(annotator_version(p) == 0.0 for p in replica_ports), 60)
+            wait_until(
+                lambda: all(annotator_version(p) == 0.0 for p in replica_ports),
+                60,
+                "both replicas' /metrics",
+                interval_s=0.2,
+            )
 
             # Publish v1 while requests keep coming: both replicas swap, no request fails.
             with Load(policy) as load:
-                wait_for("traffic before the swap", lambda: len(load.versions) >= 10, 60)
+                wait_until(lambda: len(load.versions) >= 10, 60, "traffic before the swap", interval_s=0.2)
                 src = tiny_models.tiny_annotator(tmp_path_factory.mktemp("v1") / "annotator", seed=1)
                 ModelStore(tiny_data_dir / "store").publish_version("annotator", src)
-                wait_for("v1 on both replicas", lambda: all(annotator_version(p) == 1.0 for p in replica_ports), 90)
+                wait_until(
+                    lambda: all(annotator_version(p) == 1.0 for p in replica_ports),
+                    90,
+                    "v1 on both replicas",
+                    interval_s=0.2,
+                )
                 swapped_at = len(load.versions)
-                wait_for("traffic after the swap", lambda: len(load.versions) >= swapped_at + 10, 60)
+                wait_until(lambda: len(load.versions) >= swapped_at + 10, 60, "traffic after the swap", interval_s=0.2)
             assert load.errors == []
             assert load.versions[0] == "v0" and set(load.versions) == {"v0", "v1"}
             assert set(load.versions[swapped_at + 3 :]) == {"v1"}  # (3 threads may have been in flight)
@@ -221,7 +221,4 @@ def test_policy_and_reward_on_ray_serve(
     assert stats.decisions == served and stats.feedback_by_kind == {"accept": 1}
     assert set(stats.decisions_by_model_version["annotator"]) == {"v0", "v1"}
 
-    deadline = time.monotonic() + 60
-    while ray_processes(ray_tmp, spawned_before) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ray_processes(ray_tmp, spawned_before) == []
+    wait_until(lambda: not ray_processes(ray_tmp, spawned_before), 60, "Ray's processes to exit", interval_s=0.5)
