@@ -66,7 +66,9 @@ def cmd_models_publish(ns: argparse.Namespace) -> int:
     store = ModelStore(cfg.store_path)
     src = Path(ns.from_dir)
     parent = store.latest(ns.model)
-    meta = {"published_by": "operator"}
+    meta: dict[str, object] = {"published_by": "operator"}
+    if getattr(ns, "checked", False):
+        meta["checked"] = True
     if ns.label_set_change:
         meta["label_set_change"] = True  # type: ignore[assignment]
     if ns.architecture_change:
@@ -115,6 +117,27 @@ def cmd_log_import(ns: argparse.Namespace) -> int:
     with _open_log(ns) as log:
         r = log.import_jsonl(sys.stdin if ns.input == "-" else Path(ns.input))
     print(f"imported {r.decisions} decisions and {r.feedback} feedback events; {r.skipped} already present")
+    return 0
+
+
+def cmd_dataset_export(ns: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
+    from loopserve.model_store import ModelStore
+
+    cfg = from_namespace(CommonConfig, ns)
+    sources: Counter[str] = Counter()
+
+    def counted(rows):  # type: ignore[no-untyped-def]
+        for row in rows:
+            sources[row.source if row.source == "human" or row.model_checked else f"{row.source} (unchecked)"] += 1
+            yield row
+
+    with _open_log(ns) as log:
+        rows = counted(labelled_dataset(log, ns.task, ModelStore(cfg.store_path)))
+        n = export_dataset(rows, sys.stdout if ns.output == "-" else Path(ns.output))
+    print(f"exported {n} items: " + ", ".join(f"{v} {k}" for k, v in sorted(sources.items())), file=sys.stderr)
     return 0
 
 
@@ -195,7 +218,15 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     opts = AnnotationDemoOptions(
         data_dir=cfg.data_dir, dataset=ns.dataset, quick=ns.quick, seed=ns.seed, measure_ceiling=ns.measure_ceiling
     )
-    for name in ("budget_fraction", "error_rate", "audit_fraction", "review_threshold", "train_items", "test_items"):
+    for name in (
+        "budget_fraction",
+        "error_rate",
+        "audit_fraction",
+        "review_threshold",
+        "train_items",
+        "test_items",
+        "label_descriptions",
+    ):
         if getattr(ns, name) is not None:
             setattr(opts, name, getattr(ns, name))
     AnnotationDemo(opts).run()
@@ -218,6 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--from", dest="from_dir", required=True, help="a folder in the model's format")
     publish.add_argument("--label-set-change", action="store_true", help="the new version's labels differ on purpose")
     publish.add_argument("--architecture-change", action="store_true", help="tensor names or shapes differ on purpose")
+    publish.add_argument(
+        "--checked",
+        action="store_true",
+        help="annotator: you measured its calibration; it may auto-label (otherwise it flags every item)",
+    )
     publish.set_defaults(fn=cmd_models_publish)
     ls = models.add_parser("list", help="list versions")
     add_arguments(ls, CommonConfig)
@@ -261,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
 
+    dataset = sub.add_parser("dataset", help="the labelled data set an annotation run produced")
+    dsub = dataset.add_subparsers(dest="dataset_command", required=True)
+    dexport = dsub.add_parser("export", help="per item: the human label, else the latest served version's label")
+    add_arguments(dexport, CommonConfig)
+    dexport.add_argument("--task", default="", help="only this annotation task (default: all)")
+    dexport.add_argument("-o", "--output", default="-", help="a file (created 0600), or - for stdout")
+    dexport.set_defaults(fn=cmd_dataset_export)
+
     data = sub.add_parser("data", help="labelled data sets").add_subparsers(dest="data_command", required=True)
     dpull = data.add_parser("pull", help="download a bundled data set into <data-dir>/data as JSONL")
     add_arguments(dpull, CommonConfig)
@@ -274,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--generation", action="store_true", help="the generation demo (preferences, GRPO)")
     demo.add_argument("--objective", choices=["grpo", "dpo"], default="grpo", help="generation: RL objective")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--label-descriptions",
+        type=Path,
+        help='--dataset: JSON {"label": "what it means", ...} for the zero-shot base (default: the label names)',
+    )
     demo.add_argument("--measure-ceiling", action="store_true", help="train on all train labels (slow)")
     demo.add_argument("--budget-fraction", type=float, help="human interactions / train items (default 0.3)")
     demo.add_argument("--error-rate", type=float, help="simulated annotators' mean error rate (default 0.05)")

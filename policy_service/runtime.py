@@ -42,6 +42,11 @@ ENCODER_MICRO_BATCH = 32
 class AnnotatorBundle:
     model: AnnotatorModel
     tokenizer: PreTrainedTokenizerBase
+    checked: bool = False
+    """The version passed the trainer's gate with its calibration fitted on items it was not trained on
+    (manifest meta `checked`), or an operator vouched for it. An unchecked version (the zero-shot base,
+    weights published without that word) flags every item needs_review: its confidence is not a
+    probability anyone has measured, and nothing should be auto-labelled on its word."""
 
     @property
     def labels(self) -> list[str]:
@@ -97,7 +102,7 @@ class PolicyRuntime:
         model = encoder_heads.load(folder, self.opts.device, self.opts.dtype)
         if not isinstance(model, AnnotatorModel):
             raise VerificationError(f"{folder.name} is not an annotator (head kind {model.spec.kind!r})")
-        return AnnotatorBundle(model, encoder_heads.load_tokenizer(folder))
+        return AnnotatorBundle(model, encoder_heads.load_tokenizer(folder), bool(manifest.meta.get("checked")))
 
     def _check_annotator(self, new: Loaded[AnnotatorBundle], old: Loaded[AnnotatorBundle] | None) -> None:
         if old is not None and new.model.labels != old.model.labels and not new.manifest.meta.get("label_set_change"):
@@ -181,7 +186,7 @@ class PolicyRuntime:
                         item_id=item_id,
                         event_id=uuid.uuid4().hex,
                         labels=scores,
-                        needs_review=scores[0].score < self.opts.review_threshold,
+                        needs_review=not bundle.checked or scores[0].score < self.opts.review_threshold,
                         truncated=truncated[k],
                     )
                 )

@@ -44,6 +44,10 @@ class TrainerArgs:
     """Records per log read."""
     round_min_events: int = 64
     """A model's round starts once this many relevant events arrived since its last round ..."""
+    annotator_round_growth: float = 0.0
+    """Annotator: a round is also due once the new labels reach this multiple of the labels it already had
+    (1.0: rounds at 12, 24, 48, ... labels, up to every `round_min_events`), so the first checked
+    version serves after tens of labels rather than after the first `round_min_events`; 0 turns it off."""
     round_interval_s: float = 600.0
     """... or once this much time passed and at least one did (GRPO needs no new events)."""
     heldout_fraction: float = 0.2

@@ -45,7 +45,7 @@ from loopserve.metrics import PUBLISH, ROUND_SECONDS, TRAINER_LAG, TRAINER_LOSS
 from loopserve.model_store import ModelStore
 from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, RewardModel
-from trainer import annotation_policy, checkpoint, dpo, generation_rl, reward_model
+from trainer import annotation_policy, annotation_round, checkpoint, dpo, generation_rl, reward_model
 from trainer.causal_lm import add_lora, merge_lora
 from trainer.config import TrainerArgs
 from trainer.consumer import ANNOTATOR, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
@@ -54,7 +54,6 @@ from trainer.gate import (
     LossGuard,
     RoundAborted,
     RoundInterrupted,
-    gate_annotator,
     gate_generator,
     gate_reward_model,
     paired_counts,
@@ -188,6 +187,8 @@ RoundOutput = tuple[RoundResult, dict[str, torch.optim.Optimizer]]
 
 
 def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
+    """Few verified labels: cross-fitted round from the zero-shot base; many: held-out round on top of the
+    serving weights (trainer.annotation_round says why)."""
     args, cfg = ctx.args, ctx.args.annotator
     serving = ctx.store.latest(ANNOTATOR)
     if serving is None:
@@ -196,56 +197,77 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     spec = HeadSpec.read(folder)
     known = set(spec.label_names)
     items = [x for x in state.labels.values() if x.label in known]
+    result = RoundResult(ANNOTATOR, "skipped", round=state.round, serving=serving)
+    clock = _PhaseClock(result.phases)
+    few = len(items) < args.gate.cv_max_items and args.gate.cv_folds >= 2
+    if few and len(items) < args.gate.min_cv_items:
+        result.reasons.append(f"{len(items)} verified labels, need {args.gate.min_cv_items}")
+        return result, {}
     evals = [x for x in items if heldout(x.text, args.heldout_fraction)]
     train = [x for x in items if not heldout(x.text, args.heldout_fraction)]
     rejects = [x for x in state.bandit if x.label in known and not heldout(x.text, args.heldout_fraction)]
-    result = RoundResult(ANNOTATOR, "skipped", round=state.round, serving=serving)
-    if len(evals) < args.gate.min_eval_items:
+    if not few and len(evals) < args.gate.min_eval_items:
         result.reasons.append(f"held-out slice has {len(evals)} items, need {args.gate.min_eval_items}")
         return result, {}
-    if not train and not rejects:
+    if not few and not train and not rejects:
         result.reasons.append("no training items")
         return result, {}
     tokenizer = encoder_heads.load_tokenizer(folder)
-    model = encoder_heads.load(folder, ctx.device)  # the serving version; trained in place below
+    model = encoder_heads.load(folder, ctx.device)  # the serving version
     if not isinstance(model, AnnotatorModel):
         raise VerificationError(f"annotator {serving} has no annotator head")
-    result.serving_metrics, serving_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
-    opt = annotation_policy.make_optimizer(model, cfg)
-    _maybe_load_optimizer(ctx, state, ANNOTATOR, opt, serving)
-    train_metrics = annotation_policy.train_annotation_policy(
-        model,
-        tokenizer,
-        train,
-        rejects,
-        cfg,
-        baseline=state.baseline,
-        optimizer=opt,
-        guard=ctx.guard(ANNOTATOR),
-        generator=ctx.gen,
-    )
-    TRAINER_LOSS.labels(objective=ANNOTATOR).set(train_metrics.get("loss", float("nan")))
-    cand, cand_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
-    cand.update(paired_counts(serving_correct, cand_correct))  # for the gate's paired regression test
-    temperature = annotation_policy.calibrate(model, tokenizer, evals, cfg)
-    calibrated = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
-    cand.update(ece_calibrated=calibrated["ece"], nll_calibrated=calibrated["nll"], temperature=temperature)
-    cand.update(_prefixed("train_", train_metrics), n_train=float(len(train)), n_rejects=float(len(rejects)))
-    result.metrics = cand
-    decision = gate_annotator(cand, result.serving_metrics, args.gate)
-    if not decision.publish:
-        result.result, result.reasons = "gated", decision.reasons
+    clock.lap("load")
+    opt: torch.optim.Optimizer | None = None
+    if few:
+        base_version = ctx.store.list(ANNOTATOR)[0]
+        base_folder = ctx.store.path(ANNOTATOR, base_version)
+        if HeadSpec.read(base_folder).label_names != spec.label_names:
+            base_folder = folder  # the label set changed since v0: the serving version is the prior
+
+        def load_base() -> AnnotatorModel:
+            base = encoder_heads.load(base_folder, ctx.device)
+            assert isinstance(base, AnnotatorModel)
+            return base
+
+        cursor = int(ctx.store.get(ANNOTATOR, serving).meta.get("cursor", 0))
+        cand = annotation_round.cross_fit_round(
+            load_base, model, tokenizer, items, cursor, cfg, args.gate, generator=ctx.gen, guard=ctx.guard(ANNOTATOR)
+        )
+    else:
+        opt = annotation_policy.make_optimizer(model, cfg)
+        _maybe_load_optimizer(ctx, state, ANNOTATOR, opt, serving)
+        cand = annotation_round.held_out_round(
+            model, tokenizer, train, rejects, evals, cfg, args.gate,
+            baseline=state.baseline, optimizer=opt, generator=ctx.gen, guard=ctx.guard(ANNOTATOR),
+        )  # fmt: skip
+    clock.lap("train_and_evaluate")
+    TRAINER_LOSS.labels(objective=ANNOTATOR).set(cand.train_metrics.get("loss", float("nan")))
+    result.metrics = {**cand.metrics, **_prefixed("train_", cand.train_metrics)}
+    result.serving_metrics = cand.serving_metrics
+    if not cand.decision.publish:
+        result.result, result.reasons = "gated", cand.decision.reasons
         return result, {}
     result.version = _publish(
         ctx,
         state,
         ANNOTATOR,
-        lambda dest: encoder_heads.save(model, tokenizer, dest),
+        lambda dest: encoder_heads.save(cand.model, tokenizer, dest),
         serving,
-        {**cand, **_prefixed("serving_", result.serving_metrics)},
-        {"objective": "annotation_policy", "task": spec.task, "labels": spec.label_names},
+        {**result.metrics, **_prefixed("serving_", result.serving_metrics)},
+        {
+            "objective": "annotation_policy",
+            "task": spec.task,
+            "labels": spec.label_names,
+            # Passed the gate with calibration fitted on items it was not trained on: the policy service
+            # lets a checked version auto-label (an unchecked one flags every item needs_review).
+            "checked": True,
+            "evidence": cand.regime,
+        },
     )
+    clock.lap("publish")
     result.result = "published"
+    if opt is None:
+        return result, {}
     return result, _keep_optimizer(ctx, state, ANNOTATOR, opt, result.version)
 
 
@@ -450,6 +472,12 @@ def due(ctx: Context, state: TrainerState, model: str, now: float) -> bool:
     new = state.new_events[model]
     if new >= args.round_min_events:
         return True
+    if model == ANNOTATOR and args.annotator_round_growth > 0:
+        had = max(len(state.labels) - new, 0)
+        if new >= max(args.gate.min_cv_items, args.annotator_round_growth * had) and len(state.labels) >= (
+            args.gate.min_cv_items
+        ):
+            return True
     waited = now - state.last_round_at.get(model, now) >= args.round_interval_s
     if model == GENERATOR and "grpo" in args.generator_objective_list() and ctx.reward_fn is not None:
         return waited and bool(state.prompts)

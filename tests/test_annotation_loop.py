@@ -1,0 +1,130 @@
+"""The annotation loop where labels are scarce: the few-labels round and gate, cold-start routing, the
+backlog re-annotated by a newly served version, and the labelled data set exported from the log.
+
+Tiny annotators learn a planted signal (sentiment words) here: these tests are about the mechanics and
+the statistics of the gate; bench/learning.py measures the learning on real data."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from loopserve.annotation_routing import pick_for_review
+from loopserve.feedback_log import Feedback, open_feedback_log
+from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
+from loopserve.model_store import ModelStore
+from tests.test_trainer_loop import (  # noqa: F401  (fixtures)
+    LOG_LABEL_SETS,
+    base_store,
+    data_dir,
+    label_decision,
+    small_args,
+    write_label_stream,
+)
+from trainer.gate import GateConfig, gate_annotator_cv
+from trainer.loop import read_rounds, run_trainer
+
+
+def few_label_args(data_dir: Path, **kw):  # type: ignore[no-untyped-def]
+    args = small_args(data_dir, models="annotator", **kw)
+    args.gate = GateConfig(cv_max_items=300, cv_folds=2, min_cv_items=12)
+    args.annotator.epochs = 0.0  # scaled with the data, as the few-labels recipe runs
+    return args
+
+
+def test_a_few_dozen_labels_publish_a_checked_version_with_no_held_out_slice(data_dir: Path) -> None:
+    """48 verified labels: no 30-item held-out slice could exist at a 15-25% share, yet the cross-fitted
+    round publishes, calibrated out of fold, and says so in the manifest."""
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, random.Random(11), 48)
+    args = few_label_args(data_dir)
+    run_trainer(args)
+    [row] = read_rounds(args)
+    assert row["result"] == "published", row
+    m = row["metrics"]
+    assert m["n"] == 48 and m["accuracy"] > m["majority_rate"] and m["folds"] == 2
+    assert m["majority_fixed"] > m["majority_broken"]
+    manifest = ModelStore(data_dir / "store").get("annotator", row["version"])
+    assert manifest.meta["checked"] is True and manifest.meta["evidence"] == "cross-fit"
+    assert manifest.meta["cursor"] > 0  # later labels are the ones this version never saw
+
+
+def test_random_labels_are_refused_by_the_few_labels_gate(data_dir: Path) -> None:
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, random.Random(5), 60, random_labels=True)
+    args = few_label_args(data_dir)
+    run_trainer(args)
+    [row] = read_rounds(args)
+    assert row["result"] == "gated" and any("majority answer" in r for r in row["reasons"]), row
+    assert ModelStore(data_dir / "store").latest("annotator") == "v0"
+
+
+def test_too_few_labels_skip_the_round() -> None:
+    d = gate_annotator_cv(
+        {"n": 8, "accuracy": 1.0, "majority_rate": 0.5, "majority_broken": 0, "majority_fixed": 4}, GateConfig()
+    )
+    assert not d.publish and "need 12" in d.summary()
+
+
+def test_a_significant_regression_on_labels_serving_never_saw_is_refused() -> None:
+    oof = {"n": 200, "accuracy": 0.8, "majority_rate": 0.6, "majority_broken": 5, "majority_fixed": 45}
+    assert gate_annotator_cv({**oof, "broken": 12, "fixed": 10}, GateConfig()).publish  # noise
+    d = gate_annotator_cv({**oof, "broken": 30, "fixed": 5}, GateConfig())
+    assert not d.publish and "never saw" in d.summary()
+
+
+def test_the_router_covers_the_chunk_before_trusting_confidence() -> None:
+    rng = random.Random(0)
+    topics = ["tea leaves", "dog food", "hot sauce", "coffee beans"]
+    texts = [f"{topics[i % 4]} review number {i}" for i in range(80)]
+    probs = np.array([[0.5 + i / 200, 0.5 - i / 200] for i in range(80)])
+    # Unchecked: confidence ignored, one typical item per cluster: every topic is covered.
+    picks = pick_for_review(texts, probs, [True] * 80, 4, checked=False, rng=rng)
+    assert len(picks) == 4 and {i % 4 for i in picks} == {0, 1, 2, 3}
+    # Checked: only flagged items, the least certain of each cluster.
+    flagged = [i % 2 == 0 for i in range(80)]
+    picks = pick_for_review(texts, probs, flagged, 2, checked=True, rng=rng)
+    assert len(picks) == 2 and all(flagged[i] for i in picks)
+    assert {i % 4 for i in picks} == {0, 2}
+    for i in picks:  # the least certain (lowest index, closest to 0.5) of its topic among flagged items
+        assert i == min(j for j in range(80) if j % 4 == i % 4)
+    assert pick_for_review(texts, probs, [False] * 80, 5, checked=True, rng=rng) == []
+
+
+def test_the_labelled_data_set_takes_people_first_then_the_latest_version(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    for version, meta in (("v0", {"base": True}), ("v1", {"checked": True})):
+        src = tmp_path / version
+        src.mkdir()
+        (src / "weights.txt").write_text(version)
+        store.publish_version("annotator", src, meta=meta)
+    with open_feedback_log(str(tmp_path / "log.sqlite3")) as log:
+        log.append_decisions(
+            [
+                label_decision("a0", "tea is great", "great", 0.6),
+                label_decision("b0", "tea is bad", "great", 0.55),
+                label_decision("c0", "tea is fine", "other", 0.7),
+            ]
+        )
+        later = label_decision("c1", "tea is fine", "great", 0.9)
+        log.append_decisions([type(later)(**{**later.to_dict(), "model_version": "v1", "output": later.output})])
+        log.append_feedback(
+            [
+                Feedback("accept", "k1", event_id="a0"),
+                Feedback("correction", "k2", event_id="b0", label="other"),
+            ],
+            LOG_LABEL_SETS,
+        )
+        rows = {r.text: r for r in labelled_dataset(log, store=store)}
+        out = tmp_path / "dataset.jsonl"
+        assert export_dataset(iter(rows.values()), out) == 3
+    assert (rows["tea is great"].label, rows["tea is great"].source) == ("great", "human")
+    assert (rows["tea is bad"].label, rows["tea is bad"].source) == ("other", "human")
+    fine = rows["tea is fine"]  # nobody labelled it: the latest version's answer, with its probability
+    assert (fine.label, fine.source, fine.model_version, fine.model_checked) == ("great", "model", "v1", True)
+    assert fine.probability == pytest.approx(0.9)
+    assert out.stat().st_mode & 0o777 == 0o600
