@@ -208,3 +208,71 @@ async def test_start_training_asks_the_trainer_for_a_round(stack: tuple[Running,
         assert r.status_code == 201 and r.json()["model"] == "annotator"
     assert pending_rounds(trainer_dir) == {"annotator"}
     assert (trainer_dir / "round_requests" / "annotator.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_requested_round_runs_before_it_is_due(tiny_data_dir: Path) -> None:
+    """What "Start training" in Label Studio relies on: the trainer runs a requested round at its next
+    poll even when `round_min_events` is far away, and consumes the request."""
+    import random
+
+    from loopserve.round_requests import request_round
+    from tests.test_trainer_loop import small_args, write_label_stream
+    from trainer.loop import read_rounds, run_trainer
+
+    with open_feedback_log(str(tiny_data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, random.Random(3), 200)
+    args = small_args(tiny_data_dir, models="annotator")
+    args.round_min_events, args.annotator.epochs = 100_000, 1
+    run_trainer(args)
+    assert read_rounds(args) == []  # not due
+    request_round(args.trainer_dir, "annotator", "test")
+    run_trainer(args)
+    [row] = read_rounds(args)
+    assert row["model"] == "annotator" and row["result"] in ("published", "gated"), row
+    assert pending_rounds(args.trainer_dir) == set()
+
+
+async def test_ml_backend_command_flags_reach_the_adapter(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """`loopserve ml-backend` as its own process: each flag it shows takes effect there."""
+    import asyncio
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.label_studio_server import free_port
+
+    policy = await start_policy(policy_config(tiny_data_dir))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(policy.app.cfg.token_path, elsewhere / "tokens.json")
+    port = free_port()
+    argv = [sys.executable, "-m", "loopserve", "ml-backend", "--data-dir", str(tmp_path / "empty")]
+    argv += ["--port", str(port), "--policy-target", policy.target, "--token-file", str(elsewhere / "tokens.json")]
+    argv += ["--trainer-dir", str(tmp_path / "trainer"), "--max-tasks-per-request", "3", "--refresh-interval-s", "0"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            for _ in range(600):
+                try:
+                    if (await http.get("/health")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert proc.poll() is None, proc.stderr.read().decode()[-2000:] if proc.stderr else ""
+                await asyncio.sleep(0.05)
+            auth = basic(policy.tokens["annotator"])
+            r = await http.post(
+                "/predict", json={"tasks": tasks(4), "project": PROJECT, "label_config": CONFIG}, headers=auth
+            )
+            assert r.status_code == 413 and "limit is 3" in r.json()["error"]
+            r = await http.post(
+                "/predict", json={"tasks": tasks(3), "project": PROJECT, "label_config": CONFIG}, headers=auth
+            )
+            assert r.status_code == 200 and len(r.json()["results"]) == 3
+            r = await http.post("/train", json={"project": PROJECT}, headers=auth)
+            assert r.status_code == 201
+        assert pending_rounds(tmp_path / "trainer") == {"annotator"}
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        await policy.app.stop(1)

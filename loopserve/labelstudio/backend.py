@@ -131,7 +131,8 @@ class MLBackend:
         self._ls_from_config = self._ls is not None
         self.serving_version = ""
         self._watch: asyncio.Task[None] | None = None
-        self.refreshes = 0  # completed refresh passes (tests and the log read it)
+        self.fresh: dict[int, str] = {}  # project -> the version its pre-annotations were last refreshed to
+        self.refreshes = 0  # completed project refreshes
 
     # ---- auth and clients ------------------------------------------------------------------------
 
@@ -381,38 +382,44 @@ class MLBackend:
     async def _watch_version(self) -> None:
         from loopserve.labelstudio.refresh import refresh_project
 
+        policy_down = False
+        failed: set[tuple[int, str]] = set()  # (project, version) whose refresh failed and was logged
         while True:
             await asyncio.sleep(self.cfg.refresh_interval_s)
             try:
                 info = await self.model_info(self.background_token())
             except GrpcCallError as e:
-                logger.warning("swap watch: policy service answered %s", e.code)
+                if not policy_down:  # once per outage, not every interval
+                    logger.warning("swap watch: policy service answered %s; retrying", e.code)
+                policy_down = True
                 continue
+            policy_down = False
             version = info.annotator_version
-            if version == self.serving_version or not version:
+            if version != self.serving_version:
+                logger.info("annotator version %s -> %s", self.serving_version or "(none)", version)
+                self.serving_version = version
+            if self._ls is None:
                 continue
-            previous, self.serving_version = self.serving_version, version
-            if self._ls is None or not self.projects:
-                continue
-            t0 = time.perf_counter()
             for project, task in list(self.projects.items()):
+                if self.fresh.get(project) == version:
+                    continue
+                t0 = time.perf_counter()
                 try:
                     stats = await refresh_project(self, self._ls, project, task, info)
-                except GrpcCallError as e:
-                    logger.warning("refresh of project %d stopped: policy service answered %s", project, e.code)
-                    self.serving_version = previous  # try again at the next check
-                    break
-                except Exception as e:  # Label Studio down or slow: keep serving, retry on the next swap check
-                    logger.warning("refresh of project %d failed: %s", project, type(e).__name__)
-                    self.serving_version = previous
-                    break
+                except Exception as e:  # Label Studio or the policy service down: retry at the next check
+                    if (project, version) not in failed:
+                        logger.warning(
+                            "refresh of project %d to %s failed (%s); retrying", project, version, type(e).__name__
+                        )
+                        failed.add((project, version))
+                    continue
+                self.fresh[project] = version
+                self.refreshes += 1
                 logger.info(
-                    "project %d: %d stale predictions refreshed to %s, %d annotated tasks keep theirs (%.1fs)",
+                    "project %d: %d stale predictions re-predicted by %s, %d annotated tasks keep theirs (%.1fs)",
                     project,
                     stats.refreshed,
                     version,
                     stats.annotated_stale,
                     time.perf_counter() - t0,
                 )
-            else:
-                self.refreshes += 1

@@ -144,6 +144,7 @@ def run(cfg: Any) -> None:
 
     from loopserve.auth import load_tokens
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Label Studio call otherwise
     table = None if cfg.no_auth else load_tokens(cfg.token_path)
     if table is not None and not table.tokens:
         raise FileNotFoundError(f"no tokens in {cfg.token_path} or LOOPSERVE_TOKENS: every call would be refused")

@@ -43,7 +43,7 @@ class LabelStudioAPI:
 
     def tasks(self, project: int) -> Iterator[StoredTask]:
         """Every task of a project, with its predictions and its number of annotations."""
-        for t in self.sdk.tasks.list(project=project, fields="all", page_size=PAGE_SIZE):
+        for t in self._pages(project):
             d = _dump(t)
             yield StoredTask(
                 id=int(d["id"]),
@@ -51,6 +51,26 @@ class LabelStudioAPI:
                 annotations=int(d.get("total_annotations") or len(d.get("annotations") or [])),
                 predictions=[_dump(p) for p in d.get("predictions") or []],
             )
+
+    def _pages(self, project: int) -> Iterator[Any]:
+        # Page by page by hand: the SDK's pager asks for one page past the end, which Label Studio
+        # 1.23 answers with 404 "Invalid page".
+        from label_studio_sdk.core.api_error import ApiError
+
+        page = 1
+        while True:
+            try:
+                items = list(
+                    self.sdk.tasks.list(project=project, fields="all", page=page, page_size=PAGE_SIZE).items or []
+                )
+            except ApiError as e:
+                if e.status_code == 404 and page > 1:
+                    return
+                raise
+            yield from items
+            if len(items) < PAGE_SIZE:
+                return
+            page += 1
 
     def task_predictions(self, task: int) -> list[dict[str, Any]]:
         return [_dump(p) for p in self.sdk.predictions.list(task=task)]
@@ -65,6 +85,18 @@ class LabelStudioAPI:
 
     def delete_prediction(self, prediction_id: int) -> None:
         self.sdk.predictions.delete(id=prediction_id)
+
+    def import_predictions(self, project: int, predictions: list[dict[str, Any]]) -> None:
+        """Create many predictions (`{"task", "result", "score", "model_version"}`) in one call."""
+        if predictions:
+            self.sdk.projects.import_predictions(id=project, request=predictions)
+
+    def delete_all_predictions(self, project: int, tasks: list[int]) -> None:
+        """Delete every prediction of `tasks` in one call (the Data Manager's action)."""
+        if tasks:
+            self.sdk.actions.create(
+                id="delete_tasks_predictions", project=project, selected_items={"all": False, "included": tasks}
+            )
 
     # ---- projects ------------------------------------------------------------------------------
 

@@ -34,8 +34,10 @@ def create_project(api: LabelStudioAPI, title: str, labels: list[str]) -> int:
         title=title,
         label_config=text_classification_config(labels),
         sampling=UNCERTAINTY_SAMPLING,
-        show_collab_predictions=True,  # pre-annotate: show the model's label when a task opens
-        evaluate_predictions_automatically=True,
+        # Pre-annotate: a task opened without a prediction gets one. Not `evaluate_predictions_automatically`:
+        # that predicts as a side effect of every task listing, racing with the refresh after a swap.
+        show_collab_predictions=True,
+        evaluate_predictions_automatically=False,
     )
     return int(_dump(p)["id"])
 
@@ -65,6 +67,13 @@ def connect_ml_backend(
     return int(ml["id"]), webhook_id
 
 
+def predict_all(api: LabelStudioAPI, project: int) -> None:
+    """The Data Manager's "Retrieve predictions" on every task: Label Studio calls /setup, then /predict."""
+    api.sdk.actions.create(
+        id="retrieve_tasks_predictions", project=project, selected_items={"all": True, "excluded": []}
+    )
+
+
 def connect(
     api: LabelStudioAPI,
     *,
@@ -77,4 +86,5 @@ def connect(
     project = create_project(api, title, labels)
     n = import_texts(api, project, texts)
     ml, hook = connect_ml_backend(api, project, backend_url, token)
+    predict_all(api, project)  # pre-annotated from the start, so uncertainty sampling has scores to order by
     return ConnectedProject(project, ml, hook, n, f"{api.url}/projects/{project}/data")

@@ -58,11 +58,18 @@ async def refresh_project(
     predictions = await backend.annotate(
         project, [x for x in texts if x.text is not None], info, backend.background_token()
     )
-    for task_id, p in predictions.items():
-        body = protocol.prediction_json(p, task, p.model_version)
-        await asyncio.to_thread(ls.create_prediction, task_id, body["result"], body["score"], body["model_version"])
-        for old in by_id[task_id][1]:
-            await asyncio.to_thread(ls.delete_prediction, old)
-        stats.refreshed += 1
+    # Two calls per project, not two per task: delete the stale predictions of tasks holding only
+    # ours in one Data Manager action, one by one where another model's predictions sit beside them;
+    # then create the fresh ones in one import.
+    only_ours = [tid for tid in predictions if len(by_id[tid][0].predictions) == len(by_id[tid][1])]
+    await asyncio.to_thread(ls.delete_all_predictions, project, only_ours)
+    deleted = set(only_ours)
+    for tid in predictions:
+        if tid not in deleted:
+            for old in by_id[tid][1]:
+                await asyncio.to_thread(ls.delete_prediction, old)
+    fresh = [{"task": tid, **protocol.prediction_json(p, task, p.model_version)} for tid, p in predictions.items()]
+    await asyncio.to_thread(ls.import_predictions, project, fresh)
+    stats.refreshed = len(fresh)
     await asyncio.to_thread(ls.set_model_version, project, version)
     return stats
