@@ -11,6 +11,7 @@ the pre-annotation is shown, the other label picked, the task submitted, the cor
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -58,6 +59,7 @@ class Stack:
     api: LabelStudioAPI
     data_dir: Path
     adapter_url: str
+    policy_target: str
     annotator_token: str
     project: ConnectedProject
     texts: list[str]
@@ -88,9 +90,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, real_store: ModelStore) -> I
     data_dir = root / "loopserve"
     data_dir.mkdir()
     shutil.copytree(real_store.root, data_dir / "store", copy_function=os.link)  # hard links: no copy
-    adapter_port = free_port()
+    adapter_port, policy_port = free_port(), free_port()
     argv = [sys.executable, "-m", "loopserve", "up", "--data-dir", str(data_dir), "--no-trainer"]
-    argv += ["--policy-port", str(free_port()), "--metrics-port", "-1", "--reward-port", str(free_port())]
+    argv += ["--policy-port", str(policy_port), "--metrics-port", "-1", "--reward-port", str(free_port())]
     argv += ["--reward-metrics-port", "-1", "--watch-interval-s", "0.5", "--device", "cpu"]
     argv += ["--ml-backend-port", str(adapter_port), "--label-studio-url", ls.url]
     env = {**os.environ, "LOOPSERVE_LABEL_STUDIO_TOKEN": ls.token}
@@ -108,7 +110,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, real_store: ModelStore) -> I
         t0 = time.perf_counter()
         project = connect(api, backend_url=adapter_url, token=token, labels=["great", "other"], texts=texts)
         print(f"\nconnect (create, import {N_TASKS} reviews, connect, predict all): {time.perf_counter() - t0:.1f}s")
-        yield Stack(ls, api, data_dir, adapter_url, token, project, texts)
+        yield Stack(ls, api, data_dir, adapter_url, f"127.0.0.1:{policy_port}", token, project, texts)
         api.close()
     finally:
         if up.poll() is None:
@@ -213,6 +215,7 @@ def test_an_annotator_corrects_a_pre_annotation_in_the_browser(stack: Stack, tmp
             predicted.wait_for()
             page.get_by_text(version, exact=True).first.wait_for()  # the prediction's tab names its version
             assert predicted.is_checked() and not correct.is_checked()  # the pre-annotation is shown
+            page.wait_for_load_state("networkidle")  # the task list beside it, for the screenshot
             shot = tmp_path / "labeling-page.png"
             page.screenshot(path=str(shot))
             shutil.copyfile(shot, REPO / "docs" / "labelstudio-labeling.png")
@@ -229,3 +232,25 @@ def test_an_annotator_corrects_a_pre_annotation_in_the_browser(stack: Stack, tmp
             browser.close()
     fb = next(f for f in stack.log()[1] if f.event_id == event_id)
     assert fb.kind == "correction" and fb.label == other and fb.annotator_id.startswith("labelstudio:")
+
+
+def test_connect_command_sets_up_a_pre_annotated_project(stack: Stack, tmp_path: Path) -> None:
+    """`loopserve labelstudio connect`, the README's third command, with its flags."""
+    dataset = tmp_path / "reviews.jsonl"
+    rows = [("Wonderful tea, I drink it daily.", "great", "train"), ("Stale and tasteless.", "other", "train")] * 3
+    rows += [("Fine.", "other", "test")]
+    dataset.write_text("".join(json.dumps({"text": t, "label": lb, "split": s}) + "\n" for t, lb, s in rows))
+    argv = [sys.executable, "-m", "loopserve", "labelstudio", "connect", "--data-dir", str(stack.data_dir)]
+    argv += ["--label-studio-url", stack.ls.url, "--backend-url", stack.adapter_url, "--dataset", str(dataset)]
+    argv += ["--tasks", "4", "--title", "connect flags", "--policy-target", stack.policy_target]
+    env = {**os.environ, "LOOPSERVE_LABEL_STUDIO_TOKEN": stack.ls.token}
+    out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    pid = int(out.stdout.split()[1].rstrip(":"))
+    project = stack.api.project(pid)
+    assert project["title"] == "connect flags" and project["sampling"] == "Uncertainty sampling"
+    tasks = list(stack.api.tasks(pid))
+    assert sorted(t.data["text"] for t in tasks) == sorted(t for t, _, _ in rows[:4])
+    assert all(len(t.predictions) == 1 for t in tasks)  # pre-annotated by the serving version
+    [ml] = [m for m in stack.api.sdk.ml.list(project=pid)]
+    assert ml.url == stack.adapter_url

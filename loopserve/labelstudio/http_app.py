@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from loopserve import metrics
 from loopserve.errors import InvalidArgument, LoopserveError
 from loopserve.labelstudio.backend import MLBackend, TooManyTasks
+from loopserve.labelstudio.config import MLBackendConfig
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +139,7 @@ def create_app(backend: MLBackend) -> FastAPI:
     return app
 
 
-def run(cfg: Any) -> None:
+def run(cfg: MLBackendConfig) -> None:
     """Serve until SIGINT / SIGTERM (uvicorn handles both and drains open requests)."""
     import uvicorn
 

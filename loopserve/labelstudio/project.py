@@ -42,8 +42,13 @@ def create_project(api: LabelStudioAPI, title: str, labels: list[str]) -> int:
     return int(_dump(p)["id"])
 
 
+def readable(text: str) -> str:
+    """Fine Food reviews carry HTML line breaks, which Label Studio's <Text> shows literally."""
+    return text.replace("<br />", "\n").replace("<br/>", "\n")
+
+
 def import_texts(api: LabelStudioAPI, project: int, texts: list[str], meta: list[dict[str, Any]] | None = None) -> int:
-    tasks = [{"text": t, **(meta[i] if meta else {})} for i, t in enumerate(texts)]
+    tasks = [{"text": readable(t), **(meta[i] if meta else {})} for i, t in enumerate(texts)]
     r = _dump(api.sdk.projects.import_tasks(id=project, request=tasks, return_task_ids=True))
     return int(r.get("task_count") or len(tasks))
 
