@@ -185,7 +185,12 @@ def cmd_up(ns: argparse.Namespace) -> int:
     policy = from_namespace(PolicyConfig, ns)
     _setup_logging(policy.log_level)
     return run_embedded(
-        policy, reward_port=ns.reward_port, reward_metrics_port=ns.reward_metrics_port, train=not ns.no_trainer
+        policy,
+        reward_port=ns.reward_port,
+        reward_metrics_port=ns.reward_metrics_port,
+        train=not ns.no_trainer,
+        ml_backend_port=ns.ml_backend_port,
+        label_studio_url=ns.label_studio_url,
     )
 
 
@@ -291,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--reward-port", type=int, default=None)
     up.add_argument("--reward-metrics-port", type=int, default=None)
     up.add_argument("--no-trainer", action="store_true", help="services only")
+    up.add_argument("--ml-backend-port", type=int, default=None, help="also serve Label Studio's ML backend (9090)")
+    up.add_argument("--label-studio-url", default="", help="Label Studio's URL, for the ML backend's refreshes")
     up.set_defaults(fn=cmd_up)
 
     from loopserve.ray_serve import add_serve_parser  # imports no ray until `serve` runs
@@ -304,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     dexport.add_argument("--task", default="", help="only this annotation task (default: all)")
     dexport.add_argument("-o", "--output", default="-", help="a file (created 0600), or - for stdout")
     dexport.set_defaults(fn=cmd_dataset_export)
+
+    from loopserve.labelstudio.cli import add_parsers as add_labelstudio_parsers  # `ml-backend`, `labelstudio`
+
+    add_labelstudio_parsers(sub)
 
     data = sub.add_parser("data", help="labelled data sets").add_subparsers(dest="data_command", required=True)
     dpull = data.add_parser("pull", help="download a bundled data set into <data-dir>/data as JSONL")

@@ -51,6 +51,8 @@ def run_embedded(
     reward_port: int | None = None,
     reward_metrics_port: int | None = None,
     train: bool = True,
+    ml_backend_port: int | None = None,
+    label_studio_url: str = "",
 ) -> int:
     if not cfg.no_auth and cfg.token_file is None:
         ensure_token_file(cfg.token_path)
@@ -99,10 +101,28 @@ def run_embedded(
             *(["--store-dir", str(cfg.store_dir)] if cfg.store_dir else []),
             *(["--log-url", cfg.log_url] if cfg.log_url else []),
         ]
+    if ml_backend_port is not None:
+        from loopserve.labelstudio.cli import ml_backend_flags
+
+        procs["ml-backend"] = [
+            *exe,
+            "ml-backend",
+            *ml_backend_flags(ml_backend_port, cfg.port, label_studio_url),
+            "--data-dir",
+            str(cfg.data_dir),
+            "--log-level",
+            cfg.log_level,
+            "--host",
+            cfg.host,
+            *(["--no-auth"] if cfg.no_auth else []),
+            *(["--token-file", str(cfg.token_file)] if cfg.token_file else []),
+        ]
     running = {name: subprocess.Popen(argv) for name, argv in procs.items()}
     print(
         f"policy on {cfg.host}:{cfg.port} (metrics :{cfg.metrics_port}/metrics), "
-        f"reward on {cfg.host}:{reward_port or DEFAULT_REWARD_PORT}; Ctrl-C stops everything"
+        f"reward on {cfg.host}:{reward_port or DEFAULT_REWARD_PORT}"
+        + (f", Label Studio ML backend on http://{cfg.host}:{ml_backend_port}" if ml_backend_port is not None else "")
+        + "; Ctrl-C stops everything"
     )
     stopping = False
 

@@ -45,6 +45,7 @@ from loopserve.metrics import PUBLISH, ROUND_SECONDS, TRAINER_LAG, TRAINER_LOSS
 from loopserve.model_store import ModelStore
 from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, RewardModel
+from loopserve.round_requests import clear_round_request, pending_rounds
 from trainer import annotation_policy, annotation_round, checkpoint, dpo, generation_rl, reward_model
 from trainer.causal_lm import add_lora, merge_lora
 from trainer.config import TrainerArgs
@@ -622,11 +623,13 @@ def run_trainer(
                 if time.monotonic() - last_save >= args.checkpoint_interval_s:
                     save()
                 continue  # drain the backlog before training on it
+            requested = pending_rounds(root)  # "Start training" in Label Studio (loopserve/round_requests.py)
             for model in args.model_list():
                 if stop.is_set() or (args.max_rounds and rounds >= args.max_rounds):
                     break
-                if not due(ctx, state, model, time.time()):
+                if not (due(ctx, state, model, time.time()) or model in requested):
                     continue
+                clear_round_request(root, model)
                 result, optimizers = run_round(ctx, state, model)
                 if result.result == "interrupted":
                     break
