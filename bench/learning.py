@@ -12,7 +12,8 @@ For each seed, two replays of the same data in one process, with the trainer's o
   candidate, and the gate decides whether it serves. Unchecked versions flag every item, so nothing is
   auto-labelled on their word; items nobody reviewed wait in the backlog.
 - passive: the same number of labels for items drawn at random, from the same annotator pool, trained
-  by the same round functions at the same round points (its gate decisions count the same way).
+  with the same recipe at the budgets (from the base while labels are few, continued after), served
+  without a gate, as the demo's offline passive baseline is.
 - tfidf: TF-IDF (1-2 grams) + logistic regression on the passive labels and on the loop's labels.
 
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
@@ -97,9 +98,19 @@ class Replay:
         n = len(self.labelled) + 1
         self.labelled.append(LabelExample(text, label, f"e{n}", n))
 
-    def round(self) -> AnnotatorCandidate:
+    def round(self, gated: bool = True) -> AnnotatorCandidate | None:
+        """The trainer's round; `gated=False` (the passive baseline, as the demo's offline one) trains the
+        candidate the same way and serves it without the gate's cross-fitting."""
         t0 = time.monotonic()
         n = len(self.labelled)
+        if not gated and n < self.gate.cv_max_items:
+            model = self.load_base()
+            annotation_policy.train_annotation_policy(
+                model, self.tokenizer, self.labelled, [], self.cfg, generator=self.gen
+            )
+            self.serving, self.infer = model, self._inference_copy(model)
+            self.rounds.append({"labels": n, "regime": "ungated", "seconds": round(time.monotonic() - t0, 1)})
+            return None
         if n < self.gate.cv_max_items:
             cand = cross_fit_round(
                 self.load_base, self.serving, self.tokenizer, self.labelled, self.cursor, self.cfg, self.gate,
@@ -110,7 +121,7 @@ class Replay:
             evals = [x for x in self.labelled if heldout(x.text, self.frac)]
             model = copy.deepcopy(self.serving)
             cand = held_out_round(model, self.tokenizer, train, [], evals, self.cfg, self.gate, generator=self.gen)
-        if cand.decision.publish:
+        if cand.decision.publish or not gated:
             self.serving, self.checked, self.cursor = cand.model, True, n
             self.infer = self._inference_copy(cand.model)
         self.rounds.append(
@@ -220,11 +231,11 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
     order = random.Random(seed + 7919).sample(range(len(train)), len(train))
     budgets = sorted(args.budgets)
     out: dict[int, dict[str, float]] = {}
-    for p in sorted({*args.early_rounds, *budgets}):
+    for p in budgets:
         while len(rp.labelled) < p:
             e = train[order[len(rp.labelled)]]
             rp.add(e.text, pool.noisy_label(e.label))
-        rp.round()
+        rp.round(gated=False)
         if p in budgets:
             m = rp.test_metrics(test)
             m["tfidf_accuracy"] = tfidf_accuracy([(x.text, x.label) for x in rp.labelled], test)

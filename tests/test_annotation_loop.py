@@ -7,7 +7,6 @@ the statistics of the gate; bench/learning.py measures the learning on real data
 from __future__ import annotations
 
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -29,14 +28,14 @@ from trainer.gate import GateConfig, gate_annotator_cv
 from trainer.loop import read_rounds, run_trainer
 
 
-def few_label_args(data_dir: Path, **kw):  # type: ignore[no-untyped-def]
+def few_label_args(data_dir: Path, **kw):  # type: ignore[no-untyped-def]  # noqa: F811
     args = small_args(data_dir, models="annotator", **kw)
     args.gate = GateConfig(cv_max_items=300, cv_folds=2, min_cv_items=12)
     args.annotator.epochs = 0.0  # scaled with the data, as the few-labels recipe runs
     return args
 
 
-def test_a_few_dozen_labels_publish_a_checked_version_with_no_held_out_slice(data_dir: Path) -> None:
+def test_a_few_dozen_labels_publish_a_checked_version_with_no_held_out_slice(data_dir: Path) -> None:  # noqa: F811
     """48 verified labels: no 30-item held-out slice could exist at a 15-25% share, yet the cross-fitted
     round publishes, calibrated out of fold, and says so in the manifest."""
     with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
@@ -53,7 +52,7 @@ def test_a_few_dozen_labels_publish_a_checked_version_with_no_held_out_slice(dat
     assert manifest.meta["cursor"] > 0  # later labels are the ones this version never saw
 
 
-def test_random_labels_are_refused_by_the_few_labels_gate(data_dir: Path) -> None:
+def test_random_labels_are_refused_by_the_few_labels_gate(data_dir: Path) -> None:  # noqa: F811
     with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
         write_label_stream(log, random.Random(5), 60, random_labels=True)
     args = few_label_args(data_dir)

@@ -21,6 +21,7 @@ are trusted to auto-label (policy_service flags every item of an unchecked versi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -114,7 +115,10 @@ def held_out_round(
     guard: LossGuard | None = None,
 ) -> AnnotatorCandidate:
     """The many-labels round: `model` (the serving weights) is trained in place on `train` and `rejects`,
-    then judged against its own starting point on the held-out `evals`, paired."""
+    then judged against its own starting point on the held-out `evals`, paired. With `epochs` 0 (scaled
+    with the data) it makes one pass: it continues from weights that already fit most of the buffer."""
+    if not cfg.epochs:
+        cfg = dataclasses.replace(cfg, epochs=1.0)
     serving_metrics, serving_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
     train_metrics = annotation_policy.train_annotation_policy(
         model, tokenizer, train, rejects, cfg, baseline=baseline, optimizer=optimizer, guard=guard, generator=generator
