@@ -127,3 +127,70 @@ def test_the_labelled_data_set_takes_people_first_then_the_latest_version(tmp_pa
     assert (fine.label, fine.source, fine.model_version, fine.model_checked) == ("great", "model", "v1", True)
     assert fine.probability == pytest.approx(0.9)
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+async def test_the_online_tier_publishes_a_head_only_version_that_the_service_swaps_in(
+    data_dir: Path,  # noqa: F811
+) -> None:
+    """Corrections through FeedbackService -> a head round on cached embeddings -> a version that shares the
+    encoder's weights file with its parent -> the running policy service answers with it."""
+    import asyncio
+
+    from loopserve.feedback.v1 import feedback_pb2
+    from loopserve.models.encoder_heads import HEAD_WEIGHTS_FILE, WEIGHTS_FILE
+    from tests.policy_harness import policy_config, start_policy
+    from tests.test_trainer_loop import review
+
+    running = await start_policy(policy_config(data_dir, generator=False))
+    try:
+        rng = random.Random(3)
+        truth = [rng.random() < 0.5 for _ in range(40)]
+        texts = [review(rng, positive) for positive in truth]
+        async with running.client() as app, running.client("annotator") as people:
+            r = await app.annotate(texts, top_k=0)
+            assert r.model_version == "v0" and all(a.needs_review for a in r.annotations)  # unchecked base
+            events = []
+            for i, (a, positive) in enumerate(zip(r.annotations, truth, strict=True)):
+                label = "great" if positive else "other"
+                if a.labels[0].label == label:
+                    events.append(
+                        feedback_pb2.FeedbackEvent(
+                            idempotency_key=f"k{i}", accept=feedback_pb2.LabelAccept(event_id=a.event_id)
+                        )
+                    )
+                else:
+                    events.append(
+                        feedback_pb2.FeedbackEvent(
+                            idempotency_key=f"k{i}",
+                            correction=feedback_pb2.LabelCorrection(event_id=a.event_id, label=label),
+                        )
+                    )
+            ack = await people.submit(events)
+            assert all(x.accepted for x in ack.results)
+            args = small_args(data_dir, models="annotator_head", trainer_subdir="trainer-online")
+            args.gate = GateConfig(min_cv_items=12)
+            await asyncio.to_thread(run_trainer, args)
+            [row] = read_rounds(args)
+            assert row["model"] == "annotator_head" and row["result"] == "published", row
+            store = ModelStore(data_dir / "store")
+            v1, v0 = store.path("annotator", row["version"]), store.path("annotator", "v0")
+            assert (v1 / HEAD_WEIGHTS_FILE).is_file()
+            assert (v1 / WEIGHTS_FILE).stat().st_ino == (v0 / WEIGHTS_FILE).stat().st_ino  # shared, not copied
+            assert store.get("annotator", row["version"]).meta["checked"] is True
+            store.verify("annotator", row["version"])
+
+            async def served() -> bool:
+                return (await app.annotate(texts[:2])).model_version == row["version"]
+
+            deadline = asyncio.get_running_loop().time() + 60
+            while not await served():
+                assert asyncio.get_running_loop().time() < deadline, "the service never swapped to the head version"
+                await asyncio.sleep(0.2)
+            r = await app.annotate(texts, top_k=0)
+            correct = sum(
+                a.labels[0].label == ("great" if p else "other") for a, p in zip(r.annotations, truth, strict=True)
+            )
+            assert correct / len(texts) > 0.75  # it learnt the planted signal from the corrections
+            assert all(a.needs_review == (a.labels[0].score < 0.8) for a in r.annotations)  # checked now
+    finally:
+        await running.app.stop(grace_s=0)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.annotation_head import HeadConfig
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.causal_lm import LoraSettings
 from trainer.dpo import DPOConfig
@@ -31,7 +32,13 @@ class TrainerArgs:
     seed: int = 0
     """Seeds the trainer's RNGs on a fresh start (a resumed trainer restores them from its checkpoint)."""
     models: str = "annotator,reward,generator"
-    """Comma-separated models to train."""
+    """Comma-separated models to train; `annotator_head` adds the annotator's online tier (a head refit on
+    cached embeddings every `head_round_labels` labels, published in seconds). Run it in a trainer of its
+    own (`--models annotator_head --trainer-subdir trainer-online`) so full rounds never hold it up."""
+    trainer_subdir: str = "trainer"
+    """Folder under the data dir for this trainer's checkpoints and rounds.jsonl (one per trainer process)."""
+    head_round_labels: int = 4
+    """Online tier: a head round once this many new verified labels arrived."""
     generator_objectives: str = "dpo,grpo"
     """Comma-separated generator objectives, run in this order on one candidate per round."""
     reward_target: str = "127.0.0.1:50052"
@@ -83,6 +90,8 @@ class TrainerArgs:
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA for the generator objectives (r = 0: full fine-tuning)."""
     gate: GateConfig = field(default_factory=GateConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """The online tier's head fit (trainer.annotation_head)."""
 
     @property
     def store_path(self) -> Path:
@@ -94,7 +103,7 @@ class TrainerArgs:
 
     @property
     def trainer_dir(self) -> Path:
-        return self.data_dir / "trainer"
+        return self.data_dir / self.trainer_subdir
 
     @property
     def token_path(self) -> Path:

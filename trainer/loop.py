@@ -23,6 +23,8 @@ Logs carry ids, counts, versions and durations only, never user text.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -39,17 +41,17 @@ from typing import Any
 import torch
 
 from loopserve.device import pick_device
-from loopserve.errors import VerificationError
+from loopserve.errors import FailedPrecondition, VerificationError
 from loopserve.feedback_log import open_feedback_log
 from loopserve.metrics import PUBLISH, ROUND_SECONDS, TRAINER_LAG, TRAINER_LOSS
 from loopserve.model_store import ModelStore
 from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, RewardModel
 from loopserve.round_requests import clear_round_request, pending_rounds
-from trainer import annotation_policy, annotation_round, checkpoint, dpo, generation_rl, reward_model
+from trainer import annotation_head, annotation_policy, annotation_round, checkpoint, dpo, generation_rl, reward_model
 from trainer.causal_lm import add_lora, merge_lora
 from trainer.config import TrainerArgs
-from trainer.consumer import ANNOTATOR, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
+from trainer.consumer import ANNOTATOR, ANNOTATOR_HEAD, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
 from trainer.examples import heldout
 from trainer.gate import (
     LossGuard,
@@ -104,6 +106,9 @@ class Context:
     reward_failures: int = 0
     stop: threading.Event | None = None
     """Set on SIGTERM: training loops end the round at their next step (RoundInterrupted)."""
+    head_model: tuple[str, AnnotatorModel, Any] | None = None
+    """Online tier: the serving annotator it last loaded (version, model, tokenizer)."""
+    embeddings: annotation_head.EmbeddingCache = field(default_factory=annotation_head.EmbeddingCache)
 
     def guard(self, objective: str) -> LossGuard:
         return LossGuard(objective, self.args.gate, self.stop)
@@ -270,6 +275,73 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     if opt is None:
         return result, {}
     return result, _keep_optimizer(ctx, state, ANNOTATOR, opt, result.version)
+
+
+def annotator_head_round(ctx: Context, state: TrainerState) -> RoundOutput:
+    """The online tier (trainer.annotation_head): a new head on the serving encoder, gated by
+    cross-validation, published as a version sharing the encoder's weights, only if LATEST did not move."""
+    args = ctx.args
+    serving = ctx.store.latest(ANNOTATOR)
+    result = RoundResult(ANNOTATOR_HEAD, "skipped", round=state.round, serving=serving)
+    if serving is None:
+        result.reasons.append("no annotator in the store")
+        return result, {}
+    folder = ctx.store.path(ANNOTATOR, serving)
+    manifest = ctx.store.get(ANNOTATOR, serving)
+    spec = HeadSpec.read(folder)
+    items = [x for x in state.labels.values() if x.label in set(spec.label_names)]
+    if len(items) < args.gate.min_cv_items:
+        result.reasons.append(f"{len(items)} verified labels, need {args.gate.min_cv_items}")
+        return result, {}
+    clock = _PhaseClock(result.phases)
+    if ctx.head_model is None or ctx.head_model[0] != serving:
+        model = encoder_heads.load(folder, ctx.device)
+        if not isinstance(model, AnnotatorModel):
+            raise VerificationError(f"annotator {serving} has no annotator head")
+        ctx.head_model = (serving, model, encoder_heads.load_tokenizer(folder))
+    _, model, tokenizer = ctx.head_model
+    # The encoder weights' digest keys the cache: a head-only version shares it with its parent.
+    key = manifest.files.get(encoder_heads.WEIGHTS_FILE, serving)
+    emb = ctx.embeddings.embed(model, tokenizer, [x.text for x in items], key, args.head, args.annotator.max_length)
+    clock.lap("embed")
+    cursor = int(manifest.meta.get("cursor", 0))
+    cand = annotation_head.head_round(model, emb, items, cursor, args.head, args.gate)
+    clock.lap("fit_and_cross_validate")
+    result.metrics, result.serving_metrics = cand.metrics, cand.serving_metrics
+    if not cand.decision.publish:
+        result.result, result.reasons = "gated", cand.decision.reasons
+        return result, {}
+    new = copy.deepcopy(model.head)
+    new.weight.data.copy_(cand.weight)
+    new.bias.data.copy_(cand.bias)
+    new_spec = dataclasses.replace(spec, temperature=cand.temperature)
+    args.trainer_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".tmp-publish-", dir=args.trainer_dir) as tmp:
+            shared = encoder_heads.save_head(new, new_spec, tmp, folder)
+            published = ctx.store.publish_version(
+                ANNOTATOR,
+                tmp,
+                parent=serving,
+                metrics=_finite({**cand.metrics, **_prefixed("serving_", cand.serving_metrics)}),
+                meta={
+                    "trainer_round": state.round,
+                    "cursor": state.cursor,
+                    "objective": "annotation_head",
+                    "task": spec.task,
+                    "labels": spec.label_names,
+                    "checked": True,
+                    "evidence": "head cross-validation",
+                },
+                shared_files=shared,
+                if_latest=serving,
+            )
+    except FailedPrecondition as e:  # a full round published meanwhile: the next head round builds on it
+        result.result, result.reasons = "gated", [str(e)]
+        return result, {}
+    clock.lap("publish")
+    result.result, result.version = "published", published.version
+    return result, {}
 
 
 def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
@@ -457,6 +529,7 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
 
 ROUNDS: dict[str, Callable[[Context, TrainerState], RoundOutput]] = {
     ANNOTATOR: annotator_round,
+    ANNOTATOR_HEAD: annotator_head_round,
     REWARD: reward_round,
     GENERATOR: generator_round,
 }
@@ -471,6 +544,8 @@ def due(ctx: Context, state: TrainerState, model: str, now: float) -> bool:
     if model == GENERATOR and now < ctx.generator_retry_at:
         return False
     new = state.new_events[model]
+    if model == ANNOTATOR_HEAD:
+        return new >= args.head_round_labels
     if new >= args.round_min_events:
         return True
     if model == ANNOTATOR and args.annotator_round_growth > 0:
