@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from loopserve.errors import VerificationError
+from loopserve.models.weights import load_checked
 
 HEAD_FILE = "head.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -139,7 +140,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     folder = Path(folder)
     with no_init_weights():  # every parameter is overwritten below: skip the random init
         model = build(folder)
-    state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    state = load_checked(folder / WEIGHTS_FILE)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
