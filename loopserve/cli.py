@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from loopserve.config import (
     CommonConfig,
@@ -186,13 +187,13 @@ def cmd_data_pull(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(ns: argparse.Namespace) -> int:
+def demo_options(ns: argparse.Namespace) -> Any:
+    """The demo's options from its flags: AnnotationDemoOptions, or GenerationDemoOptions with --generation."""
     cfg = from_namespace(CommonConfig, ns)
-    _setup_logging("WARNING")
     if ns.generation:
-        from loopserve.demo.generation import GenerationDemo, GenerationDemoOptions
+        from loopserve.demo.generation import GenerationDemoOptions
 
-        gen = GenerationDemoOptions(
+        return GenerationDemoOptions(
             data_dir=cfg.data_dir,
             store_dir=cfg.store_path,
             dataset=ns.dataset,
@@ -200,9 +201,7 @@ def cmd_demo(ns: argparse.Namespace) -> int:
             objective=ns.objective,
             seed=ns.seed,
         )
-        GenerationDemo(gen).run()
-        return 0
-    from loopserve.demo.annotation import AnnotationDemo, AnnotationDemoOptions
+    from loopserve.demo.annotation import AnnotationDemoOptions
 
     opts = AnnotationDemoOptions(
         data_dir=cfg.data_dir,
@@ -215,7 +214,20 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     for name in ("budget_fraction", "error_rate", "audit_fraction", "review_threshold", "train_items", "test_items"):
         if getattr(ns, name) is not None:
             setattr(opts, name, getattr(ns, name))
-    AnnotationDemo(opts).run()
+    return opts
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    _setup_logging("WARNING")
+    opts = demo_options(ns)
+    if ns.generation:
+        from loopserve.demo.generation import GenerationDemo
+
+        GenerationDemo(opts).run()
+    else:
+        from loopserve.demo.annotation import AnnotationDemo
+
+        AnnotationDemo(opts).run()
     return 0
 
 

@@ -295,6 +295,20 @@ async def run_pinned(
     return out
 
 
+HTTP_REFUSAL = (
+    "loopserve speaks gRPC: call this application through Ray Serve's gRPC proxy with `application` "
+    "metadata (docs/ray.md); there is no HTTP API on this route\n"
+)
+
+
+async def refuse_http(request: Any) -> Any:
+    """What an application answers on Ray's HTTP proxy (its route exists; a deployment without
+    `__call__` would answer 500): 404 and where to go instead."""
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse(HTTP_REFUSAL, status_code=404)
+
+
 def unwrap(result: Y | BaseException) -> Y:
     """A `@serve.batch` result: the request's own answer, or raise its own error (Ray hands back an
     exception result as is; `run_batch` isolates each request's failure from the rest of its batch)."""

@@ -41,6 +41,7 @@ from loopserve.ray_serve import (
     model_executor,
     prepare_server_config,
     read_configs,
+    refuse_http,
     rpc,
     run_pinned,
     unwrap,
@@ -111,6 +112,9 @@ class PolicyDeployment:
         self.feedback = ReplicaFeedbackLog(cfg, self.runtime) if cfg.log_url else None
         self._closed = False
         logger.info("policy replica ready (annotator %s)", self.runtime.annotator.current.version)
+
+    async def __call__(self, request: Any) -> Any:  # Ray's HTTP proxy: no HTTP API here, say so
+        return await refuse_http(request)
 
     def check_health(self) -> None:
         if not self.runtime.healthy():

@@ -33,6 +33,7 @@ from loopserve.ray_serve import (
     model_executor,
     prepare_server_config,
     read_configs,
+    refuse_http,
     rpc,
     run_pinned,
     unwrap,
@@ -70,6 +71,9 @@ class RewardDeployment:
         self.metrics = ReplicaMetrics.start(cfg.metrics_port, cfg.metrics_address)
         self._closed = False
         logger.info("reward replica ready (reward %s)", self.runtime.reward.current.version)
+
+    async def __call__(self, request: Any) -> Any:  # Ray's HTTP proxy: no HTTP API here, say so
+        return await refuse_http(request)
 
     def check_health(self) -> None:
         if not self.runtime.healthy():
