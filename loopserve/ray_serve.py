@@ -563,8 +563,12 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     level = ns.log_level or os.environ.get("LOOPSERVE_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         start_serve(
             grpc_port=ns.grpc_port,
@@ -573,6 +577,10 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             address=ns.address,
             num_cpus=ns.cluster_cpus,
         )
+        # ray.init puts its own failure handler on SIGTERM (it prints a stack and the driver later
+        # aborts mid-shutdown, leaving Ray's agents behind): take the signals back.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
         deploy(build_apps(names, args))
         print(
             f"Ray Serve: gRPC proxy on every interface, port {ns.grpc_port}; HTTP on {ns.proxy_host}:{ns.http_port}; "
@@ -583,7 +591,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                 "clients add metadata `application: policy` (PolicyService, FeedbackService) "
                 "or `application: reward` (RewardService)"
             )
-        print("Ctrl-C stops Serve and the local Ray cluster")
+        print("Ctrl-C stops Serve and the local Ray cluster", flush=True)
         while not stop.wait(0.5):
             pass
     finally:

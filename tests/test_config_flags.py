@@ -81,7 +81,12 @@ def test_up_hands_the_reward_service_its_flags_and_the_trainer_its_ca(tmp_path: 
         assert args.reward_tls_ca == (ca or Path("c.pem")) and args.reward_target == "127.0.0.1:6000"
 
 
-def test_serve_on_ray_refuses_what_its_proxy_cannot_do_and_forwards_metrics() -> None:
+def test_serve_on_ray_refuses_what_its_proxy_cannot_do_and_forwards_metrics(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["serve", "--engine", "ray", "--tls-cert", "c.pem", "--tls-key", "k.pem"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--tls-cert" in err[0] and "--engine ray" in err[0]  # before Ray starts
     with pytest.raises(ValueError, match="--tls-cert"):
         ray_app_args(_parse(["serve", "--engine", "ray", "--tls-cert", "c.pem", "--tls-key", "k.pem"]))
     with pytest.raises(ValueError, match="--port"):

@@ -7,6 +7,7 @@
 - kill -9 of the policy service in the middle of a SubmitStream loses no acknowledged event and
   doubles none: after a restart, re-sending the whole stream acknowledges every event (those stored
   before the kill as duplicates), and the log holds each key exactly once.
+- SIGTERM of `loopserve serve --engine ray` ends every process it started (Ray's agents included).
 """
 
 from __future__ import annotations
@@ -199,3 +200,34 @@ def test_kill9_during_submitstream_then_resend_loses_and_doubles_nothing(tiny_da
             after = page[-1].seq
     assert len(keys) == len(set(keys)) == ACKED + STREAM_EVENTS  # nothing lost, nothing doubled
     assert {f"acked-{b}-{i}" for b in range(ACKED // 200) for i in range(200)} <= set(keys)
+
+
+# ---- `loopserve serve --engine ray`: SIGTERM leaves nothing of Ray behind --------------------------------
+
+
+@pytest.mark.slow  # a local Ray cluster starts cold (about a minute on 2 busy cores)
+def test_serve_on_ray_stops_every_process_it_started_on_sigterm(tiny_data_dir: Path, tmp_path: Path) -> None:
+    ray_tmp = Path("/tmp") / f"lsr{os.getpid()}"  # short: Ray's socket paths must fit 107 characters
+    grpc_port, http_port = _free_ports(2)
+    env = os.environ | {"RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
+    log = tmp_path / "serve.log"
+    with log.open("ab") as out:
+        ports = ["--grpc-port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", "-1"]
+        sizes = ["--cluster-cpus", "1", "--num-cpus", "0.5", "--threads", "1"]
+        command = ["serve", "--engine", "ray", "--apps", "reward", "--data-dir", str(tiny_data_dir)]
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "loopserve", *command, *ports, *sizes],
+            cwd=REPO,
+            stdout=out,
+            stderr=out,
+            env=env,
+        )
+    try:
+        wait_until(lambda: "Ray Serve: gRPC proxy" in log.read_text(), START_S, "Serve to deploy the reward app")
+        started = psutil.Process(serve.pid).children(recursive=True)
+        assert started  # the raylet, GCS, agents, proxy, replica ...
+    finally:
+        code = _stop(serve)
+    assert code == 0, log.read_text()[-3000:]
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not alive, [p.pid for p in alive]
