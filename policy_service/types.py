@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from loopserve.errors import InvalidArgument, quote
 from loopserve.policy.v1 import policy_pb2 as pb
-from loopserve.request_checks import check_finite, check_text
+from loopserve.request_checks import check_finite, check_id, check_text
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
@@ -53,6 +53,7 @@ class AnnotateCall:
         if req.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {req.top_k}")
         for i, item in enumerate(req.items):
+            check_id(item.id, f"items[{i}].id")
             _check_text(item.text, f"items[{i}].text (id {quote(item.id)})", limits)
         return cls(
             task=task,

@@ -305,7 +305,8 @@ async def test_oversize_client_strings_are_quoted_short_and_not_retried(svc: Run
 
     cases = [
         (POLICY_SERVICE, "Annotate", "client", lambda c: c.annotate(["fine"], task=HUGE)),
-        (POLICY_SERVICE, "Annotate", "client", lambda c: c.annotate([(HUGE, "")])),
+        (POLICY_SERVICE, "Annotate", "client", lambda c: c.annotate([(HUGE, "fine")])),
+        (POLICY_SERVICE, "Annotate", "client", lambda c: c.annotate([("x" * 200, "")])),
         (ADMIN_SERVICE, "LoadVersion", "admin", lambda c: c.load_version(HUGE, "v1")),
         (ADMIN_SERVICE, "LoadVersion", "admin", lambda c: c.load_version("annotator", HUGE)),
         (ADMIN_SERVICE, "Pin", "admin", lambda c: c.pin("annotator", HUGE)),
