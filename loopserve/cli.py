@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from loopserve.config import (
     CommonConfig,
@@ -58,6 +60,7 @@ def cmd_models_pull(ns: argparse.Namespace) -> int:
 
 
 def cmd_models_publish(ns: argparse.Namespace) -> int:
+    from loopserve.errors import LoopserveError, VerificationError
     from loopserve.model_store import ModelStore
     from loopserve.model_verify import verify_folder
 
@@ -73,7 +76,13 @@ def cmd_models_publish(ns: argparse.Namespace) -> int:
         meta["label_set_change"] = True  # type: ignore[assignment]
     if ns.architecture_change:
         meta["architecture_change"] = True  # type: ignore[assignment]
-    verify_folder(ns.model, src, store, meta=meta)  # refuse before publishing what no service could load
+    try:  # refuse before publishing what no service could load
+        verify_folder(ns.model, src, store, meta=meta)
+    except LoopserveError:
+        raise
+    except Exception as exc:  # a garbled config or tokenizer file: one line, not a traceback
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise VerificationError(f"{src} does not load as a {ns.model}: {type(exc).__name__}: {reason}") from None
     manifest = store.publish_version(ns.model, src, parent=parent, meta=meta)
     print(f"published {ns.model} {manifest.version} (parent {parent})")
     return 0
@@ -180,15 +189,16 @@ def cmd_reward(ns: argparse.Namespace) -> int:
 
 
 def cmd_up(ns: argparse.Namespace) -> int:
-    from loopserve.embedded import run_embedded
+    from loopserve.embedded import StackPorts, reward_config, run_embedded
 
     policy = from_namespace(PolicyConfig, ns)
+    reward = reward_config(policy, from_namespace(RewardConfig, ns), StackPorts(ns.reward_port, ns.reward_metrics_port))
     _setup_logging(policy.log_level)
     return run_embedded(
         policy,
-        reward_port=ns.reward_port,
-        reward_metrics_port=ns.reward_metrics_port,
+        reward,
         train=not ns.no_trainer,
+        tls_ca=ns.tls_ca,
         ml_backend_port=ns.ml_backend_port,
         label_studio_url=ns.label_studio_url,
     )
@@ -207,21 +217,29 @@ def cmd_data_pull(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(ns: argparse.Namespace) -> int:
+def demo_options(ns: argparse.Namespace) -> Any:
+    """The demo's options from its flags: AnnotationDemoOptions, or GenerationDemoOptions with --generation."""
     cfg = from_namespace(CommonConfig, ns)
-    _setup_logging("WARNING")
     if ns.generation:
-        from loopserve.demo.generation import GenerationDemo, GenerationDemoOptions
+        from loopserve.demo.generation import GenerationDemoOptions
 
-        gen = GenerationDemoOptions(
-            data_dir=cfg.data_dir, dataset=ns.dataset, quick=ns.quick, objective=ns.objective, seed=ns.seed
+        return GenerationDemoOptions(
+            data_dir=cfg.data_dir,
+            store_dir=cfg.store_path,
+            dataset=ns.dataset,
+            quick=ns.quick,
+            objective=ns.objective,
+            seed=ns.seed,
         )
-        GenerationDemo(gen).run()
-        return 0
-    from loopserve.demo.annotation import AnnotationDemo, AnnotationDemoOptions
+    from loopserve.demo.annotation import AnnotationDemoOptions
 
     opts = AnnotationDemoOptions(
-        data_dir=cfg.data_dir, dataset=ns.dataset, quick=ns.quick, seed=ns.seed, measure_ceiling=ns.measure_ceiling
+        data_dir=cfg.data_dir,
+        store_dir=cfg.store_path,
+        dataset=ns.dataset,
+        quick=ns.quick,
+        seed=ns.seed,
+        measure_ceiling=ns.measure_ceiling,
     )
     for name in (
         "budget_fraction",
@@ -234,7 +252,20 @@ def cmd_demo(ns: argparse.Namespace) -> int:
     ):
         if getattr(ns, name) is not None:
             setattr(opts, name, getattr(ns, name))
-    AnnotationDemo(opts).run()
+    return opts
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    _setup_logging("WARNING")
+    opts = demo_options(ns)
+    if ns.generation:
+        from loopserve.demo.generation import GenerationDemo
+
+        GenerationDemo(opts).run()
+    else:
+        from loopserve.demo.annotation import AnnotationDemo
+
+        AnnotationDemo(opts).run()
     return 0
 
 
@@ -291,13 +322,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="run the trainer (`loopserve train --help` lists its flags)", add_help=False)
 
     up = sub.add_parser("up", help="run everything on this machine (policy, reward, trainer)")
-    add_arguments(up, PolicyConfig)
+    add_arguments(up, PolicyConfig)  # each flag reaches both services, except the policy-only ones
+    add_arguments(up, RewardConfig, skip={f.name for f in dataclasses.fields(PolicyConfig)})
     up.add_argument("--policy-port", dest="port", type=int, help="policy port (default 50051)")
-    up.add_argument("--reward-port", type=int, default=None)
-    up.add_argument("--reward-metrics-port", type=int, default=None)
+    up.add_argument("--reward-port", type=int, default=None, help="reward port (default 50052)")
+    up.add_argument(
+        "--reward-metrics-port", type=int, default=None, help="reward /metrics port (default 9102; -1 disables)"
+    )
     up.add_argument("--no-trainer", action="store_true", help="services only")
     up.add_argument("--ml-backend-port", type=int, default=None, help="also serve Label Studio's ML backend (9090)")
     up.add_argument("--label-studio-url", default="", help="Label Studio's URL, for the ML backend's refreshes")
+    up.add_argument(
+        "--tls-ca", type=Path, default=None, help="CA the trainer trusts for --tls-cert (default: that certificate)"
+    )
     up.set_defaults(fn=cmd_up)
 
     from loopserve.ray_serve import add_serve_parser  # imports no ray until `serve` runs
@@ -323,7 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
     dpull.set_defaults(fn=cmd_data_pull)
 
     demo = sub.add_parser("demo", help="the loop end to end on real data, with simulated annotators; a report")
-    add_arguments(demo, CommonConfig)
+    # Each run writes its own log and picks its own device and dtype (CPU, bf16 serving): those flags
+    # would be promises the demo does not keep, so it does not show them.
+    add_arguments(demo, CommonConfig, skip={"log_url", "device", "dtype", "log_level"})
     demo.add_argument("--dataset", type=Path, help="JSONL / CSV with text, label[, split] (default: Fine Food)")
     demo.add_argument("--quick", action="store_true", help="a small run (about 3 minutes; what CI runs)")
     demo.add_argument("--generation", action="store_true", help="the generation demo (preferences, GRPO)")

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopserve.errors import FailedPrecondition, InvalidArgument, NotFoundError, VerificationError
+from loopserve.errors import FailedPrecondition, InvalidArgument, NotFoundError, VerificationError, quote
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,13 @@ HOLD_REFRESH_S = 60.0
 def version_number(version: str) -> int:
     m = _VERSION_RE.match(version)
     if not m:
-        raise NotFoundError(f"not a version name: {version!r} (expected v<N>, e.g. v3)")
+        raise NotFoundError(f"not a version name: {quote(version)} (expected v<N>, e.g. v3)")
     return int(m.group(1))
 
 
 def check_model_name(model: str) -> str:
     if not _MODEL_RE.match(model):
-        raise InvalidArgument(f"bad model name {model!r}: use letters, digits, '_', '.', '-' (not first)")
+        raise InvalidArgument(f"bad model name {quote(model)}: use letters, digits, '_', '.', '-' (not first)")
     return model
 
 
@@ -223,7 +223,7 @@ class ModelStore:
         p = self._model_dir(model) / version
         if not (p / MANIFEST).is_file():
             known = ", ".join(self.list(model)[-5:]) or "none"
-            raise NotFoundError(f"model {model!r} has no version {version!r} (newest: {known})")
+            raise NotFoundError(f"model {quote(model)} has no version {quote(version)} (newest: {known})")
         return p
 
     def get(self, model: str, version: str) -> Manifest:

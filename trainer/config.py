@@ -45,6 +45,8 @@ class TrainerArgs:
     """The reward service, for GRPO rollouts and the generator's gate."""
     token_file: Path | None = None
     """Token file for the reward service (default <data-dir>/tokens.json)."""
+    reward_tls_ca: Path | None = None
+    """CA certificate (PEM) to trust for a reward service that serves TLS; unset: plaintext."""
     poll_interval_s: float = 1.0
     """Sleep between log reads while the log is idle."""
     read_batch: int = 1000

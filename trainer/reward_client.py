@@ -16,14 +16,20 @@ from loopserve.client import Client
 
 class ServiceReward:
     def __init__(
-        self, target: str, token: str | None, *, timeout_s: float = 60.0, max_pairs_per_request: int = 256
+        self,
+        target: str,
+        token: str | None,
+        *,
+        timeout_s: float = 60.0,
+        max_pairs_per_request: int = 256,
+        root_certificates: Path | None = None,
     ) -> None:
-        self.client = Client(target, token, timeout_s=timeout_s)
+        self.client = Client(target, token, timeout_s=timeout_s, root_certificates=root_certificates)
         self.timeout_s = timeout_s
         self.max_pairs = max_pairs_per_request
 
     @classmethod
-    def from_token_file(cls, target: str, token_file: Path, **kw: float | int) -> ServiceReward:
+    def from_token_file(cls, target: str, token_file: Path, **kw: float | int | Path | None) -> ServiceReward:
         token = read_token(token_file, "client") if token_file.is_file() else None
         return cls(target, token, **kw)  # type: ignore[arg-type]
 

@@ -50,6 +50,8 @@ only for Fine Food; another data set gets a ceiling only when measured (--measur
 class AnnotationDemoOptions:
     data_dir: Path = Path("./.loopserve")
     """The main data dir: its store holds the base versions, its runs/ gets this run's folder."""
+    store_dir: Path | None = None
+    """The store holding the base versions (default <data-dir>/store)."""
     dataset: Path | None = None
     """A JSONL / CSV with text, label[, split]; default: Fine Food (pulled on first use)."""
     quick: bool = False
@@ -194,7 +196,7 @@ def _dataset(opts: AnnotationDemoOptions) -> tuple[list[Example], list[Example]]
 
 
 def _prepare_store(opts: AnnotationDemoOptions, run: Path, labels: list[str]) -> None:
-    main_store = opts.data_dir / "store"
+    main_store = opts.store_dir or opts.data_dir / "store"
     link_base_versions(main_store, run / "store", ["annotator", "reward"])
     store = ModelStore(run / "store")
     served = json.loads((store.path("annotator", "v0") / "head.json").read_text())

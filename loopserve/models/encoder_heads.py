@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from loopserve.errors import VerificationError
+from loopserve.models.weights import load_checked
 
 HEAD_FILE = "head.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -142,9 +143,9 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     folder = Path(folder)
     with no_init_weights():  # every parameter is overwritten below: skip the random init
         model = build(folder)
-    state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    state = load_checked(folder / WEIGHTS_FILE)
     if (folder / HEAD_WEIGHTS_FILE).is_file():
-        head = load_file(str(folder / HEAD_WEIGHTS_FILE), device="cpu")
+        head = load_checked(folder / HEAD_WEIGHTS_FILE)
         if set(head) != {k for k in state if k.startswith("head.")}:
             raise VerificationError(f"{folder.name}: {HEAD_WEIGHTS_FILE} must hold exactly the head.* tensors")
         state.update(head)
