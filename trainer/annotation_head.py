@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
 from trainer.examples import LabelExample
-from trainer.gate import GateConfig, GateDecision, gate_annotator_cv, paired_counts
+from trainer.gate import GateConfig, GateDecision, brier_gain, gate_annotator_cv, paired_counts
 
 
 @dataclass
@@ -130,6 +130,8 @@ def head_round(
             oof[test] = emb[test] @ w.T + b
     temperature = annotation_policy.fit_temperature(oof, labels)
     metrics = annotation_policy.classification_metrics(oof / temperature, labels)
+    gain, gain_z = brier_gain(annotation_policy.cross_calibrated_probs(oof, labels, folds), labels)
+    metrics.update(brier_gain=gain, brier_gain_z=gain_z)
     correct = oof.argmax(-1) == labels
     majority = torch.bincount(labels, minlength=len(index)).argmax()
     pair = paired_counts(labels == majority, correct)

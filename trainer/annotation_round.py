@@ -32,7 +32,15 @@ from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import BanditExample, LabelExample
-from trainer.gate import GateConfig, GateDecision, LossGuard, gate_annotator, gate_annotator_cv, paired_counts
+from trainer.gate import (
+    GateConfig,
+    GateDecision,
+    LossGuard,
+    brier_gain,
+    gate_annotator,
+    gate_annotator_cv,
+    paired_counts,
+)
 
 
 @dataclass
@@ -76,6 +84,9 @@ def cross_fit_round(
     )  # (N, L)
     temperature = annotation_policy.fit_temperature(oof, labels)
     metrics = annotation_policy.classification_metrics(oof / temperature, labels, cfg.ece_bins)
+    folds = torch.tensor([annotation_policy.fold_of(x.text, gate.cv_folds) for x in items])
+    gain, gain_z = brier_gain(annotation_policy.cross_calibrated_probs(oof, labels, folds), labels)
+    metrics.update(brier_gain=gain, brier_gain_z=gain_z)
     cand_correct = correct_of(oof, labels)
     majority = torch.bincount(labels, minlength=n_labels).argmax()
     majority_pair = paired_counts(labels == majority, cand_correct)

@@ -37,7 +37,7 @@ from loopserve.demo import passive, report
 from loopserve.demo.annotators import AnnotatorPool
 from loopserve.demo.stack import Stack, link_base_versions, new_run_folder, sigterm_as_interrupt
 from loopserve.feedback.v1 import feedback_pb2
-from loopserve.model_store import ModelStore
+from loopserve.model_store import ModelStore, version_number
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,10 @@ class AnnotationDemoOptions:
     """--dataset: JSON {label: description} for the zero-shot base (default: each label's name)."""
     round_timeout_s: float = 600.0
     """Longest the app waits for one trainer round."""
+    online: bool = True
+    """Run the annotator's online tier beside the trainer: a head refit every `online_every` labels."""
+    online_every: int = 4
+    """Online tier: new verified labels per head round."""
     serve_dtype: str = "bfloat16"
     """The policy service's weights (bf16: DESIGN's fast path on this CPU, ~3x fp32 at batch 32+); the
     offline baselines are evaluated in the same dtype so that the comparison stays like for like."""
@@ -326,7 +330,8 @@ class AnnotationDemo:
         st.status = f"waiting for the policy to serve {version}"
         refresh()
         deadline = time.monotonic() + 120
-        while client.model_info().annotator_version != version:
+        # The online tier may already have published a head on top of `version`: serving that counts.
+        while version_number(client.model_info().annotator_version) < version_number(version):
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the policy did not swap to {version} within 120s")
             time.sleep(0.1)
@@ -468,6 +473,15 @@ class AnnotationDemo:
         stack = Stack(
             run,
             trainer_flags=_trainer_flags(opts, run),
+            online_trainer_flags=(
+                [
+                    *["--models", "annotator_head", "--trainer-subdir", "trainer-online"],
+                    *["--head-round-labels", str(opts.online_every), "--poll-interval-s", "0.5"],
+                    *["--objectives-json", str(run / "objectives.json")],
+                ]
+                if opts.online
+                else None
+            ),
             policy_flags=[
                 "--review-threshold",
                 str(opts.review_threshold),
