@@ -2,16 +2,15 @@
 
     python bench/online_latency.py [--corrections 12] [--warmup-labels 24]
 
-Starts a real policy service (the bundled MiniLM annotator, bf16 as the demo serves it) and the online
-tier as its own trainer process (`loopserve train --models annotator_head --trainer-subdir
-trainer-online`, a head round per new label), on a fresh data dir with Fine Food. An app annotates
-items; a person (simulated from the data's labels) labels them through FeedbackService. After a
-warm-up of `--warmup-labels` labels (the gate needs 12 before the first head version), each
-measured correction is timed from its acknowledgement to the first `Annotate` answered by a version
-whose manifest says it was trained past that correction's log position (meta cursor >= its seq).
-
-Baseline, in the same run: a full cross-fitted round (trainer.annotation_round) on the same labels,
-timed in-process: what the correction would wait for without the online tier.
+Starts a real policy service (the bundled MiniLM annotator, bf16 as the demo serves it) on a fresh
+data dir with Fine Food. An app annotates items; a person (simulated from the data's labels) labels
+them through FeedbackService. After a warm-up of `--warmup-labels` labels, one full cross-fitted round
+(the trainer's own, in-process) fine-tunes the encoder, as the full tier does behind the online one:
+that round's seconds are the baseline, what a correction waits for without the online tier. Then the
+online tier runs as its own trainer process (`loopserve train --models annotator_head --trainer-subdir
+trainer-online`, a head round per new label), and each measured correction is timed from its
+acknowledgement to the first `Annotate` answered by a version whose manifest says it was trained past
+that correction's log position (meta cursor >= its seq).
 
 Writes bench/results/online_latency.json with the CPU model. Not a CI test (no timed asserts).
 """
@@ -65,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", type=Path, default=REPO / ".loopserve", help="holds the base store and data")
     ap.add_argument("--corrections", type=int, default=12)
-    ap.add_argument("--warmup-labels", type=int, default=24)
+    ap.add_argument("--warmup-labels", type=int, default=60)
     ap.add_argument("--out", type=Path, default=RESULTS / "online_latency.json")
     args = ap.parse_args()
     train, _ = load_dataset(pull_finefoods(args.data_dir / "data"))
@@ -95,13 +94,14 @@ def main() -> None:
         ],
     }
     (run / "logs").mkdir()
-    running = {
-        n: subprocess.Popen(c, stdout=(run / "logs" / f"{n}.log").open("wb"), stderr=subprocess.STDOUT)
-        for n, c in procs.items()
-    }
+
+    def start(name: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(procs[name], stdout=(run / "logs" / f"{name}.log").open("wb"), stderr=subprocess.STDOUT)
+
+    running = {"policy": start("policy")}
     store = ModelStore(run / "store")
     latencies: list[float] = []
-    full_round_s = float("nan")
+    full_round_s, full_result = float("nan"), ""
     try:
         target = f"127.0.0.1:{port}"
         with (
@@ -126,7 +126,13 @@ def main() -> None:
                 ack = people.submit([feedback(ann.event_id, ann.labels[0].label, ex.label, f"b-{labelled}")])
                 seq = ack.results[0].seq
                 labelled += 1
-                if labelled <= args.warmup_labels:
+                if labelled < args.warmup_labels:
+                    continue
+                if labelled == args.warmup_labels:
+                    # The full tier's round on the warm-up labels (the baseline), then the online tier.
+                    full_round_s, full_result = full_round(run)
+                    print(f"full round on {labelled} labels: {full_result} in {full_round_s:.1f}s", flush=True)
+                    running["online"] = start("online")
                     continue
                 t0 = time.monotonic()
                 while True:  # the app keeps asking; the first answer from a version trained past `seq` counts
@@ -139,8 +145,6 @@ def main() -> None:
                         break
                     time.sleep(0.05)
                 print(f"correction {labelled - args.warmup_labels}: {latencies[-1]:.2f}s", flush=True)
-        # Baseline: what the correction waits for without the online tier (a full round on these labels).
-        full_round_s = full_round_seconds(run, store)
     finally:
         for p in running.values():
             p.send_signal(signal.SIGTERM)
@@ -159,6 +163,7 @@ def main() -> None:
         "max_s": max(latencies) if latencies else None,
         "latencies_s": latencies,
         "baseline_full_round_s": full_round_s,
+        "baseline_full_round_result": full_result,
         "warmup_labels": args.warmup_labels,
         "versions_published": len(store.list("annotator")) - 1,
     }
@@ -168,8 +173,9 @@ def main() -> None:
     shutil.rmtree(run, ignore_errors=True)
 
 
-def full_round_seconds(run: Path, store: ModelStore) -> float:
-    """One full cross-fitted annotator round on the run's labels, timed in-process (the trainer's code)."""
+def full_round(run: Path) -> tuple[float, str]:
+    """One full cross-fitted annotator round on the run's labels, timed in-process (the trainer's code):
+    (seconds, result)."""
     from trainer.config import TrainerArgs
     from trainer.loop import read_rounds, run_trainer
 
@@ -180,7 +186,7 @@ def full_round_seconds(run: Path, store: ModelStore) -> float:
     t0 = time.monotonic()
     run_trainer(args)
     rows = read_rounds(args)
-    return rows[-1]["seconds"] if rows else time.monotonic() - t0
+    return (rows[-1]["seconds"], rows[-1]["result"]) if rows else (time.monotonic() - t0, "none")
 
 
 if __name__ == "__main__":
