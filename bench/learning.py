@@ -114,7 +114,7 @@ class Replay:
         if n < self.gate.cv_max_items:
             cand = cross_fit_round(
                 self.load_base, self.serving, self.tokenizer, self.labelled, self.cursor, self.cfg, self.gate,
-                generator=self.gen,
+                serving_checked=self.checked, generator=self.gen,
             )  # fmt: skip
         else:
             train = [x for x in self.labelled if not heldout(x.text, self.frac)]
@@ -122,13 +122,14 @@ class Replay:
             model = copy.deepcopy(self.serving)
             cand = held_out_round(model, self.tokenizer, train, [], evals, self.cfg, self.gate, generator=self.gen)
         if cand.decision.publish or not gated:
-            self.serving, self.checked, self.cursor = cand.model, True, n
+            self.serving, self.checked, self.cursor = cand.model, cand.decision.checked or not gated, n
             self.infer = self._inference_copy(cand.model)
         self.rounds.append(
             {
                 "labels": n,
                 "regime": cand.regime,
                 "published": cand.decision.publish,
+                "checked": cand.decision.checked and cand.decision.publish,
                 "reasons": cand.decision.reasons,
                 "accuracy_evidence": cand.metrics.get("accuracy"),
                 "seconds": round(time.monotonic() - t0, 1),

@@ -194,3 +194,15 @@ async def test_the_online_tier_publishes_a_head_only_version_that_the_service_sw
             assert all(a.needs_review == (a.labels[0].score < 0.8) for a in r.annotations)  # checked now
     finally:
         await running.app.stop(grace_s=0)
+
+
+def test_weak_evidence_serves_unchecked_and_never_displaces_a_checked_version() -> None:
+    """Between the serve bar and the checking bar a candidate may replace an unchecked version (better
+    suggestions, still no auto-labels), but never a checked one."""
+    weak = {"n": 60, "accuracy": 0.7, "majority_rate": 0.65, "brier_gain": 0.03, "brier_gain_z": 1.5}
+    d = gate_annotator_cv(weak, GateConfig())
+    assert d.publish and not d.checked
+    strong = gate_annotator_cv({**weak, "brier_gain_z": 3.0}, GateConfig())
+    assert strong.publish and strong.checked
+    noise = gate_annotator_cv({**weak, "brier_gain_z": 0.4}, GateConfig())
+    assert not noise.publish and not noise.checked

@@ -114,6 +114,7 @@ def head_round(
     serving_cursor: int,
     cfg: HeadConfig,
     gate: GateConfig,
+    serving_checked: bool = False,
 ) -> HeadCandidate:
     """Fit, cross-validate and gate a new head for `serving` on the embeddings `emb` (N, C) of `items`."""
     index = {name: i for i, name in enumerate(serving.spec.label_names)}
@@ -144,6 +145,9 @@ def head_round(
         serving_metrics["accuracy"] = float(serving_correct[fresh].float().mean())
         metrics.update(paired_counts(serving_correct[fresh], correct[fresh]))
     decision = gate_annotator_cv(metrics, gate)
+    if decision.publish and not decision.checked and serving_checked:
+        decision.publish = False
+        decision.reasons.append("not checked, and would replace a checked version")
     w, b = fit_head(emb, labels, w0, b0, cfg)
     metrics.update(temperature=temperature, n_train=float(len(items)), folds=float(k))
     return HeadCandidate(w, b, temperature, metrics, serving_metrics, decision)

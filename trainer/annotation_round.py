@@ -72,11 +72,13 @@ def cross_fit_round(
     cfg: AnnotationPolicyConfig,
     gate: GateConfig,
     *,
+    serving_checked: bool = False,
     generator: torch.Generator | None = None,
     guard: LossGuard | None = None,
 ) -> AnnotatorCandidate:
     """The few-labels round (module docstring). `serving_cursor`: the log position the serving version was
-    trained up to (0 for the base): items with a later seq are ones it never saw."""
+    trained up to (0 for the base): items with a later seq are ones it never saw. A candidate whose
+    evidence makes it serve-worthy but not checked never replaces a `serving_checked` version."""
     labels = label_tensor(serving, items)  # (N,)
     n_labels = len(serving.spec.label_names)
     oof = annotation_policy.cross_fit_logits(
@@ -100,6 +102,9 @@ def cross_fit_round(
         metrics.update(paired_counts(s_correct, cand_correct[fresh]))
         metrics["fresh_accuracy"] = float(cand_correct[fresh].float().mean())
     decision = gate_annotator_cv(metrics, gate)
+    if decision.publish and not decision.checked and serving_checked:
+        decision.publish = False
+        decision.reasons.append("not checked, and would replace a checked version")
     model = load_base()
     train_metrics: dict[str, float] = {}
     if decision.publish:  # the candidate: every verified label, from the base, calibrated out of fold

@@ -73,7 +73,12 @@ class GateConfig:
     """Annotator: folds of the cross-fitting (each costs a round's worth of steps on (k-1)/k of the labels)."""
     cv_lift_z: float = 2.0
     """Annotator, few labels: the calibrated out-of-fold probabilities must beat the base rate in Brier
-    score by this paired z (`brier_gain`); 0 turns the check off."""
+    score by this paired z (`brier_gain`) for the version to be *checked* (trusted to auto-label)."""
+    cv_serve_z: float = 1.0
+    """Annotator, few labels: above this z (but not `cv_lift_z`) the candidate still replaces an unchecked
+    serving version, unchecked: better suggestions for people, no auto-labels on its word. A model of
+    random labels clears it about one time in six (its z is ~N(0, 1) or lower); it then serves unchecked,
+    flagging every item, and never replaces a checked version."""
     min_cv_items: int = 12
     """Annotator: verified labels needed before the first cross-fitted round."""
     min_eval_pairs: int = 20
@@ -97,6 +102,9 @@ class GateDecision:
     publish: bool
     reasons: list[str] = field(default_factory=list)
     """Why not (empty when published)."""
+    checked: bool = True
+    """Annotator: the evidence also clears the bar for auto-labelling (manifest meta `checked`); a version
+    published unchecked serves its suggestions but flags every item needs_review."""
 
     def summary(self) -> str:
         return "pass" if self.publish else "; ".join(self.reasons)
@@ -206,17 +214,20 @@ def gate_annotator_cv(oof: Mapping[str, float], cfg: GateConfig) -> GateDecision
     if n < cfg.min_cv_items:
         reasons.append(f"{n} verified labels, need {cfg.min_cv_items}")
     z_gain = oof.get("brier_gain_z", 0.0)
+    checked = True
     if not math.isfinite(oof["accuracy"]) or not math.isfinite(z_gain):
         reasons.append("out-of-fold metrics are not finite")
-    elif cfg.cv_lift_z > 0 and z_gain <= cfg.cv_lift_z:
+    elif z_gain <= min(cfg.cv_serve_z, cfg.cv_lift_z):
         reasons.append(
             f"out-of-fold probabilities do not beat the base rate: Brier gain "
-            f"{oof.get('brier_gain', 0.0):.4f}, paired z {z_gain:.2f} <= {cfg.cv_lift_z}"
+            f"{oof.get('brier_gain', 0.0):.4f}, paired z {z_gain:.2f} <= {min(cfg.cv_serve_z, cfg.cv_lift_z)}"
         )
+    elif z_gain <= cfg.cv_lift_z:
+        checked = False  # serve-worthy, not yet trusted to auto-label
     z = mcnemar_z(oof.get("broken", 0.0), oof.get("fixed", 0.0))
     if cfg.regression_z > 0 and z > cfg.regression_z:
         reasons.append(f"worse than serving on the labels it never saw (paired z {z:.2f})")
-    return GateDecision(not reasons, reasons)
+    return GateDecision(not reasons, reasons, checked=checked and not reasons)
 
 
 def gate_reward_model(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:

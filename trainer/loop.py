@@ -235,9 +235,18 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
             assert isinstance(base, AnnotatorModel)
             return base
 
-        cursor = int(ctx.store.get(ANNOTATOR, serving).meta.get("cursor", 0))
+        serving_meta = ctx.store.get(ANNOTATOR, serving).meta
         cand = annotation_round.cross_fit_round(
-            load_base, model, tokenizer, items, cursor, cfg, args.gate, generator=ctx.gen, guard=ctx.guard(ANNOTATOR)
+            load_base,
+            model,
+            tokenizer,
+            items,
+            int(serving_meta.get("cursor", 0)),
+            cfg,
+            args.gate,
+            serving_checked=bool(serving_meta.get("checked")),
+            generator=ctx.gen,
+            guard=ctx.guard(ANNOTATOR),
         )
     else:
         opt = annotation_policy.make_optimizer(model, cfg)
@@ -264,9 +273,9 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
             "objective": "annotation_policy",
             "task": spec.task,
             "labels": spec.label_names,
-            # Passed the gate with calibration fitted on items it was not trained on: the policy service
-            # lets a checked version auto-label (an unchecked one flags every item needs_review).
-            "checked": True,
+            # Passed the gate's bar for auto-labelling, calibrated on items it was not trained on: the
+            # policy service lets a checked version auto-label (an unchecked one flags every item).
+            "checked": cand.decision.checked,
             "evidence": cand.regime,
         },
     )
@@ -305,7 +314,9 @@ def annotator_head_round(ctx: Context, state: TrainerState) -> RoundOutput:
     emb = ctx.embeddings.embed(model, tokenizer, [x.text for x in items], key, args.head, args.annotator.max_length)
     clock.lap("embed")
     cursor = int(manifest.meta.get("cursor", 0))
-    cand = annotation_head.head_round(model, emb, items, cursor, args.head, args.gate)
+    cand = annotation_head.head_round(
+        model, emb, items, cursor, args.head, args.gate, serving_checked=bool(manifest.meta.get("checked"))
+    )
     clock.lap("fit_and_cross_validate")
     result.metrics, result.serving_metrics = cand.metrics, cand.serving_metrics
     if not cand.decision.publish:
@@ -330,7 +341,7 @@ def annotator_head_round(ctx: Context, state: TrainerState) -> RoundOutput:
                     "objective": "annotation_head",
                     "task": spec.task,
                     "labels": spec.label_names,
-                    "checked": True,
+                    "checked": cand.decision.checked,
                     "evidence": "head cross-validation",
                 },
                 shared_files=shared,
