@@ -354,7 +354,7 @@ def small_args(data_dir: Path, **kw) -> TrainerArgs:
         once=True,
         round_min_events=1,
         heldout_fraction=0.25,
-        annotator=AnnotationPolicyConfig(encoder_lr=1e-3, head_lr=1e-2, epochs=2, max_length=32),
+        annotator=AnnotationPolicyConfig(encoder_lr=1e-3, head_lr=1e-2, epochs=4, max_length=32),
         reward=RewardModelConfig(encoder_lr=1e-3, head_lr=1e-2, epochs=2, max_length=48),
         grpo=GRPOConfig(
             group_size=4,
@@ -387,7 +387,7 @@ def test_trainer_rounds_publish_gated_versions_and_resume_where_they_left_off(da
     assert set(rounds) == {"annotator", "reward", "generator"}
     # The annotator learnt from the labels, the gate let it through, and the manifest says how well.
     ann = rounds["annotator"]
-    assert ann["result"] == "published" and store.latest("annotator") == "v1" == ann["version"]
+    assert ann["result"] == "published" and store.latest("annotator") == "v1" == ann["version"], ann["reasons"]
     manifest = store.verify("annotator", "v1")
     assert manifest.parent == "v0" and manifest.meta["cursor"] == head
     assert manifest.metrics["accuracy"] >= 0.85 > manifest.metrics["serving_accuracy"] + 0.2
