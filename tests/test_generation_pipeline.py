@@ -13,10 +13,13 @@ import random
 import pytest
 import torch
 
-from tests.test_trainer_objectives import HELD_PROMPTS, PROMPTS, fraction_of_a, lm_tokenizer, tiny_lm  # noqa: F401
+from tests import test_trainer_objectives as objectives
+from tests.test_trainer_objectives import HELD_PROMPTS, PROMPTS, fraction_of_a, tiny_lm
 from trainer import generation_rl, ppo, sft
 from trainer.examples import Demonstration
 from trainer.gate import GateConfig, gate_generator, gate_sft
+
+lm_tokenizer = objectives.lm_tokenizer  # the module-scoped fixture: the 15-word tokenizer
 
 # ---- SFT -----------------------------------------------------------------------------------------
 

@@ -15,23 +15,39 @@ from loopserve.client import Client
 
 
 class ServiceReward:
+    """`normalised`: ask for (r - mean) / std of the scoring version's reference statistics, clipped to
+    [-clip, clip] (the trainer's default), so every reward version speaks on one scale."""
+
     def __init__(
-        self, target: str, token: str | None, *, timeout_s: float = 60.0, max_pairs_per_request: int = 256
+        self,
+        target: str,
+        token: str | None,
+        *,
+        timeout_s: float = 60.0,
+        max_pairs_per_request: int = 256,
+        normalised: bool = False,
+        clip: float = 0.0,
     ) -> None:
         self.client = Client(target, token, timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.max_pairs = max_pairs_per_request
+        self.normalised, self.clip = normalised, clip
+        self.versions: list[str] = []
+        """The reward version that scored each call, in order (for the round's record)."""
 
     @classmethod
-    def from_token_file(cls, target: str, token_file: Path, **kw: float | int) -> ServiceReward:
+    def from_token_file(cls, target: str, token_file: Path, **kw: float | int | bool) -> ServiceReward:
         token = read_token(token_file, "client") if token_file.is_file() else None
         return cls(target, token, **kw)  # type: ignore[arg-type]
 
     def __call__(self, pairs: Sequence[tuple[str, str]], /) -> list[float]:
         scores: list[float] = []
         for i in range(0, len(pairs), self.max_pairs):
-            resp = self.client.score(list(pairs[i : i + self.max_pairs]), timeout_s=self.timeout_s)
+            chunk = list(pairs[i : i + self.max_pairs])
+            resp = self.client.score(chunk, timeout_s=self.timeout_s, normalised=self.normalised, clip=self.clip)
             scores.extend(resp.scores)
+            self.versions.append(resp.model_version)
+        del self.versions[:-1000]
         return scores
 
     def close(self) -> None:
