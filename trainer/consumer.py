@@ -34,6 +34,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loopserve.feedback_log.demonstrations import DEMONSTRATION_MODEL
 from loopserve.feedback_log.records import Decision, Feedback, LogRecord
 from loopserve.metrics import EVENTS_SKIPPED
 from trainer.examples import (
@@ -48,8 +49,6 @@ from trainer.examples import (
 logger = logging.getLogger(__name__)
 
 ANNOTATOR, REWARD, GENERATOR = "annotator", "reward", "generator"
-DEMONSTRATION_MODEL = "demonstration"
-"""The `model` of a generation decision that a person wrote rather than a model served (imported)."""
 
 
 @dataclass(frozen=True)

@@ -41,14 +41,26 @@ class ServiceReward:
         return cls(target, token, **kw)  # type: ignore[arg-type]
 
     def __call__(self, pairs: Sequence[tuple[str, str]], /) -> list[float]:
+        """One reward per pair. A sampled completion can be empty (EOS first), which the service refuses
+        as a response: those are not sent, and score the bottom of the range instead (-clip when
+        normalised, else the lowest reward of the call): an empty answer is no answer."""
+        sent = [i for i, (_, response) in enumerate(pairs) if response.strip()]
         scores: list[float] = []
-        for i in range(0, len(pairs), self.max_pairs):
-            chunk = list(pairs[i : i + self.max_pairs])
+        for start in range(0, len(sent), self.max_pairs):
+            chunk = [pairs[i] for i in sent[start : start + self.max_pairs]]
             resp = self.client.score(chunk, timeout_s=self.timeout_s, normalised=self.normalised, clip=self.clip)
             scores.extend(resp.scores)
             self.versions.append(resp.model_version)
+            if self.normalised:
+                self.clip = resp.clip  # the range the service applied (its default when clip is 0)
         del self.versions[:-1000]
-        return scores
+        if len(sent) == len(pairs):
+            return scores
+        floor = -self.clip if self.normalised else min(scores, default=0.0)
+        out = [floor] * len(pairs)
+        for i, value in zip(sent, scores, strict=True):
+            out[i] = value
+        return out
 
     def close(self) -> None:
         self.client.close()
