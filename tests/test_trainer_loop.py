@@ -396,6 +396,8 @@ def test_trainer_rounds_publish_gated_versions_and_resume_where_they_left_off(da
     # The reward model learnt the planted preference.
     assert rounds["reward"]["result"] == "published", rounds["reward"]
     assert store.get("reward", "v1").metrics["pairwise_accuracy"] >= 0.8
+    stats = store.get("reward", "v1").meta["reward_stats"]  # its normalisation statistics, on held-out responses
+    assert stats["source"] == "publish" and stats["n"] >= 2 * 8 and stats["std"] > 0
     # The generator ran GRPO and DPO; published or gated, the numbers are on record.
     gen_round = rounds["generator"]
     assert gen_round["result"] in ("published", "gated")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from loopserve.auth import read_token
 from loopserve.client import Client
+from reward_service.types import DEFAULT_CLIP
 
 
 class ServiceReward:
@@ -31,7 +32,7 @@ class ServiceReward:
         self.client = Client(target, token, timeout_s=timeout_s)
         self.timeout_s = timeout_s
         self.max_pairs = max_pairs_per_request
-        self.normalised, self.clip = normalised, clip
+        self.normalised, self.clip = normalised, clip or (DEFAULT_CLIP if normalised else 0.0)
         self.versions: list[str] = []
         """The reward version that scored each call, in order (for the round's record)."""
 
@@ -51,8 +52,6 @@ class ServiceReward:
             resp = self.client.score(chunk, timeout_s=self.timeout_s, normalised=self.normalised, clip=self.clip)
             scores.extend(resp.scores)
             self.versions.append(resp.model_version)
-            if self.normalised:
-                self.clip = resp.clip  # the range the service applied (its default when clip is 0)
         del self.versions[:-1000]
         if len(sent) == len(pairs):
             return scores
