@@ -7,6 +7,7 @@ reward is the share of "a" tokens in a completion, the planted demonstrations al
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import copy
 import itertools
@@ -16,6 +17,7 @@ import random
 import shutil
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -24,7 +26,9 @@ from grpc import aio
 
 from loopserve import auth, cli
 from loopserve.client import AsyncClient
-from loopserve.config import RewardConfig
+from loopserve.config import RewardConfig, from_namespace
+from loopserve.demo import generation as demo_generation
+from loopserve.demo.generation import GenerationDemoOptions
 from loopserve.feedback_log import Feedback, open_feedback_log
 from loopserve.model_store import ModelStore
 from loopserve.models import encoder_heads
@@ -36,7 +40,9 @@ from tests import test_trainer_loop as loop_tests
 from tests import test_trainer_objectives as objectives
 from tests.test_reward_runtime import tiny_reward_version
 from tests.test_trainer_objectives import HELD_PROMPTS, PROMPTS, fraction_of_a, tiny_lm
+from trainer import __main__ as trainer_main
 from trainer import generation_rl, ppo, reward_model, sft
+from trainer.config import TrainerArgs
 from trainer.examples import Demonstration
 from trainer.gate import GateConfig, gate_generator, gate_sft
 from trainer.loop import read_rounds, run_trainer
@@ -355,3 +361,25 @@ def test_demonstrations_imported_by_the_cli_train_an_sft_version_that_ppo_then_l
     m = ppo_round["metrics"]
     assert m["train_ppo_updates"] == ppo_cfg.steps * ppo_cfg.update_epochs * ppo_cfg.num_minibatches
     assert m["train_ppo_v_loss_last_epoch"] < m["train_ppo_v_loss_first_epoch"]
+
+
+def test_the_demos_objective_flag_reaches_the_trainer_with_ppo_settings(tmp_path):
+    """`loopserve demo --generation --objective ppo`: the option reaches the trainer process's flags, and
+    the PPO section the demo writes is one the trainer accepts (the round itself: the test above)."""
+    ns = cli.build_parser().parse_args(["demo", "--generation", "--quick", "--objective", "ppo"])
+    opts = GenerationDemoOptions(quick=ns.quick, objective=ns.objective)
+    opts.apply_quick()
+    flags = demo_generation._trainer_flags(opts, tmp_path)
+    assert flags[flags.index("--generator-objectives") + 1] == "ppo"
+    parser = argparse.ArgumentParser()
+    trainer_main.add_flags(parser)
+    parser.add_argument("--objectives-json", type=Path)
+    trainer_ns = parser.parse_args(flags)
+    args = from_namespace(TrainerArgs, trainer_ns)
+    trainer_main.apply_objectives_json(args, trainer_ns.objectives_json)
+    assert args.generator_objectives == "ppo" and args.reward_normalised
+    assert (args.ppo.steps, args.ppo.prompts_per_step * args.ppo.samples_per_prompt) == (
+        opts.grpo_steps,
+        args.grpo.prompts_per_step * args.grpo.group_size,
+    )  # the same rollout budget as GRPO
+    assert args.ppo.update_epochs == opts.ppo_epochs > 1 and args.ppo.max_new_tokens == opts.max_new_tokens
