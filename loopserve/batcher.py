@@ -38,19 +38,25 @@ class _Pending(Generic[Req, Res]):
 
 
 class DynamicBatcher(Generic[Req, Res]):
-    """`run_batch(key, requests) -> results` runs on the executor thread, one batch at a time."""
+    """`run_batch(key, requests) -> results` runs on the executor thread, one batch at a time. A result
+    that is an exception fails that request alone."""
 
     def __init__(
         self,
         name: str,
-        run_batch: Callable[[Any, list[Req]], Sequence[Res]],
+        run_batch: Callable[[Any, list[Req]], Sequence[Res | BaseException]],
         *,
         max_batch_size: int,
         max_wait_ms: float,
         max_queue: int,
         executor: concurrent.futures.ThreadPoolExecutor | None = None,
+        retry_alone: bool = False,
     ) -> None:
         self.name = name
+        # A failed batch is re-run one request at a time, so one request's fault (say, a text the
+        # tokenizer chokes on) fails that request alone. Only for side-effect-free batches: never
+        # for streaming generation, whose tokens already went out.
+        self.retry_alone = retry_alone
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait_ms / 1000.0
@@ -170,14 +176,32 @@ class DynamicBatcher(Generic[Req, Res]):
         if not batch:
             return
         self._batch_size.observe(sum(p.size for p in batch))
+        requests = [p.request for p in batch]
         try:
-            requests = [p.request for p in batch]
-            results = await loop.run_in_executor(self._executor, self.run_batch, key, requests)
-        except Exception as exc:  # the whole batch failed: every caller gets the error
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
-            return
+            results: Sequence[Res | BaseException] = await loop.run_in_executor(
+                self._executor, self.run_batch, key, requests
+            )
+        except Exception as exc:
+            if not self.retry_alone or len(batch) == 1:  # every caller gets the error
+                results = [exc] * len(batch)
+            else:  # find the request at fault: each runs alone, so the others still get answers
+                logger.warning(
+                    "batcher %s: a batch of %d failed (%s); running each alone",
+                    self.name,
+                    len(batch),
+                    type(exc).__name__,
+                )
+                results = [await self._run_alone(loop, key, r) for r in requests]
         for p, r in zip(batch, results, strict=True):
-            if not p.future.done():
+            if p.future.done():
+                continue
+            if isinstance(r, BaseException):  # this request's own error (run_batch isolates rows)
+                p.future.set_exception(r)
+            else:
                 p.future.set_result(r)
+
+    async def _run_alone(self, loop: asyncio.AbstractEventLoop, key: Any, request: Req) -> Res | BaseException:
+        try:
+            return (await loop.run_in_executor(self._executor, self.run_batch, key, [request]))[0]
+        except Exception as exc:
+            return exc

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from loopserve.config import (
     CommonConfig,
@@ -58,6 +60,7 @@ def cmd_models_pull(ns: argparse.Namespace) -> int:
 
 
 def cmd_models_publish(ns: argparse.Namespace) -> int:
+    from loopserve.errors import LoopserveError, VerificationError
     from loopserve.model_store import ModelStore
     from loopserve.model_verify import verify_folder
 
@@ -66,12 +69,20 @@ def cmd_models_publish(ns: argparse.Namespace) -> int:
     store = ModelStore(cfg.store_path)
     src = Path(ns.from_dir)
     parent = store.latest(ns.model)
-    meta = {"published_by": "operator"}
+    meta: dict[str, object] = {"published_by": "operator"}
+    if getattr(ns, "checked", False):
+        meta["checked"] = True
     if ns.label_set_change:
         meta["label_set_change"] = True  # type: ignore[assignment]
     if ns.architecture_change:
         meta["architecture_change"] = True  # type: ignore[assignment]
-    verify_folder(ns.model, src, store, meta=meta)  # refuse before publishing what no service could load
+    try:  # refuse before publishing what no service could load
+        verify_folder(ns.model, src, store, meta=meta)
+    except LoopserveError:
+        raise
+    except Exception as exc:  # a garbled config or tokenizer file: one line, not a traceback
+        reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+        raise VerificationError(f"{src} does not load as a {ns.model}: {type(exc).__name__}: {reason}") from None
     manifest = store.publish_version(ns.model, src, parent=parent, meta=meta)
     print(f"published {ns.model} {manifest.version} (parent {parent})")
     return 0
@@ -137,6 +148,27 @@ def _import_demonstrations(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dataset_export(ns: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
+    from loopserve.model_store import ModelStore
+
+    cfg = from_namespace(CommonConfig, ns)
+    sources: Counter[str] = Counter()
+
+    def counted(rows):  # type: ignore[no-untyped-def]
+        for row in rows:
+            sources[row.source if row.source == "human" or row.model_checked else f"{row.source} (unchecked)"] += 1
+            yield row
+
+    with _open_log(ns) as log:
+        rows = counted(labelled_dataset(log, ns.task, ModelStore(cfg.store_path)))
+        n = export_dataset(rows, sys.stdout if ns.output == "-" else Path(ns.output))
+    print(f"exported {n} items: " + ", ".join(f"{v} {k}" for k, v in sorted(sources.items())), file=sys.stderr)
+    return 0
+
+
 def cmd_log_stats(ns: argparse.Namespace) -> int:
     import json
 
@@ -176,12 +208,18 @@ def cmd_reward(ns: argparse.Namespace) -> int:
 
 
 def cmd_up(ns: argparse.Namespace) -> int:
-    from loopserve.embedded import run_embedded
+    from loopserve.embedded import StackPorts, reward_config, run_embedded
 
     policy = from_namespace(PolicyConfig, ns)
+    reward = reward_config(policy, from_namespace(RewardConfig, ns), StackPorts(ns.reward_port, ns.reward_metrics_port))
     _setup_logging(policy.log_level)
     return run_embedded(
-        policy, reward_port=ns.reward_port, reward_metrics_port=ns.reward_metrics_port, train=not ns.no_trainer
+        policy,
+        reward,
+        train=not ns.no_trainer,
+        tls_ca=ns.tls_ca,
+        ml_backend_port=ns.ml_backend_port,
+        label_studio_url=ns.label_studio_url,
     )
 
 
@@ -198,26 +236,55 @@ def cmd_data_pull(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_demo(ns: argparse.Namespace) -> int:
+def demo_options(ns: argparse.Namespace) -> Any:
+    """The demo's options from its flags: AnnotationDemoOptions, or GenerationDemoOptions with --generation."""
     cfg = from_namespace(CommonConfig, ns)
-    _setup_logging("WARNING")
     if ns.generation:
-        from loopserve.demo.generation import GenerationDemo, GenerationDemoOptions
+        from loopserve.demo.generation import GenerationDemoOptions
 
-        gen = GenerationDemoOptions(
-            data_dir=cfg.data_dir, dataset=ns.dataset, quick=ns.quick, objective=ns.objective, seed=ns.seed
+        return GenerationDemoOptions(
+            data_dir=cfg.data_dir,
+            store_dir=cfg.store_path,
+            dataset=ns.dataset,
+            quick=ns.quick,
+            objective=ns.objective,
+            seed=ns.seed,
         )
-        GenerationDemo(gen).run()
-        return 0
-    from loopserve.demo.annotation import AnnotationDemo, AnnotationDemoOptions
+    from loopserve.demo.annotation import AnnotationDemoOptions
 
     opts = AnnotationDemoOptions(
-        data_dir=cfg.data_dir, dataset=ns.dataset, quick=ns.quick, seed=ns.seed, measure_ceiling=ns.measure_ceiling
+        data_dir=cfg.data_dir,
+        store_dir=cfg.store_path,
+        dataset=ns.dataset,
+        quick=ns.quick,
+        seed=ns.seed,
+        measure_ceiling=ns.measure_ceiling,
     )
-    for name in ("budget_fraction", "error_rate", "audit_fraction", "review_threshold", "train_items", "test_items"):
+    for name in (
+        "budget_fraction",
+        "error_rate",
+        "audit_fraction",
+        "review_threshold",
+        "train_items",
+        "test_items",
+        "label_descriptions",
+    ):
         if getattr(ns, name) is not None:
             setattr(opts, name, getattr(ns, name))
-    AnnotationDemo(opts).run()
+    return opts
+
+
+def cmd_demo(ns: argparse.Namespace) -> int:
+    _setup_logging("WARNING")
+    opts = demo_options(ns)
+    if ns.generation:
+        from loopserve.demo.generation import GenerationDemo
+
+        GenerationDemo(opts).run()
+    else:
+        from loopserve.demo.annotation import AnnotationDemo
+
+        AnnotationDemo(opts).run()
     return 0
 
 
@@ -237,6 +304,11 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("--from", dest="from_dir", required=True, help="a folder in the model's format")
     publish.add_argument("--label-set-change", action="store_true", help="the new version's labels differ on purpose")
     publish.add_argument("--architecture-change", action="store_true", help="tensor names or shapes differ on purpose")
+    publish.add_argument(
+        "--checked",
+        action="store_true",
+        help="annotator: you measured its calibration; it may auto-label (otherwise it flags every item)",
+    )
     publish.set_defaults(fn=cmd_models_publish)
     ls = models.add_parser("list", help="list versions")
     add_arguments(ls, CommonConfig)
@@ -275,16 +347,36 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("train", help="run the trainer (`loopserve train --help` lists its flags)", add_help=False)
 
     up = sub.add_parser("up", help="run everything on this machine (policy, reward, trainer)")
-    add_arguments(up, PolicyConfig)
+    add_arguments(up, PolicyConfig)  # each flag reaches both services, except the policy-only ones
+    add_arguments(up, RewardConfig, skip={f.name for f in dataclasses.fields(PolicyConfig)})
     up.add_argument("--policy-port", dest="port", type=int, help="policy port (default 50051)")
-    up.add_argument("--reward-port", type=int, default=None)
-    up.add_argument("--reward-metrics-port", type=int, default=None)
+    up.add_argument("--reward-port", type=int, default=None, help="reward port (default 50052)")
+    up.add_argument(
+        "--reward-metrics-port", type=int, default=None, help="reward /metrics port (default 9102; -1 disables)"
+    )
     up.add_argument("--no-trainer", action="store_true", help="services only")
+    up.add_argument("--ml-backend-port", type=int, default=None, help="also serve Label Studio's ML backend (9090)")
+    up.add_argument("--label-studio-url", default="", help="Label Studio's URL, for the ML backend's refreshes")
+    up.add_argument(
+        "--tls-ca", type=Path, default=None, help="CA the trainer trusts for --tls-cert (default: that certificate)"
+    )
     up.set_defaults(fn=cmd_up)
 
     from loopserve.ray_serve import add_serve_parser  # imports no ray until `serve` runs
 
     add_serve_parser(sub)
+
+    dataset = sub.add_parser("dataset", help="the labelled data set an annotation run produced")
+    dsub = dataset.add_subparsers(dest="dataset_command", required=True)
+    dexport = dsub.add_parser("export", help="per item: the human label, else the latest served version's label")
+    add_arguments(dexport, CommonConfig)
+    dexport.add_argument("--task", default="", help="only this annotation task (default: all)")
+    dexport.add_argument("-o", "--output", default="-", help="a file (created 0600), or - for stdout")
+    dexport.set_defaults(fn=cmd_dataset_export)
+
+    from loopserve.labelstudio.cli import add_parsers as add_labelstudio_parsers  # `ml-backend`, `labelstudio`
+
+    add_labelstudio_parsers(sub)
 
     data = sub.add_parser("data", help="labelled data sets").add_subparsers(dest="data_command", required=True)
     dpull = data.add_parser("pull", help="download a bundled data set into <data-dir>/data as JSONL")
@@ -293,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     dpull.set_defaults(fn=cmd_data_pull)
 
     demo = sub.add_parser("demo", help="the loop end to end on real data, with simulated annotators; a report")
-    add_arguments(demo, CommonConfig)
+    # Each run writes its own log and picks its own device and dtype (CPU, bf16 serving): those flags
+    # would be promises the demo does not keep, so it does not show them.
+    add_arguments(demo, CommonConfig, skip={"log_url", "device", "dtype", "log_level"})
     demo.add_argument("--dataset", type=Path, help="JSONL / CSV with text, label[, split] (default: Fine Food)")
     demo.add_argument("--quick", action="store_true", help="a small run (about 3 minutes; what CI runs)")
     demo.add_argument("--generation", action="store_true", help="the generation demo (preferences, GRPO)")
@@ -301,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--objective", choices=["grpo", "ppo", "dpo"], default="grpo", help="generation: the generator's objective"
     )
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--label-descriptions",
+        type=Path,
+        help='--dataset: JSON {"label": "what it means", ...} for the zero-shot base (default: the label names)',
+    )
     demo.add_argument("--measure-ceiling", action="store_true", help="train on all train labels (slow)")
     demo.add_argument("--budget-fraction", type=float, help="human interactions / train items (default 0.3)")
     demo.add_argument("--error-rate", type=float, help="simulated annotators' mean error rate (default 0.05)")

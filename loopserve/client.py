@@ -29,6 +29,17 @@ from loopserve.policy.v1 import policy_pb2, policy_pb2_grpc
 from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
 
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+def retryable(error: grpc.RpcError) -> bool:
+    """UNAVAILABLE, or RESOURCE_EXHAUSTED as back-pressure; not grpc's own RESOURCE_EXHAUSTED for a
+    message over the size limit, which the same request will hit again."""
+    code = error.code()
+    if code not in RETRYABLE:
+        return False
+    return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (error.details() or ""))
+
+
 T = TypeVar("T")
 
 
@@ -171,7 +182,7 @@ class Client(_Stubs):
                 return fn(request, timeout=max(remaining, 0.001), metadata=self.metadata)
             except grpc.RpcError as e:
                 last = attempt == self.retry.attempts - 1
-                if e.code() not in RETRYABLE or last:
+                if not retryable(e) or last:
                     raise
                 pause = self.retry.backoff(attempt)
                 if time.monotonic() + pause >= deadline:
@@ -277,7 +288,7 @@ class AsyncClient(_Stubs):
             try:
                 return await fn(request, timeout=max(remaining, 0.001), metadata=self.metadata)
             except aio.AioRpcError as e:
-                if e.code() not in RETRYABLE or attempt == self.retry.attempts - 1:
+                if not retryable(e) or attempt == self.retry.attempts - 1:
                     raise
                 pause = self.retry.backoff(attempt)
                 if time.monotonic() + pause >= deadline:

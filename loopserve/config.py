@@ -58,6 +58,7 @@ class ServerConfig(CommonConfig):
     host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 in a pod)"})
     port: int = 0
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; -1 disables"})
+    metrics_host: str = field(default="", metadata={"help": "address /metrics listens on (default: --host)"})
     no_auth: bool = field(default=False, metadata={"help": "DEVELOPMENT ONLY: accept calls without a token"})
     token_file: Path | None = field(
         default=None, metadata={"help": "JSON {token: role}; default <data-dir>/tokens.json, created if missing"}
@@ -77,6 +78,11 @@ class ServerConfig(CommonConfig):
     @property
     def token_path(self) -> Path:
         return self.token_file or self.data_dir / "tokens.json"
+
+    @property
+    def metrics_address(self) -> str:
+        """/metrics binds where gRPC does unless told otherwise: a loopback service exposes nothing."""
+        return self.metrics_host or self.host
 
 
 @dataclass
@@ -126,7 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], skip: set[str
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "") + f" (env {ENV_PREFIX}{f.name.upper()})"
-        if tp is bool:
+        if tp is bool and f.name.startswith("no_"):
+            # `--no-auth` sets no_auth. BooleanOptionalAction would read a flag spelt `--no-...` as
+            # "false" and invert it.
+            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_)
+        elif tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_)
@@ -151,3 +161,25 @@ def from_namespace(cls: type[C], ns: argparse.Namespace | None = None, environ: 
         else:
             values[f.name] = tp(raw)
     return cls(**values)
+
+
+def to_argv(cfg: Any, cls: type[Any] | None = None, skip: set[str] | None = None) -> list[str]:
+    """The flags that make `cls` (default: the type of `cfg`) read back the values `cfg` holds, for
+    a process started by another (`up`): every field, explicitly, so that nothing depends on what
+    the child's defaults or environment happen to be. The inverse of `add_arguments` + `from_namespace`."""
+    argv: list[str] = []
+    for f in dataclasses.fields(cls or type(cfg)):
+        if skip and f.name in skip:
+            continue
+        value = getattr(cfg, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            if f.name.startswith("no_"):
+                argv += [flag] if value else []
+            else:
+                argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            argv += [flag, str(value)]
+    return argv

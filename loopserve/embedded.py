@@ -1,108 +1,144 @@
 """`loopserve up`: the embedded stack on one machine, as separate processes (each with its own GIL and
 torch threads): the policy service, the reward service and the trainer, over one data dir (SQLite log,
 local store, one token file). SIGINT/SIGTERM stops all of them with their drain grace.
+
+Each service process gets its whole config as explicit flags (`config.to_argv`), built by the same
+reader it would use alone, so every flag `up` shows (TLS, limits, auth, ports, metrics host) reaches
+the process it is for.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from loopserve.auth import ensure_token_file
-from loopserve.config import DEFAULT_REWARD_METRICS_PORT, DEFAULT_REWARD_PORT, PolicyConfig
+from loopserve.config import (
+    DEFAULT_POLICY_METRICS_PORT,
+    DEFAULT_REWARD_METRICS_PORT,
+    DEFAULT_REWARD_PORT,
+    PolicyConfig,
+    RewardConfig,
+    to_argv,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def _common_flags(cfg: PolicyConfig) -> list[str]:
-    flags = [
+@dataclass
+class StackPorts:
+    """The reward service's ports, which `up` takes beside the policy service's own config."""
+
+    reward_port: int | None = None
+    reward_metrics_port: int | None = None
+
+
+def reward_config(policy: PolicyConfig, reward: RewardConfig, ports: StackPorts) -> RewardConfig:
+    """The reward service's config: what the two services share comes from `policy` (the flags `up`
+    read), the reward's own fields from `reward`, and its ports from `ports` (by default the reward
+    service's defaults; with the policy's metrics off or ephemeral, the reward's too)."""
+    shared = {f.name: getattr(policy, f.name) for f in dataclasses.fields(RewardConfig) if hasattr(policy, f.name)}
+    own = {f.name: getattr(reward, f.name) for f in dataclasses.fields(RewardConfig) if not hasattr(policy, f.name)}
+    cfg = RewardConfig(**(shared | own))
+    cfg.port = ports.reward_port if ports.reward_port is not None else DEFAULT_REWARD_PORT
+    if ports.reward_metrics_port is not None:
+        cfg.metrics_port = ports.reward_metrics_port
+    elif policy.metrics_port == DEFAULT_POLICY_METRICS_PORT:
+        cfg.metrics_port = DEFAULT_REWARD_METRICS_PORT
+    else:
+        cfg.metrics_port = policy.metrics_port if policy.metrics_port <= 0 else policy.metrics_port + 1
+    return cfg
+
+
+def _trainer_argv(policy: PolicyConfig, reward: RewardConfig, tls_ca: Path | None) -> list[str]:
+    # The trainer calls the reward service on loopback (it binds 127.0.0.1 or every interface).
+    argv = [
+        "train",
         "--data-dir",
-        str(cfg.data_dir),
+        str(policy.data_dir),
         "--device",
-        cfg.device,
-        "--dtype",
-        cfg.dtype,
+        policy.device,
         "--log-level",
-        cfg.log_level,
+        policy.log_level,
+        "--reward-target",
+        f"127.0.0.1:{reward.port}",
     ]
-    if cfg.store_dir:
-        flags += ["--store-dir", str(cfg.store_dir)]
-    if cfg.log_url:
-        flags += ["--log-url", cfg.log_url]
-    return flags
-
-
-def _server_flags(cfg: PolicyConfig) -> list[str]:
-    flags = ["--host", cfg.host, "--grace-s", str(cfg.grace_s)]
-    if cfg.no_auth:
-        flags.append("--no-auth")
-    if cfg.token_file:
-        flags += ["--token-file", str(cfg.token_file)]
-    return flags
+    if policy.store_dir:
+        argv += ["--store-dir", str(policy.store_dir)]
+    if policy.log_url:
+        argv += ["--log-url", policy.log_url]
+    if policy.token_file:
+        argv += ["--token-file", str(policy.token_file)]
+    if reward.tls_cert is not None:
+        argv += ["--reward-tls-ca", str(tls_ca or reward.tls_cert)]
+    return argv
 
 
 def run_embedded(
     cfg: PolicyConfig,
+    reward: RewardConfig | None = None,
     *,
-    reward_port: int | None = None,
-    reward_metrics_port: int | None = None,
     train: bool = True,
+    tls_ca: Path | None = None,
+    ml_backend_port: int | None = None,
+    label_studio_url: str = "",
 ) -> int:
+    """Run the stack until SIGINT / SIGTERM. `reward` defaults to what `cfg` implies (`reward_config`);
+    `tls_ca` is the CA the trainer trusts for the reward service's certificate (default: the
+    certificate itself, for a self-signed one)."""
+    reward = reward or reward_config(cfg, RewardConfig(), StackPorts())
+    if train and cfg.tls_client_ca is not None:
+        raise ValueError("the trainer presents no client certificate: with --tls-client-ca (mTLS) use --no-trainer")
     if not cfg.no_auth and cfg.token_file is None:
         ensure_token_file(cfg.token_path)
         print(f"tokens (client, annotator, admin roles): {cfg.token_path.resolve()}")
     exe = [sys.executable, "-m", "loopserve"]
+    policy = dataclasses.replace(cfg)
     # Two services and a trainer share the cores: give each a fair share of torch threads.
-    threads = str(max(1, (os.cpu_count() or 2) // 2))
+    share = max(1, (os.cpu_count() or 2) // 2)
+    policy.threads = policy.threads or share
+    reward.threads = reward.threads or share
     procs = {
-        "policy": [
-            *exe,
-            "policy",
-            "--port",
-            str(cfg.port),
-            "--metrics-port",
-            str(cfg.metrics_port),
-            "--threads",
-            threads,
-            *_common_flags(cfg),
-            *_server_flags(cfg),
-        ],
-        "reward": [
-            *exe,
-            "reward",
-            "--port",
-            str(reward_port or DEFAULT_REWARD_PORT),
-            "--metrics-port",
-            str(reward_metrics_port or DEFAULT_REWARD_METRICS_PORT),
-            "--threads",
-            threads,
-            *_common_flags(cfg),
-            *_server_flags(cfg),
-        ],
+        "policy": [*exe, "policy", *to_argv(policy)],
+        "reward": [*exe, "reward", *to_argv(reward)],
     }
     if train:
-        procs["trainer"] = [
+        procs["trainer"] = [*exe, *_trainer_argv(policy, reward, tls_ca)]
+    if ml_backend_port is not None:
+        from loopserve.labelstudio.cli import ml_backend_flags
+
+        procs["ml-backend"] = [
             *exe,
-            "train",
+            "ml-backend",
+            *ml_backend_flags(ml_backend_port, policy.port, label_studio_url),
             "--data-dir",
-            str(cfg.data_dir),
-            "--device",
-            cfg.device,
+            str(policy.data_dir),
             "--log-level",
-            cfg.log_level,
-            "--reward-target",
-            f"127.0.0.1:{reward_port or DEFAULT_REWARD_PORT}",
-            *(["--store-dir", str(cfg.store_dir)] if cfg.store_dir else []),
-            *(["--log-url", cfg.log_url] if cfg.log_url else []),
+            policy.log_level,
+            "--host",
+            policy.host,
+            *(["--no-auth"] if policy.no_auth else []),
+            *(["--token-file", str(policy.token_file)] if policy.token_file else []),
         ]
     running = {name: subprocess.Popen(argv) for name, argv in procs.items()}
+    scheme = "TLS" if cfg.tls_cert else "plaintext"
+    metrics = f"metrics {policy.metrics_address}:{policy.metrics_port}" if policy.metrics_port >= 0 else "no metrics"
     print(
-        f"policy on {cfg.host}:{cfg.port} (metrics :{cfg.metrics_port}/metrics), "
-        f"reward on {cfg.host}:{reward_port or DEFAULT_REWARD_PORT}; Ctrl-C stops everything"
+        f"policy on {policy.host}:{policy.port} ({scheme}, {metrics}), reward on {reward.host}:{reward.port}"
+        + (
+            f", Label Studio ML backend on http://{policy.host}:{ml_backend_port}"
+            if ml_backend_port is not None
+            else ""
+        )
+        + "; Ctrl-C stops everything",
+        flush=True,
     )
     stopping = False
 

@@ -3,6 +3,26 @@
 
 from __future__ import annotations
 
+MAX_MESSAGE_CHARS = 1024
+"""Longest status message a server sends: far under gRPC's metadata limits, long enough to act on."""
+QUOTE_CHARS = 40
+"""Longest prefix of a client's string quoted back in a message."""
+
+
+def quote(value: object, limit: int = QUOTE_CHARS) -> str:
+    """A client's string as a message may quote it: repr of at most `limit` characters, and the full
+    length when cut. Error messages echo what the client sent, never all of it."""
+    text = value if isinstance(value, str) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def cap_message(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[: MAX_MESSAGE_CHARS - 20] + f"... ({len(message)} chars)"
+
 
 class LoopserveError(Exception):
     """Base class. `code` is the name of the gRPC status code it maps to."""
@@ -10,6 +30,7 @@ class LoopserveError(Exception):
     code = "INTERNAL"
 
     def __init__(self, message: str) -> None:
+        message = cap_message(message)
         super().__init__(message)
         self.message = message
 
@@ -54,6 +75,12 @@ class Unauthenticated(LoopserveError):
 
 class PermissionDenied(LoopserveError):
     code = "PERMISSION_DENIED"
+
+
+class ModelFault(LoopserveError):
+    """The served model produced a non-finite output: the server's fault, not the request's."""
+
+    code = "INTERNAL"
 
 
 class VerificationError(LoopserveError):

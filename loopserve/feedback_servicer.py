@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from grpc import aio
 
 from loopserve import metrics
-from loopserve.errors import LoopserveError
+from loopserve.errors import LoopserveError, quote
 from loopserve.feedback.v1 import feedback_pb2 as pb
 from loopserve.feedback.v1 import feedback_pb2_grpc
 from loopserve.feedback_log import FeedbackCommitter, LabelSets
@@ -90,7 +90,7 @@ class FeedbackServicer(feedback_pb2_grpc.FeedbackServiceServicer):
         accepted = sum(r.accepted for r in results)
         if accepted == 0:
             first = results[0]
-            raise _error(first.code or "INVALID_ARGUMENT", f"event 0 ({first.idempotency_key!r}): {first.reason}")
+            raise _error(first.code or "INVALID_ARGUMENT", f"event 0 ({quote(first.idempotency_key)}): {first.reason}")
         return pb.SubmitResponse(
             results=[result_to_pb(r) for r in results], accepted=accepted, rejected=len(results) - accepted
         )

@@ -6,9 +6,10 @@ event, like every other rejection, so one bad event never sinks its batch.
 
 from __future__ import annotations
 
-from loopserve.errors import InvalidArgument
+from loopserve.errors import InvalidArgument, cap_message
 from loopserve.feedback.v1 import feedback_pb2 as pb
 from loopserve.feedback_log.records import Feedback, FeedbackResult
+from loopserve.feedback_log.validation import MAX_ID_CHARS
 
 
 def feedback_from_pb(event: pb.FeedbackEvent) -> Feedback:
@@ -71,11 +72,12 @@ def feedback_from_pb(event: pb.FeedbackEvent) -> Feedback:
 def result_to_pb(r: FeedbackResult) -> pb.EventResult:
     return pb.EventResult(
         index=r.index,
-        idempotency_key=r.idempotency_key,
+        # Cut to the longest valid key: a result never echoes an oversize key back whole.
+        idempotency_key=r.idempotency_key[:MAX_ID_CHARS],
         accepted=r.accepted,
         duplicate=r.duplicate,
         code=r.code,
-        reason=r.reason,
+        reason=cap_message(r.reason),
         seq=r.seq,
     )
 

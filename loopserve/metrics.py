@@ -31,6 +31,12 @@ SWAP_SECONDS = Histogram(
 )
 FEEDBACK_EVENTS = Counter("loopserve_feedback_events", "Feedback events acknowledged (durable), by kind.", ["kind"])
 FEEDBACK_REJECTED = Counter("loopserve_feedback_rejected", "Feedback events rejected, by status code.", ["code"])
+MODEL_FAULTS = Counter(
+    "loopserve_model_faults", "Requests failed because a served model gave non-finite outputs.", ["model"]
+)
+MALFORMED_REQUESTS = Counter(
+    "loopserve_malformed_requests", "Request bodies that did not parse as their message type.", ["service", "method"]
+)
 DECISIONS_LOGGED = Counter("loopserve_decisions_logged", "Decisions written to the feedback log.")
 TRAINER_LAG = Gauge("loopserve_trainer_lag_events", "Log records not yet consumed by the trainer.")
 TRAINER_LOSS = Gauge("loopserve_trainer_loss", "Last training loss, by objective.", ["objective"])
@@ -46,7 +52,7 @@ EVENTS_SKIPPED = Counter(
 )
 
 
-def serve_metrics(port: int, host: str = "0.0.0.0") -> Any:
+def serve_metrics(port: int, host: str = "0.0.0.0") -> Any:  # the trainer has no --host: all interfaces
     """Expose /metrics over HTTP on a daemon thread; returns the HTTP server (its `server_port` is the
     port bound, useful with port 0; `shutdown()` stops it), or None for a negative port."""
     if port < 0:

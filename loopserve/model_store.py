@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loopserve.errors import InvalidArgument, NotFoundError, VerificationError
+from loopserve.errors import FailedPrecondition, InvalidArgument, NotFoundError, VerificationError, quote
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,13 @@ HOLD_REFRESH_S = 60.0
 def version_number(version: str) -> int:
     m = _VERSION_RE.match(version)
     if not m:
-        raise NotFoundError(f"not a version name: {version!r} (expected v<N>, e.g. v3)")
+        raise NotFoundError(f"not a version name: {quote(version)} (expected v<N>, e.g. v3)")
     return int(m.group(1))
 
 
 def check_model_name(model: str) -> str:
     if not _MODEL_RE.match(model):
-        raise InvalidArgument(f"bad model name {model!r}: use letters, digits, '_', '.', '-' (not first)")
+        raise InvalidArgument(f"bad model name {quote(model)}: use letters, digits, '_', '.', '-' (not first)")
     return model
 
 
@@ -223,7 +223,7 @@ class ModelStore:
         p = self._model_dir(model) / version
         if not (p / MANIFEST).is_file():
             known = ", ".join(self.list(model)[-5:]) or "none"
-            raise NotFoundError(f"model {model!r} has no version {version!r} (newest: {known})")
+            raise NotFoundError(f"model {quote(model)} has no version {quote(version)} (newest: {known})")
         return p
 
     def get(self, model: str, version: str) -> Manifest:
@@ -283,8 +283,15 @@ class ModelStore:
         version: str | None = None,
         set_latest: bool = True,
         extra_files: Iterable[tuple[str, bytes]] = (),
+        shared_files: Iterable[str] = (),
+        if_latest: str | None = None,
     ) -> Manifest:
-        """Copy the files of `src` into a new version of `model` and (by default) point LATEST at it."""
+        """Copy the files of `src` into a new version of `model` and (by default) point LATEST at it.
+
+        `shared_files`: files taken unchanged from `parent` (hard links, their digest from the parent's
+        manifest): a head-only update shares the encoder's weights instead of writing 90 MB again.
+        `if_latest`: publish only while LATEST is still this version (FailedPrecondition otherwise), so a
+        cheap update computed on top of one version never buries a newer one published meanwhile."""
         src = Path(src)
         if not src.is_dir():
             raise NotFoundError(f"no such folder: {src}")
@@ -292,6 +299,8 @@ class ModelStore:
         model_dir.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
         with self._publish_lock(model_dir):
+            if if_latest is not None and self.latest(model) != if_latest:
+                raise FailedPrecondition(f"{model}: LATEST moved from {if_latest} to {self.latest(model)}")
             highest = self._highest(model)
             if version is None:
                 version = f"v{highest + 1}"
@@ -311,6 +320,18 @@ class ModelStore:
                     dest = tmp / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     files[rel] = _copy_hashing(f, dest)
+                shared = list(shared_files)
+                if shared:
+                    if parent is None:
+                        raise VerificationError("shared_files need a parent version")
+                    parent_files = self.get(model, parent).files
+                    for rel in shared:
+                        if rel not in parent_files:
+                            raise VerificationError(f"{model} {parent} has no file {rel} to share")
+                        dest = tmp / rel
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        os.link(model_dir / parent / rel, dest)
+                        files[rel] = parent_files[rel]
                 for rel, data in extra_files:
                     dest = tmp / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -294,6 +295,28 @@ async def run_pinned(
     return out
 
 
+HTTP_REFUSAL = (
+    "loopserve speaks gRPC: call this application through Ray Serve's gRPC proxy with `application` "
+    "metadata (docs/ray.md); there is no HTTP API on this route\n"
+)
+
+
+async def refuse_http(request: Any) -> Any:
+    """What an application answers on Ray's HTTP proxy (its route exists; a deployment without
+    `__call__` would answer 500): 404 and where to go instead."""
+    from starlette.responses import PlainTextResponse
+
+    return PlainTextResponse(HTTP_REFUSAL, status_code=404)
+
+
+def unwrap(result: Y | BaseException) -> Y:
+    """A `@serve.batch` result: the request's own answer, or raise its own error (Ray hands back an
+    exception result as is; `run_batch` isolates each request's failure from the rest of its batch)."""
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
 # ---- per replica: hot-swap watch, metrics, logging ---------------------------------------------------
 
 
@@ -415,16 +438,34 @@ def deploy(apps: Mapping[str, Any]) -> None:
         logger.info("application %s is running", name)
 
 
-def stop_serve() -> None:
-    """Shut Serve and Ray down (replicas get their graceful shutdown; safe to call twice)."""
+def stop_serve(*, end_children: bool = False, helper_grace_s: float = 10.0) -> None:
+    """Shut Serve and Ray down (replicas get their graceful shutdown; safe to call twice).
+
+    `ray.shutdown()` leaves some helpers of a local cluster running (the dashboard agent, the runtime
+    env agent). With `end_children` (the `serve` command, whose only children are Ray's), every
+    process this one started that is still alive `helper_grace_s` later gets SIGTERM, then SIGKILL."""
+    import psutil
     import ray
     from ray import serve
 
+    started = psutil.Process().children(recursive=True) if end_children else []
     if ray.is_initialized():
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
+    if not started:
+        return
+    _, alive = psutil.wait_procs(started, timeout=helper_grace_s)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(alive, timeout=5.0)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    if alive:
+        logger.warning("killed %d Ray helper processes that outlived SIGTERM", len(alive))
 
 
 def build_apps(names: Sequence[str], args: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -446,8 +487,10 @@ def build_apps(names: Sequence[str], args: Mapping[str, Mapping[str, Any]]) -> d
 
 # ---- `loopserve serve` -------------------------------------------------------------------------------
 
-# Flags of the embedded servers that mean nothing behind Ray's proxy (it listens; TLS ends before it).
-_NOT_ON_RAY = {"host", "port", "metrics_port", "tls_cert", "tls_key", "tls_client_ca"}
+# Flags of the embedded servers that Ray's gRPC proxy cannot honour: it listens itself (--grpc-port,
+# --proxy-host) and has no TLS option (end TLS at the ingress in front of it). `serve --engine ray`
+# refuses them rather than ignore them.
+_NOT_ON_RAY = {"host", "port", "tls_cert", "tls_key", "tls_client_ca"}
 
 
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -463,11 +506,12 @@ def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--proxy-host",
         default="127.0.0.1",
-        help="ray: the HTTP proxy's address (the gRPC proxy listens on all)",
+        help="ray: the HTTP proxy's address, and where replicas serve /metrics unless --metrics-host says "
+        "otherwise (Ray Serve 2.60's gRPC proxy always listens on every interface: firewall --grpc-port)",
     )
     p.add_argument("--address", default=None, help="ray: join this cluster (e.g. auto) instead of starting one")
     p.add_argument("--cluster-cpus", type=int, default=None, help="ray: CPUs of a local cluster (default: all)")
-    add_arguments(p, PolicyConfig)  # ray ignores the flags in _NOT_ON_RAY; embedded uses them all
+    add_arguments(p, PolicyConfig)  # ray refuses the flags in _NOT_ON_RAY; embedded uses them all
     seen = {f.name for f in dataclasses.fields(PolicyConfig)}
     add_arguments(p, RewardConfig, skip=seen)
     add_arguments(p, RayDeploymentConfig)
@@ -483,25 +527,48 @@ def _flag_args(ns: argparse.Namespace, cls: type[Any]) -> dict[str, Any]:
     }
 
 
-def cmd_serve(ns: argparse.Namespace) -> int:
-    if ns.engine == "embedded":
-        from loopserve.embedded import run_embedded
-
-        cfg = from_namespace(PolicyConfig, ns)
-        logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        return run_embedded(cfg, train=False)
-
-    names = [n.strip() for n in ns.apps.split(",") if n.strip()]
+def ray_app_args(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Each application's `args` from the `serve` flags. Replicas serve /metrics on --proxy-host unless
+    --metrics-host says otherwise; one --metrics-port is the policy's base, the reward's is the next."""
+    given = sorted(name for name in _NOT_ON_RAY if getattr(ns, name, None) is not None)
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise ValueError(
+            f"{flags}: not available with --engine ray (its gRPC proxy has no TLS and listens on "
+            "--grpc-port; end TLS at an ingress in front of it)"
+        )
     ray_args = _flag_args(ns, RayDeploymentConfig)
     args = {
         "policy": _flag_args(ns, PolicyConfig) | ray_args,
         "reward": _flag_args(ns, RewardConfig) | ray_args,
     }
+    for app in args.values():
+        app["host"] = ns.proxy_host
+    if ns.metrics_port is not None and ns.metrics_port > 0:
+        args["reward"]["metrics_port"] = ns.metrics_port + 1
+    return args
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    if ns.engine == "embedded":
+        from loopserve.embedded import StackPorts, reward_config, run_embedded
+
+        cfg = from_namespace(PolicyConfig, ns)
+        reward = reward_config(cfg, from_namespace(RewardConfig, ns), StackPorts())
+        logging.basicConfig(level=cfg.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        return run_embedded(cfg, reward, train=False)
+
+    names = [n.strip() for n in ns.apps.split(",") if n.strip()]
+    args = ray_app_args(ns)
     level = ns.log_level or os.environ.get("LOOPSERVE_LOG_LEVEL", "INFO")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         start_serve(
             grpc_port=ns.grpc_port,
@@ -510,16 +577,23 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             address=ns.address,
             num_cpus=ns.cluster_cpus,
         )
+        # ray.init puts its own failure handler on SIGTERM (it prints a stack and the driver later
+        # aborts mid-shutdown, leaving Ray's agents behind): take the signals back.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, on_signal)
         deploy(build_apps(names, args))
-        print(f"Ray Serve: gRPC on {ns.proxy_host}:{ns.grpc_port}, applications {', '.join(names)}")
+        print(
+            f"Ray Serve: gRPC proxy on every interface, port {ns.grpc_port}; HTTP on {ns.proxy_host}:{ns.http_port}; "
+            f"applications {', '.join(names)}"
+        )
         if len(names) > 1:
             print(
                 "clients add metadata `application: policy` (PolicyService, FeedbackService) "
                 "or `application: reward` (RewardService)"
             )
-        print("Ctrl-C stops Serve and the local Ray cluster")
+        print("Ctrl-C stops Serve and the local Ray cluster", flush=True)
         while not stop.wait(0.5):
             pass
     finally:
-        stop_serve()
+        stop_serve(end_children=True)
     return 0

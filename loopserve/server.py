@@ -147,7 +147,7 @@ async def serve_until_signalled(cfg: ServerConfig, make_app: Callable[[], Servic
     from loopserve.device import configure_threads
 
     configure_threads(cfg.threads)
-    metrics.serve_metrics(cfg.metrics_port)
+    metrics.serve_metrics(cfg.metrics_port, cfg.metrics_address)
     stop = asyncio.Event()
     install_signal_handlers(stop)
     app = make_app()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from loopserve import metrics
 from loopserve.config import FEEDBACK_SERVICE, POLICY_SERVICE, PolicyConfig
 from loopserve.device import pick_device, pick_dtype
 from loopserve.feedback.v1 import feedback_pb2_grpc
@@ -45,6 +46,10 @@ class PolicyApp:
                 generator=cfg.generator,
             ),
         )
+        # Read at scrape time: the writer drains its buffer off the request path, so a value set when
+        # a request queued decisions would stay stale (at 1) once the stack is idle.
+        writer = self.decision_writer
+        metrics.QUEUE_DEPTH.labels("decisions").set_function(lambda: writer.pending)
         sink = LoggedDecisions(self.decision_writer, cfg.task) if cfg.log_decisions else None
         self.frontend = PolicyFrontend(cfg, self.runtime, sink)
         ingest = FeedbackIngest(self.committer, lambda: {cfg.task: self.frontend.label_set()})

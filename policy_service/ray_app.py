@@ -41,8 +41,10 @@ from loopserve.ray_serve import (
     model_executor,
     prepare_server_config,
     read_configs,
+    refuse_http,
     rpc,
     run_pinned,
+    unwrap,
 )
 from loopserve.server import token_table
 from policy_service.runtime import GeneratorBundle, PolicyRuntime, RuntimeOptions
@@ -106,10 +108,13 @@ class PolicyDeployment:
         self.generate_batch.set_max_batch_size(cfg.gen_max_batch_size)  # type: ignore[attr-defined]
         self.generate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
         self.watch = SlotWatch(self.runtime.slots().values(), cfg.watch_interval_s)
-        self.metrics = ReplicaMetrics.start(cfg.metrics_port)
+        self.metrics = ReplicaMetrics.start(cfg.metrics_port, cfg.metrics_address)
         self.feedback = ReplicaFeedbackLog(cfg, self.runtime) if cfg.log_url else None
         self._closed = False
         logger.info("policy replica ready (annotator %s)", self.runtime.annotator.current.version)
+
+    async def __call__(self, request: Any) -> Any:  # Ray's HTTP proxy: no HTTP API here, say so
+        return await refuse_http(request)
 
     def check_health(self) -> None:
         if not self.runtime.healthy():
@@ -130,11 +135,11 @@ class PolicyDeployment:
     # ---- batches (Ray's @serve.batch; sizes and waits come from the config in __init__) -----------
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def annotate_batch(self, jobs: list[tuple[Loaded[Any], AnnotateCall]]) -> list[list[Annotation]]:
+    async def annotate_batch(self, jobs: list[tuple[Loaded[Any], AnnotateCall]]) -> list[list[Annotation] | Exception]:
         return await run_pinned(self._model, self.runtime.annotate_batch, jobs, "annotate", lambda c: len(c.texts))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def generate_batch(self, jobs: list[tuple[Loaded[Any], GenerateJob]]) -> list[list[Completion]]:
+    async def generate_batch(self, jobs: list[tuple[Loaded[Any], GenerateJob]]) -> list[list[Completion] | Exception]:
         return await run_pinned(self._model, self.runtime.generate_batch, jobs, "generate", lambda j: len(j[2]))
 
     # ---- PolicyService ----------------------------------------------------------------------------
@@ -145,7 +150,7 @@ class PolicyDeployment:
         if self.feedback is not None:
             self.feedback.decisions.reserve(len(call.texts))
         handle = self.runtime.annotator.current  # pinned for the whole request
-        result = AnnotateResult(handle.version, tuple(await self.annotate_batch((handle, call))))
+        result = AnnotateResult(handle.version, tuple(unwrap(await self.annotate_batch((handle, call)))))
         if self.feedback is not None:
             self.feedback.decisions.record_annotations(call, result, client_id_of(grpc_context))
         return result.to_pb()
@@ -165,7 +170,7 @@ class PolicyDeployment:
         cancelled = threading.Event()
         seqs = self.runtime.sequence_requests(call, ids, cancelled=cancelled.is_set)
         try:
-            comps = await self.generate_batch((handle, (call, ids, seqs)))
+            comps = unwrap(await self.generate_batch((handle, (call, ids, seqs))))
         except asyncio.CancelledError:
             cancelled.set()  # a running batch drops the rows of a caller that went away
             raise
@@ -208,7 +213,7 @@ class PolicyDeployment:
                     final = delta
                 else:
                     yield _delta_pb(handle.version, "", delta)
-            comps = await job  # raises the batch's error, if any
+            comps = unwrap(await job)  # raises this request's error, if any
             while not queue.empty():
                 delta = queue.get_nowait()
                 if delta.done:

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from loopserve.errors import InvalidArgument, VerificationError
+from loopserve import metrics
+from loopserve.errors import InvalidArgument, ModelFault, VerificationError
 from loopserve.model_slot import Loaded, ModelSlot
 from loopserve.model_store import Manifest, ModelStore
 from loopserve.models import encoder_heads, generator
@@ -42,6 +43,11 @@ ENCODER_MICRO_BATCH = 32
 class AnnotatorBundle:
     model: AnnotatorModel
     tokenizer: PreTrainedTokenizerBase
+    checked: bool = False
+    """The version passed the trainer's gate with its calibration fitted on items it was not trained on
+    (manifest meta `checked`), or an operator vouched for it. An unchecked version (the zero-shot base,
+    weights published without that word) flags every item needs_review: its confidence is not a
+    probability anyone has measured, and nothing should be auto-labelled on its word."""
 
     @property
     def labels(self) -> list[str]:
@@ -97,7 +103,7 @@ class PolicyRuntime:
         model = encoder_heads.load(folder, self.opts.device, self.opts.dtype)
         if not isinstance(model, AnnotatorModel):
             raise VerificationError(f"{folder.name} is not an annotator (head kind {model.spec.kind!r})")
-        return AnnotatorBundle(model, encoder_heads.load_tokenizer(folder))
+        return AnnotatorBundle(model, encoder_heads.load_tokenizer(folder), bool(manifest.meta.get("checked")))
 
     def _check_annotator(self, new: Loaded[AnnotatorBundle], old: Loaded[AnnotatorBundle] | None) -> None:
         if old is not None and new.model.labels != old.model.labels and not new.manifest.meta.get("label_set_change"):
@@ -160,18 +166,28 @@ class PolicyRuntime:
                 out[i] = p
         return out
 
-    def annotate_batch(self, handle: Loaded[AnnotatorBundle], calls: list[AnnotateCall]) -> list[list[Annotation]]:
-        """One forward over every item of every call; per call, its annotations in item order."""
+    def annotate_batch(
+        self, handle: Loaded[AnnotatorBundle], calls: list[AnnotateCall]
+    ) -> list[list[Annotation] | Exception]:
+        """One forward over every item of every call; per call, its annotations in item order, or the
+        error of that call alone (a non-finite output is the model's fault: ModelFault, INTERNAL)."""
         bundle = handle.model
         labels = bundle.labels
         texts = [t for c in calls for t in c.texts]
         input_ids, truncated = self._encode(bundle, texts)
         probs = self._probs_from_ids(bundle, input_ids)
-        results: list[list[Annotation]] = []
+        results: list[list[Annotation] | Exception] = []
         k = 0
         for call in calls:
             top_k = call.top_k or len(labels)
             anns = []
+            n = len(call.item_ids)
+            if not all(math.isfinite(x) for p in probs[k : k + n] for x in p):
+                metrics.MODEL_FAULTS.labels("annotator").inc()
+                logger.error("annotator %s gave non-finite outputs on a batch of %d items", handle.version, n)
+                results.append(ModelFault("the annotator produced non-finite scores; the server logged the incident"))
+                k += n
+                continue
             for item_id in call.item_ids:
                 p = probs[k]
                 ranked = sorted(range(len(labels)), key=lambda j: -p[j])[:top_k]
@@ -181,7 +197,7 @@ class PolicyRuntime:
                         item_id=item_id,
                         event_id=uuid.uuid4().hex,
                         labels=scores,
-                        needs_review=scores[0].score < self.opts.review_threshold,
+                        needs_review=not bundle.checked or scores[0].score < self.opts.review_threshold,
                         truncated=truncated[k],
                     )
                 )
@@ -208,15 +224,25 @@ class PolicyRuntime:
         self,
         handle: Loaded[GeneratorBundle],
         jobs: list[tuple[GenerateCall, list[int], list[sampling.SequenceRequest]]],
-    ) -> list[list[Completion]]:
-        """Decode every sequence of every job in one batch; per job, its completions."""
+    ) -> list[list[Completion] | Exception]:
+        """Decode every sequence of every job in one batch; per job, its completions, or the error of
+        that job alone (one row's failure never fails the others)."""
         bundle = handle.model
         flat = [s for _, _, seqs in jobs for s in seqs]
         outs = sampling.generate(bundle.model, bundle.tokenizer, flat)
-        results: list[list[Completion]] = []
+        results: list[list[Completion] | Exception] = []
         k = 0
         for call, _, seqs in jobs:
             comps = []
+            own = outs[k : k + len(seqs)]
+            failed = next((r.error for r in own if r.error is not None), None)
+            if failed is not None:
+                if isinstance(failed, ModelFault):
+                    metrics.MODEL_FAULTS.labels("generator").inc()
+                    logger.error("generator %s gave non-finite logits", handle.version)
+                results.append(failed)
+                k += len(seqs)
+                continue
             for _ in seqs:
                 r = outs[k]
                 k += 1

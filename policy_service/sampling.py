@@ -3,6 +3,11 @@
 Each row has its own temperature / top-p / top-k / seed / stop strings, so requests with different
 parameters share one batch. Rows are left-padded; a finished or cancelled row stops costing anything
 but its slot in the batch, and the loop ends when every row is done.
+
+Rows are isolated: a row whose sampling fails (or whose logits are not finite: a model fault) ends
+with its own `error`, and every other row of the batch decodes on. Temperature scaling cannot
+overflow: logits are shifted so their maximum is 0 before dividing (in float64), so any temperature
+> 0, however tiny, gives a valid distribution (the greedy limit as it goes to 0).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from loopserve.errors import ModelFault
 from policy_service.types import SamplingParams, TokenDelta
 
 
@@ -32,10 +38,22 @@ class SequenceResult:
     text: str = ""
     token_logprobs: list[float] = field(default_factory=list)
     finish_reason: str = ""
+    error: Exception | None = None  # this row failed (the rest of its batch did not)
 
     @property
     def sequence_logprob(self) -> float:
         return float(sum(self.token_logprobs))
+
+
+def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """(V,) raw logits -> (V,) float64 log-probabilities of the sampling distribution.
+
+    Shifting by the maximum first keeps every scaled logit <= 0, so dividing by a tiny temperature
+    gives large negative numbers (or -inf), never +inf or NaN: the top token keeps log-probability ~0.
+    """
+    shifted = logits.double() - logits.max().double()  # (V,), max 0
+    scaled = _filter_logits(shifted / params.temperature, params.top_k, params.top_p)
+    return torch.log_softmax(scaled, dim=-1)
 
 
 def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
@@ -110,10 +128,28 @@ class _Row:
         elif delta or logprob:
             self.req.on_token(TokenDelta(text=delta, logprob=logprob, num_tokens=len(self.result.token_ids)))
 
+    def fail(self, error: Exception) -> None:
+        """End this row alone with `error` (streaming callers learn it from the batch result)."""
+        self.done = True
+        self.result.finish_reason = "error"
+        self.result.error = error
+
     def _finish(self, reason: str) -> None:
         self.done = True
         self.result.finish_reason = reason
         self._stream(0.0, final=True)
+
+
+def _sample(logits: torch.Tensor, row: _Row) -> tuple[int, float]:
+    """(V,) logits -> (token id, its log-probability under the sampling distribution)."""
+    p = row.req.params
+    if p.temperature == 0:
+        logp = torch.log_softmax(logits, dim=-1)  # (V,)
+        tok = int(torch.argmax(logp))
+    else:
+        logp = sampling_logprobs(logits, p)  # (V,): the sampling distribution
+        tok = int(torch.multinomial(logp.exp(), 1, generator=row.gen))
+    return tok, float(logp[tok])
 
 
 @torch.inference_mode()
@@ -155,6 +191,10 @@ def generate(
         )
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()  # (B, V)
+        # A NaN or +inf logit, or a row with no finite logit, is the model's fault (a broken weight).
+        broken = (
+            torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+        ).tolist()
         next_ids = torch.full((B,), pad_id, dtype=torch.long, device=device)
         for i, row in enumerate(rows):
             if row.done:
@@ -163,16 +203,15 @@ def generate(
                 row.done = True
                 row.result.finish_reason = "cancelled"
                 continue
-            p = row.req.params
-            if p.temperature == 0:
-                logp = torch.log_softmax(logits[i], dim=-1)  # (V,)
-                tok = int(torch.argmax(logp))
-            else:
-                scaled = _filter_logits(logits[i] / p.temperature, p.top_k, p.top_p)
-                logp = torch.log_softmax(scaled, dim=-1)  # (V,): the sampling distribution
-                tok = int(torch.multinomial(logp.exp(), 1, generator=row.gen))
-            next_ids[i] = tok
-            row.push(tok, float(logp[tok]), eos_ids)
+            if broken[i]:
+                row.fail(ModelFault("the generator produced non-finite logits; the server logged the incident"))
+                continue
+            try:
+                tok, logprob = _sample(logits[i], row)
+                next_ids[i] = tok
+                row.push(tok, logprob, eos_ids)
+            except Exception as exc:  # this row's fault (or its callback's): the batch decodes on
+                row.fail(exc)
         if all(r.done for r in rows):
             break
         cur_ids = next_ids.unsqueeze(-1)  # (B, 1)

@@ -63,6 +63,7 @@ class PolicyFrontend:
             max_batch_size=cfg.max_batch_size,
             max_wait_ms=cfg.max_wait_ms,
             max_queue=cfg.max_queue,
+            retry_alone=True,
         )
         self.generate_batcher = DynamicBatcher(
             "generate",

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from loopserve.errors import InvalidArgument
+from loopserve.errors import InvalidArgument, quote
 from loopserve.policy.v1 import policy_pb2 as pb
-from loopserve.request_checks import check_finite, check_text
+from loopserve.request_checks import check_finite, check_id, check_text
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64
@@ -43,7 +43,7 @@ class AnnotateCall:
     def from_pb(cls, req: pb.AnnotateRequest, limits: Limits, default_task: str) -> AnnotateCall:
         task = req.task or default_task
         if task != default_task:
-            raise InvalidArgument(f"unknown task {req.task!r}; this service serves task {default_task!r}")
+            raise InvalidArgument(f"unknown task {quote(req.task)}; this service serves task {default_task!r}")
         if not req.items:
             raise InvalidArgument("items is empty: send at least one item")
         if len(req.items) > limits.max_items_per_request:
@@ -53,7 +53,8 @@ class AnnotateCall:
         if req.top_k < 0:
             raise InvalidArgument(f"top_k must be >= 0, got {req.top_k}")
         for i, item in enumerate(req.items):
-            _check_text(item.text, f"items[{i}].text (id {item.id!r})", limits)
+            check_id(item.id, f"items[{i}].id")
+            _check_text(item.text, f"items[{i}].text (id {quote(item.id)})", limits)
         return cls(
             task=task,
             item_ids=tuple(item.id for item in req.items),

@@ -33,8 +33,10 @@ from loopserve.ray_serve import (
     model_executor,
     prepare_server_config,
     read_configs,
+    refuse_http,
     rpc,
     run_pinned,
+    unwrap,
 )
 from loopserve.reward.v1 import reward_pb2 as pb
 from loopserve.server import token_table
@@ -66,9 +68,12 @@ class RewardDeployment:
         self.score_batch.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
         self.score_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
         self.watch = SlotWatch(self.runtime.slots().values(), cfg.watch_interval_s)
-        self.metrics = ReplicaMetrics.start(cfg.metrics_port)
+        self.metrics = ReplicaMetrics.start(cfg.metrics_port, cfg.metrics_address)
         self._closed = False
         logger.info("reward replica ready (reward %s)", self.runtime.reward.current.version)
+
+    async def __call__(self, request: Any) -> Any:  # Ray's HTTP proxy: no HTTP API here, say so
+        return await refuse_http(request)
 
     def check_health(self) -> None:
         if not self.runtime.healthy():
@@ -85,21 +90,21 @@ class RewardDeployment:
         self._model.shutdown(wait=False)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def score_batch(self, jobs: list[tuple[Loaded[Any], HasPairs]]) -> list[list[float]]:
+    async def score_batch(self, jobs: list[tuple[Loaded[Any], HasPairs]]) -> list[list[float] | Exception]:
         return await run_pinned(self._model, self.runtime.score_batch, jobs, "score", lambda c: len(c.pairs))
 
     @rpc(REWARD_SERVICE, pb.ScoreResponse)
     async def Score(self, request: pb.ScoreRequest, grpc_context: Any) -> pb.ScoreResponse:
         call = ScoreCall.from_pb(request, self.limits)
         handle = self.runtime.reward.current  # pinned for the whole request
-        scores = await self.score_batch((handle, call))
+        scores = unwrap(await self.score_batch((handle, call)))
         return ScoreResult.of(handle.version, scores, call, handle.model.stats).to_pb()
 
     @rpc(REWARD_SERVICE, pb.CompareResponse)
     async def Compare(self, request: pb.CompareRequest, grpc_context: Any) -> pb.CompareResponse:
         call = CompareCall.from_pb(request, self.limits)
         handle = self.runtime.reward.current  # both responses are scored by the same version
-        score_a, score_b = await self.score_batch((handle, call))
+        score_a, score_b = unwrap(await self.score_batch((handle, call)))
         return CompareResult.from_scores(handle.version, score_a, score_b).to_pb()
 
     @rpc(REWARD_SERVICE, pb.ModelInfo)

@@ -22,7 +22,8 @@ from typing import Protocol
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from loopserve.errors import VerificationError
+from loopserve import metrics
+from loopserve.errors import ModelFault, VerificationError
 from loopserve.model_slot import Loaded, ModelSlot
 from loopserve.model_store import Manifest, ModelStore
 from loopserve.models import encoder_heads
@@ -182,21 +183,35 @@ class RewardRuntime:
                 out[i] = value
         return out
 
-    def score_batch(self, handle: Loaded[RewardBundle], calls: Sequence[HasPairs]) -> list[list[float]]:
-        """One pass over every pair of every call; per call, its rewards in pair order."""
+    def score_batch(self, handle: Loaded[RewardBundle], calls: Sequence[HasPairs]) -> list[list[float] | Exception]:
+        """One pass over every pair of every call; per call, its rewards in pair order, or the error
+        of that call alone (a non-finite reward is the model's fault: ModelFault, INTERNAL)."""
         flat = [pair for call in calls for pair in call.pairs]
         rewards = self.rewards(handle.model, flat)
-        results: list[list[float]] = []
+        results: list[list[float] | Exception] = []
         k = 0
         for call in calls:
             n = len(call.pairs)
-            results.append(rewards[k : k + n])
+            own = rewards[k : k + n]
+            if all(math.isfinite(r) for r in own):
+                results.append(own)
+            else:
+                metrics.MODEL_FAULTS.labels("reward").inc()
+                logger.error("reward %s gave non-finite rewards on %d pairs", handle.version, n)
+                results.append(
+                    ModelFault("the reward model produced a non-finite reward; the server logged the incident")
+                )
             k += n
         return results
 
     def compare_batch(self, handle: Loaded[RewardBundle], calls: Sequence[CompareCall]) -> list[CompareResult]:
         """P(a preferred) = sigmoid(r_a - r_b) for each call (for callers without a batcher)."""
-        return [CompareResult.from_scores(handle.version, a, b) for a, b in self.score_batch(handle, calls)]
+        out = []
+        for scores in self.score_batch(handle, calls):
+            if isinstance(scores, Exception):
+                raise scores
+            out.append(CompareResult.from_scores(handle.version, scores[0], scores[1]))
+        return out
 
 
 __all__ = ["BUILTIN_REFERENCE_PAIRS", "RewardBundle", "RewardRuntime", "RuntimeOptions", "encode_pairs"]

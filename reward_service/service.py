@@ -34,6 +34,7 @@ class RewardFrontend:
             max_batch_size=cfg.max_batch_size,
             max_wait_ms=cfg.max_wait_ms,
             max_queue=max(cfg.max_queue, cfg.max_pairs_per_request),
+            retry_alone=True,
         )
         self._stop_watch = asyncio.Event()
         self._watches: list[asyncio.Task[None]] = []

@@ -92,3 +92,30 @@ async def test_a_failing_batch_fails_its_callers_and_the_worker_survives() -> No
         await b.submit("k", 1)
     assert await b.submit("k", 5) == 5
     await b.stop()
+
+
+async def test_one_request_fault_fails_that_request_alone() -> None:
+    """A per-request error result fails its caller only; a batch that fails as a whole is re-run one
+    request at a time (retry_alone), so the request at fault is found and the others are answered."""
+    seen: list[list[int]] = []
+
+    def run(key: object, requests: list[int]) -> list[int | Exception]:
+        seen.append(list(requests))
+        if 13 in requests:  # e.g. a text the tokenizer chokes on: the whole batch raises
+            raise ValueError("unlucky")
+        return [ValueError("odd one") if r == 7 else r * 10 for r in requests]
+
+    b = DynamicBatcher("t", run, max_batch_size=16, max_wait_ms=50, max_queue=100, retry_alone=True)
+    b.start()
+    results = await asyncio.gather(*(b.submit("k", i) for i in (1, 7, 13, 2)), return_exceptions=True)
+    await b.stop()
+    assert results[0] == 10 and results[3] == 20
+    assert isinstance(results[1], ValueError) and str(results[1]) == "odd one"
+    assert isinstance(results[2], ValueError) and str(results[2]) == "unlucky"
+    assert seen[0] == [1, 7, 13, 2] and [13] in seen[1:]  # one batch, then each alone
+
+    plain = DynamicBatcher("t", run, max_batch_size=16, max_wait_ms=50, max_queue=100)
+    plain.start()  # without retry_alone (generation: tokens already streamed), everyone gets the error
+    results = await asyncio.gather(*(plain.submit("k", i) for i in (1, 13)), return_exceptions=True)
+    await plain.stop()
+    assert all(isinstance(r, ValueError) for r in results)

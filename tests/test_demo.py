@@ -53,30 +53,45 @@ def _chunk(version: str, scores: list[float], threshold: float = 0.8) -> policy_
     )
 
 
-def test_routing_spends_the_budget_on_a_pace_line_least_confident_first(tmp_path: Path) -> None:
-    opts = AnnotationDemoOptions(budget_fraction=0.3, audit_fraction=0.0, explore_fraction=0.0, double_review=0.0)
+def _checked_store(run: Path, *checked: str) -> None:
+    """Manifests for the versions a routing test serves: v0 unchecked, the named ones checked."""
+    for version in ("v0", *checked):
+        folder = run / "store" / "models" / "annotator" / version
+        folder.mkdir(parents=True)
+        meta = {"checked": True} if version in checked else {"base": True}
+        (folder / "manifest.json").write_text(json.dumps({"meta": meta}))
+
+
+def test_routing_spends_the_budget_on_a_pace_line_and_never_auto_labels_unchecked(tmp_path: Path) -> None:
+    opts = AnnotationDemoOptions(budget_fraction=0.3, audit_fraction=0.0, double_review=0.0)
     demo = AnnotationDemo(opts)
-    train = [Example(f"item {i}", "great", "train") for i in range(400)]
+    _checked_store(tmp_path, "v1")
+    train = [Example(f"item {i} {['tea', 'coffee', 'cocoa'][i % 3]}", "great", "train") for i in range(400)]
     st = AnnotationRun(opts, tmp_path, ["great", "other"], train, [])
     st.versions.append(VersionPoint("v0", 0, 0.6))
     pool = AnnotatorPool(["great", "other"], size=3, error_rate=0.0, double_review=0.0, seed=0)
     rng = random.Random(0)
     part = train[:100]
-    # Cold start: the base version serves, so its (meaningless) confidence is not used; 30 random items.
-    cold = demo._review_chunk(st, pool, part, _chunk("v0", [0.5 + 0.004 * i for i in range(100)]), rng)
+    # Cold start: the unchecked base flags everything (as the policy service does); 30 items covering the
+    # chunk go to people, none is auto-labelled, the other 70 wait in the backlog.
+    cold = demo._review_chunk(st, pool, part, _chunk("v0", [0.5 + 0.004 * i for i in range(100)], 1.1), rng)
     assert len(cold) == 30 and st.human_labels == 30
-    # A trained version: nearly everything flagged, but only the chunk's share (30) is spent, on the least
-    # confident items; the confident ones and the rest of the flagged are auto-labelled.
+    assert st.auto_total == 0 and st.auto_unchecked == 0
+    assert sum(it.status == "backlog" for it in st.items.values()) == 70
+    picked = {int(e.accept.event_id[1:]) for e in cold}
+    assert {i % 3 for i in picked} == {0, 1, 2}  # every kind of item is covered
+    # A checked version: only its flagged items are candidates, and only the chunk's share (30) is spent,
+    # the least certain of each cluster; confident items are auto-labelled, the flagged rest backlogged.
     scores = [0.99 if i % 10 == 0 else 0.79 - 0.002 * i for i in range(100)]
     events = demo._review_chunk(st, pool, part, _chunk("v1", scores), rng)
-    picked = [int(e.accept.event_id[1:]) for e in events]
-    flagged = sorted((i for i in range(100) if scores[i] < 0.8), key=lambda i: scores[i])
-    assert sorted(picked) == sorted(flagged[:30])
-    assert st.human_labels == 60 and st.chunks[-1].auto_share == 0.7
+    picked = {int(e.accept.event_id[1:]) for e in events}
+    assert len(picked) == 30 and all(scores[i] < 0.8 for i in picked)
+    assert st.human_labels == 60 and st.chunks[-1].auto_share == 0.1
     # Nothing left on the pace line: a third chunk only gets its own share; the budget is never exceeded.
     for _ in range(3):
         demo._review_chunk(st, pool, part, _chunk("v1", scores), rng)
     assert st.human_labels == 120 == int(0.3 * len(train))
+    assert st.auto_unchecked == 0
 
 
 def test_run_store_hard_links_the_base_versions(tiny_data_dir: Path, tmp_path: Path) -> None:
@@ -122,6 +137,13 @@ def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
     run, s = _demo(_data_dir(tmp_path))
     assert s["accuracy_final"] > s["accuracy_base"], s
     assert s["human_labels"] <= 0.3 * s["train_items"]
+    # Level with passive random sampling at the same budget, within one standard error of the difference
+    # on the test split; and no item auto-labelled on the word of an unchecked version.
+    se = (2 * 0.25 / s["test_items"]) ** 0.5
+    assert s["accuracy_final"] >= s["accuracy_passive"] - se, s
+    assert s["auto_labelled_by_unchecked_versions"] == 0, s
+    assert s["dataset_items"] > 0 and s["dataset_accuracy"] is not None
+    assert (run / "dataset.jsonl").stat().st_mode & 0o777 == 0o600
     for key in ("accuracy_passive", "accuracy_ceiling", "train_items"):
         assert key in s
     assert len(s["versions"]) >= 2  # at least one version published, swapped in and evaluated

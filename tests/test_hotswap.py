@@ -291,7 +291,7 @@ async def test_bad_versions_are_refused_while_the_old_version_keeps_answering(
         ("corrupted weights", variant(v0, tmp_path / "corrupt"), "checksum mismatch in model.safetensors"),
         ("missing tensor", variant(v0, tmp_path / "missing", _drop_tensor), "parameters missing"),
         ("wrong shape", variant(v0, tmp_path / "shape", _wrong_shape), "has shape (48, 32)"),
-        ("NaN outputs", variant(v0, tmp_path / "nan", _nan_head), "non-finite"),
+        ("NaN weights", variant(v0, tmp_path / "nan", _nan_head), "holds NaN or infinite values"),
         (
             "label set change, undeclared",
             tiny_models.tiny_annotator(tmp_path / "labels", labels=three_labels),

@@ -38,7 +38,7 @@ def test_annotate_ranks_declared_labels_with_probabilities(runtime: PolicyRuntim
         scores = [lb.score for lb in a.labels]
         assert scores == sorted(scores, reverse=True)
         assert sum(scores) == pytest.approx(1.0, abs=1e-5)
-        assert a.needs_review == (scores[0] < 0.8)
+        assert a.needs_review  # v0 is unchecked: every item goes to a person, whatever its score
     assert not anns[0].truncated and anns[1].truncated  # 100 words > 16 tokens
     assert len({a.event_id for a in anns}) == 2
 
@@ -103,3 +103,19 @@ def test_healthy_only_after_load(tiny_data_dir: Path) -> None:
     assert not rt.healthy()
     rt.load()
     assert rt.healthy()
+
+
+def test_a_checked_version_flags_by_its_calibrated_confidence(runtime: PolicyRuntime, tiny_data_dir: Path) -> None:
+    """Only a version the trainer's gate checked (manifest meta `checked`) may leave items to auto-label."""
+    store = ModelStore(tiny_data_dir / "store")
+    import shutil
+
+    src = tiny_data_dir / "checked"
+    shutil.copytree(store.path("annotator", "v0"), src, ignore=shutil.ignore_patterns("manifest.json"))
+    store.publish_version("annotator", src, parent="v0", meta={"checked": True})
+    runtime.annotator.load_latest()
+    call = AnnotateCall("sentiment", ("a", "b", "c"), ("good tea", "bad tea", "tea"), top_k=0)
+    [anns] = runtime.annotate_batch(runtime.annotator.current, [call])
+    assert runtime.annotator.current.version == "v1"
+    for a in anns:
+        assert a.needs_review == (a.labels[0].score < 0.8)

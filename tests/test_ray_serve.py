@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import threading
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -146,8 +147,14 @@ def test_policy_and_reward_on_ray_serve(
     served = 0  # items answered, each of which must become a decision in the log
     spawned_before = {p.pid for p in psutil.Process().children(recursive=True)}
     try:
-        start_serve(grpc_port=grpc_port, http_port=free_port(), num_cpus=2, temp_dir=ray_tmp, log_to_driver=False)
+        http_port = free_port()
+        start_serve(grpc_port=grpc_port, http_port=http_port, num_cpus=2, temp_dir=ray_tmp, log_to_driver=False)
         deploy(build_apps(["policy", "reward"], args))
+        # Ray's HTTP proxy routes /policy to the app too: it says there is no HTTP API, not 500.
+        post = urllib.request.Request(f"http://127.0.0.1:{http_port}/policy", data=b"{}", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as http:
+            urllib.request.urlopen(post, timeout=30)
+        assert http.value.code == 404 and "gRPC" in http.value.read().decode()
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             policy = policy_pb2_grpc.PolicyServiceStub(channel)
             reward = reward_pb2_grpc.RewardServiceStub(channel)

@@ -367,7 +367,9 @@ def small_args(data_dir: Path, **kw) -> TrainerArgs:
             eval_samples=4,
         ),
         dpo=DPOConfig(lr=1e-3, chat_template=False),
-        gate=GateConfig(min_eval_items=30, min_eval_pairs=8, min_eval_prompts=2, kl_bound=1.0),
+        # cv_max_items 0: these tests follow the held-out regime (continued training, resumed optimizer);
+        # tests/test_annotation_loop.py covers the cross-fitted one for few labels.
+        gate=GateConfig(min_eval_items=30, min_eval_pairs=8, min_eval_prompts=2, kl_bound=1.0, cv_max_items=0),
         **kw,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer.annotation_head import HeadConfig
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.causal_lm import LoraSettings
 from trainer.dpo import DPOConfig
@@ -33,7 +34,13 @@ class TrainerArgs:
     seed: int = 0
     """Seeds the trainer's RNGs on a fresh start (a resumed trainer restores them from its checkpoint)."""
     models: str = "annotator,reward,generator"
-    """Comma-separated models to train."""
+    """Comma-separated models to train; `annotator_head` adds the annotator's online tier (a head refit on
+    cached embeddings every `head_round_labels` labels, published in seconds). Run it in a trainer of its
+    own (`--models annotator_head --trainer-subdir trainer-online`) so full rounds never hold it up."""
+    trainer_subdir: str = "trainer"
+    """Folder under the data dir for this trainer's checkpoints and rounds.jsonl (one per trainer process)."""
+    head_round_labels: int = 4
+    """Online tier: a head round once this many new verified labels arrived."""
     generator_objectives: str = "dpo,grpo"
     """Comma-separated generator objectives, run in this order on one candidate per round: sft
     (demonstrations), dpo (logged pairs), grpo or ppo (online RL against the reward service)."""
@@ -41,12 +48,18 @@ class TrainerArgs:
     """The reward service, for GRPO rollouts and the generator's gate."""
     token_file: Path | None = None
     """Token file for the reward service (default <data-dir>/tokens.json)."""
+    reward_tls_ca: Path | None = None
+    """CA certificate (PEM) to trust for a reward service that serves TLS; unset: plaintext."""
     poll_interval_s: float = 1.0
     """Sleep between log reads while the log is idle."""
     read_batch: int = 1000
     """Records per log read."""
     round_min_events: int = 64
     """A model's round starts once this many relevant events arrived since its last round ..."""
+    annotator_round_growth: float = 0.0
+    """Annotator: a round is also due once the new labels reach this multiple of the labels it already had
+    (1.0: rounds at 12, 24, 48, ... labels, up to every `round_min_events`), so the first checked
+    version serves after tens of labels rather than after the first `round_min_events`; 0 turns it off."""
     round_interval_s: float = 600.0
     """... or once this much time passed and at least one did (GRPO needs no new events)."""
     heldout_fraction: float = 0.2
@@ -90,6 +103,8 @@ class TrainerArgs:
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA for the generator objectives (r = 0: full fine-tuning)."""
     gate: GateConfig = field(default_factory=GateConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    """The online tier's head fit (trainer.annotation_head)."""
 
     @property
     def store_path(self) -> Path:
@@ -101,7 +116,7 @@ class TrainerArgs:
 
     @property
     def trainer_dir(self) -> Path:
-        return self.data_dir / "trainer"
+        return self.data_dir / self.trainer_subdir
 
     @property
     def token_path(self) -> Path:

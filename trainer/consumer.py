@@ -49,6 +49,8 @@ from trainer.examples import (
 logger = logging.getLogger(__name__)
 
 ANNOTATOR, REWARD, GENERATOR = "annotator", "reward", "generator"
+ANNOTATOR_HEAD = "annotator_head"
+"""The annotator's online tier: head-only updates on cached embeddings (trainer.annotation_head)."""
 
 
 @dataclass(frozen=True)
@@ -252,6 +254,7 @@ def _fold_label_feedback(
         elif fb.kind == "correction":
             state.label_rejects += 1  # the served label was wrong
     state.new_events[ANNOTATOR] += 1
+    state.new_events[ANNOTATOR_HEAD] += 1
     return True
 
 

@@ -23,6 +23,8 @@ Logs carry ids, counts, versions and durations only, never user text.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -39,24 +41,34 @@ from typing import Any
 import torch
 
 from loopserve.device import pick_device
-from loopserve.errors import VerificationError
+from loopserve.errors import FailedPrecondition, VerificationError
 from loopserve.feedback_log import open_feedback_log
 from loopserve.metrics import PUBLISH, ROUND_SECONDS, TRAINER_LAG, TRAINER_LOSS
 from loopserve.model_store import ModelStore
 from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, RewardModel
+from loopserve.round_requests import clear_round_request, pending_rounds
 from reward_service.types import STATS_KEY
-from trainer import annotation_policy, checkpoint, dpo, generation_rl, ppo, reward_model, sft
+from trainer import (
+    annotation_head,
+    annotation_policy,
+    annotation_round,
+    checkpoint,
+    dpo,
+    generation_rl,
+    ppo,
+    reward_model,
+    sft,
+)
 from trainer.causal_lm import add_lora, merge_lora
 from trainer.config import TrainerArgs
-from trainer.consumer import ANNOTATOR, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
+from trainer.consumer import ANNOTATOR, ANNOTATOR_HEAD, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
 from trainer.examples import Demonstration, heldout
 from trainer.gate import (
     GateDecision,
     LossGuard,
     RoundAborted,
     RoundInterrupted,
-    gate_annotator,
     gate_generator,
     gate_reward_model,
     gate_sft,
@@ -107,6 +119,9 @@ class Context:
     reward_failures: int = 0
     stop: threading.Event | None = None
     """Set on SIGTERM: training loops end the round at their next step (RoundInterrupted)."""
+    head_model: tuple[str, AnnotatorModel, Any] | None = None
+    """Online tier: the serving annotator it last loaded (version, model, tokenizer)."""
+    embeddings: annotation_head.EmbeddingCache = field(default_factory=annotation_head.EmbeddingCache)
 
     def guard(self, objective: str) -> LossGuard:
         return LossGuard(objective, self.args.gate, self.stop)
@@ -191,6 +206,8 @@ RoundOutput = tuple[RoundResult, dict[str, torch.optim.Optimizer]]
 
 
 def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
+    """Few verified labels: cross-fitted round from the zero-shot base; many: held-out round on top of the
+    serving weights (trainer.annotation_round says why)."""
     args, cfg = ctx.args, ctx.args.annotator
     serving = ctx.store.latest(ANNOTATOR)
     if serving is None:
@@ -199,57 +216,145 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     spec = HeadSpec.read(folder)
     known = set(spec.label_names)
     items = [x for x in state.labels.values() if x.label in known]
+    result = RoundResult(ANNOTATOR, "skipped", round=state.round, serving=serving)
+    clock = _PhaseClock(result.phases)
+    few = len(items) < args.gate.cv_max_items and args.gate.cv_folds >= 2
+    if few and len(items) < args.gate.min_cv_items:
+        result.reasons.append(f"{len(items)} verified labels, need {args.gate.min_cv_items}")
+        return result, {}
     evals = [x for x in items if heldout(x.text, args.heldout_fraction)]
     train = [x for x in items if not heldout(x.text, args.heldout_fraction)]
     rejects = [x for x in state.bandit if x.label in known and not heldout(x.text, args.heldout_fraction)]
-    result = RoundResult(ANNOTATOR, "skipped", round=state.round, serving=serving)
-    if len(evals) < args.gate.min_eval_items:
+    if not few and len(evals) < args.gate.min_eval_items:
         result.reasons.append(f"held-out slice has {len(evals)} items, need {args.gate.min_eval_items}")
         return result, {}
-    if not train and not rejects:
+    if not few and not train and not rejects:
         result.reasons.append("no training items")
         return result, {}
     tokenizer = encoder_heads.load_tokenizer(folder)
-    model = encoder_heads.load(folder, ctx.device)  # the serving version; trained in place below
+    model = encoder_heads.load(folder, ctx.device)  # the serving version
     if not isinstance(model, AnnotatorModel):
         raise VerificationError(f"annotator {serving} has no annotator head")
-    result.serving_metrics, serving_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
-    opt = annotation_policy.make_optimizer(model, cfg)
-    _maybe_load_optimizer(ctx, state, ANNOTATOR, opt, serving)
-    train_metrics = annotation_policy.train_annotation_policy(
-        model,
-        tokenizer,
-        train,
-        rejects,
-        cfg,
-        baseline=state.baseline,
-        optimizer=opt,
-        guard=ctx.guard(ANNOTATOR),
-        generator=ctx.gen,
-    )
-    TRAINER_LOSS.labels(objective=ANNOTATOR).set(train_metrics.get("loss", float("nan")))
-    cand, cand_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
-    cand.update(paired_counts(serving_correct, cand_correct))  # for the gate's paired regression test
-    temperature = annotation_policy.calibrate(model, tokenizer, evals, cfg)
-    calibrated = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
-    cand.update(ece_calibrated=calibrated["ece"], nll_calibrated=calibrated["nll"], temperature=temperature)
-    cand.update(_prefixed("train_", train_metrics), n_train=float(len(train)), n_rejects=float(len(rejects)))
-    result.metrics = cand
-    decision = gate_annotator(cand, result.serving_metrics, args.gate)
-    if not decision.publish:
-        result.result, result.reasons = "gated", decision.reasons
+    clock.lap("load")
+    opt: torch.optim.Optimizer | None = None
+    if few:
+        base_version = ctx.store.list(ANNOTATOR)[0]
+        base_folder = ctx.store.path(ANNOTATOR, base_version)
+        if HeadSpec.read(base_folder).label_names != spec.label_names:
+            base_folder = folder  # the label set changed since v0: the serving version is the prior
+
+        def load_base() -> AnnotatorModel:
+            base = encoder_heads.load(base_folder, ctx.device)
+            assert isinstance(base, AnnotatorModel)
+            return base
+
+        cursor = int(ctx.store.get(ANNOTATOR, serving).meta.get("cursor", 0))
+        cand = annotation_round.cross_fit_round(
+            load_base, model, tokenizer, items, cursor, cfg, args.gate, generator=ctx.gen, guard=ctx.guard(ANNOTATOR)
+        )
+    else:
+        opt = annotation_policy.make_optimizer(model, cfg)
+        _maybe_load_optimizer(ctx, state, ANNOTATOR, opt, serving)
+        cand = annotation_round.held_out_round(
+            model, tokenizer, train, rejects, evals, cfg, args.gate,
+            baseline=state.baseline, optimizer=opt, generator=ctx.gen, guard=ctx.guard(ANNOTATOR),
+        )  # fmt: skip
+    clock.lap("train_and_evaluate")
+    TRAINER_LOSS.labels(objective=ANNOTATOR).set(cand.train_metrics.get("loss", float("nan")))
+    result.metrics = {**cand.metrics, **_prefixed("train_", cand.train_metrics)}
+    result.serving_metrics = cand.serving_metrics
+    if not cand.decision.publish:
+        result.result, result.reasons = "gated", cand.decision.reasons
         return result, {}
     result.version = _publish(
         ctx,
         state,
         ANNOTATOR,
-        lambda dest: encoder_heads.save(model, tokenizer, dest),
+        lambda dest: encoder_heads.save(cand.model, tokenizer, dest),
         serving,
-        {**cand, **_prefixed("serving_", result.serving_metrics)},
-        {"objective": "annotation_policy", "task": spec.task, "labels": spec.label_names},
+        {**result.metrics, **_prefixed("serving_", result.serving_metrics)},
+        {
+            "objective": "annotation_policy",
+            "task": spec.task,
+            "labels": spec.label_names,
+            # Passed the gate with calibration fitted on items it was not trained on: the policy service
+            # lets a checked version auto-label (an unchecked one flags every item needs_review).
+            "checked": True,
+            "evidence": cand.regime,
+        },
     )
+    clock.lap("publish")
     result.result = "published"
+    if opt is None:
+        return result, {}
     return result, _keep_optimizer(ctx, state, ANNOTATOR, opt, result.version)
+
+
+def annotator_head_round(ctx: Context, state: TrainerState) -> RoundOutput:
+    """The online tier (trainer.annotation_head): a new head on the serving encoder, gated by
+    cross-validation, published as a version sharing the encoder's weights, only if LATEST did not move."""
+    args = ctx.args
+    serving = ctx.store.latest(ANNOTATOR)
+    result = RoundResult(ANNOTATOR_HEAD, "skipped", round=state.round, serving=serving)
+    if serving is None:
+        result.reasons.append("no annotator in the store")
+        return result, {}
+    folder = ctx.store.path(ANNOTATOR, serving)
+    manifest = ctx.store.get(ANNOTATOR, serving)
+    spec = HeadSpec.read(folder)
+    items = [x for x in state.labels.values() if x.label in set(spec.label_names)]
+    if len(items) < args.gate.min_cv_items:
+        result.reasons.append(f"{len(items)} verified labels, need {args.gate.min_cv_items}")
+        return result, {}
+    clock = _PhaseClock(result.phases)
+    if ctx.head_model is None or ctx.head_model[0] != serving:
+        model = encoder_heads.load(folder, ctx.device)
+        if not isinstance(model, AnnotatorModel):
+            raise VerificationError(f"annotator {serving} has no annotator head")
+        ctx.head_model = (serving, model, encoder_heads.load_tokenizer(folder))
+    _, model, tokenizer = ctx.head_model
+    # The encoder weights' digest keys the cache: a head-only version shares it with its parent.
+    key = manifest.files.get(encoder_heads.WEIGHTS_FILE, serving)
+    emb = ctx.embeddings.embed(model, tokenizer, [x.text for x in items], key, args.head, args.annotator.max_length)
+    clock.lap("embed")
+    cursor = int(manifest.meta.get("cursor", 0))
+    cand = annotation_head.head_round(model, emb, items, cursor, args.head, args.gate)
+    clock.lap("fit_and_cross_validate")
+    result.metrics, result.serving_metrics = cand.metrics, cand.serving_metrics
+    if not cand.decision.publish:
+        result.result, result.reasons = "gated", cand.decision.reasons
+        return result, {}
+    new = copy.deepcopy(model.head)
+    new.weight.data.copy_(cand.weight)
+    new.bias.data.copy_(cand.bias)
+    new_spec = dataclasses.replace(spec, temperature=cand.temperature)
+    args.trainer_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".tmp-publish-", dir=args.trainer_dir) as tmp:
+            shared = encoder_heads.save_head(new, new_spec, tmp, folder)
+            published = ctx.store.publish_version(
+                ANNOTATOR,
+                tmp,
+                parent=serving,
+                metrics=_finite({**cand.metrics, **_prefixed("serving_", cand.serving_metrics)}),
+                meta={
+                    "trainer_round": state.round,
+                    "cursor": state.cursor,
+                    "objective": "annotation_head",
+                    "task": spec.task,
+                    "labels": spec.label_names,
+                    "checked": True,
+                    "evidence": "head cross-validation",
+                },
+                shared_files=shared,
+                if_latest=serving,
+            )
+    except FailedPrecondition as e:  # a full round published meanwhile: the next head round builds on it
+        result.result, result.reasons = "gated", [str(e)]
+        return result, {}
+    clock.lap("publish")
+    result.result, result.version = "published", published.version
+    return result, {}
 
 
 def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
@@ -553,6 +658,7 @@ def _sft_round(
 
 ROUNDS: dict[str, Callable[[Context, TrainerState], RoundOutput]] = {
     ANNOTATOR: annotator_round,
+    ANNOTATOR_HEAD: annotator_head_round,
     REWARD: reward_round,
     GENERATOR: generator_round,
 }
@@ -567,8 +673,16 @@ def due(ctx: Context, state: TrainerState, model: str, now: float) -> bool:
     if model == GENERATOR and now < ctx.generator_retry_at:
         return False
     new = state.new_events[model]
+    if model == ANNOTATOR_HEAD:
+        return new >= args.head_round_labels
     if new >= args.round_min_events:
         return True
+    if model == ANNOTATOR and args.annotator_round_growth > 0:
+        had = max(len(state.labels) - new, 0)
+        if new >= max(args.gate.min_cv_items, args.annotator_round_growth * had) and len(state.labels) >= (
+            args.gate.min_cv_items
+        ):
+            return True
     waited = now - state.last_round_at.get(model, now) >= args.round_interval_s
     online = {"grpo", "ppo"} & set(args.generator_objective_list())
     if model == GENERATOR and online and ctx.reward_fn is not None:
@@ -714,11 +828,13 @@ def run_trainer(
                 if time.monotonic() - last_save >= args.checkpoint_interval_s:
                     save()
                 continue  # drain the backlog before training on it
+            requested = pending_rounds(root)  # "Start training" in Label Studio (loopserve/round_requests.py)
             for model in args.model_list():
                 if stop.is_set() or (args.max_rounds and rounds >= args.max_rounds):
                     break
-                if not due(ctx, state, model, time.time()):
+                if not (due(ctx, state, model, time.time()) or model in requested):
                     continue
+                clear_round_request(root, model)
                 result, optimizers = run_round(ctx, state, model)
                 if result.result == "interrupted":
                     break

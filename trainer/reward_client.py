@@ -26,10 +26,11 @@ class ServiceReward:
         *,
         timeout_s: float = 60.0,
         max_pairs_per_request: int = 256,
+        root_certificates: Path | None = None,
         normalised: bool = False,
         clip: float = 0.0,
     ) -> None:
-        self.client = Client(target, token, timeout_s=timeout_s)
+        self.client = Client(target, token, timeout_s=timeout_s, root_certificates=root_certificates)
         self.timeout_s = timeout_s
         self.max_pairs = max_pairs_per_request
         self.normalised, self.clip = normalised, clip or (DEFAULT_CLIP if normalised else 0.0)
@@ -37,7 +38,7 @@ class ServiceReward:
         """The reward version that scored each call, in order (for the round's record)."""
 
     @classmethod
-    def from_token_file(cls, target: str, token_file: Path, **kw: float | int | bool) -> ServiceReward:
+    def from_token_file(cls, target: str, token_file: Path, **kw: float | int | bool | Path | None) -> ServiceReward:
         token = read_token(token_file, "client") if token_file.is_file() else None
         return cls(target, token, **kw)  # type: ignore[arg-type]
 

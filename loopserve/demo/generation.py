@@ -121,6 +121,8 @@ TEMPLATES = [
 @dataclass
 class GenerationDemoOptions:
     data_dir: Path = Path("./.loopserve")
+    store_dir: Path | None = None
+    """The store holding the base versions (default <data-dir>/store)."""
     dataset: Path | None = None
     quick: bool = False
     objective: str = "grpo"
@@ -330,7 +332,9 @@ class GenerationDemo:
         console.print(
             f"simulated labeller (TF-IDF + LR on the data's labels): test accuracy {labeller.test_accuracy:.3f}"
         )
-        link_base_versions(opts.data_dir / "store", run / "store", ["annotator", "generator", "reward"])
+        link_base_versions(
+            opts.store_dir or opts.data_dir / "store", run / "store", ["annotator", "generator", "reward"]
+        )
         stack = Stack(
             run,
             generator=True,

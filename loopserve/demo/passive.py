@@ -2,9 +2,11 @@
 
 - Passive: the same number of human labels as the loop spent, bought for items drawn at random (no
   model chooses them), from the same simulated annotator pool, trained on the same schedule as the
-  loop's rounds (round k trains the serving weights one more pass over the first n_k labels, the same
-  held-out share kept out), with the same AnnotationPolicyConfig. What differs is only which items got
-  human labels: that is the comparison "a loop beats random sampling at the same budget" asks for.
+  loop's rounds and in the trainer's two regimes (trainer.annotation_round): while a round has fewer
+  than `cv_max_items` labels it trains from the base on all of them; from then on it continues from
+  the previous round's weights on the labels outside the held-out share. Same AnnotationPolicyConfig.
+  What differs is only which items got human labels: that is the comparison "a loop beats random
+  sampling at the same budget" asks for.
 - Ceiling (`--measure-ceiling`): every train label, `epochs` passes, same config otherwise.
 """
 
@@ -46,6 +48,7 @@ def train_offline(
     cfg: AnnotationPolicyConfig,
     *,
     heldout_fraction: float,
+    cv_max_items: int = 0,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     eval_dtype: torch.dtype = torch.float32,
@@ -62,10 +65,15 @@ def train_offline(
     opt = annotation_policy.make_optimizer(model, cfg)
     steps = 0.0
     for k, n in enumerate(schedule, 1):
+        few = n < cv_max_items
+        if few:  # as the trainer's cross-fitted round: from the base, on every label
+            model = encoder_heads.load(base_folder)
+            assert isinstance(model, AnnotatorModel)
+            opt = annotation_policy.make_optimizer(model, cfg)
         items = [
             LabelExample(text, label, f"offline-{i}", i + 1)
             for i, (text, label) in enumerate(labelled[:n])
-            if label in known and not heldout(text, heldout_fraction)
+            if label in known and (few or not heldout(text, heldout_fraction))
         ]
         if progress:
             progress(f"round {k}/{len(schedule)}: {len(items)} labels")

@@ -97,6 +97,8 @@ class Stack:
     """Serve the generator from the policy service (the generation demo)."""
     trainer_flags: list[str] = field(default_factory=list)
     policy_flags: list[str] = field(default_factory=list)
+    online_trainer_flags: list[str] | None = None
+    """Flags of a second trainer process (the annotator's online tier), or None for none."""
     policy_port: int = 0
     reward_port: int = 0
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
@@ -148,6 +150,8 @@ class Stack:
                 *self.trainer_flags,
             ],
         }
+        if self.online_trainer_flags is not None:
+            argv["trainer-online"] = [*exe, "train", *common, "--metrics-port", "-1", *self.online_trainer_flags]
         (self.run / "logs").mkdir(exist_ok=True)
         (self.run / "commands.json").write_text(json.dumps(argv, indent=2))
         atexit.register(self.stop)

@@ -85,7 +85,7 @@ INSERT INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSION}') ON C
 class PostgresFeedbackLog(SqlFeedbackLog):
     """The log in a PostgreSQL database (tables created if missing)."""
 
-    SELECT_KEY_SEQS = "SELECT idempotency_key, seq FROM records WHERE idempotency_key = ANY(%s)"
+    SELECT_KEY_SEQS = "SELECT idempotency_key, seq, body FROM records WHERE idempotency_key = ANY(%s)"
     SELECT_DECISION_IDS = "SELECT decision_id FROM records WHERE decision_id = ANY(%s)"
     SELECT_DECISION_BODIES = "SELECT body FROM records WHERE decision_id = ANY(%s)"
     SELECT_AFTER = "SELECT seq, type, body FROM records WHERE seq > %s ORDER BY seq LIMIT %s"

@@ -139,6 +139,21 @@ class Feedback:
             return cls(**{k: v for k, v in d.items() if k in _FEEDBACK_FIELDS})
 
 
+def same_event(stored: Feedback, sent: Feedback) -> bool:
+    """Whether `sent` repeats `stored` (what its client gave; `created` aside, and an empty label of an
+    accept / reject matching the served label the stored copy was normalised to)."""
+    for name in _FEEDBACK_FIELDS:
+        if name == "created" or (name == "label" and not sent.label and sent.kind in ("accept", "reject")):
+            continue
+        if getattr(stored, name) != getattr(sent, name):
+            return False
+    return True
+
+
+CONFLICT_CODE = "ALREADY_EXISTS"
+"""`code` of an event acknowledged as a duplicate although its body differs from the stored one."""
+
+
 _DECISION_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Decision))
 _FEEDBACK_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Feedback))
 
@@ -185,7 +200,9 @@ class FeedbackResult:
     duplicate: bool = False
     """Accepted because the key was seen before: nothing new was stored, `seq` is the original's."""
     code: str = ""
-    """gRPC status code name for a rejection ("INVALID_ARGUMENT", "NOT_FOUND", ...); empty if accepted."""
+    """gRPC status code name for a rejection ("INVALID_ARGUMENT", "NOT_FOUND", ...); empty if accepted,
+    but ALREADY_EXISTS for a duplicate whose body differs from the stored event's (a conflict: the
+    stored one is kept, and `reason` says so)."""
     reason: str = ""
     seq: int = 0
 

@@ -33,11 +33,13 @@ from typing import IO, Any
 from loopserve.errors import InvalidArgument, LoopserveError
 from loopserve.feedback_log.base import FeedbackLog, ImportResult, LabelSets, LogStats
 from loopserve.feedback_log.records import (
+    CONFLICT_CODE,
     Decision,
     Feedback,
     FeedbackResult,
     LogRecord,
     record_from_dict,
+    same_event,
 )
 from loopserve.feedback_log.validation import (
     check_feedback_references,
@@ -127,6 +129,22 @@ def _rejected(index: int, fb: Feedback, err: LoopserveError) -> FeedbackResult:
     return FeedbackResult(index, fb.idempotency_key, accepted=False, code=err.code, reason=err.message)
 
 
+def _duplicate(index: int, key: str, seq: int, *, conflict: bool) -> FeedbackResult:
+    """A repeat of a stored key: acknowledged; when its body differs, it says so (the first is kept)."""
+    if not conflict:
+        return FeedbackResult(index, key, accepted=True, duplicate=True, seq=seq)
+    return FeedbackResult(
+        index,
+        key,
+        accepted=True,
+        duplicate=True,
+        seq=seq,
+        code=CONFLICT_CODE,
+        reason=f"idempotency_key was used before for a different event (seq {seq}); that one is kept and this "
+        "one was not stored: give each distinct event its own key",
+    )
+
+
 class SqlFeedbackLog(FeedbackLog):
     """Shared implementation; subclasses provide the hooks below."""
 
@@ -213,7 +231,11 @@ class SqlFeedbackLog(FeedbackLog):
     ) -> None:
         keys = list({fb.idempotency_key: None for _, fb in candidates})
         cur.execute(self.SELECT_KEY_SEQS, (self._list_param(keys),))
-        stored: dict[str, int] = {key: int(seq) for key, seq in cur.fetchall()}
+        stored: dict[str, int] = {}
+        stored_body: dict[str, str] = {}
+        for key, seq, body in cur.fetchall():
+            stored[key] = int(seq)
+            stored_body[key] = body
         ids = {eid for _, fb in candidates if fb.idempotency_key not in stored for eid in fb.event_ids}
         decisions = self._select_decisions(cur, ids)
 
@@ -222,7 +244,8 @@ class SqlFeedbackLog(FeedbackLog):
         for i, fb in candidates:
             key = fb.idempotency_key
             if key in stored:
-                results[i] = FeedbackResult(i, key, accepted=True, duplicate=True, seq=stored[key])
+                first = Feedback.from_dict(json.loads(stored_body[key]))
+                results[i] = _duplicate(i, key, stored[key], conflict=not same_event(first, fb))
             elif key in new:
                 repeats.append((i, fb))
             else:
@@ -242,7 +265,7 @@ class SqlFeedbackLog(FeedbackLog):
             seq_of[key] = s
         for i, fb in repeats:
             key = fb.idempotency_key
-            results[i] = FeedbackResult(i, key, accepted=True, duplicate=True, seq=seq_of[key])
+            results[i] = _duplicate(i, key, seq_of[key], conflict=not same_event(new[key][1], fb))
 
     # ---- reads ---------------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
@@ -53,10 +54,22 @@ INSERT OR IGNORE INTO meta (key, value) VALUES ('schema_version', '{SCHEMA_VERSI
 """
 
 
+def _private(path: Path) -> None:
+    """The log holds every user text: create it readable by its owner only (0600), and tighten a file
+    an older build created 0644. SQLite gives its -wal and -shm files the database file's mode."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        if path.stat().st_uid == os.getuid() and path.stat().st_mode & 0o077:
+            for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(p, 0o600)
+
+
 class SqliteFeedbackLog(SqlFeedbackLog):
     """The log in one SQLite file (created if missing)."""
 
-    SELECT_KEY_SEQS = f"SELECT idempotency_key, seq FROM records WHERE idempotency_key {_IN}"
+    SELECT_KEY_SEQS = f"SELECT idempotency_key, seq, body FROM records WHERE idempotency_key {_IN}"
     SELECT_DECISION_IDS = f"SELECT decision_id FROM records WHERE decision_id {_IN}"
     SELECT_DECISION_BODIES = f"SELECT body FROM records WHERE decision_id {_IN}"
     SELECT_AFTER = "SELECT seq, type, body FROM records WHERE seq > ? ORDER BY seq LIMIT ?"
@@ -69,6 +82,7 @@ class SqliteFeedbackLog(SqlFeedbackLog):
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        _private(self.path)
         self._busy_timeout_s = busy_timeout_s
         # One connection for appends and one for reads, each behind its own lock: sqlite3 connections
         # must not run two statements at once, and WAL lets the reader work while the writer commits.

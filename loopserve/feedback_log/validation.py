@@ -14,7 +14,7 @@ import dataclasses
 import math
 from collections.abc import Collection, Mapping
 
-from loopserve.errors import FailedPrecondition, InvalidArgument, NotFoundError
+from loopserve.errors import FailedPrecondition, InvalidArgument, NotFoundError, quote
 from loopserve.feedback_log.records import (
     DECISION_KINDS,
     FEEDBACK_KINDS,
@@ -111,7 +111,7 @@ def check_feedback_shape(fb: Feedback) -> None:
         )
     _check_id("idempotency_key", fb.idempotency_key)
     if fb.kind not in FEEDBACK_KINDS:
-        raise InvalidArgument(f"feedback kind must be one of {sorted(FEEDBACK_KINDS)}, got {fb.kind!r}")
+        raise InvalidArgument(f"feedback kind must be one of {sorted(FEEDBACK_KINDS)}, got {quote(fb.kind)}")
     _check_id("annotator_id", fb.annotator_id, required=False)
     _check_id("label", fb.label, required=False)
     _finite("created", fb.created)
@@ -165,7 +165,7 @@ def label_set_for(decision: Decision, label_sets: Mapping[str, Collection[str]])
 
 def _unknown_event(event_id: str) -> NotFoundError:
     return NotFoundError(
-        f"unknown event_id {event_id!r}: no served answer has this id (check it came from this "
+        f"unknown event_id {quote(event_id)}: no served answer has this id (check it came from this "
         "deployment's Annotate/Generate response)"
     )
 
@@ -211,7 +211,7 @@ def check_feedback_references(
             shown = sorted(labels)[:_MAX_LABELS_IN_MESSAGE]
             more = "" if len(labels) <= _MAX_LABELS_IN_MESSAGE else f" and {len(labels) - len(shown)} more"
             raise InvalidArgument(
-                f"unknown label {fb.label!r} for task {decision.task!r}; expected one of {shown}{more}"
+                f"unknown label {quote(fb.label)} for task {quote(decision.task)}; expected one of {shown}{more}"
             )
     elif fb.kind == "edit" and decision.kind != "generation":
         raise FailedPrecondition(

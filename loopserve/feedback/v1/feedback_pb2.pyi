@@ -267,7 +267,9 @@ class EventResult(_message.Message):
     duplicate: _builtins.bool
     """Accepted because the key was seen before; nothing new was stored."""
     code: _builtins.str
-    """gRPC status code name for a rejection, e.g. "NOT_FOUND"."""
+    """gRPC status code name for a rejection, e.g. "NOT_FOUND"; on an accepted duplicate, "ALREADY_EXISTS"
+    when its body differs from the event first stored under the key (that one is kept; see reason).
+    """
     reason: _builtins.str
     seq: _builtins.int
     """Sequence number in the log (accepted events)."""

@@ -1,0 +1,375 @@
+"""Learning curves of the annotation loop against passive random sampling and TF-IDF + logistic regression.
+
+    python bench/learning.py [--budgets 50,100,200,300,500,1000] [--seeds 3] [--dataset FILE]
+
+For each seed, two replays of the same data in one process, with the trainer's own code:
+
+- loop: the train split is streamed in chunks of `--chunk`; the serving version scores each chunk; the
+  app's router (loopserve.annotation_routing.pick_for_review, the function the demo's app calls) spends
+  the chunk's share of the budget (`--fraction` of the items streamed); a simulated annotator (the
+  demo's pool, `--error-rate`) labels the picks; at each round point the trainer's round
+  (trainer.annotation_round: cross-fitted from the base while labels are few, held-out after) makes a
+  candidate, and the gate decides whether it serves. Unchecked versions flag every item, so nothing is
+  auto-labelled on their word; items nobody reviewed wait in the backlog.
+- passive: the same number of labels for items drawn at random, from the same annotator pool, trained
+  with the same recipe at the budgets (from the base while labels are few, continued after), served
+  without a gate, as the demo's offline passive baseline is.
+- tfidf: TF-IDF (1-2 grams) + logistic regression on the passive labels and on the loop's labels.
+
+At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
+(every item streamed so far: its human label, else the serving version's label; that is what
+`loopserve dataset export` writes). Writes bench/results/learning.json (CPU model recorded) and a plot
+with mean +- standard error over seeds. Not run in CI: it takes tens of minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from loopserve.annotation_routing import pick_for_review
+from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
+from loopserve.demo.annotators import AnnotatorPool
+from loopserve.models import encoder_heads
+from loopserve.models.encoder_heads import AnnotatorModel
+from trainer import annotation_policy
+from trainer.annotation_policy import AnnotationPolicyConfig
+from trainer.annotation_round import AnnotatorCandidate, cross_fit_round, held_out_round
+from trainer.examples import LabelExample, heldout
+from trainer.gate import GateConfig
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+class Replay:
+    """One learner (loop or passive) over one seed: the serving version, its labels, its rounds."""
+
+    def __init__(self, base: Path, cfg: AnnotationPolicyConfig, gate: GateConfig, heldout_fraction: float, seed: int):
+        self.base, self.cfg, self.gate, self.frac = base, cfg, gate, heldout_fraction
+        self.tokenizer = encoder_heads.load_tokenizer(base)
+        self.serving = self.load_base()
+        self.infer = self._inference_copy(self.serving)
+        self.checked = False
+        self.cursor = 0
+        self.labelled: list[LabelExample] = []
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rounds: list[dict[str, Any]] = []
+
+    def load_base(self) -> AnnotatorModel:
+        model = encoder_heads.load(self.base)
+        assert isinstance(model, AnnotatorModel)
+        return model
+
+    @staticmethod
+    def _inference_copy(model: AnnotatorModel) -> AnnotatorModel:
+        infer = copy.deepcopy(model)
+        infer.encoder.to(torch.bfloat16)  # as the services serve it (bf16 encoder, fp32 head)
+        return infer
+
+    def probs(self, texts: list[str]) -> np.ndarray:
+        logits = annotation_policy.predict_logits(self.infer, self.tokenizer, texts, self.cfg)
+        return torch.softmax(logits, -1).numpy()
+
+    def add(self, text: str, label: str) -> None:
+        n = len(self.labelled) + 1
+        self.labelled.append(LabelExample(text, label, f"e{n}", n))
+
+    def round(self, gated: bool = True) -> AnnotatorCandidate | None:
+        """The trainer's round; `gated=False` (the passive baseline, as the demo's offline one) trains the
+        candidate the same way and serves it without the gate's cross-fitting."""
+        t0 = time.monotonic()
+        n = len(self.labelled)
+        if not gated and n < self.gate.cv_max_items:
+            model = self.load_base()
+            annotation_policy.train_annotation_policy(
+                model, self.tokenizer, self.labelled, [], self.cfg, generator=self.gen
+            )
+            self.serving, self.infer = model, self._inference_copy(model)
+            self.rounds.append({"labels": n, "regime": "ungated", "seconds": round(time.monotonic() - t0, 1)})
+            return None
+        if n < self.gate.cv_max_items:
+            cand = cross_fit_round(
+                self.load_base, self.serving, self.tokenizer, self.labelled, self.cursor, self.cfg, self.gate,
+                generator=self.gen,
+            )  # fmt: skip
+        else:
+            train = [x for x in self.labelled if not heldout(x.text, self.frac)]
+            evals = [x for x in self.labelled if heldout(x.text, self.frac)]
+            model = copy.deepcopy(self.serving)
+            cand = held_out_round(model, self.tokenizer, train, [], evals, self.cfg, self.gate, generator=self.gen)
+        if cand.decision.publish or not gated:
+            self.serving, self.checked, self.cursor = cand.model, True, n
+            self.infer = self._inference_copy(cand.model)
+        self.rounds.append(
+            {
+                "labels": n,
+                "regime": cand.regime,
+                "published": cand.decision.publish,
+                "reasons": cand.decision.reasons,
+                "accuracy_evidence": cand.metrics.get("accuracy"),
+                "seconds": round(time.monotonic() - t0, 1),
+            }
+        )
+        print(
+            f"    round at {n} labels: {cand.regime} {cand.decision.summary()} ({self.rounds[-1]['seconds']}s)",
+            flush=True,
+        )
+        return cand
+
+    def test_metrics(self, test: list[Example]) -> dict[str, float]:
+        names = self.serving.spec.label_names
+        labels = torch.tensor([names.index(e.label) for e in test])
+        logits = annotation_policy.predict_logits(self.infer, self.tokenizer, [e.text for e in test], self.cfg)
+        m = annotation_policy.classification_metrics(logits, labels)
+        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+
+
+def tfidf_accuracy(labelled: list[tuple[str, str]], test: list[Example]) -> float:
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+
+    if len({y for _, y in labelled}) < 2:
+        majority = max(set(e.label for e in test), key=lambda y: sum(e.label == y for e in test))
+        return sum(e.label == majority for e in test) / len(test)
+    vec = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True)
+    x = vec.fit_transform([t for t, _ in labelled])
+    clf = LogisticRegression(C=10.0, max_iter=2000).fit(x, [y for _, y in labelled])
+    pred = clf.predict(vec.transform([e.text for e in test]))
+    return float(np.mean([p == e.label for p, e in zip(pred, test, strict=True)]))
+
+
+def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: list[Example], seed: int) -> dict:
+    """The loop's routing and training over a stream; metrics at each budget."""
+    cfg, gate = make_configs(args)
+    rp = Replay(base, cfg, gate, args.heldout_fraction, seed)
+    pool = AnnotatorPool(label_set(train + test), error_rate=args.error_rate, double_review=0.0, seed=seed)
+    rng = random.Random(seed + 1)
+    budgets = sorted(args.budgets)
+    points = sorted({*args.early_rounds, *budgets})
+    # Room for the pace line to reach the last budget even though round points hold some quota back.
+    stream = train[: min(len(train), math.ceil(budgets[-1] / args.fraction) + 3 * args.chunk)]
+    human: dict[int, str] = {}
+    out: dict[int, dict[str, float]] = {}
+    seen = 0
+    auto_items = 0
+    for start in range(0, len(stream), args.chunk):
+        part = stream[start : start + args.chunk]
+        texts = [e.text for e in part]
+        probs = rp.probs(texts)
+        needs = [not rp.checked or float(p.max()) < args.review_threshold for p in probs]
+        pace = min(budgets[-1], int(args.fraction * (seen + len(part))))
+        quota = max(0, pace - len(human))
+        nxt = next((p for p in points if p > len(human)), None)
+        if nxt is not None:
+            quota = min(quota, nxt - len(human))  # a round sees exactly its round point's labels
+        audits = [i for i in range(len(part)) if rp.checked and not needs[i] and rng.random() < args.audit_fraction]
+        audits = audits[:quota]
+        picks = audits + [
+            i
+            for i in pick_for_review(texts, probs, needs, quota - len(audits), checked=rp.checked, rng=rng)
+            if i not in audits
+        ]
+        for i in picks[:quota]:
+            human[start + i] = pool.noisy_label(part[i].label)
+            rp.add(part[i].text, human[start + i])
+        auto_items += sum(1 for i in range(len(part)) if not needs[i] and (start + i) not in human)
+        seen += len(part)
+        if len(human) in points and (not rp.rounds or rp.rounds[-1]["labels"] != len(human)):
+            rp.round()
+            if len(human) in budgets:
+                b = len(human)
+                m = rp.test_metrics(test)
+                streamed = stream[:seen]
+                rest = [j for j in range(seen) if j not in human]
+                pr = rp.probs([streamed[j].text for j in rest]) if rest else np.zeros((0, 1))
+                names = rp.serving.spec.label_names
+                correct = sum(human[j] == streamed[j].label for j in human)
+                correct += sum(names[int(pr[k].argmax())] == streamed[j].label for k, j in enumerate(rest))
+                m.update(
+                    dataset_accuracy=correct / seen,
+                    items_streamed=float(seen),
+                    checked=float(rp.checked),
+                    auto_labelled_items=float(auto_items),
+                    human_label_accuracy=sum(human[j] == streamed[j].label for j in human) / len(human),
+                    tfidf_accuracy=tfidf_accuracy([(streamed[j].text, human[j]) for j in human], test),
+                )
+                out[b] = m
+                print(
+                    f"  loop  seed {seed} budget {b}: {json.dumps({k: round(v, 4) for k, v in m.items()})}", flush=True
+                )
+    return {"budgets": out, "rounds": rp.rounds}
+
+
+def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test: list[Example], seed: int) -> dict:
+    cfg, gate = make_configs(args)
+    rp = Replay(base, cfg, gate, args.heldout_fraction, seed)
+    pool = AnnotatorPool(label_set(train + test), error_rate=args.error_rate, double_review=0.0, seed=seed + 1000)
+    order = random.Random(seed + 7919).sample(range(len(train)), len(train))
+    budgets = sorted(args.budgets)
+    out: dict[int, dict[str, float]] = {}
+    for p in budgets:
+        while len(rp.labelled) < p:
+            e = train[order[len(rp.labelled)]]
+            rp.add(e.text, pool.noisy_label(e.label))
+        rp.round(gated=False)
+        if p in budgets:
+            m = rp.test_metrics(test)
+            m["tfidf_accuracy"] = tfidf_accuracy([(x.text, x.label) for x in rp.labelled], test)
+            out[p] = m
+            print(f"  passive seed {seed} budget {p}: {json.dumps({k: round(v, 4) for k, v in m.items()})}", flush=True)
+    return {"budgets": out, "rounds": rp.rounds}
+
+
+def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, GateConfig]:
+    # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data).
+    cfg = AnnotationPolicyConfig(epochs=0.0, max_length=args.max_length)
+    gate = GateConfig(min_eval_items=30, min_lift_z=args.min_lift_z, cv_max_items=args.cv_max_items)
+    return cfg, gate
+
+
+def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
+    def stat(values: list[float]) -> dict[str, float]:
+        mean = statistics.fmean(values)
+        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+        return {"mean": mean, "se": se, "n": len(values)}
+
+    table: dict[str, Any] = {}
+    for b in budgets:
+        row: dict[str, Any] = {}
+        for learner, key, name in [
+            ("loop", "accuracy", "loop_accuracy"),
+            ("loop", "macro_f1", "loop_macro_f1"),
+            ("loop", "dataset_accuracy", "loop_dataset_accuracy"),
+            ("loop", "tfidf_accuracy", "tfidf_on_loop_labels"),
+            ("passive", "accuracy", "passive_accuracy"),
+            ("passive", "macro_f1", "passive_macro_f1"),
+            ("passive", "tfidf_accuracy", "tfidf_on_passive_labels"),
+        ]:
+            vals = [s[learner]["budgets"][b][key] for s in results["seeds"] if b in s[learner]["budgets"]]
+            if vals:
+                row[name] = stat(vals)
+        diffs = [
+            s["loop"]["budgets"][b]["accuracy"] - s["passive"]["budgets"][b]["accuracy"]
+            for s in results["seeds"]
+            if b in s["loop"]["budgets"] and b in s["passive"]["budgets"]
+        ]
+        if diffs:
+            row["loop_minus_passive"] = stat(diffs)
+        table[str(b)] = row
+    return table
+
+
+def plot(summary: dict[str, Any], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in [
+        ("loop_accuracy", "loop (routing + trainer)"),
+        ("passive_accuracy", "passive random sampling, same trainer"),
+        ("tfidf_on_passive_labels", "TF-IDF + LR, passive labels"),
+        ("loop_dataset_accuracy", "loop: labelled data set"),
+    ]:
+        xs = [int(b) for b, row in summary.items() if key in row]
+        if not xs:
+            continue
+        ys = [summary[str(b)][key]["mean"] for b in xs]
+        es = [summary[str(b)][key]["se"] for b in xs]
+        ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=3, label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("human interactions")
+    ax.set_ylabel("test accuracy (mean +- s.e. over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", type=Path, default=None, help="JSONL/CSV (text, label[, split]); default Fine Food")
+    ap.add_argument("--data-dir", type=Path, default=Path(".loopserve"), help="holds the store with the base annotator")
+    ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[50, 100, 200, 300, 500, 1000])
+    ap.add_argument("--early-rounds", type=lambda s: [int(x) for x in s.split(",") if x], default=[25])
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--fraction", type=float, default=0.25, help="human interactions per item streamed")
+    ap.add_argument("--chunk", type=int, default=100)
+    ap.add_argument("--error-rate", type=float, default=0.05)
+    ap.add_argument("--audit-fraction", type=float, default=0.05)
+    ap.add_argument("--review-threshold", type=float, default=0.8)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--heldout-fraction", type=float, default=0.15)
+    ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)
+    ap.add_argument("--min-lift-z", type=float, default=0.0, help="held-out regime (the demo's setting)")
+    ap.add_argument("--test-items", type=int, default=0, help="0: the whole test split")
+    ap.add_argument("--out", type=Path, default=RESULTS / "learning.json")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    path = args.dataset or pull_finefoods(args.data_dir / "data")
+    train, test = load_dataset(path)
+    if args.test_items:
+        test = random.Random(1).sample(test, min(args.test_items, len(test)))
+    labels = label_set(train + test)
+    base = args.data_dir / "store" / "models" / "annotator" / "v0"
+    if (
+        json.loads((base / "head.json").read_text())["labels"]
+        and sorted(x["name"] for x in json.loads((base / "head.json").read_text())["labels"]) != labels
+    ):
+        raise SystemExit(f"the base annotator's labels are not {labels}: pass a --data-dir whose store has them")
+    results: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "dataset": str(path),
+        "train_items": len(train),
+        "test_items": len(test),
+        "majority_rate": max(sum(e.label == y for e in test) for y in labels) / len(test),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "seeds": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    for seed in range(args.seeds):
+        rng = random.Random(seed)
+        order = list(train)
+        rng.shuffle(order)
+        print(f"seed {seed}: loop", flush=True)
+        loop = run_loop(args, base, order, test, seed)
+        print(f"seed {seed}: passive", flush=True)
+        passive = run_passive(args, base, order, test, seed)
+        results["seeds"].append({"seed": seed, "loop": loop, "passive": passive})
+        results["summary"] = summarise(results, sorted(args.budgets))
+        results["seconds"] = round(time.monotonic() - t0, 1)
+        args.out.write_text(json.dumps(results, indent=1, default=str))
+        plot(results["summary"], args.out.with_suffix(".png"), f"{path.name}: {len(results['seeds'])} seeds")
+    print(json.dumps(results["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""The annotator's online tier: a new head on the serving encoder's cached embeddings, every few labels.
+
+Full rounds (trainer.annotation_round) fine-tune the encoder and take minutes on a CPU; between them a
+correction should reach the served weights in seconds. The head is a linear map of the L2-normalised
+mean-pooled embedding (Sentence-BERT), so with the encoder frozen the head's fit is multinomial logistic
+regression on cached embeddings (the SetFit recipe's second stage):
+
+    W*, b* = argmin  1/N sum_i CE(W e_i + b, y_i)  +  lambda/2 ||W - W_0||^2
+
+with W_0 the serving head (the zero-shot prior, or the head the last full round trained): with a few
+labels the fit stays near what the encoder already knows instead of swinging to whatever the last
+dozen items say. LBFGS on a (N, 384) matrix takes milliseconds, so the gate can cross-validate the fit
+itself (k folds, out-of-fold logits) at no cost in labels, and the temperature is fitted out of fold.
+
+The version it publishes shares the encoder's weights file with its parent (hard link) and carries the
+head in head.safetensors; it is published only if LATEST is still the version it was computed on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedTokenizerBase
+
+from loopserve.models.encoder_heads import AnnotatorModel
+from trainer import annotation_policy
+from trainer.examples import LabelExample
+from trainer.gate import GateConfig, GateDecision, brier_gain, gate_annotator_cv, paired_counts
+
+
+@dataclass
+class HeadConfig:
+    l2: float = 1e-2
+    """lambda: pull of the fitted head towards the serving head (per item, as the CE is averaged)."""
+    folds: int = 5
+    """Cross-validation folds of the head fit for the gate and the temperature."""
+    max_iter: int = 100
+    """LBFGS iterations per fit."""
+    batch_size: int = 64
+    """Items per encoder forward when embedding new labels."""
+
+
+class EmbeddingCache:
+    """Embeddings of labelled texts under one encoder version; recomputed when the encoder changes."""
+
+    def __init__(self) -> None:
+        self.encoder_key = ""
+        self.vectors: dict[str, torch.Tensor] = {}
+
+    def embed(
+        self,
+        model: AnnotatorModel,
+        tokenizer: PreTrainedTokenizerBase,
+        texts: Sequence[str],
+        encoder_key: str,
+        cfg: HeadConfig,
+        max_length: int,
+    ) -> torch.Tensor:
+        """(N, C) float32 embeddings of `texts`, computing only those not cached for `encoder_key`."""
+        if encoder_key != self.encoder_key:
+            self.encoder_key, self.vectors = encoder_key, {}
+        todo = sorted({t for t in texts if t not in self.vectors}, key=len)
+        device = next(model.parameters()).device
+        with torch.inference_mode():
+            for i in range(0, len(todo), cfg.batch_size):
+                part = todo[i : i + cfg.batch_size]
+                batch = tokenizer(part, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+                e = model.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
+                for t, v in zip(part, e, strict=True):
+                    self.vectors[t] = v
+        return torch.stack([self.vectors[t] for t in texts])
+
+
+def fit_head(
+    emb: torch.Tensor, labels: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, cfg: HeadConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """emb (N, C), labels (N,), prior w0 (L, C), b0 (L,) -> (W, b) of the regularised logistic regression."""
+    w = w0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=cfg.max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(emb @ w.T + b, labels) + 0.5 * cfg.l2 * (w - w0).pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def fold_of(text: str, k: int) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % k
+
+
+@dataclass
+class HeadCandidate:
+    weight: torch.Tensor
+    bias: torch.Tensor
+    temperature: float
+    metrics: dict[str, float]
+    serving_metrics: dict[str, float]
+    decision: GateDecision
+
+
+def head_round(
+    serving: AnnotatorModel,
+    emb: torch.Tensor,
+    items: Sequence[LabelExample],
+    serving_cursor: int,
+    cfg: HeadConfig,
+    gate: GateConfig,
+) -> HeadCandidate:
+    """Fit, cross-validate and gate a new head for `serving` on the embeddings `emb` (N, C) of `items`."""
+    index = {name: i for i, name in enumerate(serving.spec.label_names)}
+    labels = torch.tensor([index[x.label] for x in items], dtype=torch.long)  # (N,)
+    w0 = serving.head.weight.detach().float().cpu()  # (L, C)
+    b0 = serving.head.bias.detach().float().cpu()  # (L,)
+    k = max(2, min(cfg.folds, len(items)))
+    folds = torch.tensor([fold_of(x.text, k) for x in items])
+    oof = torch.zeros(len(items), len(index))  # out-of-fold logits
+    for f in range(k):
+        test = folds == f
+        if test.any() and (~test).any():
+            w, b = fit_head(emb[~test], labels[~test], w0, b0, cfg)
+            oof[test] = emb[test] @ w.T + b
+    temperature = annotation_policy.fit_temperature(oof, labels)
+    metrics = annotation_policy.classification_metrics(oof / temperature, labels)
+    gain, gain_z = brier_gain(annotation_policy.cross_calibrated_probs(oof, labels, folds), labels)
+    metrics.update(brier_gain=gain, brier_gain_z=gain_z)
+    correct = oof.argmax(-1) == labels
+    majority = torch.bincount(labels, minlength=len(index)).argmax()
+    pair = paired_counts(labels == majority, correct)
+    metrics.update(majority_broken=pair["broken"], majority_fixed=pair["fixed"])
+    fresh = torch.tensor([x.seq > serving_cursor for x in items])
+    serving_logits = (emb @ w0.T + b0) / serving.spec.temperature
+    serving_correct = serving_logits.argmax(-1) == labels
+    serving_metrics: dict[str, float] = {"n_fresh": float(fresh.sum())}
+    if fresh.any():
+        serving_metrics["accuracy"] = float(serving_correct[fresh].float().mean())
+        metrics.update(paired_counts(serving_correct[fresh], correct[fresh]))
+    decision = gate_annotator_cv(metrics, gate)
+    w, b = fit_head(emb, labels, w0, b0, cfg)
+    metrics.update(temperature=temperature, n_train=float(len(items)), folds=float(k))
+    return HeadCandidate(w, b, temperature, metrics, serving_metrics, decision)

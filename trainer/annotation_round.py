@@ -1,0 +1,144 @@
+"""One annotator round, as the trainer runs it and as bench/learning.py replays it: which labels train
+the candidate, what evidence judges it, how it is calibrated.
+
+Two regimes, by the number n of human-verified labels:
+
+- n < gate.cv_max_items (few labels): the candidate is trained **from the zero-shot base** on every
+  verified label (epochs scaled to n), and judged by cross-fitting: `cv_folds` models trained from the
+  base on the other folds predict each fold, so every label is evidence and none is spent on a held-out
+  slice (a 15% slice with a 30-item floor starved budgets of a few hundred labels). The out-of-fold
+  logits also fit the temperature, so the served probabilities are calibrated on items the models never
+  saw. The serving version is compared on the labels it was never trained on (those that arrived after
+  its training cursor), paired with the candidate's out-of-fold answers on the same items.
+  Training from the base each round (rather than on top of the serving weights) is what keeps the
+  out-of-fold evidence honest: no fold model has seen its fold through an earlier version.
+- n >= gate.cv_max_items: the candidate continues from the serving weights on the training share, and
+  the held-out share (by content hash) judges both, paired, as before.
+
+A candidate that passes is *checked*: its manifest says so (`meta.checked`), and only checked versions
+are trusted to auto-label (policy_service flags every item of an unchecked version needs_review).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from loopserve.models.encoder_heads import AnnotatorModel
+from trainer import annotation_policy
+from trainer.annotation_policy import AnnotationPolicyConfig
+from trainer.examples import BanditExample, LabelExample
+from trainer.gate import (
+    GateConfig,
+    GateDecision,
+    LossGuard,
+    brier_gain,
+    gate_annotator,
+    gate_annotator_cv,
+    paired_counts,
+)
+
+
+@dataclass
+class AnnotatorCandidate:
+    model: AnnotatorModel
+    regime: str
+    """"cross-fit" (few labels, trained from the base) | "held-out" (continued from serving)."""
+    metrics: dict[str, float]
+    serving_metrics: dict[str, float]
+    decision: GateDecision
+    train_metrics: dict[str, float] = field(default_factory=dict)
+
+
+def correct_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(-1) == labels  # (N,) bool
+
+
+def label_tensor(model: AnnotatorModel, items: Sequence[LabelExample]) -> torch.Tensor:
+    index = {name: i for i, name in enumerate(model.spec.label_names)}
+    return torch.tensor([index[x.label] for x in items], dtype=torch.long)  # (N,)
+
+
+def cross_fit_round(
+    load_base: Callable[[], AnnotatorModel],
+    serving: AnnotatorModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[LabelExample],
+    serving_cursor: int,
+    cfg: AnnotationPolicyConfig,
+    gate: GateConfig,
+    *,
+    generator: torch.Generator | None = None,
+    guard: LossGuard | None = None,
+) -> AnnotatorCandidate:
+    """The few-labels round (module docstring). `serving_cursor`: the log position the serving version was
+    trained up to (0 for the base): items with a later seq are ones it never saw."""
+    labels = label_tensor(serving, items)  # (N,)
+    n_labels = len(serving.spec.label_names)
+    oof = annotation_policy.cross_fit_logits(
+        load_base, tokenizer, items, cfg, folds=gate.cv_folds, n_labels=n_labels, generator=generator, guard=guard
+    )  # (N, L)
+    temperature = annotation_policy.fit_temperature(oof, labels)
+    metrics = annotation_policy.classification_metrics(oof / temperature, labels, cfg.ece_bins)
+    folds = torch.tensor([annotation_policy.fold_of(x.text, gate.cv_folds) for x in items])
+    gain, gain_z = brier_gain(annotation_policy.cross_calibrated_probs(oof, labels, folds), labels)
+    metrics.update(brier_gain=gain, brier_gain_z=gain_z)
+    cand_correct = correct_of(oof, labels)
+    majority = torch.bincount(labels, minlength=n_labels).argmax()
+    majority_pair = paired_counts(labels == majority, cand_correct)
+    metrics.update(majority_broken=majority_pair["broken"], majority_fixed=majority_pair["fixed"])
+    fresh = [i for i, x in enumerate(items) if x.seq > serving_cursor]
+    serving_metrics: dict[str, float] = {"n_fresh": float(len(fresh))}
+    if fresh:
+        fresh_items = [items[i] for i in fresh]
+        s_metrics, s_correct = annotation_policy.evaluate_with_correct(serving, tokenizer, fresh_items, cfg)
+        serving_metrics.update(s_metrics)
+        metrics.update(paired_counts(s_correct, cand_correct[fresh]))
+        metrics["fresh_accuracy"] = float(cand_correct[fresh].float().mean())
+    decision = gate_annotator_cv(metrics, gate)
+    model = load_base()
+    train_metrics: dict[str, float] = {}
+    if decision.publish:  # the candidate: every verified label, from the base, calibrated out of fold
+        train_metrics = annotation_policy.train_annotation_policy(
+            model, tokenizer, items, [], cfg, guard=guard, generator=generator
+        )
+        model.spec.temperature = model.spec.temperature * temperature
+    metrics.update(temperature=model.spec.temperature, n_train=float(len(items)), folds=float(gate.cv_folds))
+    return AnnotatorCandidate(model, "cross-fit", metrics, serving_metrics, decision, train_metrics)
+
+
+def held_out_round(
+    model: AnnotatorModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Sequence[LabelExample],
+    rejects: Sequence[BanditExample],
+    evals: Sequence[LabelExample],
+    cfg: AnnotationPolicyConfig,
+    gate: GateConfig,
+    *,
+    baseline: float = 0.5,
+    optimizer: torch.optim.Optimizer | None = None,
+    generator: torch.Generator | None = None,
+    guard: LossGuard | None = None,
+) -> AnnotatorCandidate:
+    """The many-labels round: `model` (the serving weights) is trained in place on `train` and `rejects`,
+    then judged against its own starting point on the held-out `evals`, paired. With `epochs` 0 (scaled
+    with the data) it makes one pass: it continues from weights that already fit most of the buffer."""
+    if not cfg.epochs:
+        cfg = dataclasses.replace(cfg, epochs=1.0)
+    serving_metrics, serving_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
+    train_metrics = annotation_policy.train_annotation_policy(
+        model, tokenizer, train, rejects, cfg, baseline=baseline, optimizer=optimizer, guard=guard, generator=generator
+    )
+    cand, cand_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
+    cand.update(paired_counts(serving_correct, cand_correct))  # for the gate's paired regression test
+    temperature = annotation_policy.calibrate(model, tokenizer, evals, cfg)
+    calibrated = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
+    cand.update(ece_calibrated=calibrated["ece"], nll_calibrated=calibrated["nll"], temperature=temperature)
+    cand.update(n_train=float(len(train)), n_rejects=float(len(rejects)))
+    decision = gate_annotator(cand, serving_metrics, gate)
+    return AnnotatorCandidate(model, "held-out", cand, serving_metrics, decision, train_metrics)
