@@ -123,9 +123,28 @@ def cmd_log_export(ns: argparse.Namespace) -> int:
 
 
 def cmd_log_import(ns: argparse.Namespace) -> int:
+    if ns.demonstrations:
+        return _import_demonstrations(ns)
     with _open_log(ns) as log:
         r = log.import_jsonl(sys.stdin if ns.input == "-" else Path(ns.input))
     print(f"imported {r.decisions} decisions and {r.feedback} feedback events; {r.skipped} already present")
+    return 0
+
+
+def _import_demonstrations(ns: argparse.Namespace) -> int:
+    import io
+
+    from loopserve.feedback_log.demonstrations import as_export_lines, read_demonstrations
+
+    src = sys.stdin if ns.input == "-" else Path(ns.input).open()
+    try:
+        lines = "".join(as_export_lines(read_demonstrations(src, ns.task)))  # all checked before any write
+    finally:
+        if src is not sys.stdin:
+            src.close()
+    with _open_log(ns) as log:
+        r = log.import_jsonl(io.StringIO(lines))
+    print(f"imported {r.decisions} demonstrations; {r.skipped} already present")
     return 0
 
 
@@ -305,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp = logp.add_parser("import", help="read records from JSON lines (idempotent)")
     add_arguments(imp, CommonConfig)
     imp.add_argument("input", help="a .jsonl file written by `log export`, or - for stdin")
+    imp.add_argument(
+        "--demonstrations",
+        action="store_true",
+        help='input holds demonstrations for the generator\'s SFT: {"prompt": ..., "response": ...} lines',
+    )
+    imp.add_argument("--task", default="chat", help="generation task of imported demonstrations")
     imp.set_defaults(fn=cmd_log_import)
     stats = logp.add_parser("stats", help="counts by kind, by model version, review rate")
     add_arguments(stats, CommonConfig)
@@ -366,7 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dataset", type=Path, help="JSONL / CSV with text, label[, split] (default: Fine Food)")
     demo.add_argument("--quick", action="store_true", help="a small run (about 3 minutes; what CI runs)")
     demo.add_argument("--generation", action="store_true", help="the generation demo (preferences, GRPO)")
-    demo.add_argument("--objective", choices=["grpo", "dpo"], default="grpo", help="generation: RL objective")
+    demo.add_argument(
+        "--objective", choices=["grpo", "ppo", "dpo"], default="grpo", help="generation: the generator's objective"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument(
         "--label-descriptions",

@@ -85,6 +85,14 @@ _CHANNEL_OPTIONS = [
 ]
 
 
+def _score_request(pairs: Sequence[tuple[str, str]], normalised: bool, clip: float) -> reward_pb2.ScoreRequest:
+    return reward_pb2.ScoreRequest(
+        pairs=[reward_pb2.Pair(prompt=p, response=r) for p, r in pairs],
+        scale=reward_pb2.REWARD_SCALE_NORMALISED if normalised else reward_pb2.REWARD_SCALE_RAW,
+        clip=clip,
+    )
+
+
 def wait_until_serving(
     target: str,
     timeout_s: float = 120.0,
@@ -224,8 +232,17 @@ class Client(_Stubs):
 
     # ---- reward --------------------------------------------------------------------------------
 
-    def score(self, pairs: Sequence[tuple[str, str]], *, timeout_s: float | None = None) -> reward_pb2.ScoreResponse:
-        req = reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=p, response=r) for p, r in pairs])
+    def score(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        timeout_s: float | None = None,
+        normalised: bool = False,
+        clip: float = 0.0,
+    ) -> reward_pb2.ScoreResponse:
+        """Rewards, raw or normalised ((r - mean) / std of the version's reference set, clipped to
+        [-clip, clip]; clip 0 means the service's default)."""
+        req = _score_request(pairs, normalised, clip)
         return self._call(self.reward.Score, req, timeout_s)
 
     def compare(self, prompt: str, a: str, b: str, *, timeout_s: float | None = None) -> reward_pb2.CompareResponse:
@@ -318,9 +335,14 @@ class AsyncClient(_Stubs):
         )
 
     async def score(
-        self, pairs: Sequence[tuple[str, str]], *, timeout_s: float | None = None
+        self,
+        pairs: Sequence[tuple[str, str]],
+        *,
+        timeout_s: float | None = None,
+        normalised: bool = False,
+        clip: float = 0.0,
     ) -> reward_pb2.ScoreResponse:
-        req = reward_pb2.ScoreRequest(pairs=[reward_pb2.Pair(prompt=p, response=r) for p, r in pairs])
+        req = _score_request(pairs, normalised, clip)
         return await self._call(self.reward.Score, req, timeout_s)
 
     async def compare(

@@ -97,7 +97,8 @@ class RewardDeployment:
     async def Score(self, request: pb.ScoreRequest, grpc_context: Any) -> pb.ScoreResponse:
         call = ScoreCall.from_pb(request, self.limits)
         handle = self.runtime.reward.current  # pinned for the whole request
-        return ScoreResult(handle.version, tuple(unwrap(await self.score_batch((handle, call))))).to_pb()
+        scores = unwrap(await self.score_batch((handle, call)))
+        return ScoreResult.of(handle.version, scores, call, handle.model.stats).to_pb()
 
     @rpc(REWARD_SERVICE, pb.CompareResponse)
     async def Compare(self, request: pb.CompareRequest, grpc_context: Any) -> pb.CompareResponse:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -28,7 +28,7 @@ from loopserve.model_slot import Loaded, ModelSlot
 from loopserve.model_store import Manifest, ModelStore
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import RewardModel
-from reward_service.types import CompareCall, CompareResult
+from reward_service.types import CompareCall, CompareResult, RewardStats
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,28 @@ ENCODER_MICRO_BATCH = 32
 SMOKE_PAIRS = (
     ("smoke test: rate this answer", "a short, polite answer"),
     ("smoke test: rate this answer", "another answer"),
+)
+
+
+# The reference set of a version published without statistics (the provisioned base, or one published
+# by hand): generic prompts with answers from helpful to unhelpful, so the spread of r is the model's
+# own. Versions the trainer publishes carry statistics on held-out served responses instead.
+BUILTIN_REFERENCE_PAIRS = tuple(
+    (prompt, response)
+    for prompt in (
+        "Write a short product review of green tea.",
+        "Explain what a reward model is in one sentence.",
+        "Share a brief review of dark chocolate for other shoppers.",
+        "Give one tip for brewing coffee at home.",
+    )
+    for response in (
+        "Wonderful! Fresh, fragrant and exactly as described; I would buy it again.",
+        "It was fine. Nothing special, but it did the job.",
+        "Terrible. It arrived stale and the package was broken.",
+        "I don't know.",
+        "A clear, careful answer that addresses the question directly and politely.",
+        "asdf qwerty lorem ipsum",
+    )
 )
 
 
@@ -53,6 +75,8 @@ class HasPairs(Protocol):
 class RewardBundle:
     model: RewardModel
     tokenizer: PreTrainedTokenizerBase
+    stats: RewardStats = field(default_factory=lambda: RewardStats(0.0, 1.0, 0, "none"))
+    """The version's reference statistics, for normalised Score (from its manifest, or builtin)."""
 
 
 @dataclass
@@ -120,7 +144,12 @@ class RewardRuntime:
         if not isinstance(model, RewardModel):
             kind = encoder_heads.HeadSpec.read(folder).kind
             raise VerificationError(f"{folder.name} is not a reward model (head kind {kind!r})")
-        return RewardBundle(model, encoder_heads.load_tokenizer(folder))
+        bundle = RewardBundle(model, encoder_heads.load_tokenizer(folder))
+        stats = RewardStats.from_meta(manifest.meta)
+        if stats is None:  # published without statistics: the builtin reference set, computed now
+            stats = RewardStats.of(self.rewards(bundle, BUILTIN_REFERENCE_PAIRS), "builtin")
+        logger.info("reward %s: reference mean %.4f std %.4f (n %d, %s)", manifest.version, *astuple(stats))
+        return RewardBundle(bundle.model, bundle.tokenizer, stats)
 
     def _check_reward(self, new: Loaded[RewardBundle], old: Loaded[RewardBundle] | None) -> None:
         rewards = self.rewards(new.model, SMOKE_PAIRS)
@@ -185,4 +214,4 @@ class RewardRuntime:
         return out
 
 
-__all__ = ["RewardBundle", "RewardRuntime", "RuntimeOptions", "encode_pairs"]
+__all__ = ["BUILTIN_REFERENCE_PAIRS", "RewardBundle", "RewardRuntime", "RuntimeOptions", "encode_pairs"]

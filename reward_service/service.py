@@ -60,7 +60,7 @@ class RewardFrontend:
     async def score(self, call: ScoreCall) -> ScoreResult:
         handle = self.runtime.reward.current  # pinned for the whole request
         scores = await self.score_batcher.submit(handle, call, size=len(call.pairs))
-        return ScoreResult(handle.version, tuple(scores))
+        return ScoreResult.of(handle.version, scores, call, handle.model.stats)
 
     async def compare(self, call: CompareCall) -> CompareResult:
         handle = self.runtime.reward.current  # both responses are scored by the same version

@@ -33,6 +33,56 @@ def preference_probability(score_a: float, score_b: float) -> float:
     return e / (1.0 + e)
 
 
+# ---- reward statistics --------------------------------------------------------------------------------
+
+DEFAULT_CLIP = 5.0
+"""Range [-5, 5] of normalised rewards when a request names none: 5 standard deviations of the
+reference set, so only outliers (often reward hacks) are clipped."""
+MAX_CLIP = 1e4
+STATS_KEY = "reward_stats"
+"""Where a reward version's manifest keeps its statistics: meta["reward_stats"] = {mean, std, n, source}."""
+
+
+@dataclass(frozen=True)
+class RewardStats:
+    """Mean and std of one reward version's raw rewards on a reference set of (prompt, response) pairs."""
+
+    mean: float
+    std: float
+    n: int
+    source: str
+    """"publish" (held-out responses, computed by the trainer when it published the version) or
+    "builtin" (a version published without statistics: the service's fixed reference pairs, at load)."""
+
+    @classmethod
+    def of(cls, rewards: list[float], source: str) -> RewardStats:
+        n = len(rewards)
+        mean = sum(rewards) / max(n, 1)
+        var = sum((r - mean) ** 2 for r in rewards) / max(n - 1, 1)
+        return cls(mean, math.sqrt(var), n, source)
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, object]) -> RewardStats | None:
+        """The statistics stored in a manifest's meta, or None when absent or unusable."""
+        d = meta.get(STATS_KEY)
+        if not isinstance(d, dict):
+            return None
+        try:
+            stats = cls(float(d["mean"]), float(d["std"]), int(d["n"]), str(d.get("source", "publish")))
+        except (KeyError, TypeError, ValueError):
+            return None
+        return stats if math.isfinite(stats.mean) and math.isfinite(stats.std) and stats.std >= 0 else None
+
+    def to_meta(self) -> dict[str, object]:
+        return {"mean": self.mean, "std": self.std, "n": self.n, "source": self.source}
+
+    def normalise(self, rewards: list[float] | tuple[float, ...], clip: float) -> tuple[float, ...]:
+        """(r - mean) / std, clipped to [-clip, clip]: monotone in r, so the order is kept (up to ties
+        at the clip). A std of ~0 (a reference set the model cannot tell apart) counts as 1."""
+        std = self.std if self.std > 1e-6 else 1.0
+        return tuple(min(clip, max(-clip, (r - self.mean) / std)) for r in rewards)
+
+
 # ---- Score ------------------------------------------------------------------------------------------
 
 
@@ -41,6 +91,9 @@ class ScoreCall:
     """(prompt, response) pairs to score; what the batcher queues and the runtime runs."""
 
     pairs: tuple[tuple[str, str], ...]
+    normalised: bool = False
+    """Return (r - mean) / std of the scoring version's reference statistics, clipped to +-clip."""
+    clip: float = DEFAULT_CLIP
 
     @classmethod
     def from_pb(cls, req: pb.ScoreRequest, limits: Limits) -> ScoreCall:
@@ -54,16 +107,43 @@ class ScoreCall:
         for i, pair in enumerate(req.pairs):
             _check_text(pair.prompt, f"pairs[{i}].prompt", limits)
             _check_text(pair.response, f"pairs[{i}].response", limits)
-        return cls(pairs=tuple((p.prompt, p.response) for p in req.pairs))
+        if req.scale not in (pb.REWARD_SCALE_RAW, pb.REWARD_SCALE_NORMALISED):
+            raise InvalidArgument(f"scale {req.scale} is not a RewardScale (0 raw, 1 normalised)")
+        clip = float(req.clip)
+        if not math.isfinite(clip) or clip < 0 or clip > MAX_CLIP:
+            raise InvalidArgument(f"clip must be 0 (the default, {DEFAULT_CLIP}) or in (0, {MAX_CLIP:g}]")
+        return cls(
+            pairs=tuple((p.prompt, p.response) for p in req.pairs),
+            normalised=req.scale == pb.REWARD_SCALE_NORMALISED,
+            clip=clip or DEFAULT_CLIP,
+        )
 
 
 @dataclass(frozen=True)
 class ScoreResult:
     model_version: str
     scores: tuple[float, ...]  # one per pair, in request order
+    normalised: bool = False
+    clip: float = 0.0
+    """The range [-clip, clip] normalised scores were clipped to (0 for raw scores)."""
+    stats: RewardStats | None = None
+
+    @classmethod
+    def of(cls, model_version: str, raw: list[float], call: ScoreCall, stats: RewardStats) -> ScoreResult:
+        """The result of `call` from its raw rewards, on the scale it asked for."""
+        if not call.normalised:
+            return cls(model_version, tuple(raw), stats=stats)
+        return cls(model_version, stats.normalise(raw, call.clip), True, call.clip, stats)
 
     def to_pb(self) -> pb.ScoreResponse:
-        return pb.ScoreResponse(model_version=self.model_version, scores=list(self.scores))
+        return pb.ScoreResponse(
+            model_version=self.model_version,
+            scores=list(self.scores),
+            scale=pb.REWARD_SCALE_NORMALISED if self.normalised else pb.REWARD_SCALE_RAW,
+            clip=self.clip,
+            reference_mean=self.stats.mean if self.stats else 0.0,
+            reference_std=self.stats.std if self.stats else 0.0,
+        )
 
 
 # ---- Compare ----------------------------------------------------------------------------------------

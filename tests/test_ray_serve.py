@@ -192,6 +192,11 @@ def test_policy_and_reward_on_ray_serve(
             pair = reward_pb2.Pair(prompt="Describe the coffee", response="Rich and smooth")
             s = reward.Score(reward_pb2.ScoreRequest(pairs=[pair, pair]), metadata=REWARD, timeout=60)
             assert s.model_version == "v0" and len(s.scores) == 2 and s.scores[0] == pytest.approx(s.scores[1])
+            normalised = reward_pb2.ScoreRequest(pairs=[pair], scale=reward_pb2.REWARD_SCALE_NORMALISED, clip=2.0)
+            n = reward.Score(normalised, metadata=REWARD, timeout=60)  # the same Frontend math as grpc.aio's
+            expected = max(-2.0, min(2.0, (s.scores[0] - n.reference_mean) / n.reference_std))
+            assert (n.scale, n.clip) == (reward_pb2.REWARD_SCALE_NORMALISED, 2.0)
+            assert n.scores[0] == pytest.approx(expected, abs=1e-4)
 
             # Each policy replica exports loopserve's metrics on its own port.
             wait_until(

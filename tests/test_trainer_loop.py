@@ -233,6 +233,7 @@ def test_consumer_turns_each_kind_of_feedback_into_examples_and_counts_the_rest(
     assert len(state.labels) == 30 - 6 - 6 + 10
     assert state.labels["D3"].label == "great" and state.labels["D1"].source == "correction"
     assert sorted(p.source for p in state.pairs) == ["edit", "events", "events", "texts"]
+    assert [(d.response, d.source) for d in state.demonstrations] == [("a a a", "edit")]  # SFT data
     events_pair = next(p for p in state.pairs if p.source == "events")
     assert (events_pair.prompt, events_pair.chosen, events_pair.rejected) == ("say a", "a b a", "a b b")
     assert sorted(r.target for r in state.ratings) == [0.0, 0.0, 0.25, 0.5, 0.75, 1.0]
@@ -299,8 +300,8 @@ def test_a_consumer_killed_anywhere_resumes_from_its_checkpoint_using_each_event
         state, _ = checkpoint.load_checkpoint(root)
 
     assert fingerprint(state) == fingerprint(reference)
-    seqs = Counter(x.seq for x in state.examples())
-    assert max(seqs.values()) == 1  # no event folded twice
+    seqs = Counter((type(x), x.seq) for x in state.examples())
+    assert max(seqs.values()) == 1  # no event folded twice (an edit is one pair and one demonstration)
     assert len([p for p in root.iterdir() if p.name.startswith("ckpt-")]) <= 2
 
 
@@ -397,6 +398,8 @@ def test_trainer_rounds_publish_gated_versions_and_resume_where_they_left_off(da
     # The reward model learnt the planted preference.
     assert rounds["reward"]["result"] == "published", rounds["reward"]
     assert store.get("reward", "v1").metrics["pairwise_accuracy"] >= 0.8
+    stats = store.get("reward", "v1").meta["reward_stats"]  # its normalisation statistics, on held-out responses
+    assert stats["source"] == "publish" and stats["n"] >= 2 * 8 and stats["std"] > 0
     # The generator ran GRPO and DPO; published or gated, the numbers are on record.
     gen_round = rounds["generator"]
     assert gen_round["result"] in ("published", "gated")

@@ -90,7 +90,13 @@ def run(args: TrainerArgs, metrics_port: int = -1) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    reward = ServiceReward.from_token_file(args.reward_target, args.token_path, root_certificates=args.reward_tls_ca)
+    reward = ServiceReward.from_token_file(
+        args.reward_target,
+        args.token_path,
+        root_certificates=args.reward_tls_ca,
+        normalised=args.reward_normalised,
+        clip=args.reward_clip,
+    )
     try:
         run_trainer(args, reward_fn=reward, stop=stop)
     finally:

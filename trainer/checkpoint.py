@@ -288,5 +288,6 @@ def load_checkpoint(root: Path) -> tuple[TrainerState, Path | None]:
                     "pair": state.pairs,
                     "rating": state.ratings,
                     "pointwise": state.pointwise,
+                    "demonstration": state.demonstrations,
                 }[row["type"]].append(ex)  # type: ignore[attr-defined]
     return state, folder

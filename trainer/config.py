@@ -16,7 +16,9 @@ from trainer.causal_lm import LoraSettings
 from trainer.dpo import DPOConfig
 from trainer.gate import GateConfig
 from trainer.generation_rl import GRPOConfig
+from trainer.ppo import PPOConfig
 from trainer.reward_model import RewardModelConfig
+from trainer.sft import SFTConfig
 
 
 @dataclass
@@ -40,7 +42,8 @@ class TrainerArgs:
     head_round_labels: int = 4
     """Online tier: a head round once this many new verified labels arrived."""
     generator_objectives: str = "dpo,grpo"
-    """Comma-separated generator objectives, run in this order on one candidate per round."""
+    """Comma-separated generator objectives, run in this order on one candidate per round: sft
+    (demonstrations), dpo (logged pairs), grpo or ppo (online RL against the reward service)."""
     reward_target: str = "127.0.0.1:50052"
     """The reward service, for GRPO rollouts and the generator's gate."""
     token_file: Path | None = None
@@ -80,7 +83,13 @@ class TrainerArgs:
     reward_backoff_max_s: float = 300.0
     """... up to this."""
     generator_ref_version: str = ""
-    """The frozen reference for KL and DPO (default: the oldest generator version in the store)."""
+    """The frozen reference for KL and DPO (default: the newest generator version an SFT-only round
+    published, else the oldest generator version in the store)."""
+    reward_normalised: bool = True
+    """Ask the reward service for normalised rewards ((r - mean) / std of the scoring version's reference
+    statistics, clipped to +-reward_clip), so a reward-model swap does not change the scale RL sees."""
+    reward_clip: float = 5.0
+    """The declared range [-reward_clip, reward_clip] of normalised rewards."""
     once: bool = False
     """Consume the log to its end, run the rounds that are due, checkpoint, and exit."""
     max_rounds: int = 0
@@ -89,6 +98,8 @@ class TrainerArgs:
     reward: RewardModelConfig = field(default_factory=RewardModelConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA for the generator objectives (r = 0: full fine-tuning)."""
     gate: GateConfig = field(default_factory=GateConfig)

@@ -15,7 +15,10 @@ What each record becomes:
 | accept / reject on a generation          | a `PointwiseExample` (1 / 0) for the reward model        |
 | rating on a generation                   | a `RatingExample`, normalised to [0, 1]                  |
 | preference (two event ids, or texts)     | a `PreferencePair` (reward model and DPO)                |
-| edit of a generation                     | a `PreferencePair`: the edit preferred over the served   |
+| edit of a generation                     | a `PreferencePair`: the edit preferred over the served,  |
+|                                          | and a `Demonstration` (the edit) for SFT                 |
+| demonstration decision (model            | a `Demonstration` for SFT (not an RL prompt: it was      |
+| "demonstration", `log import --demonstrations`) | never served)                                     |
 
 Feedback that cannot be used is skipped and counted by reason (EVENTS_SKIPPED{reason} and
 `state.skipped`): a label outside the annotator's label set, a decision of another task, a missing
@@ -31,10 +34,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from loopserve.feedback_log.demonstrations import DEMONSTRATION_MODEL
 from loopserve.feedback_log.records import Decision, Feedback, LogRecord
 from loopserve.metrics import EVENTS_SKIPPED
 from trainer.examples import (
     BanditExample,
+    Demonstration,
     LabelExample,
     PointwiseExample,
     PreferencePair,
@@ -76,6 +81,8 @@ class TrainerState:
     pairs: list[PreferencePair] = field(default_factory=list)
     ratings: list[RatingExample] = field(default_factory=list)
     pointwise: list[PointwiseExample] = field(default_factory=list)
+    demonstrations: list[Demonstration] = field(default_factory=list)
+    """Responses people wrote (edits, imported demonstrations): the generator's SFT data."""
     prompts: dict[str, int] = field(default_factory=dict)
     """RL prompt pool: prompt -> seq of the first generation decision that served it."""
     label_accepts: int = 0
@@ -103,12 +110,13 @@ class TrainerState:
 
     def examples(
         self,
-    ) -> Iterable[LabelExample | BanditExample | PreferencePair | RatingExample | PointwiseExample]:
+    ) -> Iterable[LabelExample | BanditExample | PreferencePair | RatingExample | PointwiseExample | Demonstration]:
         yield from self.labels.values()
         yield from self.bandit
         yield from self.pairs
         yield from self.ratings
         yield from self.pointwise
+        yield from self.demonstrations
 
 
 @dataclass
@@ -155,7 +163,7 @@ def ingest(
             if _fold_feedback(state, rec, rec.feedback, labels, stats):
                 stats.used += 1
         state.cursor = rec.seq
-    for buffer in (state.bandit, state.pairs, state.ratings, state.pointwise):
+    for buffer in (state.bandit, state.pairs, state.ratings, state.pointwise, state.demonstrations):
         _trim(buffer, max_buffer)
     for table in (state.labels, state.prompts):
         if max_buffer and len(table) > max_buffer:
@@ -168,6 +176,11 @@ def ingest(
 
 def _fold_decision(state: TrainerState, d: Decision, seq: int) -> None:
     state.consumed[f"decision:{d.kind}"] += 1
+    if d.kind == "generation" and d.model == DEMONSTRATION_MODEL:
+        if d.input_text and isinstance(d.output, str) and d.output:
+            state.demonstrations.append(Demonstration(d.input_text, d.output, seq, source="import"))
+            state.new_events[GENERATOR] += 1
+        return
     if d.kind == "generation" and d.input_text and d.input_text not in state.prompts:
         state.prompts[d.input_text] = seq
         state.new_events[GENERATOR] += 1
@@ -204,6 +217,7 @@ def _fold_feedback(state: TrainerState, rec: LogRecord, fb: Feedback, labels: La
             _skip(state, stats, "empty_edit")
             return False
         state.pairs.append(PreferencePair(d.input_text, fb.text, response, rec.seq, source="edit"))
+        state.demonstrations.append(Demonstration(d.input_text, fb.text, rec.seq, source="edit"))
         state.new_events[REWARD] += 1
         state.new_events[GENERATOR] += 1
         return True

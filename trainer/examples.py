@@ -71,7 +71,19 @@ class PointwiseExample:
     seq: int
 
 
-Example = LabelExample | BanditExample | PreferencePair | RatingExample | PointwiseExample
+@dataclass(frozen=True, slots=True)
+class Demonstration:
+    """A response a person wrote for `prompt`: the generator's supervised fine-tuning target."""
+
+    prompt: str
+    response: str
+    seq: int
+    source: str = "edit"
+    """"edit" (the corrected text of a served generation) | "import" (a demonstration record brought in
+    with `loopserve log import --demonstrations`)."""
+
+
+Example = LabelExample | BanditExample | PreferencePair | RatingExample | PointwiseExample | Demonstration
 
 _TYPES: dict[str, type[Any]] = {
     "label": LabelExample,
@@ -79,6 +91,7 @@ _TYPES: dict[str, type[Any]] = {
     "pair": PreferencePair,
     "rating": RatingExample,
     "pointwise": PointwiseExample,
+    "demonstration": Demonstration,
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 

@@ -17,6 +17,8 @@ round is never compared with a fresh one.
   the pairs exactly one of the two models orders right), on at least `min_eval_pairs`.
 - generator: mean held-out reward strictly up, and the mean per-token KL to the reference under
   `kl_bound`.
+- generator after SFT on demonstrations (`gate_sft`): the mean per-token NLL of held-out
+  demonstrations' responses strictly down, on at least `min_eval_demos` of them.
 
 `LossGuard` aborts a round (raises `RoundAborted`) on a NaN, infinite or exploding loss; the loop
 then keeps the serving version and records the round as aborted. It also ends a round at the next
@@ -91,6 +93,10 @@ class GateConfig:
     """Generator: mean held-out reward must rise by more than this."""
     kl_bound: float = 0.5
     """Generator: mean per-token KL(pi || pi_ref) on held-out prompts must stay at or under this (nats)."""
+    min_eval_demos: int = 4
+    """Generator SFT: fewer held-out demonstrations than this and nothing is published."""
+    min_nll_drop: float = 0.0
+    """Generator SFT: held-out demonstration NLL (nats per token) must fall by more than this."""
     max_loss_ratio: float = 50.0
     """LossGuard: a loss above this multiple of the round's first loss counts as exploding."""
     max_loss: float = 1e4
@@ -254,4 +260,16 @@ def gate_generator(cand: Mapping[str, float], serving: Mapping[str, float], cfg:
     kl = cand["kl"]
     if not math.isfinite(kl) or kl > cfg.kl_bound:
         reasons.append(f"KL to reference {kl:.4f} over bound {cfg.kl_bound}")
+    return GateDecision(not reasons, reasons)
+
+
+def gate_sft(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:
+    """`cand` / `serving`: trainer.sft.evaluate_sft metrics (sft_nll, n_demos) on the same held-out slice."""
+    reasons = []
+    n = int(cand["n_demos"])
+    if n < cfg.min_eval_demos:
+        reasons.append(f"held-out slice has {n} demonstrations, need {cfg.min_eval_demos}")
+    nll, nll_s = cand["sft_nll"], serving["sft_nll"]
+    if not math.isfinite(nll) or nll >= nll_s - cfg.min_nll_drop:
+        reasons.append(f"demonstration NLL {nll:.4f} not below serving {nll_s:.4f} - {cfg.min_nll_drop}")
     return GateDecision(not reasons, reasons)

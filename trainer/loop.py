@@ -48,17 +48,30 @@ from loopserve.model_store import ModelStore
 from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, RewardModel
 from loopserve.round_requests import clear_round_request, pending_rounds
-from trainer import annotation_head, annotation_policy, annotation_round, checkpoint, dpo, generation_rl, reward_model
+from reward_service.types import STATS_KEY
+from trainer import (
+    annotation_head,
+    annotation_policy,
+    annotation_round,
+    checkpoint,
+    dpo,
+    generation_rl,
+    ppo,
+    reward_model,
+    sft,
+)
 from trainer.causal_lm import add_lora, merge_lora
 from trainer.config import TrainerArgs
 from trainer.consumer import ANNOTATOR, ANNOTATOR_HEAD, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
-from trainer.examples import heldout
+from trainer.examples import Demonstration, heldout
 from trainer.gate import (
+    GateDecision,
     LossGuard,
     RoundAborted,
     RoundInterrupted,
     gate_generator,
     gate_reward_model,
+    gate_sft,
     paired_counts,
 )
 from trainer.generation_rl import RewardFn, RewardUnavailable
@@ -406,14 +419,17 @@ def reward_round(ctx: Context, state: TrainerState) -> RoundOutput:
     if not decision.publish:
         result.result, result.reasons = "gated", decision.reasons
         return result, {}
+    # The version's normalisation statistics, on held-out responses (reward_model.reference_pairs).
+    reference = reward_model.reference_pairs(eval_pairs, eval_ratings, eval_pointwise, cfg.stats_reference_size)
+    stats = reward_model.reward_statistics(model, tokenizer, reference, cfg)
     result.version = _publish(
         ctx,
         state,
         REWARD,
         lambda dest: encoder_heads.save(model, tokenizer, dest),
         serving,
-        {**cand, **_prefixed("serving_", result.serving_metrics)},
-        {"objective": "reward_model"},
+        {**cand, **_prefixed("serving_", result.serving_metrics), "reward_mean": stats.mean, "reward_std": stats.std},
+        {"objective": "reward_model", STATS_KEY: stats.to_meta()},
     )
     result.result = "published"
     return result, _keep_optimizer(ctx, state, REWARD, opt, result.version)
@@ -436,6 +452,20 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     if serving is None:
         result.reasons.append("no generator in the store")
         return result, {}
+    objectives = args.generator_objective_list()
+    # SFT needs demonstrations and no reward service; the others need the reward service for the gate.
+    train_demos = [d for d in state.demonstrations if not heldout(d.prompt, args.heldout_fraction)]
+    eval_demos = [d for d in state.demonstrations if heldout(d.prompt, args.heldout_fraction)]
+    run_sft = "sft" in objectives and bool(train_demos) and len(eval_demos) >= args.gate.min_eval_demos
+    rl_listed = [o for o in objectives if o != "sft"]
+    if not rl_listed:
+        if not run_sft:
+            result.reasons.append(
+                f"SFT needs demonstrations: {len(train_demos)} to train on, {len(eval_demos)} held out "
+                f"(need {args.gate.min_eval_demos})"
+            )
+            return result, {}
+        return _sft_round(ctx, state, result, serving, train_demos, eval_demos)
     if ctx.reward_fn is None:
         result.reasons.append("no reward function configured")
         return result, {}
@@ -445,16 +475,16 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     if len(eval_prompts) < args.gate.min_eval_prompts:
         result.reasons.append(f"held-out slice has {len(eval_prompts)} prompts, need {args.gate.min_eval_prompts}")
         return result, {}
-    objectives = args.generator_objective_list()
     run_dpo = "dpo" in objectives and bool(train_pairs)
     run_grpo = "grpo" in objectives and bool(train_prompts)
-    if not (run_dpo or run_grpo):
+    run_ppo = "ppo" in objectives and bool(train_prompts)
+    if not (run_dpo or run_grpo or run_ppo):
         result.reasons.append("no training data for the generator objectives")
         return result, {}
     # Probe the reward service before loading two copies of the generator (a fixed pair, no user text).
     generation_rl.score(ctx.reward_fn, [PROBE_PAIR[0]], [PROBE_PAIR[1]])
     clock = _PhaseClock(result.phases)
-    ref_version = args.generator_ref_version or ctx.store.list(GENERATOR)[0]
+    ref_version = args.generator_ref_version or reference_version(ctx.store)
     folder = ctx.store.path(GENERATOR, serving)
     tokenizer = generator.load_tokenizer(folder)
     ref = generator.load(ctx.store.path(GENERATOR, ref_version), ctx.device).requires_grad_(False)
@@ -463,12 +493,21 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     result.serving_metrics = generation_rl.evaluate_policy(
         policy, ref, tokenizer, eval_prompts, ctx.reward_fn, args.grpo
     )
+    if run_sft:
+        result.serving_metrics.update(sft.evaluate_sft(policy, tokenizer, eval_demos, args.sft))
     if eval_pairs and run_dpo:  # DPO's implicit-reward metrics cost two forward passes per pair
         result.serving_metrics.update(dpo.evaluate_dpo(policy, ref, tokenizer, eval_pairs, args.dpo))
     clock.lap("evaluate_serving")
     policy = add_lora(policy, args.lora)
     optimizers: dict[str, torch.optim.Optimizer] = {}
     train_metrics: dict[str, float] = {}
+    if run_sft:
+        opt = sft.make_optimizer(policy, args.sft)
+        guard = ctx.guard("sft")
+        m = sft.train_sft(policy, tokenizer, train_demos, args.sft, optimizer=opt, guard=guard, generator=ctx.gen)
+        TRAINER_LOSS.labels(objective="sft").set(m.get("sft_loss", float("nan")))
+        train_metrics.update(_prefixed("train_", m))
+        optimizers["sft"] = opt
     if run_dpo:
         opt = dpo.make_optimizer(policy, args.dpo)
         if args.lora.r == 0:
@@ -504,15 +543,39 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
         TRAINER_LOSS.labels(objective="grpo").set(m.get("loss", float("nan")))
         train_metrics.update(_prefixed("train_grpo_", m))
         optimizers["grpo"] = opt
+    if run_ppo:  # a fresh value head each round (module docstring), so no optimizer state to resume
+        value_head = ppo.value_head_for(policy)
+        opt = ppo.make_optimizer(policy, value_head, args.ppo)
+        m = ppo.train_ppo(
+            policy,
+            ref,
+            tokenizer,
+            train_prompts,
+            ctx.reward_fn,
+            args.ppo,
+            value_head=value_head,
+            optimizer=opt,
+            guard=ctx.guard("ppo"),
+            rng=ctx.py_rng,
+            generator=ctx.gen,
+        )
+        TRAINER_LOSS.labels(objective="ppo").set(m.get("pg_loss", float("nan")))
+        train_metrics.update(_prefixed("train_ppo_", m))
+        optimizers["ppo"] = opt
     policy = merge_lora(policy)
     clock.lap("train")
     cand = generation_rl.evaluate_policy(policy, ref, tokenizer, eval_prompts, ctx.reward_fn, args.grpo)
     if eval_pairs and run_dpo:
         cand.update(dpo.evaluate_dpo(policy, ref, tokenizer, eval_pairs, args.dpo))
+    if run_sft:
+        cand.update(sft.evaluate_sft(policy, tokenizer, eval_demos, args.sft))
     clock.lap("evaluate_candidate")
     cand.update(train_metrics)
     result.metrics = cand
     decision = gate_generator(cand, result.serving_metrics, args.gate)
+    if run_sft:
+        sft_decision = gate_sft(cand, result.serving_metrics, args.gate)
+        decision = GateDecision(decision.publish and sft_decision.publish, decision.reasons + sft_decision.reasons)
     if not decision.publish:
         result.result, result.reasons = "gated", decision.reasons
         return result, {}
@@ -534,7 +597,73 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     kept: dict[str, torch.optim.Optimizer] = {}
     if args.lora.r == 0:  # LoRA adapters are merged and re-created each round: their state has no future
         for objective, opt in optimizers.items():
-            kept.update(_keep_optimizer(ctx, state, objective, opt, result.version))
+            if objective != "ppo":  # its value head is not kept either
+                kept.update(_keep_optimizer(ctx, state, objective, opt, result.version))
+    return result, kept
+
+
+def reference_version(store: ModelStore) -> str:
+    """pi_ref of the KL terms: the newest generator version an SFT-only round published (InstructGPT
+    leashes RL to its SFT model), else the oldest version in the store (the base)."""
+    versions = store.list(GENERATOR)
+    for version in reversed(versions):
+        if store.get(GENERATOR, version).meta.get("objective") == "sft":
+            return version
+    return versions[0]
+
+
+def _sft_round(
+    ctx: Context,
+    state: TrainerState,
+    result: RoundResult,
+    serving: str,
+    train_demos: list[Demonstration],
+    eval_demos: list[Demonstration],
+) -> RoundOutput:
+    """A round of SFT alone: train on the demonstrations, gate on the held-out ones' NLL, publish as
+    `objective: sft` (the reference of later RL rounds). Needs no reward service."""
+    args = ctx.args
+    clock = _PhaseClock(result.phases)
+    folder = ctx.store.path(GENERATOR, serving)
+    tokenizer = generator.load_tokenizer(folder)
+    policy = generator.load(folder, ctx.device)
+    clock.lap("load")
+    result.serving_metrics = sft.evaluate_sft(policy, tokenizer, eval_demos, args.sft)
+    clock.lap("evaluate_serving")
+    policy = add_lora(policy, args.lora)
+    opt = sft.make_optimizer(policy, args.sft)
+    if args.lora.r == 0:
+        _maybe_load_optimizer(ctx, state, "sft", opt, serving)
+    guard = ctx.guard("sft")
+    m = sft.train_sft(policy, tokenizer, train_demos, args.sft, optimizer=opt, guard=guard, generator=ctx.gen)
+    TRAINER_LOSS.labels(objective="sft").set(m.get("sft_loss", float("nan")))
+    policy = merge_lora(policy)
+    clock.lap("train")
+    cand = sft.evaluate_sft(policy, tokenizer, eval_demos, args.sft)
+    clock.lap("evaluate_candidate")
+    cand.update(_prefixed("train_", m), n_train_demos=float(len(train_demos)))
+    result.metrics = cand
+    decision = gate_sft(cand, result.serving_metrics, args.gate)
+    if not decision.publish:
+        result.result, result.reasons = "gated", decision.reasons
+        return result, {}
+
+    def save(dest: Path) -> None:
+        policy.save_pretrained(dest, safe_serialization=True)
+        tokenizer.save_pretrained(dest)
+
+    result.version = _publish(
+        ctx,
+        state,
+        GENERATOR,
+        save,
+        serving,
+        {**cand, **_prefixed("serving_", result.serving_metrics)},
+        {"objective": "sft"},
+    )
+    clock.lap("publish")
+    result.result = "published"
+    kept = _keep_optimizer(ctx, state, "sft", opt, result.version) if args.lora.r == 0 else {}
     return result, kept
 
 
@@ -566,7 +695,8 @@ def due(ctx: Context, state: TrainerState, model: str, now: float) -> bool:
         ):
             return True
     waited = now - state.last_round_at.get(model, now) >= args.round_interval_s
-    if model == GENERATOR and "grpo" in args.generator_objective_list() and ctx.reward_fn is not None:
+    online = {"grpo", "ppo"} & set(args.generator_objective_list())
+    if model == GENERATOR and online and ctx.reward_fn is not None:
         return waited and bool(state.prompts)
     return waited and new > 0
 

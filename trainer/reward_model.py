@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from loopserve.models.encoder_heads import RewardModel
-from reward_service.runtime import encode_pairs
+from reward_service.runtime import BUILTIN_REFERENCE_PAIRS, encode_pairs
+from reward_service.types import RewardStats
 from trainer.examples import PointwiseExample, PreferencePair, RatingExample
 from trainer.gate import LossGuard
 from trainer.optim import encoder_optimizer
@@ -55,6 +56,9 @@ class RewardModelConfig:
     """Max global gradient norm."""
     eval_batch_size: int = 64
     """Sequences per forward pass in evaluation."""
+    stats_reference_size: int = 256
+    """Held-out (prompt, response) pairs, oldest first, on which a published version's reward mean and
+    std are computed (its normalisation statistics, stored in its manifest)."""
 
 
 def rewards(
@@ -231,3 +235,38 @@ def evaluate_reward_model(
             out["pointwise_accuracy"] = ((r > 0).float() == t).float().mean().item()
         out[f"n_{name}"] = float(len(xs))
     return out
+
+
+def reference_pairs(
+    pairs: Sequence[PreferencePair],
+    ratings: Sequence[RatingExample],
+    pointwise: Sequence[PointwiseExample],
+    limit: int,
+) -> list[tuple[str, str]]:
+    """The reference set of a reward version's statistics: held-out served responses (both sides of
+    each pair, the rated and the accepted / rejected ones), oldest first, so that once full it is the
+    same set for every later version and their normalised scales agree."""
+    rows = [(p.seq, p.prompt, p.chosen) for p in pairs] + [(p.seq, p.prompt, p.rejected) for p in pairs]
+    rows += [(x.seq, x.prompt, x.response) for x in ratings]
+    rows += [(x.seq, x.prompt, x.response) for x in pointwise]
+    rows.sort(key=lambda row: row[0])
+    return [(prompt, response) for _, prompt, response in rows[:limit]]
+
+
+@torch.no_grad()
+def reward_statistics(
+    model: RewardModel,
+    tokenizer: PreTrainedTokenizerBase,
+    reference: Sequence[tuple[str, str]],
+    cfg: RewardModelConfig,
+) -> RewardStats:
+    """Mean and std of r over `reference` (the service's builtin pairs when it is empty), as the reward
+    service normalises with: Score(normalised) = clip((r - mean) / std)."""
+    source = "publish" if reference else "builtin"
+    reference = list(reference) or list(BUILTIN_REFERENCE_PAIRS)
+    model.eval()
+    r = [
+        rewards(model, tokenizer, [p for p, _ in chunk], [x for _, x in chunk], cfg.max_length).float()
+        for chunk in (reference[i : i + cfg.eval_batch_size] for i in range(0, len(reference), cfg.eval_batch_size))
+    ]
+    return RewardStats.of(torch.cat(r).cpu().tolist(), source)

@@ -126,7 +126,7 @@ class GenerationDemoOptions:
     dataset: Path | None = None
     quick: bool = False
     objective: str = "grpo"
-    """grpo (online RL against the reward service) or dpo (straight from the logged pairs)."""
+    """grpo or ppo (online RL against the reward service), or dpo (straight from the logged pairs)."""
     seed: int = 0
     rounds: int = 3
     """Rounds of (generate, prefer, train)."""
@@ -139,7 +139,10 @@ class GenerationDemoOptions:
     pair_margin: float = 0.1
     """The labeller states a preference between two completions when their positivity differs by this."""
     grpo_steps: int = 8
-    """GRPO steps per generator round (4 prompts x 4 samples each)."""
+    """Rollout batches per generator round (4 prompts x 4 samples each), for GRPO and PPO alike: the
+    same prompts and reward calls, so the two objectives are compared on one budget."""
+    ppo_epochs: int = 4
+    """PPO: epochs over each rollout batch (2 minibatches of 8 sequences each)."""
     eval_prompts: int = 16
     """Fixed evaluation prompts (reserved products), 4 samples each."""
     positive_label: str = "great"
@@ -217,6 +220,19 @@ def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
         "eval_samples": 4,
         "eval_batch_prompts": 8,
     }
+    ppo = {
+        "prompts_per_step": 4,
+        "samples_per_prompt": 4,
+        "steps": opts.grpo_steps,
+        "update_epochs": opts.ppo_epochs,
+        "num_minibatches": 2,
+        "max_new_tokens": opts.max_new_tokens,
+        "temperature": opts.temperature,
+        "lr": 1e-3,  # LoRA, as GRPO's
+        "value_lr": 1e-3,
+        "beta": 0.05,
+        "precision": "bf16",
+    }
     objectives = {
         # A few hundred pairs at most: higher rates than the production defaults, or the head's scale
         # stays near 0 and GRPO's group-normalised advantages are mostly noise. Each round continues the
@@ -224,6 +240,7 @@ def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
         # at most 40 steps, drawn from the whole buffer.
         "reward": {"epochs": 4.0, "max_steps": 40, "max_length": 128, "encoder_lr": 1e-4, "head_lr": 1e-2},
         "grpo": grpo,
+        "ppo": ppo,
         "dpo": {"lr": 5e-5, "epochs": 1.0, "max_completion_tokens": 64, "batch_size": 4},
         "lora": {"r": 8},
         "gate": {"min_eval_pairs": 8, "min_eval_prompts": 4, "kl_bound": 0.5},

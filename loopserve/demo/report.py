@@ -485,7 +485,8 @@ def write_generation_report(st: GenerationRun) -> dict[str, Any]:
         f"(max {opts.max_new_tokens} new tokens, temperature {opts.temperature:g}, served in bf16); of every two "
         f"completions of a prompt whose positivity differs by at least {opts.pair_margin:g} the labeller "
         "preferred the more positive; the trainer then ran a reward-model round (Bradley-Terry) and a "
-        f"generator round ({opts.objective}, {opts.grpo_steps} steps of 4 prompts x 4 samples, LoRA r=8 on "
+        f"generator round ({opts.objective}, {opts.grpo_steps} rollout batches of 4 prompts x 4 samples"
+        f"{f', {opts.ppo_epochs} PPO epochs each' if opts.objective == 'ppo' else ''}, LoRA r=8 on "
         "q/v, KL to the base; gate: held-out mean reward up, KL under 0.5); the services hot-swapped what "
         "passed the gate.",
         f"- Evaluation: {opts.eval_prompts} prompts about products never used in training, 4 samples each "

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -17,6 +18,30 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RewardScale:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RewardScaleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RewardScale.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REWARD_SCALE_RAW: _RewardScale.ValueType  # 0
+    """The reward model's output r as it is (the default)."""
+    REWARD_SCALE_NORMALISED: _RewardScale.ValueType  # 1
+    """(r - mean) / std of the scoring version's reference statistics, clipped to [-clip, clip]."""
+
+class RewardScale(_RewardScale, metaclass=_RewardScaleEnumTypeWrapper):
+    """Which scale Score returns. A reward model's raw outputs have a scale of their own that changes with
+    every version; each version carries the mean and std of its raw rewards on a reference set
+    (computed when it was published, stored in its manifest), so normalised rewards keep one scale
+    across reward-model swaps.
+    """
+
+REWARD_SCALE_RAW: RewardScale.ValueType  # 0
+"""The reward model's output r as it is (the default)."""
+REWARD_SCALE_NORMALISED: RewardScale.ValueType  # 1
+"""(r - mean) / std of the scoring version's reference statistics, clipped to [-clip, clip]."""
+Global___RewardScale: _TypeAlias = RewardScale  # noqa: Y015
 
 @_typing.final
 class Pair(_message.Message):
@@ -45,16 +70,25 @@ class ScoreRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PAIRS_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    scale: Global___RewardScale.ValueType
+    clip: _builtins.float
+    """Normalised rewards only: the declared range is [-clip, clip]. 0 means the service default (5);
+    negative or non-finite values are refused (INVALID_ARGUMENT). Ignored for raw rewards.
+    """
     @_builtins.property
     def pairs(self) -> _containers.RepeatedCompositeFieldContainer[Global___Pair]: ...
     def __init__(
         self,
         *,
         pairs: _abc.Iterable[Global___Pair] | None = ...,
+        scale: Global___RewardScale.ValueType = ...,
+        clip: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pairs", b"pairs"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "pairs", b"pairs", "scale", b"scale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -66,20 +100,34 @@ class ScoreResponse(_message.Message):
 
     MODEL_VERSION_FIELD_NUMBER: _builtins.int
     SCORES_FIELD_NUMBER: _builtins.int
+    SCALE_FIELD_NUMBER: _builtins.int
+    CLIP_FIELD_NUMBER: _builtins.int
+    REFERENCE_MEAN_FIELD_NUMBER: _builtins.int
+    REFERENCE_STD_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
+    scale: Global___RewardScale.ValueType
+    """The scale of `scores`, and for normalised rewards the range they were clipped to."""
+    clip: _builtins.float
+    reference_mean: _builtins.float
+    """The scoring version's reference statistics (raw-reward mean and std on its reference set)."""
+    reference_std: _builtins.float
     @_builtins.property
     def scores(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """One reward per pair, in request order."""
+        """One reward per pair, in request order, on the scale asked for."""
 
     def __init__(
         self,
         *,
         model_version: _builtins.str = ...,
         scores: _abc.Iterable[_builtins.float] | None = ...,
+        scale: Global___RewardScale.ValueType = ...,
+        clip: _builtins.float = ...,
+        reference_mean: _builtins.float = ...,
+        reference_std: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_version", b"model_version", "scores", b"scores"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clip", b"clip", "model_version", b"model_version", "reference_mean", b"reference_mean", "reference_std", b"reference_std", "scale", b"scale", "scores", b"scores"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
