@@ -84,6 +84,8 @@ bench: setup postgres models
 	$(PY) bench/serving.py
 	$(PY) bench/ingest.py
 	$(PY) bench/hotswap.py
+	$(PY) bench/online_latency.py
+	$(PY) bench/learning.py   # learning curves, 3 seeds: over an hour on 2 cores
 
 demo: setup models
 	$(PY) -m loopserve demo --data-dir $(DATA_DIR)
