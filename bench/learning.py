@@ -320,6 +320,8 @@ def main() -> None:
     ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[50, 100, 200, 300, 500, 1000])
     ap.add_argument("--early-rounds", type=lambda s: [int(x) for x in s.split(",") if x], default=[25])
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier result files whose seeds to include")
     ap.add_argument("--fraction", type=float, default=0.25, help="human interactions per item streamed")
     ap.add_argument("--chunk", type=int, default=100)
     ap.add_argument("--error-rate", type=float, default=0.05)
@@ -356,7 +358,9 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    for seed in range(args.seeds):
+    for earlier in args.merge:  # seeds measured by earlier runs with the same settings (same data, budgets)
+        results["seeds"] += json.loads(earlier.read_text())["seeds"]
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         rng = random.Random(seed)
         order = list(train)
         rng.shuffle(order)
