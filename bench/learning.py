@@ -373,6 +373,9 @@ def main() -> None:
         results["seconds"] = round(time.monotonic() - t0, 1)
         args.out.write_text(json.dumps(results, indent=1, default=str))
         plot(results["summary"], args.out.with_suffix(".png"), f"{path.name}: {len(results['seeds'])} seeds")
+    results["summary"] = summarise(results, sorted(args.budgets))
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    plot(results["summary"], args.out.with_suffix(".png"), f"{path.name}: {len(results['seeds'])} seeds")
     print(json.dumps(results["summary"], indent=1))
 
 
