@@ -359,7 +359,10 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     for earlier in args.merge:  # seeds measured by earlier runs with the same settings (same data, budgets)
-        results["seeds"] += json.loads(earlier.read_text())["seeds"]
+        for s in json.loads(earlier.read_text())["seeds"]:
+            for learner in ("loop", "passive"):  # JSON made the budgets strings
+                s[learner]["budgets"] = {int(b): m for b, m in s[learner]["budgets"].items()}
+            results["seeds"].append(s)
     for seed in range(args.first_seed, args.first_seed + args.seeds):
         rng = random.Random(seed)
         order = list(train)

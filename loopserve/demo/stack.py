@@ -190,8 +190,8 @@ class Stack:
         if self._stopped:
             return
         self._stopped = True
-        # The trainer first: it stops between steps and checkpoints; then the services drain.
-        for name in ("trainer", "policy", "reward"):
+        # The trainers first: they stop between steps and checkpoint; then the services drain.
+        for name in ("trainer", "trainer-online", "policy", "reward"):
             p = self.procs.get(name)
             if p is not None and p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
