@@ -99,6 +99,14 @@ class PolicyConfig(ServerConfig):
     max_completions: int = field(default=16, metadata={"help": "largest n per Generate call"})
     max_prompt_tokens: int = field(default=1024, metadata={"help": "longer prompts are INVALID_ARGUMENT"})
     gen_max_batch_size: int = field(default=16, metadata={"help": "sequences decoded together"})
+    gen_batching: str = field(
+        default="continuous",
+        metadata={
+            "help": "continuous: requests join and leave the decode batch token by token; "
+            "static: a batch runs until its longest row ends",
+            "choices": ("continuous", "static"),
+        },
+    )
     generator: bool = field(default=True, metadata={"help": "serve the generator (off: annotation only)"})
     decision_buffer: int = field(default=100_000, metadata={"help": "decisions buffered before RESOURCE_EXHAUSTED"})
     log_decisions: bool = field(
@@ -139,7 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], skip: set[str
         elif tp is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_)
+            choices = f.metadata.get("choices")
+            parser.add_argument(flag, dest=f.name, type=tp, default=None, choices=choices, help=help_)
 
 
 def from_namespace(cls: type[C], ns: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> C:
@@ -160,6 +169,9 @@ def from_namespace(cls: type[C], ns: argparse.Namespace | None = None, environ: 
             values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
         else:
             values[f.name] = tp(raw)
+        choices = f.metadata.get("choices")
+        if choices and values[f.name] not in choices:
+            raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be one of {', '.join(choices)}")
     return cls(**values)
 
 

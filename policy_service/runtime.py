@@ -23,6 +23,7 @@ from loopserve.model_store import Manifest, ModelStore
 from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel
 from policy_service import sampling
+from policy_service.continuous import DecodeBatch
 from policy_service.types import (
     AnnotateCall,
     Annotation,
@@ -225,39 +226,47 @@ class PolicyRuntime:
         handle: Loaded[GeneratorBundle],
         jobs: list[tuple[GenerateCall, list[int], list[sampling.SequenceRequest]]],
     ) -> list[list[Completion] | Exception]:
-        """Decode every sequence of every job in one batch; per job, its completions, or the error of
-        that job alone (one row's failure never fails the others)."""
+        """Static batching: decode every sequence of every job in one batch, start to end; per job, its
+        completions, or the error of that job alone (one row's failure never fails the others)."""
         bundle = handle.model
-        flat = [s for _, _, seqs in jobs for s in seqs]
-        outs = sampling.generate(bundle.model, bundle.tokenizer, flat)
+        outs = sampling.generate(bundle.model, bundle.tokenizer, [s for _, _, seqs in jobs for s in seqs])
         results: list[list[Completion] | Exception] = []
         k = 0
-        for call, _, seqs in jobs:
-            comps = []
-            own = outs[k : k + len(seqs)]
-            failed = next((r.error for r in own if r.error is not None), None)
-            if failed is not None:
-                if isinstance(failed, ModelFault):
-                    metrics.MODEL_FAULTS.labels("generator").inc()
-                    logger.error("generator %s gave non-finite logits", handle.version)
-                results.append(failed)
-                k += len(seqs)
-                continue
-            for _ in seqs:
-                r = outs[k]
-                k += 1
-                comps.append(
-                    Completion(
-                        text=r.text,
-                        event_id=uuid.uuid4().hex,
-                        num_tokens=len(r.token_ids),
-                        finish_reason=r.finish_reason,
-                        sequence_logprob=r.sequence_logprob,
-                        token_logprobs=tuple(r.token_logprobs) if call.params.logprobs else (),
-                    )
-                )
-            results.append(comps)
+        for job in jobs:
+            n = len(job[2])
+            results.append(self.completions(handle, job, outs[k : k + n]))
+            k += n
         return results
+
+    def decode_batch(self, handle: Loaded[GeneratorBundle]) -> DecodeBatch:
+        """A running batch on this version that requests join and leave token by token (continuous)."""
+        return DecodeBatch(handle.model.model, handle.model.tokenizer)
+
+    def completions(
+        self,
+        handle: Loaded[GeneratorBundle],
+        job: tuple[GenerateCall, list[int], list[sampling.SequenceRequest]],
+        outs: list[sampling.SequenceResult],
+    ) -> list[Completion] | Exception:
+        """One job's decoded rows -> its completions, or the error of its first failed row."""
+        call = job[0]
+        failed = next((r.error for r in outs if r.error is not None), None)
+        if failed is not None:
+            if isinstance(failed, ModelFault):
+                metrics.MODEL_FAULTS.labels("generator").inc()
+                logger.error("generator %s gave non-finite logits", handle.version)
+            return failed
+        return [
+            Completion(
+                text=r.text,
+                event_id=uuid.uuid4().hex,
+                num_tokens=len(r.token_ids),
+                finish_reason=r.finish_reason,
+                sequence_logprob=r.sequence_logprob,
+                token_logprobs=tuple(r.token_logprobs) if call.params.logprobs else (),
+            )
+            for r in outs
+        ]
 
     @staticmethod
     def sequence_requests(

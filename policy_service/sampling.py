@@ -71,7 +71,7 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
     return logits
 
 
-class _Row:
+class Row:
     """Book-keeping for one sequence: text so far, stop strings, what has been streamed."""
 
     def __init__(self, req: SequenceRequest, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
@@ -88,7 +88,7 @@ class _Row:
         p = self.req.params
         r = self.result
         if token_id in eos_ids:
-            self._finish("stop")
+            self.finish("stop")
             return
         r.token_ids.append(token_id)
         r.token_logprobs.append(logprob)
@@ -97,11 +97,11 @@ class _Row:
             cut = text.find(s)
             if cut != -1:
                 r.text = text[:cut]
-                self._finish("stop")
+                self.finish("stop")
                 return
         r.text = text
         if len(r.token_ids) >= p.max_new_tokens:
-            self._finish("length")
+            self.finish("length")
             return
         self._stream(logprob, final=False)
 
@@ -134,13 +134,13 @@ class _Row:
         self.result.finish_reason = "error"
         self.result.error = error
 
-    def _finish(self, reason: str) -> None:
+    def finish(self, reason: str) -> None:
         self.done = True
         self.result.finish_reason = reason
         self._stream(0.0, final=True)
 
 
-def _sample(logits: torch.Tensor, row: _Row) -> tuple[int, float]:
+def _sample(logits: torch.Tensor, row: Row) -> tuple[int, float]:
     """(V,) logits -> (token id, its log-probability under the sampling distribution)."""
     p = row.req.params
     if p.temperature == 0:
@@ -152,31 +152,74 @@ def _sample(logits: torch.Tensor, row: _Row) -> tuple[int, float]:
     return tok, float(logp[tok])
 
 
-@torch.inference_mode()
-def generate(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    requests: list[SequenceRequest],
-) -> list[SequenceResult]:
-    device = next(model.parameters()).device
-    rows = [_Row(r, tokenizer, device) for r in requests]
-    B = len(rows)
-    T = max(len(r.prompt_ids) for r in requests)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T), left-padded
-    attention_mask = torch.zeros((B, T), dtype=torch.long)  # (B, T)
-    for i, r in enumerate(requests):
-        n = len(r.prompt_ids)
-        input_ids[i, T - n :] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        attention_mask[i, T - n :] = 1
-    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+def eos_ids_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
+    """Token ids that end a sequence: the tokenizer's EOS and the generation config's."""
     eos_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     gen_eos = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(gen_eos, int):
         eos_ids.add(gen_eos)
     elif isinstance(gen_eos, list):
         eos_ids.update(gen_eos)
+    return eos_ids
+
+
+def advance(rows: list[Row], logits: torch.Tensor, eos_ids: set[int], next_ids: torch.Tensor) -> None:
+    """One token for every live row: (B, V) last-position logits -> next_ids[i] and each row's state.
+
+    A cancelled row ends "cancelled"; a row whose logits are not finite ends with a ModelFault; a row
+    whose sampling (or streaming callback) raises ends with that error. The other rows decode on.
+    """
+    logits = logits.float()
+    # A NaN or +inf logit, or a row with no finite logit, is the model's fault (a broken weight).
+    broken = (torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)).tolist()
+    for i, row in enumerate(rows):
+        if row.done:
+            continue
+        if row.req.cancelled():
+            row.done = True
+            row.result.finish_reason = "cancelled"
+            continue
+        if broken[i]:
+            row.fail(ModelFault("the generator produced non-finite logits; the server logged the incident"))
+            continue
+        try:
+            tok, logprob = _sample(logits[i], row)
+            next_ids[i] = tok
+            row.push(tok, logprob, eos_ids)
+        except Exception as exc:  # this row's fault (or its callback's): the batch decodes on
+            row.fail(exc)
+
+
+def left_padded(prompts: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> (B, T) input ids and attention mask, padded on the left so every row ends at T."""
+    T = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), T), dtype=torch.long)
+    for i, ids in enumerate(prompts):
+        input_ids[i, T - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, T - len(ids) :] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+@torch.inference_mode()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: list[SequenceRequest],
+) -> list[SequenceResult]:
+    """Static batching: every row starts together and the batch runs until its last row ends (the
+    baseline the continuous decode batch in `continuous.py` is measured against; the trainer's path)."""
+    device = next(model.parameters()).device
+    rows = [Row(r, tokenizer, device) for r in requests]
+    B = len(rows)
+    pad_id = pad_id_of(tokenizer)
+    input_ids, attention_mask = left_padded([r.prompt_ids for r in requests], pad_id, device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    eos_ids = eos_ids_of(model, tokenizer)
 
     past = None
     cur_ids, cur_pos = input_ids, position_ids
@@ -190,28 +233,8 @@ def generate(
             use_cache=True,
         )
         past = out.past_key_values
-        logits = out.logits[:, -1, :].float()  # (B, V)
-        # A NaN or +inf logit, or a row with no finite logit, is the model's fault (a broken weight).
-        broken = (
-            torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
-        ).tolist()
         next_ids = torch.full((B,), pad_id, dtype=torch.long, device=device)
-        for i, row in enumerate(rows):
-            if row.done:
-                continue
-            if row.req.cancelled():
-                row.done = True
-                row.result.finish_reason = "cancelled"
-                continue
-            if broken[i]:
-                row.fail(ModelFault("the generator produced non-finite logits; the server logged the incident"))
-                continue
-            try:
-                tok, logprob = _sample(logits[i], row)
-                next_ids[i] = tok
-                row.push(tok, logprob, eos_ids)
-            except Exception as exc:  # this row's fault (or its callback's): the batch decodes on
-                row.fail(exc)
+        advance(rows, out.logits[:, -1, :], eos_ids, next_ids)
         if all(r.done for r in rows):
             break
         cur_ids = next_ids.unsqueeze(-1)  # (B, 1)
@@ -219,5 +242,5 @@ def generate(
         cur_pos = cur_pos[:, -1:] + 1  # (B, 1)
     for row in rows:
         if not row.done:  # ran out of steps in a mixed batch (cannot happen: each row caps itself)
-            row._finish("length")
+            row.finish("length")
     return [r.result for r in rows]

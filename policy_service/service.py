@@ -11,15 +11,18 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any, Protocol
 
 from loopserve.batcher import DynamicBatcher
 from loopserve.config import PolicyConfig
+from loopserve.continuous_batcher import ContinuousBatcher
 from loopserve.errors import FailedPrecondition
 from policy_service.runtime import PolicyRuntime
+from policy_service.sampling import SequenceRequest
 from policy_service.types import (
     AnnotateCall,
     AnnotateResult,
+    Completion,
     GenerateCall,
     GenerateResult,
     Limits,
@@ -28,6 +31,8 @@ from policy_service.types import (
 )
 
 logger = logging.getLogger(__name__)
+
+GenerateJob = tuple[GenerateCall, list[int], list[SequenceRequest]]  # the call, its prompt ids, its rows
 
 
 class DecisionSink(Protocol):
@@ -65,13 +70,26 @@ class PolicyFrontend:
             max_queue=cfg.max_queue,
             retry_alone=True,
         )
-        self.generate_batcher = DynamicBatcher(
-            "generate",
-            runtime.generate_batch,
-            max_batch_size=cfg.gen_max_batch_size,
-            max_wait_ms=cfg.max_wait_ms,
-            max_queue=max(cfg.gen_max_batch_size * 8, cfg.max_completions),
-        )
+        gen_queue = max(cfg.gen_max_batch_size * 8, cfg.max_completions)
+        self.generate_batcher: ContinuousBatcher[GenerateJob, list[Completion]] | DynamicBatcher[Any, Any]
+        if cfg.gen_batching == "continuous":
+            # Requests join and leave the running decode batch at token boundaries.
+            self.generate_batcher = ContinuousBatcher(
+                "generate",
+                runtime.decode_batch,
+                prepare=lambda job: job[2],  # the job's rows
+                finish=runtime.completions,
+                max_rows=cfg.gen_max_batch_size,
+                max_queue=gen_queue,
+            )
+        else:  # static: a batch runs from its first token to its last row's end
+            self.generate_batcher = DynamicBatcher(
+                "generate",
+                runtime.generate_batch,
+                max_batch_size=cfg.gen_max_batch_size,
+                max_wait_ms=cfg.max_wait_ms,
+                max_queue=gen_queue,
+            )
         self._stop_watch = asyncio.Event()
         self._watches: list[asyncio.Task[None]] = []
 

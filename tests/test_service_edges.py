@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from loopserve import metrics
 from loopserve.client import AsyncClient, generate_request
 from loopserve.config import POLICY_SERVICE
+from loopserve.continuous_batcher import ContinuousBatcher
 from loopserve.feedback.v1 import feedback_pb2 as fb
 from policy_service.app import PolicyApp
 from policy_service.types import Completion
@@ -49,18 +50,19 @@ async def svc(tiny_data_dir: Path) -> AsyncIterator[Running]:
 
 
 def _spy_on_generate_batches(app: PolicyApp) -> list[Completion]:
-    """Every completion the generate batcher's model runs produce, appended as each batch ends (on
-    the batch thread): what the decode loop really did, whatever the client saw."""
+    """Every completion the decode loop produces, appended as each request's rows end (on the decode
+    thread): what the decode loop really did, whatever the client saw."""
     batcher = app.frontend.generate_batcher
-    real = batcher.run_batch
+    assert isinstance(batcher, ContinuousBatcher)
+    real = batcher.finish
     finished: list[Completion] = []
 
-    def spy(key: Any, jobs: list[Any]) -> Any:
-        results = real(key, jobs)
-        finished.extend(c for comps in results for c in comps)
-        return results
+    def spy(key: Any, job: Any, rows: Any) -> Any:
+        comps = real(key, job, rows)
+        finished.extend(comps)
+        return comps
 
-    batcher.run_batch = spy
+    batcher.finish = spy
     return finished
 
 
