@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -53,6 +54,7 @@ class _Pending(Generic[Job, Res]):
     size: int  # rows
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[Res] = field(init=False)
+    enqueued: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.future = self.loop.create_future()
@@ -84,6 +86,7 @@ class ContinuousBatcher(Generic[Job, Res]):
         *,
         max_rows: int,
         max_queue: int,
+        max_wait_ms: float = 0.0,
     ) -> None:
         self.name = name
         self.open_group = open_group
@@ -91,6 +94,10 @@ class ContinuousBatcher(Generic[Job, Res]):
         self.finish = finish
         self.max_rows = max_rows
         self.max_queue = max_queue
+        # An idle batch waits this long for company before its first prefill, so requests sent together
+        # are prefilled together (one forward) rather than one after another; a running batch needs no
+        # wait: the next token boundary is the window.
+        self.max_wait = max_wait_ms / 1000.0
         self._lock = threading.Condition()
         self._waiting: list[_Pending[Job, Res]] = []  # guarded by _lock
         self._queued_rows = 0  # guarded by _lock
@@ -157,6 +164,13 @@ class ContinuousBatcher(Generic[Job, Res]):
                     self._lock.wait()
                 if self._closing and not self._waiting and not self._running:
                     return
+                if not self._running:
+                    deadline = self._waiting[0].enqueued + self.max_wait
+                    while self._queued_rows < self.max_rows and not self._closing:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._lock.wait(remaining)
                 admitted = self._take()
             self._admit(admitted)
             self._step()

@@ -81,6 +81,7 @@ class PolicyFrontend:
                 finish=runtime.completions,
                 max_rows=cfg.gen_max_batch_size,
                 max_queue=gen_queue,
+                max_wait_ms=cfg.max_wait_ms,
             )
         else:  # static: a batch runs from its first token to its last row's end
             self.generate_batcher = DynamicBatcher(
