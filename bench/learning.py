@@ -28,7 +28,6 @@ import argparse
 import copy
 import json
 import math
-import platform
 import random
 import statistics
 import sys
@@ -41,6 +40,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.common import cpu_model
 from loopserve.annotation_routing import pick_for_review
 from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
 from loopserve.demo.annotators import AnnotatorPool
@@ -53,16 +53,6 @@ from trainer.examples import LabelExample, heldout
 from trainer.gate import GateConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 class Replay:

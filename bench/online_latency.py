@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.learning import cpu_model
+from bench.common import cpu_model
 from loopserve.auth import ensure_token_file, read_token
 from loopserve.client import Client
 from loopserve.datasets import load_dataset, pull_finefoods

@@ -34,6 +34,7 @@ from grpc import aio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import cpu_model  # noqa: E402
 from bench.serving import free_port, load, review, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
@@ -49,13 +50,6 @@ ABUSE_EXPECTED = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
     "oversize_id": grpc.StatusCode.INVALID_ARGUMENT,
 }
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 async def soak(target: str, tokens: dict[str, str], pid: int, rate: float, seconds: float) -> dict:
