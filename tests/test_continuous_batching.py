@@ -89,6 +89,15 @@ async def _long_stream(c: AsyncClient, seed: int, first_token: asyncio.Event, or
     return version
 
 
+async def _long_streams_decoding(c: AsyncClient, n: int, order: list[str]) -> list[asyncio.Task[str]]:
+    """`n` long streams, returned once every one of them has its first token (all are decoding)."""
+    started = [asyncio.Event() for _ in range(n)]
+    longs = [asyncio.create_task(_long_stream(c, s, started[s], order)) for s in range(n)]
+    for e in started:
+        await asyncio.wait_for(e.wait(), 60)
+    return longs
+
+
 @pytest.mark.parametrize("batching", ["continuous", "static"])
 async def test_a_short_request_is_answered_while_long_ones_decode(tiny_data_dir: Path, batching: str) -> None:
     svc = await start_policy(policy_config(tiny_data_dir, max_new_tokens_cap=LONG, gen_batching=batching))
@@ -97,10 +106,7 @@ async def test_a_short_request_is_answered_while_long_ones_decode(tiny_data_dir:
         assert isinstance(batcher, ContinuousBatcher if batching == "continuous" else DynamicBatcher)
         order: list[str] = []
         async with svc.client() as c:
-            started = [asyncio.Event() for _ in range(3)]
-            longs = [asyncio.create_task(_long_stream(c, s, started[s], order)) for s in range(3)]
-            for e in started:
-                await asyncio.wait_for(e.wait(), 60)
+            longs = await _long_streams_decoding(c, 3, order)
             short = await c.generate("Hi", max_new_tokens=2, temperature=0.0, timeout_s=120)
             order.append("short")
             await asyncio.gather(*longs)
@@ -118,10 +124,7 @@ async def test_rows_of_two_versions_decode_side_by_side_across_a_swap(tiny_data_
     try:
         order: list[str] = []
         async with svc.client() as c:
-            started = [asyncio.Event() for _ in range(2)]
-            longs = [asyncio.create_task(_long_stream(c, s, started[s], order)) for s in range(2)]
-            for e in started:
-                await asyncio.wait_for(e.wait(), 60)
+            longs = await _long_streams_decoding(c, 2, order)
             store = ModelStore(tiny_data_dir / "store")
             new = store.publish_version("generator", tiny_models.tiny_generator(tmp_path / "g1", seed=1)).version
             slot = svc.app.runtime.generator
