@@ -64,7 +64,7 @@ class DecodeBatch:
     @torch.inference_mode()
     def admit(self, jobs: list[tuple[Token, list[sampling.SequenceRequest]]]) -> None:
         """Prefill the jobs' prompts together, sample each new row's first token, join the batch."""
-        new_jobs = [_Job(t, [sampling.Row(r, self.tokenizer, self.device) for r in reqs]) for t, reqs in jobs]
+        new_jobs = [_Job(t, [sampling.Row(r, self.tokenizer) for r in reqs]) for t, reqs in jobs]
         rows = [r for j in new_jobs for r in j.rows]
         if not rows:
             return

@@ -74,13 +74,14 @@ def _filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tens
 class Row:
     """Book-keeping for one sequence: text so far, stop strings, what has been streamed."""
 
-    def __init__(self, req: SequenceRequest, tokenizer: PreTrainedTokenizerBase, device: torch.device) -> None:
+    def __init__(self, req: SequenceRequest, tokenizer: PreTrainedTokenizerBase) -> None:
         self.req = req
         self.tok = tokenizer
         self.result = SequenceResult()
         self.done = False
         seed = req.row_seed if req.row_seed is not None else secrets.randbits(63)
-        self.gen = torch.Generator(device=device).manual_seed(seed)
+        # On the CPU whatever the model's device: one uniform per token, drawn without a GPU sync.
+        self.gen = torch.Generator().manual_seed(seed)
         self.streamed = 0
         self.holdback = max((len(s) for s in req.params.stop), default=1) - 1
 
@@ -140,16 +141,66 @@ class Row:
         self._stream(0.0, final=True)
 
 
+def sample_rows(
+    logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]
+) -> tuple[list[int], list[float]]:
+    """(b, V) raw logits of b rows -> each row's token and its log-probability under that row's sampling
+    distribution (the raw distribution for a greedy row), in one pass over the batch.
+
+    The numbers are `sampling_logprobs` row by row, computed for all rows at once (each row its own
+    temperature, top-k and top-p); the draw is inverse-CDF from one uniform per row taken from the row's
+    own CPU generator, so a seed reproduces a row's completion whatever shares its batch, and a GPU
+    batch costs one kernel per operation, not one per row.
+    """
+    b, V = logits.shape
+    device = logits.device
+    tokens = torch.zeros(b, dtype=torch.long, device=device)
+    logps = torch.zeros(b, dtype=torch.float64, device=device)
+    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
+    sampled = [i for i, p in enumerate(params) if p.temperature != 0]
+    if greedy:
+        g = torch.tensor(greedy, device=device)
+        logp = torch.log_softmax(logits[g].float(), dim=-1)  # (g, V)
+        tok = logp.argmax(-1)
+        tokens[g] = tok
+        logps[g] = logp.gather(-1, tok[:, None])[:, 0].double()
+    if sampled:
+        s = torch.tensor(sampled, device=device)
+        rows = logits[s].double()  # (s, V)
+        temps = torch.tensor([params[i].temperature for i in sampled], dtype=torch.float64, device=device)
+        # Shift so the maximum is 0 before dividing: a tiny temperature gives -inf, never +inf or NaN.
+        scaled = (rows - rows.max(-1, keepdim=True).values) / temps[:, None]
+        ks = torch.tensor([params[i].top_k for i in sampled], device=device)
+        cut_k = (ks > 0) & (ks < V)
+        if any(0 < params[i].top_k < V for i in sampled):  # (decided on the host: no device sync)
+            kth = scaled.sort(-1, descending=True).values.gather(-1, (ks.clamp(1, V) - 1)[:, None])  # (s, 1)
+            scaled = scaled.masked_fill((scaled < kth) & cut_k[:, None], float("-inf"))
+        ps = torch.tensor([params[i].top_p for i in sampled], dtype=torch.float64, device=device)
+        cut_p = ps < 1.0
+        if any(params[i].top_p < 1.0 for i in sampled):
+            sorted_logits, order = torch.sort(scaled, dim=-1, descending=True)
+            probs = torch.softmax(sorted_logits, dim=-1)
+            # Drop a token when the mass before it already reaches top_p (the first token always stays).
+            drop_sorted = ((probs.cumsum(-1) - probs) >= ps[:, None]) & cut_p[:, None]
+            scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), float("-inf"))
+        logp = torch.log_softmax(scaled, dim=-1)  # (s, V): each row's sampling distribution
+        cdf = logp.exp().cumsum(-1)
+        # u in (0, 1): a token of probability 0 can never be the first whose cumulative mass reaches u.
+        u = torch.tensor(
+            [max(float(torch.rand((), generator=gens[i], dtype=torch.float64)), 1e-300) for i in sampled],
+            dtype=torch.float64,
+            device=device,
+        )
+        tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None])[:, 0].clamp(max=V - 1)
+        tokens[s] = tok
+        logps[s] = logp.gather(-1, tok[:, None])[:, 0]
+    return tokens.tolist(), logps.tolist()
+
+
 def _sample(logits: torch.Tensor, row: Row) -> tuple[int, float]:
-    """(V,) logits -> (token id, its log-probability under the sampling distribution)."""
-    p = row.req.params
-    if p.temperature == 0:
-        logp = torch.log_softmax(logits, dim=-1)  # (V,)
-        tok = int(torch.argmax(logp))
-    else:
-        logp = sampling_logprobs(logits, p)  # (V,): the sampling distribution
-        tok = int(torch.multinomial(logp.exp(), 1, generator=row.gen))
-    return tok, float(logp[tok])
+    """(V,) logits -> (token id, its log-probability under the sampling distribution): one row alone."""
+    tokens, logps = sample_rows(logits[None], [row.req.params], [row.gen])
+    return tokens[0], logps[0]
 
 
 def eos_ids_of(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -172,21 +223,40 @@ def advance(rows: list[Row], logits: torch.Tensor, eos_ids: set[int], next_ids: 
     logits = logits.float()
     # A NaN or +inf logit, or a row with no finite logit, is the model's fault (a broken weight).
     broken = (torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)).tolist()
+    live: list[int] = []
     for i, row in enumerate(rows):
         if row.done:
             continue
         if row.req.cancelled():
             row.done = True
             row.result.finish_reason = "cancelled"
-            continue
-        if broken[i]:
+        elif broken[i]:
             row.fail(ModelFault("the generator produced non-finite logits; the server logged the incident"))
+        else:
+            live.append(i)
+    if not live:
+        return
+    try:
+        idx = torch.tensor(live, device=logits.device)
+        drawn = sample_rows(logits[idx], [rows[i].req.params for i in live], [rows[i].gen for i in live])
+        picks: list[tuple[int, float] | Exception] = list(zip(*drawn, strict=True))
+    except Exception:  # some row's sampling failed: each alone, so only that row ends with its error
+        picks = []
+        for i in live:
+            try:
+                picks.append(_sample(logits[i], rows[i]))
+            except Exception as exc:
+                picks.append(exc)
+    for i, pick in zip(live, picks, strict=True):
+        row = rows[i]
+        if isinstance(pick, Exception):
+            row.fail(pick)
             continue
+        tok, logprob = pick
+        next_ids[i] = tok
         try:
-            tok, logprob = _sample(logits[i], row)
-            next_ids[i] = tok
             row.push(tok, logprob, eos_ids)
-        except Exception as exc:  # this row's fault (or its callback's): the batch decodes on
+        except Exception as exc:  # its streaming callback's fault: the batch decodes on
             row.fail(exc)
 
 
@@ -214,7 +284,7 @@ def generate(
     """Static batching: every row starts together and the batch runs until its last row ends (the
     baseline the continuous decode batch in `continuous.py` is measured against; the trainer's path)."""
     device = next(model.parameters()).device
-    rows = [Row(r, tokenizer, device) for r in requests]
+    rows = [Row(r, tokenizer) for r in requests]
     B = len(rows)
     pad_id = pad_id_of(tokenizer)
     input_ids, attention_mask = left_padded([r.prompt_ids for r in requests], pad_id, device)

@@ -44,6 +44,43 @@ def _requests(tok: object) -> list[sampling.SequenceRequest]:
     return out
 
 
+def test_one_batched_draw_gives_each_row_its_own_sampling_distribution() -> None:
+    """The batch's log-probabilities are `sampling_logprobs` row by row (the propensity a logged
+    completion carries), each row with its own temperature, top-k and top-p; a seed reproduces a row
+    whatever shares its batch; and the draws follow the distribution (a chi-square check)."""
+    torch.manual_seed(0)
+    V = 50
+    logits = torch.randn(5, V) * 3
+    params = [
+        SamplingParams(max_new_tokens=1, temperature=0.0),
+        SamplingParams(max_new_tokens=1, temperature=0.7),
+        SamplingParams(max_new_tokens=1, temperature=1.3, top_k=5),
+        SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.6),
+        SamplingParams(max_new_tokens=1, temperature=2.0, top_k=20, top_p=0.9),
+    ]
+    gens = [torch.Generator().manual_seed(i) for i in range(5)]
+    tokens, logps = sampling.sample_rows(logits, params, gens)
+    assert tokens[0] == int(logits[0].argmax())
+    assert logps[0] == pytest.approx(float(torch.log_softmax(logits[0], -1)[tokens[0]]), abs=1e-6)
+    for i in range(1, 5):
+        expected = sampling.sampling_logprobs(logits[i], params[i])
+        assert logps[i] == pytest.approx(float(expected[tokens[i]]), abs=1e-9)
+        assert torch.isfinite(expected[tokens[i]])  # never a token the filters removed
+    # The same seed, alone or beside other rows: the same token.
+    alone = sampling.sample_rows(logits[3:4], params[3:4], [torch.Generator().manual_seed(3)])
+    assert alone[0][0] == tokens[3]
+    # 4,000 draws of row 4 against its distribution: a chi-square well under the 0.1% critical value.
+    gen = torch.Generator().manual_seed(123)
+    draws = [sampling.sample_rows(logits[4:5], params[4:5], [gen])[0][0] for _ in range(4000)]
+    probs = sampling.sampling_logprobs(logits[4], params[4]).exp()
+    support = [t for t in range(V) if probs[t] > 0]
+    counts = torch.bincount(torch.tensor(draws), minlength=V).double()
+    assert set(draws) <= set(support)
+    expected_counts = probs[support] * 4000
+    chi2 = float((((counts[support] - expected_counts) ** 2) / expected_counts).sum())
+    assert chi2 < 2.0 * len(support) + 30, (chi2, len(support))
+
+
 def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tmp_path: Path) -> None:
     folder = tiny_models.tiny_generator(tmp_path / "gen", seed=3)
     model, tok = generator.load(folder), generator.load_tokenizer(folder)
