@@ -20,6 +20,7 @@ only thing the demo does that a production app would not.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import random
@@ -279,17 +280,21 @@ def _annotator_rounds(run: Path) -> list[dict[str, Any]]:
     return [r for r in rows if r.get("model") == "annotator"]
 
 
+@functools.lru_cache(maxsize=256)
+def _manifest(run: Path, version: str) -> dict[str, Any]:
+    """A published version's manifest (versions never change once published: read each once)."""
+    return dict(json.loads((run / "store" / "models" / "annotator" / version / "manifest.json").read_text()))
+
+
 def _checked(run: Path, version: str) -> bool:
     """Whether the trainer's gate checked `version` (its manifest says so): only then may it auto-label."""
-    manifest = json.loads((run / "store" / "models" / "annotator" / version / "manifest.json").read_text())
-    return bool(manifest.get("meta", {}).get("checked"))
+    return bool(_manifest(run, version).get("meta", {}).get("checked"))
 
 
 def _published_at(run: Path, version: str) -> float:
     import datetime as dt
 
-    manifest = json.loads((run / "store" / "models" / "annotator" / version / "manifest.json").read_text())
-    return dt.datetime.fromisoformat(manifest["created"]).timestamp()
+    return dt.datetime.fromisoformat(_manifest(run, version)["created"]).timestamp()
 
 
 class AnnotationDemo:
