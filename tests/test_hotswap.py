@@ -358,7 +358,7 @@ def fake_version(dest: Path, value: float) -> Path:
 def fake_slot(tmp_path: Path) -> ModelSlot[Weights]:
     store = ModelStore(tmp_path / "store")
     store.publish_version("m", fake_version(tmp_path / "w0", 0.0))
-    slot: ModelSlot[Weights] = ModelSlot("m", store, lambda folder, manifest: Weights(folder), retire_timeout_s=5)
+    slot: ModelSlot[Weights] = ModelSlot("m", store, lambda reader, serving: Weights(reader.folder), retire_timeout_s=5)
     slot.load_latest()
     yield slot
     slot.close()
@@ -392,7 +392,9 @@ def test_a_swap_waits_for_the_retired_copy_so_at_most_two_copies_live(
 def test_a_retired_copy_held_too_long_defers_the_swap_and_the_watch_retries(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     store.publish_version("m", fake_version(tmp_path / "w0", 0.0))
-    slot: ModelSlot[Weights] = ModelSlot("m", store, lambda f, m: Weights(f), retire_timeout_s=0.2)
+    slot: ModelSlot[Weights] = ModelSlot(
+        "m", store, lambda reader, serving: Weights(reader.folder), retire_timeout_s=0.2
+    )
     try:
         slot.load_latest()
         stuck = slot.current
