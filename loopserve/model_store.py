@@ -32,6 +32,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -58,6 +59,7 @@ _TMP_PREFIX = ".tmp-"
 _CHUNK = 4 << 20
 # Streamed reads hash each chunk while it is still in the CPU cache.
 _READ_CHUNK = 1 << 20
+_HUGE_PAGE = 2 << 20
 # A hold from another host counts while it was refreshed within this long (a live slot refreshes it
 # every HOLD_REFRESH_S); a hold from this host counts while its process lives.
 HOLD_TTL_S = 600.0
@@ -191,6 +193,18 @@ class Manifest:
         )
 
 
+def file_buffer(size: int) -> bytearray | mmap.mmap:
+    """Writable memory for a file's bytes. A large one is anonymous memory on transparent huge pages
+    where the kernel allows it (madvise): filling a fresh 500 MB buffer of 4 KiB pages costs ~130k
+    page faults, which took longer than reading and hashing the file (0.5 s against 0.18 s here)."""
+    if size < _HUGE_PAGE:
+        return bytearray(size)
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    with contextlib.suppress(AttributeError, OSError):  # no MADV_HUGEPAGE (not Linux): 4 KiB pages
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    return buf
+
+
 class VersionReader:
     """The files of one version, checked against its manifest once, as they are read.
 
@@ -216,14 +230,14 @@ class VersionReader:
             raise VerificationError(f"{self.manifest.model} {self.manifest.version}: file {rel} is not in the manifest")
         return digest
 
-    def read(self, rel: str) -> bytearray:
+    def read(self, rel: str) -> bytearray | mmap.mmap:
         """The bytes of `rel`, read once and hashed in the same pass; VerificationError on a mismatch."""
         digest = self._digest(rel)
         h = hashlib.sha256()
         try:
             with (self.folder / rel).open("rb", buffering=0) as f:
                 size = os.fstat(f.fileno()).st_size
-                buf = bytearray(size)
+                buf = file_buffer(size)
                 view = memoryview(buf)
                 pos = 0
                 while pos < size:
@@ -236,6 +250,7 @@ class VersionReader:
                     h.update(b"\0")
         except FileNotFoundError:
             raise VerificationError(f"{self.manifest.model} {self.manifest.version}: file {rel} is missing") from None
+        view.release()
         if pos < size or h.hexdigest() != digest:
             raise VerificationError(f"{self.manifest.model} {self.manifest.version}: checksum mismatch in {rel}")
         self.read_files.add(rel)

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import struct
 from pathlib import Path
 
 import torch
 
 from loopserve.errors import VerificationError
-from loopserve.model_store import VersionReader
+from loopserve.model_store import VersionReader, file_buffer
 
 MAX_HEADER_BYTES = 100 << 20
 
@@ -54,7 +55,7 @@ def first_non_finite(state: dict[str, torch.Tensor]) -> str | None:
     return None
 
 
-def parse_safetensors(buf: bytearray, where: str) -> dict[str, torch.Tensor]:
+def parse_safetensors(buf: bytearray | mmap.mmap, where: str) -> dict[str, torch.Tensor]:
     """The tensors of a safetensors file held in `buf`, as views of it (CPU, writable, no copy)."""
 
     def bad(why: str) -> VerificationError:
@@ -116,8 +117,15 @@ def read_tensors(path: Path, reader: VersionReader | None = None) -> dict[str, t
     else:
         try:
             with path.open("rb", buffering=0) as f:
-                buf = bytearray(path.stat().st_size)
-                del buf[f.readinto(buf) or 0 :]  # in place: a file that shrank meanwhile
+                size = path.stat().st_size
+                buf = file_buffer(size)
+                view = memoryview(buf)
+                n = 0
+                while n < size and (got := f.readinto(view[n:])):
+                    n += got
+                view.release()
+                if n < size:
+                    raise VerificationError(f"{where} shrank while it was read")
         except FileNotFoundError:
             raise VerificationError(f"{where} is missing") from None
         except OSError as exc:
