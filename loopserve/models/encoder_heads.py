@@ -182,6 +182,8 @@ def load(
     # assign: the parameters become the tensors just read (views of the checked buffer), no copy.
     model.load_state_dict(state, strict=False, assign=True)
     model.encoder.to(dtype=dtype)
+    for p in model.head.parameters():  # the fp32 head must not keep the whole file's buffer alive
+        p.data = p.data.clone()  # once a bf16 encoder no longer uses it (a few KB copied)
     model.to(device)
     model.eval()
     return model
