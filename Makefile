@@ -25,6 +25,10 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	# Label Studio's API client: only its generated HTTP client is used (httpx, pydantic, pyjwt: pinned in
 	# pyproject.toml); its declared deps (OpenCV, pandas, NLTK) would conflict with our numpy, hence --no-deps.
 	uv pip install -q -p $(VENV) --no-deps label-studio-sdk==2.1.2
+	# Bytecode compiled once here: with PYTHONDONTWRITEBYTECODE set (as on these machines) every process
+	# would otherwise compile torch and transformers from source on import, ~6 s of an 11 s
+	# `loopserve models publish` (the Dockerfile compiles too: UV_COMPILE_BYTECODE=1).
+	$(VENV)/bin/python -m compileall -q -j 0 $$($(VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') >/dev/null || true
 	touch $@
 
 setup: $(VENV)/.installed
@@ -85,6 +89,7 @@ bench: setup postgres models
 	$(PY) bench/ingest.py
 	$(PY) bench/hotswap.py
 	$(PY) bench/generation.py
+	$(PY) bench/swap_load.py
 	$(PY) bench/online_latency.py
 	$(PY) bench/learning.py   # learning curves, 3 seeds: over an hour on 2 cores
 

@@ -1,25 +1,31 @@
-"""Hot-swap benchmark: latency and errors while new versions are published under steady load.
+"""Hot-swap benchmark: how soon a published version answers, and latency and errors meanwhile.
 
-For the annotator (MiniLM + head) and the generator (SmolLM2-135M), each in turn:
-  1. the policy service runs in its own process (its store watch polls LATEST every
-     --watch-interval-s); N closed-loop gRPC clients (grpc.aio, no retries) call it from this process;
+For the annotator (MiniLM + head) and the generator (SmolLM2-135M), each in turn, and for each watch:
+`push` (the service's store watch wakes on the file-system event that replaces LATEST, polling every
+--watch-interval-s as the fallback) and `poll` (events off: the swap waits for the next poll, the
+path before issue 14), measured in the same run:
+  1. the policy service runs in its own process; N closed-loop gRPC clients (grpc.aio, no retries)
+     call it from this process;
   2. cycles of: a window without swaps, a window of the same length with a new version published
      every few seconds, and a cool-down that is not counted (so a swap's tail does not fall in the
      next window without swaps). Interleaving the windows keeps the other load on a shared machine
      from favouring one side;
   3. per publish: the time to the first response that names the new version, the time to the
-     switch (from the service's log line) and the service's swap time (checksums beside load,
-     checks);
+     switch (from the service's log line) and the service's swap time (read-and-check in one pass,
+     load, checks);
   4. per kind of window: p50 / p90 / p99 latency, requests per second, errors by status code.
-New versions are real (weights perturbed slightly, so each differs from the one before) and are
-written to the store before the windows start; "publish" is the atomic replacement of LATEST, the
-moment a trainer's publish_version completes. The trainer's copy and hash of the files runs in
-another process in a real deployment and is not part of the service's cost measured here.
+New versions are real full versions (weights perturbed slightly, every file written anew, so the
+service reads and checks all of it) and are written to the store before the windows start; "publish"
+is the atomic replacement of LATEST, the moment a trainer's publish_version completes.
 
-Writes bench/results/hotswap.json and hotswap.png (latency over time, publishes marked), and the
-service logs beside them.
+Then the operator's command: `loopserve models publish` of a full annotator version (its own process,
+as an operator runs it) while the push-watching service answers --publish-clients callers: the
+command's seconds and LATEST -> the first answer on the new version.
 
-    .venv/bin/python bench/hotswap.py [--models annotator,generator] [--clients 16] [--cycles 3]
+Writes bench/results/hotswap.json (CPU model recorded) and hotswap.png (latency over time, publishes
+marked), and the service logs beside them.
+
+    .venv/bin/python bench/hotswap.py [--models annotator,generator] [--watches push,poll] [--cycles 2]
 """
 
 from __future__ import annotations
@@ -56,12 +62,13 @@ WORDS = (
 ).split()
 SWAP_LINE = re.compile(
     r"^(\S+ \S+) INFO loopserve.model_slot: swapped (\w+) to (v\d+) in ([\d.]+)s "
-    r"\(checksums ([\d.]+)s beside load ([\d.]+)s, checks ([\d.]+)s\)",
+    r"\(read and checked ([\d.]+) MB, reused (\d+) files, load ([\d.]+)s, checks ([\d.]+)s\)",
     re.M,
 )
-TARGETS = {
-    "annotator_publish_to_new_s": 1.0,
-    "generator_publish_to_new_s": 3.0,
+TARGETS = {  # issue 14: medians, push watch
+    "annotator_publish_to_new_s": 0.25,
+    "generator_publish_to_new_s": 0.5,
+    "operator_latest_to_new_s": 0.25,
     "p99_ratio_max": 1.5,
     "errors": 0,
 }
@@ -124,11 +131,14 @@ def prepare_store(data: Path, model: str, versions: int) -> list[str]:
 # ---- the service -----------------------------------------------------------------------------------
 
 
-def start_service(data: Path, port: int, model: str, watch_s: float, log: Path) -> subprocess.Popen[bytes]:
+def start_service(
+    data: Path, port: int, model: str, watch_s: float, log: Path, events: bool
+) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable, "-m", "loopserve", "policy", "--data-dir", str(data), "--port", str(port),
         "--metrics-port", "-1", "--log-level", "INFO", "--watch-interval-s", str(watch_s),
         "--generator" if model == "generator" else "--no-generator",
+        "--watch-events" if events else "--no-watch-events",
     ]  # fmt: skip
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
 
@@ -228,18 +238,20 @@ def plan_for(model: str, args: argparse.Namespace) -> Plan:
     return Plan(args.cycles, args.generator_window_s, args.generator_swap_every_s, cooldown_s=8.0)
 
 
-async def bench_model(model: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: str) -> dict[str, Any]:
+    """`watch`: "push" (file-system events, polling every --watch-interval-s as the fallback) or
+    "poll" (events off: the swap waits for the next poll, as before)."""
     plan = plan_for(model, args)
     clients = args.clients if model == "annotator" else args.generator_clients
     n_swaps = plan.cycles * plan.per_window
     with tempfile.TemporaryDirectory(prefix=f"hotswap-{model}-") as tmp:
         data = Path(tmp)
-        print(f"[{model}] preparing {n_swaps} versions", flush=True)
+        print(f"[{model}, {watch}] preparing {n_swaps} versions", flush=True)
         versions = prepare_store(data, model, n_swaps)
         store = ModelStore(data / "store")
         port = free_port()
-        log = out / f"hotswap-{model}-service.log"
-        proc = start_service(data, port, model, args.watch_interval_s, log)
+        log = out / f"hotswap-{model}-{watch}-service.log"
+        proc = start_service(data, port, model, args.watch_interval_s, log, events=watch == "push")
         target = f"127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -310,9 +322,10 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path) -> dict[s
                 "version": m[3],
                 "publish_to_switch_s": round(switched - published_at[m[3]], 3),
                 "swap_s": float(m[4]),
-                "checksums_s": float(m[5]),
-                "load_s": float(m[6]),
-                "checks_s": float(m[7]),
+                "read_and_checked_mb": float(m[5]),
+                "reused_files": int(m[6]),
+                "load_s": float(m[7]),
+                "checks_s": float(m[8]),
             }
         )
     to_new = [s["publish_to_first_response_s"] for s in swaps if s["publish_to_first_response_s"] is not None]
@@ -321,6 +334,7 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path) -> dict[s
     served = {c.version for c in calls if c.code == "OK"}
     result = {
         "model": model,
+        "watch": watch,
         "clients": clients,
         "request": "annotate, 1 review of 35-60 words"
         if model == "annotator"
@@ -352,7 +366,7 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path) -> dict[s
         "_calls": [(c.start, c.end, c.version, c.code) for c in calls if steady0 - 1 <= c.start < swap1],
     }
     print(
-        f"[{model}] steady p50 {steady['p50_ms']:.0f} ms p99 {steady['p99_ms']:.0f} ms | swapping p50 "
+        f"[{model}, {watch}] steady p50 {steady['p50_ms']:.0f} ms p99 {steady['p99_ms']:.0f} ms | swapping p50 "
         f"{swapping['p50_ms']:.0f} ms p99 {swapping['p99_ms']:.0f} ms | publish->new median "
         f"{result['publish_to_first_response_s']['median']} max {result['publish_to_first_response_s']['max']} "
         f"| errors {result['errors_total']}",
@@ -400,7 +414,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("latency (ms)")
         to_new = r["publish_to_first_response_s"]["median"]
         ax.set_title(
-            f"{r['model']}: {r['clients']} clients; p50/p99 {r['steady']['p50_ms']:.0f}/{r['steady']['p99_ms']:.0f} ms "
+            f"{r['model']} ({r['watch']}): {r['clients']} clients; "
+            f"p50/p99 {r['steady']['p50_ms']:.0f}/{r['steady']['p99_ms']:.0f} ms "
             f"without swaps, {r['swapping']['p50_ms']:.0f}/{r['swapping']['p99_ms']:.0f} ms with a publish every "
             f"{r['swap_every_s']:.0f}s; publish->first response on it, median {to_new or float('nan'):.2f}s; "
             f"errors {r['errors_total']}",
@@ -411,27 +426,113 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """`loopserve models publish` of a full annotator version (90 MB), run as the operator runs it, while
+    the service (push watch) answers --publish-clients callers: the command's seconds (a new process:
+    imports, the load-and-smoke check before publishing, copy with hashing, fsync), and LATEST
+    replaced -> the first answer that names the new version."""
+    with tempfile.TemporaryDirectory(prefix="hotswap-publish-") as tmp:
+        data = Path(tmp)
+        prepare_store(data, "annotator", 0)
+        store = ModelStore(data / "store")
+        base = store.path("annotator", "v0")
+        port = free_port()
+        proc = start_service(
+            data, port, "annotator", args.watch_interval_s, out / "hotswap-publish-service.log", events=True
+        )
+        target = f"127.0.0.1:{port}"
+        runs = []
+        try:
+            deadline = time.monotonic() + 60
+            while not (data / "tokens.json").exists():
+                assert time.monotonic() < deadline and proc.poll() is None, "the service did not start"
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)
+            token = read_token(data / "tokens.json", "client")
+            await wait_ready(target, token, "annotator")
+            load = Load(target, token, "annotator", args.publish_clients, args.max_new_tokens)
+            runner = asyncio.create_task(load.run())
+            await asyncio.sleep(args.warmup_s)
+            for k in range(args.publishes):
+                src = perturbed(base, data / f"operator-{k}", "annotator", 10 + k)
+                t0 = time.monotonic()
+                cmd = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "loopserve", "models", "publish", "--model", "annotator",
+                    "--from", str(src), "--data-dir", str(data), "--log-level", "WARNING",
+                    cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                )  # fmt: skip
+                _, stderr = await cmd.communicate()
+                seconds = time.monotonic() - t0
+                assert cmd.returncode == 0, stderr.decode()[-500:]
+                version = store.latest("annotator") or ""
+                wall_to_mono = time.time() - time.monotonic()
+                latest_at = (store.model_folder("annotator") / "LATEST").stat().st_mtime - wall_to_mono
+                deadline = time.monotonic() + 30
+                first = None
+                while first is None and time.monotonic() < deadline:
+                    first = min((c.end for c in load.calls if c.version == version), default=None)
+                    await asyncio.sleep(0.01)
+                runs.append(
+                    {
+                        "version": version,
+                        "publish_command_s": round(seconds, 3),
+                        "latest_to_first_response_s": None if first is None else round(first - latest_at, 3),
+                    }
+                )
+                print(f"[models publish] {runs[-1]}", flush=True)
+                await asyncio.sleep(2.0)
+            load.stop.set()
+            await runner
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    to_new = [r["latest_to_first_response_s"] for r in runs if r["latest_to_first_response_s"] is not None]
+    secs = [r["publish_command_s"] for r in runs]
+    return {
+        "clients": args.publish_clients,
+        "runs": runs,
+        "publish_command_s": {"median": pct(secs, 0.5), "max": max(secs, default=None)},
+        "latest_to_first_response_s": {"median": pct(to_new, 0.5), "max": max(to_new, default=None)},
+        "errors_total": sum(1 for c in load.calls if c.code != "OK"),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="annotator,generator")
+    ap.add_argument("--watches", default="push,poll", help="push (file events + polling) and/or poll (events off)")
     ap.add_argument("--clients", type=int, default=16, help="annotator clients")
     ap.add_argument("--generator-clients", type=int, default=8)
-    ap.add_argument("--cycles", type=int, default=3, help="(window without swaps, window with swaps) pairs")
+    ap.add_argument("--cycles", type=int, default=2, help="(window without swaps, window with swaps) pairs")
     ap.add_argument("--window-s", type=float, default=10.0, help="annotator window length")
     ap.add_argument("--generator-window-s", type=float, default=16.0)
     ap.add_argument("--warmup-s", type=float, default=5.0)
     ap.add_argument("--annotator-swap-every-s", type=float, default=3.0)
     ap.add_argument("--generator-swap-every-s", type=float, default=6.0)
-    ap.add_argument("--watch-interval-s", type=float, default=0.25)
+    ap.add_argument("--watch-interval-s", type=float, default=0.25, help="the poll interval (both watches)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
+    ap.add_argument("--publishes", type=int, default=3, help="`loopserve models publish` runs (0: skip)")
+    ap.add_argument("--publish-clients", type=int, default=8)
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for model in args.models.split(","):
-        results.append(await bench_model(model, args, args.out))
-    summary = {
-        r["model"]: {
+        for watch in args.watches.split(","):
+            results.append(await bench_model(model, args, args.out, watch))
+    operator = await bench_operator_publish(args, args.out) if args.publishes > 0 else None
+    summary: dict[str, Any] = {
+        f"{r['model']}_{r['watch']}": {
             "publish_to_first_response_s": r["publish_to_first_response_s"],
             "steady_p50_ms": r["steady"]["p50_ms"],
             "steady_p99_ms": r["steady"]["p99_ms"],
@@ -444,8 +545,11 @@ async def main() -> None:
         }
         for r in results
     }
+    if operator is not None:
+        summary["operator_models_publish"] = {k: v for k, v in operator.items() if k != "runs"}
     doc = {
         "machine": {
+            "cpu_model": cpu_model(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "loadavg_at_end": os.getloadavg(),
@@ -453,6 +557,7 @@ async def main() -> None:
         "targets": TARGETS,
         "summary": summary,
         "results": [{k: v for k, v in r.items() if k != "_calls"} for r in results],
+        "operator_models_publish": operator,
     }
     (args.out / "hotswap.json").write_text(json.dumps(doc, indent=2))
     plot(results, args.out / "hotswap.png")

@@ -72,7 +72,14 @@ class ServerConfig(CommonConfig):
     max_queue: int = field(default=2048, metadata={"help": "queued items before RESOURCE_EXHAUSTED"})
     max_text_chars: int = field(default=20_000, metadata={"help": "longer texts are INVALID_ARGUMENT"})
     max_input_tokens: int = field(default=256, metadata={"help": "encoder inputs are truncated to this"})
-    watch_interval_s: float = field(default=1.0, metadata={"help": "how often to poll the store's LATEST"})
+    watch_interval_s: float = field(
+        default=1.0,
+        metadata={"help": "how often to poll the store's LATEST (the fallback where file events do not arrive)"},
+    )
+    watch_events: bool = field(
+        default=True,
+        metadata={"help": "swap the moment LATEST changes (file-system events, inotify); off: polling only"},
+    )
     threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0: the cores available"})
 
     @property

@@ -1,10 +1,12 @@
 """ModelSlot: the one model a service serves, and how it is replaced without dropping a request.
 
 A swap (watch of the store's LATEST, or ModelAdmin.LoadVersion) loads the new version beside the old
-one and verifies it (loopserve/model_verify.py): checksums against the manifest (hashed on a second
-thread while the loader reads the same files), every parameter present with the right shape, the
-runtime's checks (label set unchanged unless declared, a smoke batch with finite outputs), the same
-tensors as the version it replaces. Only then does one reference assignment
+one and verifies it (loopserve/model_verify.py): checksums against the manifest (once, in the pass
+that reads each file for loading: `VersionReader`), every tensor finite, every parameter present with
+the right shape, the runtime's checks (label set unchanged unless declared, a smoke batch with finite
+outputs), the same tensors as the version it replaces. What the new version shares with the serving
+one byte for byte (same digest: the encoder of a head-only update, an unchanged tokenizer) is reused
+as it is, not read again, so a head-only version swaps in milliseconds. Only then does one reference assignment
 switch the slot, so the switch falls between batches: a request holds the `Loaded` handle it was
 admitted under, the batcher never mixes handles in a batch, and requests in flight finish on the
 version they started with. A version that fails is refused: the old one keeps serving, the refusal is
@@ -19,7 +21,10 @@ device holds old + new from then until the retired copy's last request ends (the
 the device), never a third copy, and the caching allocator reuses the retired copy's blocks (same
 shapes) for the next version.
 
-The watch is edge-triggered: it loads LATEST when LATEST *changes*, so a version pushed with
+The watch is pushed, with polling as the fallback: a file-system watch on the model's folder (watchfiles:
+inotify on Linux) wakes it the moment LATEST is replaced, and it also polls every `interval_s`, because
+a network file system may deliver no events. Unpin wakes it too. It is edge-triggered: it loads
+LATEST when LATEST *changes*, so a version pushed with
 LoadVersion keeps serving until the next publish. Pin holds a version against the watch; Unpin hands
 the slot back to the watch (which then serves LATEST); Rollback serves the version before the current
 one and pins it, so the watch does not bring the rolled-back version straight back.
@@ -42,12 +47,13 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+import watchfiles
 
 from loopserve import metrics
 from loopserve.errors import FailedPrecondition, LoopserveError, NotFoundError, Unavailable, VerificationError
-from loopserve.model_store import HOLD_REFRESH_S, Manifest, ModelStore, version_number
+from loopserve.model_store import HOLD_REFRESH_S, LATEST, Manifest, ModelStore, VersionReader, version_number
 from loopserve.model_verify import ARCHITECTURE_CHANGE, LABEL_SET_CHANGE, compare_tensors, declares
 
 logger = logging.getLogger(__name__)
@@ -56,6 +62,8 @@ M = TypeVar("M")
 T = TypeVar("T")
 
 HISTORY_LIMIT = 32
+# How often watchfiles' thread looks for new file-system events: the push path's added latency.
+WATCH_STEP_MS = 10
 
 
 @dataclass(frozen=True)
@@ -68,8 +76,10 @@ class Loaded(Generic[M]):
     model: M
 
 
-# loader(folder, manifest) -> model; check(new, old) raises VerificationError (label set, smoke batch).
-Loader = Callable[[Path, Manifest], M]
+# loader(reader, serving) -> model: reads the version's weights through `reader` (checked against the
+# manifest as they stream in) and may reuse parts of `serving` whose files are unchanged.
+# check(new, old) raises VerificationError (label set, smoke batch).
+Loader = Callable[[VersionReader, "Loaded[M] | None"], M]
 Check = Callable[["Loaded[M]", "Loaded[M] | None"], None]
 
 
@@ -119,11 +129,9 @@ class ModelSlot(Generic[M]):
         self._holder = store.holder_id()
         self._hold_written = 0.0
         self._hold_failed = False
+        self._wake: Callable[[], object] | None = None  # wakes the running watch (thread-safe)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix=f"swap-{name}", initializer=self._init_loader_thread
-        )
-        self._hasher = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"verify-{name}", initializer=self._init_loader_thread
         )
 
     # ---- state ---------------------------------------------------------------------------------
@@ -166,15 +174,10 @@ class ModelSlot(Generic[M]):
     def close(self) -> None:
         """Stop the loader thread and drop this process's hold on versions in the store."""
         self._executor.shutdown(wait=True)
-        self._hasher.shutdown(wait=True)
         with contextlib.suppress(OSError):
             self.store.release(self.name, self._holder)
 
     # ---- loading -------------------------------------------------------------------------------
-
-    def _timed_verify(self, version: str, t0: float) -> tuple[Manifest, float]:
-        manifest = self.store.verify(self.name, version)
-        return manifest, time.perf_counter() - t0
 
     def _wait_for_retired(self) -> None:
         """Block until the copy retired by the last swap is freed: then at most two copies exist."""
@@ -216,18 +219,19 @@ class ModelSlot(Generic[M]):
             folder = self.store.path(self.name, version)  # NOT_FOUND for an unknown version
             self._wait_for_retired()
             t0 = time.perf_counter()
-            # Checksums on a second thread while the loader reads the same files (page cache): the
-            # swap takes max(hash, load), not the sum. Nothing is served from the new copy unless
-            # both pass; parsing unverified files is safe (safetensors and JSON, never pickle).
-            checksums = self._hasher.submit(self._timed_verify, version, t0)
             try:
+                # One pass over the files: the loader reads the weights through `reader`, which hashes
+                # them as they stream in; check_rest hashes the small files it did not read, and the
+                # files it reused unread (same digest as the serving version's) need no reading at all.
+                reader = self.store.reader(self.name, version)
+                manifest = reader.manifest
                 try:
-                    model = self.loader(folder, self.store.get(self.name, version))
-                except BaseException:
-                    checksums.result()  # a corrupted file is the root cause: report the mismatch
+                    model = self.loader(reader, cur)
+                except Exception:
+                    reader.check_rest()  # a corrupted small file is the root cause: report the mismatch
                     raise
+                reader.check_rest()
                 t_load = time.perf_counter() - t0
-                manifest, t_hash = checksums.result()
                 t2 = time.perf_counter()
                 new = Loaded(self.name, version, manifest, model)
                 del model
@@ -255,8 +259,8 @@ class ModelSlot(Generic[M]):
             metrics.SWAP_SECONDS.labels(self.name).observe(t3 - t0)
             metrics.MODEL_VERSION.labels(self.name).set(version_number(version))
             logger.info(
-                "swapped %s to %s in %.3fs (checksums %.3fs beside load %.3fs, checks %.3fs)",
-                self.name, version, t3 - t0, t_hash, t_load, t3 - t2,
+                "swapped %s to %s in %.3fs (read and checked %.1f MB, reused %d files, load %.3fs, checks %.3fs)",
+                self.name, version, t3 - t0, reader.bytes_read / 1e6, len(reader.reused_files), t_load, t3 - t2,
             )  # fmt: skip
             self._write_hold()
             return new
@@ -302,6 +306,9 @@ class ModelSlot(Generic[M]):
             self._pinned = None
             self._seen_latest = None
             self._write_hold()
+            wake = self._wake
+            if wake is not None:
+                wake()  # the watch acts on LATEST now, not at its next poll
 
     # ---- holds in the store --------------------------------------------------------------------
 
@@ -343,14 +350,53 @@ class ModelSlot(Generic[M]):
             self._seen_latest = latest
             return True
 
-    async def watch(self, interval_s: float, stop: asyncio.Event) -> None:
-        """Poll LATEST every interval until `stop` is set; loads run on the loader thread."""
-        while not stop.is_set():
-            try:
-                await self.call(self.poll_once)
-            except Exception:
-                logger.exception("watch of %s failed; retrying", self.name)
-            try:
-                await asyncio.wait_for(stop.wait(), interval_s)
-            except TimeoutError:
-                pass
+    async def watch(self, interval_s: float, stop: asyncio.Event, *, events: bool = True) -> None:
+        """Act on LATEST until `stop` is set: at once when a file-system event says LATEST was
+        replaced (`events`), and every `interval_s` in any case; loads run on the loader thread."""
+        wake = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._wake = functools.partial(loop.call_soon_threadsafe, wake.set)
+        listener = asyncio.create_task(self._listen(wake)) if events else None
+        try:
+            while not stop.is_set():
+                wake.clear()  # an event during the poll below sets it again: nothing is missed
+                try:
+                    await self.call(self.poll_once)
+                except Exception:
+                    logger.exception("watch of %s failed; retrying", self.name)
+                waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(wake.wait())]
+                try:
+                    await asyncio.wait(waits, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+        finally:
+            self._wake = None
+            if listener is not None:
+                listener.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listener
+
+    async def _listen(self, wake: asyncio.Event) -> None:
+        """Set `wake` whenever LATEST in the model's folder is replaced (inotify on Linux)."""
+        folder = self.store.model_folder(self.name)
+
+        def is_latest(change: watchfiles.Change, path: str) -> bool:
+            return os.path.basename(path) == LATEST
+
+        # watchfiles logs every batch of changes at INFO; the swap's own log line says what happened.
+        logging.getLogger("watchfiles.main").setLevel(logging.WARNING)
+        done = asyncio.Event()  # watchfiles sets it when cancelled, which ends its watcher thread
+        try:
+            async for _ in watchfiles.awatch(
+                folder, watch_filter=is_latest, stop_event=done, recursive=False, step=WATCH_STEP_MS
+            ):
+                wake.set()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # e.g. out of inotify watches: the polling fallback carries on
+            logger.warning(
+                "no file-system events for %s (%s: %s); polling LATEST only", self.name, type(exc).__name__, exc
+            )
+        finally:
+            done.set()

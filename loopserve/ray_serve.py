@@ -321,12 +321,13 @@ def unwrap(result: Y | BaseException) -> Y:
 
 
 class SlotWatch:
-    """Polls the store's LATEST for every slot of a replica (create inside the replica's event loop)."""
+    """Watches the store's LATEST for every slot of a replica (create inside the replica's event loop):
+    file-system events, and polling every `interval_s` as the fallback."""
 
-    def __init__(self, slots: Iterable[ModelSlot[Any]], interval_s: float) -> None:
+    def __init__(self, slots: Iterable[ModelSlot[Any]], interval_s: float, events: bool = True) -> None:
         self.slots = list(slots)
         self._stop = asyncio.Event()
-        self._tasks = [asyncio.create_task(slot.watch(interval_s, self._stop)) for slot in self.slots]
+        self._tasks = [asyncio.create_task(slot.watch(interval_s, self._stop, events=events)) for slot in self.slots]
 
     def stop(self) -> None:
         """Stop polling (a load under way finishes on the slot's loader thread)."""

@@ -107,7 +107,7 @@ class PolicyDeployment:
         self.annotate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
         self.generate_batch.set_max_batch_size(cfg.gen_max_batch_size)  # type: ignore[attr-defined]
         self.generate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
-        self.watch = SlotWatch(self.runtime.slots().values(), cfg.watch_interval_s)
+        self.watch = SlotWatch(self.runtime.slots().values(), cfg.watch_interval_s, cfg.watch_events)
         self.metrics = ReplicaMetrics.start(cfg.metrics_port, cfg.metrics_address)
         self.feedback = ReplicaFeedbackLog(cfg, self.runtime) if cfg.log_url else None
         self._closed = False

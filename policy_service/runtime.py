@@ -11,7 +11,6 @@ import logging
 import math
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -19,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from loopserve import metrics
 from loopserve.errors import InvalidArgument, ModelFault, VerificationError
 from loopserve.model_slot import Loaded, ModelSlot
-from loopserve.model_store import Manifest, ModelStore
+from loopserve.model_store import ModelStore, VersionReader
 from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel
 from policy_service import sampling
@@ -100,11 +99,17 @@ class PolicyRuntime:
 
     # ---- loaders and checks (run by ModelSlot during a swap) -----------------------------------
 
-    def _load_annotator(self, folder: Path, manifest: Manifest) -> AnnotatorBundle:
-        model = encoder_heads.load(folder, self.opts.device, self.opts.dtype)
+    def _load_annotator(self, reader: VersionReader, serving: Loaded[AnnotatorBundle] | None) -> AnnotatorBundle:
+        folder, manifest = reader.folder, reader.manifest
+        old = (serving.model.model, serving.manifest) if serving is not None else None
+        model = encoder_heads.load(folder, self.opts.device, self.opts.dtype, reader=reader, serving=old)
         if not isinstance(model, AnnotatorModel):
             raise VerificationError(f"{folder.name} is not an annotator (head kind {model.spec.kind!r})")
-        return AnnotatorBundle(model, encoder_heads.load_tokenizer(folder), bool(manifest.meta.get("checked")))
+        if serving is not None and reader.unchanged_besides_weights(serving.manifest, ignore=[encoder_heads.HEAD_FILE]):
+            tokenizer = serving.model.tokenizer  # built from the same files: nothing to load
+        else:
+            tokenizer = encoder_heads.load_tokenizer(folder)
+        return AnnotatorBundle(model, tokenizer, bool(manifest.meta.get("checked")))
 
     def _check_annotator(self, new: Loaded[AnnotatorBundle], old: Loaded[AnnotatorBundle] | None) -> None:
         if old is not None and new.model.labels != old.model.labels and not new.manifest.meta.get("label_set_change"):
@@ -116,10 +121,13 @@ class PolicyRuntime:
         if not all(math.isfinite(p) for p in probs):
             raise VerificationError("smoke batch gave non-finite outputs")
 
-    def _load_generator(self, folder: Path, manifest: Manifest) -> GeneratorBundle:
-        return GeneratorBundle(
-            generator.load(folder, self.opts.device, self.opts.dtype), generator.load_tokenizer(folder)
-        )
+    def _load_generator(self, reader: VersionReader, serving: Loaded[GeneratorBundle] | None) -> GeneratorBundle:
+        model = generator.load(reader.folder, self.opts.device, self.opts.dtype, reader=reader)
+        if serving is not None and reader.unchanged_besides_weights(serving.manifest):
+            tokenizer = serving.model.tokenizer  # built from the same files: nothing to load
+        else:
+            tokenizer = generator.load_tokenizer(reader.folder)
+        return GeneratorBundle(model, tokenizer)
 
     def _check_generator(self, new: Loaded[GeneratorBundle], old: Loaded[GeneratorBundle] | None) -> None:
         tok = new.model.tokenizer

@@ -67,7 +67,7 @@ class RewardDeployment:
         self._model = model_executor("reward")
         self.score_batch.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
         self.score_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
-        self.watch = SlotWatch(self.runtime.slots().values(), cfg.watch_interval_s)
+        self.watch = SlotWatch(self.runtime.slots().values(), cfg.watch_interval_s, cfg.watch_events)
         self.metrics = ReplicaMetrics.start(cfg.metrics_port, cfg.metrics_address)
         self._closed = False
         logger.info("reward replica ready (reward %s)", self.runtime.reward.current.version)

@@ -16,7 +16,6 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -25,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from loopserve import metrics
 from loopserve.errors import ModelFault, VerificationError
 from loopserve.model_slot import Loaded, ModelSlot
-from loopserve.model_store import Manifest, ModelStore
+from loopserve.model_store import ModelStore, VersionReader
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import RewardModel
 from reward_service.types import CompareCall, CompareResult, RewardStats
@@ -139,12 +138,18 @@ class RewardRuntime:
 
     # ---- loader and check (run by ModelSlot during a swap) -------------------------------------
 
-    def _load_reward(self, folder: Path, manifest: Manifest) -> RewardBundle:
-        model = encoder_heads.load(folder, self.opts.device, self.opts.dtype)
+    def _load_reward(self, reader: VersionReader, serving: Loaded[RewardBundle] | None) -> RewardBundle:
+        folder, manifest = reader.folder, reader.manifest
+        old = (serving.model.model, serving.manifest) if serving is not None else None
+        model = encoder_heads.load(folder, self.opts.device, self.opts.dtype, reader=reader, serving=old)
         if not isinstance(model, RewardModel):
             kind = encoder_heads.HeadSpec.read(folder).kind
             raise VerificationError(f"{folder.name} is not a reward model (head kind {kind!r})")
-        bundle = RewardBundle(model, encoder_heads.load_tokenizer(folder))
+        if serving is not None and reader.unchanged_besides_weights(serving.manifest, ignore=[encoder_heads.HEAD_FILE]):
+            tokenizer = serving.model.tokenizer  # built from the same files: nothing to load
+        else:
+            tokenizer = encoder_heads.load_tokenizer(folder)
+        bundle = RewardBundle(model, tokenizer)
         stats = RewardStats.from_meta(manifest.meta)
         if stats is None:  # published without statistics: the builtin reference set, computed now
             stats = RewardStats.of(self.rewards(bundle, BUILTIN_REFERENCE_PAIRS), "builtin")

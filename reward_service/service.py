@@ -44,7 +44,8 @@ class RewardFrontend:
         self.score_batcher.start()
         if watch:
             for slot in self.runtime.slots().values():
-                self._watches.append(asyncio.create_task(slot.watch(self.cfg.watch_interval_s, self._stop_watch)))
+                watching = slot.watch(self.cfg.watch_interval_s, self._stop_watch, events=self.cfg.watch_events)
+                self._watches.append(asyncio.create_task(watching))
 
     async def stop(self) -> None:
         self._stop_watch.set()

@@ -1,12 +1,15 @@
 """Zero-downtime hot-swap: the policy service over real gRPC with tiny models, under continuous load
 from 16 clients while new versions are published; refusal of bad versions while the old one keeps
-answering; the two-copy memory bound; `model_verify.verify_folder` and `loopserve models publish`."""
+answering; the two-copy memory bound; `model_verify.verify_folder` and `loopserve models publish`;
+the push path (a file-system event, not a poll), weights checked in the one pass that reads them, and
+head-only versions that reuse the serving encoder."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
+import re
 import shutil
 import threading
 import time
@@ -26,13 +29,15 @@ from safetensors.torch import load_file, save_file
 from loopserve import cli
 from loopserve.auth import read_token
 from loopserve.client import AsyncClient, RetryPolicy
-from loopserve.config import POLICY_SERVICE, PolicyConfig
+from loopserve.config import POLICY_SERVICE, PolicyConfig, from_namespace
 from loopserve.errors import Unavailable, VerificationError
 from loopserve.model_slot import ModelSlot
 from loopserve.model_store import MANIFEST, ModelStore
 from loopserve.model_verify import verify_folder
-from loopserve.models.encoder_heads import LabelSpec
+from loopserve.models import encoder_heads
+from loopserve.models.encoder_heads import HeadSpec, LabelSpec
 from policy_service.app import PolicyApp
+from policy_service.runtime import PolicyRuntime, RuntimeOptions
 from tests import tiny_models
 
 NO_RETRY = RetryPolicy(attempts=1)  # a failed request must show, not be retried away
@@ -358,7 +363,7 @@ def fake_version(dest: Path, value: float) -> Path:
 def fake_slot(tmp_path: Path) -> ModelSlot[Weights]:
     store = ModelStore(tmp_path / "store")
     store.publish_version("m", fake_version(tmp_path / "w0", 0.0))
-    slot: ModelSlot[Weights] = ModelSlot("m", store, lambda folder, manifest: Weights(folder), retire_timeout_s=5)
+    slot: ModelSlot[Weights] = ModelSlot("m", store, lambda reader, serving: Weights(reader.folder), retire_timeout_s=5)
     slot.load_latest()
     yield slot
     slot.close()
@@ -392,7 +397,9 @@ def test_a_swap_waits_for_the_retired_copy_so_at_most_two_copies_live(
 def test_a_retired_copy_held_too_long_defers_the_swap_and_the_watch_retries(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     store.publish_version("m", fake_version(tmp_path / "w0", 0.0))
-    slot: ModelSlot[Weights] = ModelSlot("m", store, lambda f, m: Weights(f), retire_timeout_s=0.2)
+    slot: ModelSlot[Weights] = ModelSlot(
+        "m", store, lambda reader, serving: Weights(reader.folder), retire_timeout_s=0.2
+    )
     try:
         slot.load_latest()
         stuck = slot.current
@@ -464,3 +471,107 @@ def test_the_publish_command_verifies_before_it_publishes(
     assert cli.main([*args, str(variant(v0, tmp_path / "bad", _wrong_shape))]) == 2
     assert "has shape (48, 32)" in capsys.readouterr().err
     assert store.list("annotator") == ["v0", "v1"]
+
+
+# ---- push, verify once, load only what changed ---------------------------------------------------
+
+
+async def test_with_an_hour_between_polls_a_publish_is_still_served_at_once(
+    service_factory: Callable[..., Awaitable[Service]], tmp_path: Path
+) -> None:
+    svc = await service_factory(watch_interval_s=3600.0)  # only the file-system event can trigger it
+    load = Load(svc, annotate_call, 4)
+    load.start()
+    await load.wait_for("v0")
+    version = await svc.publish(
+        "annotator", variant(svc.store.path("annotator", "v0"), tmp_path / "a1", head_bias(0.9))
+    )
+    await load.wait_for(version)
+    await load.stop()
+    assert not load.errors, f"{len(load.errors)} failed requests, e.g. {load.errors[0]!r}"
+    assert {r.version for r in load.records} == {"v0", version}
+
+
+async def test_with_file_events_off_only_the_poll_swaps(
+    service_factory: Callable[..., Awaitable[Service]], tmp_path: Path
+) -> None:
+    ns = cli.build_parser().parse_args(["policy", "--no-watch-events", "--watch-interval-s", "3600"])
+    flags = from_namespace(PolicyConfig, ns, environ={})
+    assert flags.watch_events is False
+    svc = await service_factory(watch_interval_s=flags.watch_interval_s, watch_events=flags.watch_events)
+    slot = svc.app.runtime.annotator
+    version = await svc.publish(
+        "annotator", variant(svc.store.path("annotator", "v0"), tmp_path / "a1", head_bias(0.9))
+    )
+    await asyncio.sleep(1.0)  # an event-driven watch swaps within milliseconds (the test above)
+    assert slot.current.version == "v0", "swapped without an event and without a poll"
+    assert await slot.call(slot.poll_once)  # the poll, when it comes, does swap
+    assert slot.current.version == version
+
+
+def test_weights_are_read_once_and_a_file_changed_after_publish_is_refused_as_it_streams(
+    tmp_path: Path, tiny_data_dir: Path
+) -> None:
+    store = ModelStore(tiny_data_dir / "store")
+    runtime = PolicyRuntime(store, RuntimeOptions(torch.device("cpu"), torch.float32, generator=False))
+    runtime.load()
+    v0 = store.path("annotator", "v0")
+    good = store.publish_version("annotator", variant(v0, tmp_path / "good", head_bias(0.3)), parent="v0").version
+    runtime.annotator.load_version(good)
+    weights = store.path("annotator", good) / encoder_heads.WEIGHTS_FILE
+    bad = store.publish_version("annotator", variant(v0, tmp_path / "bad", head_bias(0.6)), parent=good).version
+    target = store.path("annotator", bad) / encoder_heads.WEIGHTS_FILE
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0x10  # one bit of a weight flips after publish: a bad copy, bit rot
+    target.write_bytes(bytes(data))
+    reader = store.reader("annotator", bad)
+    with pytest.raises(VerificationError, match=re.escape("checksum mismatch in model.safetensors")):
+        reader.read(encoder_heads.WEIGHTS_FILE)
+    with pytest.raises(VerificationError, match=re.escape("checksum mismatch in model.safetensors")):
+        runtime.annotator.load_version(bad)
+    assert runtime.annotator.current.version == good
+    # One pass: the loader read each weight byte exactly once, and nothing was re-hashed afterwards.
+    reader = store.reader("annotator", good)
+    runtime._load_annotator(reader, None)
+    reader.check_rest()
+    assert reader.bytes_read == weights.stat().st_size
+    assert reader.read_files == {encoder_heads.WEIGHTS_FILE}
+    runtime.annotator.close()
+
+
+async def test_a_head_only_version_reuses_the_serving_encoder_and_answers_with_its_new_head(
+    service_factory: Callable[..., Awaitable[Service]], tmp_path: Path
+) -> None:
+    svc = await service_factory()
+    slot = svc.app.runtime.annotator
+    serving = slot.current
+    v0 = svc.store.path("annotator", "v0")
+    new_head = torch.nn.Linear(serving.model.model.head.in_features, serving.model.model.head.out_features)
+    torch.nn.init.normal_(new_head.weight, std=5.0)
+    spec = replace(HeadSpec.read(v0), temperature=0.5)
+    src = tmp_path / "head"
+    shared = encoder_heads.save_head(new_head, spec, src, v0)
+    assert encoder_heads.WEIGHTS_FILE in shared
+    load = Load(svc, annotate_call, 4)
+    load.start()
+    await load.wait_for("v0")
+    version = await svc.publish("annotator", src, parent="v0", shared_files=shared)
+    await load.wait_for(version)
+    await load.stop()
+    assert not load.errors, f"{len(load.errors)} failed requests, e.g. {load.errors[0]!r}"
+    now = slot.current
+    assert now.version == version
+    assert now.model.model.encoder is serving.model.model.encoder  # reused, not read again
+    assert now.model.tokenizer is serving.model.tokenizer
+    # Its answers are the new head's: the same as a full, independent load of that version gives.
+    full = encoder_heads.load(svc.store.path("annotator", version))
+    tok = encoder_heads.load_tokenizer(svc.store.path("annotator", version))
+    batch = tok(TEXTS[:1], return_tensors="pt", truncation=True, max_length=32)
+    with torch.inference_mode():
+        want = torch.softmax(
+            full(batch["input_ids"], batch["attention_mask"], token_type_ids=batch["token_type_ids"]), -1
+        )
+    got = [r.value for r in load.records if r.version == version]
+    old = [r.value for r in load.records if r.version == "v0"]
+    assert abs(got[0] - float(want[0, 0])) < 1e-4
+    assert abs(got[0] - old[0]) > 1e-3  # the head did change what it answers

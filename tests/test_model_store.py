@@ -10,6 +10,7 @@ import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -250,3 +251,50 @@ def test_a_publish_in_progress_in_a_live_process_is_not_cleaned(tmp_path: Path) 
     ModelStore(root)
     assert live.is_dir()
     assert ModelStore(root).list("m") == ["v0"]
+
+
+# ---- safetensors parsed from the checked buffer ------------------------------------------------------
+
+
+def _with_header(header: dict, data: bytes) -> bytearray:
+    raw = json.dumps(header).encode()
+    return bytearray(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def test_tensors_parsed_from_the_checked_buffer_equal_the_safetensors_library_and_garbage_is_refused(
+    tmp_path: Path,
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from loopserve.models.weights import parse_safetensors, read_tensors
+
+    state = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(2).bfloat16()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    got, want = read_tensors(tmp_path / "w.safetensors"), load_file(str(tmp_path / "w.safetensors"))
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)
+
+    eight = bytes(8)
+    cases = {
+        "too short": bytearray(b"\x01\x02"),
+        "header of": bytearray(struct.pack("<Q", 1 << 40)),
+        "not JSON": bytearray(struct.pack("<Q", 3) + b"{{{"),
+        "bad dtype": _with_header({"x": {"dtype": "F99", "shape": [2], "data_offsets": [0, 8]}}, eight),
+        "do not fit its shape": _with_header({"x": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, eight),
+        "gap or an overlap": _with_header(
+            {
+                "x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+                "y": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+            },
+            eight,
+        ),
+        "bytes after the last tensor": _with_header(
+            {"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}, eight
+        ),
+        "offsets do not fit": _with_header({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, eight),
+    }
+    for why, buf in cases.items():
+        with pytest.raises(VerificationError, match="is not a readable safetensors file") as e:
+            parse_safetensors(buf, "v9/w.safetensors")
+        assert why in str(e.value), (why, str(e.value))

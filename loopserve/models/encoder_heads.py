@@ -29,9 +29,11 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 from transformers.initialization import no_init_weights
 
 from loopserve.errors import VerificationError
-from loopserve.models.weights import load_checked
+from loopserve.model_store import Manifest, VersionReader
+from loopserve.models.weights import read_tensors
 
 HEAD_FILE = "head.json"
+CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 HEAD_WEIGHTS_FILE = "head.safetensors"
 """A head-only update (the annotator's online tier): `head.*` tensors that replace those in WEIGHTS_FILE,
@@ -138,14 +140,31 @@ def build(folder: Path, spec: HeadSpec | None = None) -> EncoderWithHead:
     raise VerificationError(f"unknown head kind {spec.kind!r} in {HEAD_FILE}")
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> EncoderWithHead:
-    """Load a version folder through safetensors, refusing missing, extra or mis-shaped tensors."""
+def load(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    reader: VersionReader | None = None,
+    serving: tuple[EncoderWithHead, Manifest] | None = None,
+) -> EncoderWithHead:
+    """Load a version folder through safetensors, refusing missing, extra or mis-shaped tensors.
+
+    `reader`: a published version's files, checked against its manifest as they are read.
+    `serving`: the model being served and its manifest. When this version shares its config and
+    encoder weights with it (the same files, hard-linked: a head-only update published with
+    `shared_files`), the serving encoder module is reused as it is and only the head is read, so such
+    a version loads in milliseconds."""
     folder = Path(folder)
+    if reader is not None and serving is not None:
+        reused = _load_head_only(folder, reader, *serving)
+        if reused is not None:
+            return reused
     with no_init_weights():  # every parameter is overwritten below: skip the random init
         model = build(folder)
-    state = load_checked(folder / WEIGHTS_FILE)
+    state = read_tensors(folder / WEIGHTS_FILE, reader)
     if (folder / HEAD_WEIGHTS_FILE).is_file():
-        head = load_checked(folder / HEAD_WEIGHTS_FILE)
+        head = read_tensors(folder / HEAD_WEIGHTS_FILE, reader)
         if set(head) != {k for k in state if k.startswith("head.")}:
             raise VerificationError(f"{folder.name}: {HEAD_WEIGHTS_FILE} must hold exactly the head.* tensors")
         state.update(head)
@@ -159,16 +178,55 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
         raise VerificationError(f"{folder.name}: {len(missing)} parameters missing, e.g. {missing[0]}")
     if unexpected:
         raise VerificationError(f"{folder.name}: {len(unexpected)} unexpected tensors, e.g. {unexpected[0]}")
+    _check_shapes(folder, state, expected)
+    # assign: the parameters become the tensors just read (views of the checked buffer), no copy.
+    model.load_state_dict(state, strict=False, assign=True)
+    model.encoder.to(dtype=dtype)
+    for p in model.head.parameters():  # the fp32 head must not keep the whole file's buffer alive
+        p.data = p.data.clone()  # once a bf16 encoder no longer uses it (a few KB copied)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def _check_shapes(folder: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     for name, tensor in state.items():
         if tuple(tensor.shape) != tuple(expected[name].shape):
             raise VerificationError(
                 f"{folder.name}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state, strict=False)
-    model.encoder.to(dtype=dtype)
-    model.to(device)
-    model.eval()
-    return model
+        if tensor.dtype != expected[name].dtype:
+            state[name] = tensor.to(expected[name].dtype)
+
+
+def _load_head_only(
+    folder: Path, reader: VersionReader, old: EncoderWithHead, old_manifest: Manifest
+) -> EncoderWithHead | None:
+    """The serving encoder with this version's head, or None when the encoder cannot be reused."""
+    files = reader.manifest.files
+    if HEAD_WEIGHTS_FILE in files:
+        head_source = "file"
+    elif HEAD_WEIGHTS_FILE not in old_manifest.files:
+        head_source = "serving"  # same model.safetensors, head included: the serving head is this one
+    else:
+        return None
+    spec = HeadSpec.read(folder)
+    if spec.kind != old.spec.kind or files.get(CONFIG_FILE) != old_manifest.files.get(CONFIG_FILE):
+        return None  # (config.json is small: check_rest hashes it)
+    if not reader.shared([WEIGHTS_FILE], old_manifest):
+        return None
+    model = AnnotatorModel(old.encoder, spec) if spec.kind == "annotator" else RewardModel(old.encoder, spec)
+    expected = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    if head_source == "file":
+        head = read_tensors(folder / HEAD_WEIGHTS_FILE, reader)
+        if set(head) != set(expected):
+            raise VerificationError(f"{folder.name}: {HEAD_WEIGHTS_FILE} must hold exactly the head.* tensors")
+    else:
+        head = {f"head.{k}": v.detach().clone() for k, v in old.head.state_dict().items()}
+    _check_shapes(folder, head, expected)
+    model.head.load_state_dict({k.removeprefix("head."): v for k, v in head.items()})
+    model.head.to(next(old.head.parameters()).device)
+    return model.eval()
 
 
 def save(model: EncoderWithHead, tokenizer: PreTrainedTokenizerBase, folder: str | Path) -> None:
@@ -184,17 +242,17 @@ def save(model: EncoderWithHead, tokenizer: PreTrainedTokenizerBase, folder: str
 
 
 def save_head(head: nn.Linear, spec: HeadSpec, folder: str | Path, like: str | Path) -> list[str]:
-    """Write a head-only version into `folder`: head.json, the head's tensors, and the small files of
-    `like` (config, tokenizer). Returns the files to share with `like` unchanged (the encoder weights)."""
+    """Write a head-only version into `folder`: head.json and the head's tensors. Returns the files to
+    share with `like` unchanged (hard-linked by `publish_version`): the encoder weights, config and
+    tokenizer, so a service serving `like` reuses its encoder and tokenizer without reading them."""
     folder, like = Path(folder), Path(like)
     folder.mkdir(parents=True, exist_ok=True)
-    for f in like.iterdir():
-        if f.is_file() and f.name not in (WEIGHTS_FILE, HEAD_WEIGHTS_FILE, HEAD_FILE, "manifest.json"):
-            (folder / f.name).write_bytes(f.read_bytes())
     (folder / HEAD_FILE).write_text(spec.to_json())
     tensors = {f"head.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in head.state_dict().items()}
     save_file(tensors, str(folder / HEAD_WEIGHTS_FILE), metadata={"format": "pt"})
-    return [WEIGHTS_FILE]
+    return sorted(
+        f.name for f in like.iterdir() if f.is_file() and f.name not in (HEAD_WEIGHTS_FILE, HEAD_FILE, "manifest.json")
+    )
 
 
 def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:

