@@ -35,7 +35,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import platform
 import random
 import re
 import shutil
@@ -51,6 +50,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import machine  # noqa: E402
 from loopserve.auth import read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.model_store import MANIFEST, ModelStore  # noqa: E402
@@ -132,13 +132,14 @@ def prepare_store(data: Path, model: str, versions: int) -> list[str]:
 
 
 def start_service(
-    data: Path, port: int, model: str, watch_s: float, log: Path, events: bool
+    data: Path, port: int, model: str, watch_s: float, log: Path, events: bool, device: tuple[str, str]
 ) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable, "-m", "loopserve", "policy", "--data-dir", str(data), "--port", str(port),
         "--metrics-port", "-1", "--log-level", "INFO", "--watch-interval-s", str(watch_s),
         "--generator" if model == "generator" else "--no-generator",
         "--watch-events" if events else "--no-watch-events",
+        "--device", device[0], "--dtype", device[1],
     ]  # fmt: skip
     return subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
 
@@ -250,8 +251,10 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
         versions = prepare_store(data, model, n_swaps)
         store = ModelStore(data / "store")
         port = free_port()
-        log = out / f"hotswap-{model}-{watch}-service.log"
-        proc = start_service(data, port, model, args.watch_interval_s, log, events=watch == "push")
+        log = out / f"hotswap-{model}-{watch}-service{args.tag}.log"
+        proc = start_service(
+            data, port, model, args.watch_interval_s, log, events=watch == "push", device=(args.device, args.dtype)
+        )
         target = f"127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 60
@@ -438,7 +441,13 @@ async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[st
         base = store.path("annotator", "v0")
         port = free_port()
         proc = start_service(
-            data, port, "annotator", args.watch_interval_s, out / "hotswap-publish-service.log", events=True
+            data,
+            port,
+            "annotator",
+            args.watch_interval_s,
+            out / f"hotswap-publish-service{args.tag}.log",
+            events=True,
+            device=(args.device, args.dtype),
         )
         target = f"127.0.0.1:{port}"
         runs = []
@@ -497,16 +506,6 @@ async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[st
     }
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="annotator,generator")
@@ -523,7 +522,10 @@ async def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=8)
     ap.add_argument("--publishes", type=int, default=3, help="`loopserve models publish` runs (0: skip)")
     ap.add_argument("--publish-clients", type=int, default=8)
+    ap.add_argument("--device", default="auto", help="the service's --device")
+    ap.add_argument("--dtype", default="auto", help="the service's --dtype")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. -cuda)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -548,19 +550,14 @@ async def main() -> None:
     if operator is not None:
         summary["operator_models_publish"] = {k: v for k, v in operator.items() if k != "runs"}
     doc = {
-        "machine": {
-            "cpu_model": cpu_model(),
-            "platform": platform.platform(),
-            "cpus": os.cpu_count(),
-            "loadavg_at_end": os.getloadavg(),
-        },
+        "machine": machine(loadavg_at_end=os.getloadavg(), device=args.device, dtype=args.dtype),
         "targets": TARGETS,
         "summary": summary,
         "results": [{k: v for k, v in r.items() if k != "_calls"} for r in results],
         "operator_models_publish": operator,
     }
-    (args.out / "hotswap.json").write_text(json.dumps(doc, indent=2))
-    plot(results, args.out / "hotswap.png")
+    (args.out / f"hotswap{args.tag}.json").write_text(json.dumps(doc, indent=2))
+    plot(results, args.out / f"hotswap{args.tag}.png")
     print(json.dumps(summary, indent=2))
 
 
