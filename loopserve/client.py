@@ -125,6 +125,56 @@ def wait_until_serving(
     raise TimeoutError(f"{target} did not report SERVING within {timeout_s:.0f}s")
 
 
+DEFAULT_CHUNK_EVENTS = 1000
+"""Events per SubmitChunks message: large enough that grpc's per-message cost vanishes, small enough that
+a lost stream re-sends little."""
+MAX_CHUNK_EVENTS = 10_000  # the service's limit per chunk (and per Submit)
+_MAX_REJECTIONS = 100
+
+
+class ChunkedSubmission:
+    """Events cut into SubmitChunks chunks, and what the acks said so far.
+
+    `acked` counts the leading chunks the service has acknowledged (durable); after a lost stream,
+    `unacked()` is what to send again. `summary` folds the acks like SubmitStream's summary, with each
+    rejection's `index` the event's position in the whole submission.
+    """
+
+    def __init__(self, events: Iterable[feedback_pb2.FeedbackEvent], chunk_events: int) -> None:
+        if not 1 <= chunk_events <= MAX_CHUNK_EVENTS:
+            raise ValueError(f"chunk_events must lie in [1, {MAX_CHUNK_EVENTS}], got {chunk_events}")
+        events = list(events)
+        self.chunks = [
+            feedback_pb2.SubmitRequest(events=events[i : i + chunk_events]) for i in range(0, len(events), chunk_events)
+        ]
+        self.chunk_events = chunk_events
+        self.acked = 0
+        self.summary = feedback_pb2.SubmitSummary(received=len(events))
+
+    @property
+    def done(self) -> bool:
+        return self.acked == len(self.chunks)
+
+    def unacked(self) -> Iterator[feedback_pb2.SubmitRequest]:
+        return iter(self.chunks[self.acked :])
+
+    def absorb(self, ack: feedback_pb2.ChunkAck, first_chunk: int) -> None:
+        """Count `ack`, which answers chunk `ack.chunk` of a stream that began at chunk `first_chunk`."""
+        position = first_chunk + ack.chunk
+        if position != self.acked:
+            raise RuntimeError(f"ack for chunk {position} arrived while {self.acked} was expected")
+        s = self.summary
+        s.accepted += ack.accepted
+        s.rejected += ack.rejected
+        s.duplicates += ack.duplicates
+        for problem in ack.problems:
+            if not problem.accepted and len(s.rejections) < _MAX_REJECTIONS:
+                r = s.rejections.add()
+                r.CopyFrom(problem)
+                r.index = position * self.chunk_events + problem.index
+        self.acked += 1
+
+
 class _Stubs:
     """What both clients share: the channel, the stubs, the call metadata, the retry policy."""
 
@@ -230,6 +280,35 @@ class Client(_Stubs):
         # caller's own retry safe).
         return self.feedback.SubmitStream(iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
 
+    def submit_chunks(
+        self,
+        events: Iterable[feedback_pb2.FeedbackEvent],
+        *,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+        timeout_s: float | None = None,
+    ) -> feedback_pb2.SubmitSummary:
+        """Bulk feedback over SubmitChunks, the fast path: what the summary counts as accepted is durable.
+        A stream lost with UNAVAILABLE / RESOURCE_EXHAUSTED is reopened (retry policy) and only the
+        chunks without an ack are sent again."""
+        sub = ChunkedSubmission(events, chunk_events)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while not sub.done:
+            first = sub.acked
+            try:
+                acks = self.feedback.SubmitChunks(
+                    sub.unacked(), timeout=max(deadline - time.monotonic(), 0.001), metadata=self.metadata
+                )
+                for ack in acks:
+                    sub.absorb(ack, first)
+            except grpc.RpcError as e:
+                attempt = 0 if sub.acked > first else attempt + 1  # progress resets the count
+                pause = self.retry.backoff(attempt)
+                if not retryable(e) or attempt >= self.retry.attempts or time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
+        return sub.summary
+
     # ---- reward --------------------------------------------------------------------------------
 
     def score(
@@ -333,6 +412,33 @@ class AsyncClient(_Stubs):
         return await self.feedback.SubmitStream(
             iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata
         )
+
+    async def submit_chunks(
+        self,
+        events: Iterable[feedback_pb2.FeedbackEvent],
+        *,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+        timeout_s: float | None = None,
+    ) -> feedback_pb2.SubmitSummary:
+        """As `Client.submit_chunks`: durable when counted; a lost stream re-sends only unacked chunks."""
+        sub = ChunkedSubmission(events, chunk_events)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while not sub.done:
+            first = sub.acked
+            try:
+                acks = self.feedback.SubmitChunks(
+                    sub.unacked(), timeout=max(deadline - time.monotonic(), 0.001), metadata=self.metadata
+                )
+                async for ack in acks:
+                    sub.absorb(ack, first)
+            except aio.AioRpcError as e:
+                attempt = 0 if sub.acked > first else attempt + 1
+                pause = self.retry.backoff(attempt)
+                if not retryable(e) or attempt >= self.retry.attempts or time.monotonic() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+        return sub.summary
 
     async def score(
         self,

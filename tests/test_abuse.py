@@ -90,7 +90,10 @@ async def _raw_call(
     md = (("authorization", f"Bearer {token}"),) if token else ()
     client_streaming, server_streaming = streaming
     try:
-        if client_streaming:
+        if client_streaming and server_streaming:
+            async for _ in channel.stream_stream(path)(iter(bodies), metadata=md, timeout=30):
+                pass
+        elif client_streaming:
             await channel.stream_unary(path)(iter(bodies), metadata=md, timeout=30)
         elif server_streaming:
             async for _ in channel.unary_stream(path)(bodies[0], metadata=md, timeout=30):
