@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -732,3 +733,25 @@ def test_postgres_log_reconnects_after_the_server_drops_it(pg_url, caplog):
         assert res.accepted
         assert [r.type for r in log.read()] == ["decision", "feedback"]
     assert sum("connection lost" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_fast_feedback_body_is_the_json_the_general_encoder_writes() -> None:
+    from loopserve.feedback_log.sql import feedback_json, to_json
+
+    texts = ["plain", 'quote " and \\ backslash', "tab\tnew\nline\x01\x1f", "naïve café ☕ 😀", "\u2028\u2029", ""]
+    events = [
+        Feedback(kind="preference", idempotency_key=f"k{i}", prompt=t, chosen=t + "a", rejected=t + "b", annotator_id=t)
+        for i, t in enumerate(texts)
+    ]
+    events += [
+        Feedback(kind="rating", idempotency_key="r1", event_id="e", value=3.5, scale_min=1.0, scale_max=5.0),
+        Feedback(kind="rating", idempotency_key="r2", event_id="e", value=3, scale_min=1, scale_max=5),  # ints
+        Feedback(kind="rating", idempotency_key="r3", event_id="e", value=1e300, scale_min=-1e-300, scale_max=2.0),
+        Feedback(kind="edit", idempotency_key="e1", event_id="e", text="x" * 5000, created=1.0),
+    ]
+    for fb in events:
+        body = feedback_json(fb)
+        assert body == to_json(fb)
+        assert Feedback.from_dict(json.loads(body)) == fb
+    with pytest.raises(ValueError):  # non-finite numbers are refused by both, never written as NaN
+        feedback_json(Feedback(kind="rating", idempotency_key="n", event_id="e", value=float("nan")))
