@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.serving import free_port, load, start_service, wait_ready  # noqa: E402
+from bench.serving import cpu_model, free_port, load, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2 as fb  # noqa: E402
@@ -82,13 +82,6 @@ def preference_events(n: int) -> list[fb.FeedbackEvent]:
         )
         for i in range(n)
     ]
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def raw_rate(log_url: str, n: int, workload: str = "corrections") -> dict:
