@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -32,10 +33,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from grpc import aio  # noqa: E402
+
 from bench.serving import cpu_model, free_port, load, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2 as fb  # noqa: E402
+from loopserve.feedback.v1 import feedback_pb2_grpc  # noqa: E402
 from loopserve.feedback_log import Decision, Feedback, open_feedback_log  # noqa: E402
 from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import provision  # noqa: E402
@@ -82,6 +86,59 @@ def preference_events(n: int) -> list[fb.FeedbackEvent]:
         )
         for i in range(n)
     ]
+
+
+class CountingFeedback(feedback_pb2_grpc.FeedbackServiceServicer):
+    """A FeedbackService that only counts what arrives: the floor grpc-python itself sets."""
+
+    async def SubmitStream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        n = 0
+        async for _ in request_iterator:
+            n += 1
+        return fb.SubmitSummary(received=n, accepted=n)
+
+    async def SubmitChunks(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        k = 0
+        async for chunk in request_iterator:
+            yield fb.ChunkAck(chunk=k, accepted=len(chunk.events))
+            k += 1
+
+
+def _serve_counting(port: int) -> None:
+    async def run() -> None:
+        server = aio.server()
+        feedback_pb2_grpc.add_FeedbackServiceServicer_to_server(CountingFeedback(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+async def grpc_floor(n: int) -> dict:
+    """Events/s when the server does nothing but count them (no auth, no log): one message an event
+    (SubmitStream) against 1,000 events a message (SubmitChunks)."""
+    port = free_port()
+    server = multiprocessing.get_context("spawn").Process(target=_serve_counting, args=(port,), daemon=True)
+    server.start()
+    evs = events_for([uuid.uuid4().hex], n)
+    try:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+            await ch.channel_ready()
+            stub = feedback_pb2_grpc.FeedbackServiceStub(ch)
+            await stub.SubmitStream(iter(evs[:100]))
+            t = time.perf_counter()
+            assert (await stub.SubmitStream(iter(evs))).received == n
+            stream = n / (time.perf_counter() - t)
+            t = time.perf_counter()
+            chunks = [fb.SubmitRequest(events=evs[i : i + 1000]) for i in range(0, n, 1000)]
+            assert sum([ack.accepted async for ack in stub.SubmitChunks(iter(chunks))]) == n
+            chunked = n / (time.perf_counter() - t)
+    finally:
+        server.terminate()
+        server.join(10)
+    print(f"  grpc floor (server only counts): SubmitStream {stream:.0f}/s, SubmitChunks {chunked:.0f}/s", flush=True)
+    return {"events": n, "submit_stream_events_per_s": stream, "submit_chunks_events_per_s": chunked}
 
 
 def raw_rate(log_url: str, n: int, workload: str = "corrections") -> dict:
@@ -246,6 +303,7 @@ async def main() -> None:
             "sqlite": lambda: str(data / f"log-{uuid.uuid4().hex[:6]}.sqlite3"),
             "postgres": lambda: create_schema(pg, f"bench_{uuid.uuid4().hex[:8]}"),
         }
+        result["grpc_floor"] = await grpc_floor(args.events)
         for name in args.backends:
             make_url = urls[name]
             print(f"{name}:", flush=True)
@@ -262,6 +320,10 @@ async def main() -> None:
             }
         if not args.no_logging_cost:
             result["decision_logging"] = await logging_cost(data, args.seconds)
+        elif (args.out / "ingest.json").exists():  # keep the earlier figures, marked as such
+            earlier = json.loads((args.out / "ingest.json").read_text()).get("decision_logging")
+            if earlier:
+                result["decision_logging"] = {**earlier, "from_an_earlier_run": True}
     result["targets"] = {
         "sqlite_stream_events_per_s": 50_000,
         "stream_vs_append": 0.8,
