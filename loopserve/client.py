@@ -129,27 +129,44 @@ DEFAULT_CHUNK_EVENTS = 1000
 """Events per SubmitChunks message: large enough that grpc's per-message cost vanishes, small enough that
 a lost stream re-sends little."""
 MAX_CHUNK_EVENTS = 10_000  # the service's limit per chunk (and per Submit)
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # well below the server's 32 MiB message limit
 _MAX_REJECTIONS = 100
 
 
 class ChunkedSubmission:
     """Events cut into SubmitChunks chunks, and what the acks said so far.
 
-    `acked` counts the leading chunks the service has acknowledged (durable); after a lost stream,
-    `unacked()` is what to send again. `summary` folds the acks like SubmitStream's summary, with each
-    rejection's `index` the event's position in the whole submission.
+    A chunk closes at `chunk_events` events or `MAX_CHUNK_BYTES`, whichever comes first, so that long
+    texts never make a message the server refuses for its size. `acked` counts the leading chunks the
+    service has acknowledged (durable); after a lost stream, `unacked()` is what to send again.
+    `summary` folds the acks like SubmitStream's summary, with each rejection's `index` the event's
+    position in the whole submission.
     """
 
     def __init__(self, events: Iterable[feedback_pb2.FeedbackEvent], chunk_events: int) -> None:
         if not 1 <= chunk_events <= MAX_CHUNK_EVENTS:
             raise ValueError(f"chunk_events must lie in [1, {MAX_CHUNK_EVENTS}], got {chunk_events}")
-        events = list(events)
-        self.chunks = [
-            feedback_pb2.SubmitRequest(events=events[i : i + chunk_events]) for i in range(0, len(events), chunk_events)
-        ]
-        self.chunk_events = chunk_events
+        self.chunks: list[feedback_pb2.SubmitRequest] = []
+        self.starts: list[int] = []  # position of each chunk's first event in the submission
+        current: list[feedback_pb2.FeedbackEvent] = []
+        size = total = 0
+        for event in events:
+            n = event.ByteSize() + 8  # + the repeated field's tag and length
+            if current and (len(current) >= chunk_events or size + n > MAX_CHUNK_BYTES):
+                self._close(current, total)
+                total += len(current)
+                current, size = [], 0
+            current.append(event)
+            size += n
+        if current:
+            self._close(current, total)
+            total += len(current)
         self.acked = 0
-        self.summary = feedback_pb2.SubmitSummary(received=len(events))
+        self.summary = feedback_pb2.SubmitSummary(received=total)
+
+    def _close(self, events: list[feedback_pb2.FeedbackEvent], start: int) -> None:
+        self.chunks.append(feedback_pb2.SubmitRequest(events=events))
+        self.starts.append(start)
 
     @property
     def done(self) -> bool:
@@ -171,7 +188,7 @@ class ChunkedSubmission:
             if not problem.accepted and len(s.rejections) < _MAX_REJECTIONS:
                 r = s.rejections.add()
                 r.CopyFrom(problem)
-                r.index = position * self.chunk_events + problem.index
+                r.index = self.starts[position] + problem.index
         self.acked += 1
 
 

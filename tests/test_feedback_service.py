@@ -458,3 +458,23 @@ async def test_submit_chunks_resends_only_the_unacknowledged_tail(svc: Svc) -> N
     keys = [r.record.idempotency_key for r in _all(svc.app.log) if r.type == "feedback"]  # type: ignore[union-attr]
     assert sorted(keys) == sorted(e.idempotency_key for e in events)
     assert sub.summary.duplicates == 0 or sub.summary.duplicates % 250 == 0
+
+
+async def test_submit_chunks_cuts_long_texts_into_messages_the_server_takes(svc: Svc) -> None:
+    big = "word " * 20_000  # 100,000 characters
+    events = [
+        fb.FeedbackEvent(
+            idempotency_key=key(), preference=fb.Preference(prompt=f"p{i} {big}", chosen=f"a {big}", rejected=big)
+        )
+        for i in range(24)
+    ]
+    events.append(
+        fb.FeedbackEvent(idempotency_key=key(), preference=fb.Preference(prompt="p", chosen="x", rejected="x"))
+    )
+    sub = ChunkedSubmission(events, 1000)
+    assert len(sub.chunks) > 1 and all(c.ByteSize() <= 4 * 1024 * 1024 + 1024 for c in sub.chunks)
+    async with svc.client("annotator") as a:
+        s = await a.submit_chunks(events, timeout_s=120)
+    assert (s.accepted, s.rejected) == (24, 1)
+    assert s.rejections[0].index == 24 and s.rejections[0].code == "INVALID_ARGUMENT"
+    assert svc.app.log.stats().feedback == 24
