@@ -40,6 +40,14 @@ def retryable(error: grpc.RpcError) -> bool:
     return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (error.details() or ""))
 
 
+def _lost_status(error: aio.AioRpcError) -> bool:
+    """grpc.aio's client reports INTERNAL "Internal error from Core" in place of the server's status when
+    the server ends a stream while the client is still sending (grpc/grpc#36066), e.g. UNAVAILABLE in the
+    middle of a SubmitChunks stream. Only well-formed, acknowledged-or-not chunks were sent, so re-sending
+    the unacknowledged ones is safe."""
+    return error.code() == grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core"
+
+
 T = TypeVar("T")
 
 
@@ -452,7 +460,11 @@ class AsyncClient(_Stubs):
             except aio.AioRpcError as e:
                 attempt = 0 if sub.acked > first else attempt + 1
                 pause = self.retry.backoff(attempt)
-                if not retryable(e) or attempt >= self.retry.attempts or time.monotonic() + pause >= deadline:
+                if (
+                    not (retryable(e) or _lost_status(e))
+                    or attempt >= self.retry.attempts
+                    or time.monotonic() + pause >= deadline
+                ):
                     raise
                 await asyncio.sleep(pause)
         return sub.summary

@@ -24,8 +24,8 @@ from loopserve.errors import InvalidArgument, LoopserveError, quote
 from loopserve.feedback.v1 import feedback_pb2 as pb
 from loopserve.feedback.v1 import feedback_pb2_grpc
 from loopserve.feedback_log import FeedbackCommitter, LabelSets
-from loopserve.feedback_log.records import CONFLICT_CODE, Feedback, FeedbackResult
-from loopserve.feedback_types import feedback_from_pb, rejected, result_to_pb
+from loopserve.feedback_log.records import CONFLICT_CODE, FeedbackResult
+from loopserve.feedback_types import NO_KIND, feedback_from_pb, rejected, result_to_pb
 
 MAX_EVENTS_PER_SUBMIT = 10_000
 STREAM_CHUNK = 2_000
@@ -48,38 +48,41 @@ class FeedbackIngest:
         self.label_sets = label_sets
 
     async def commit(self, events: Sequence[pb.FeedbackEvent]) -> list[FeedbackResult]:
-        """One result per event, `index` its position in `events`; accepted ones are durable."""
-        records: list[Feedback] = []
-        where: list[int] = []
-        failed: dict[int, FeedbackResult] = {}
-        for i, ev in enumerate(events):
-            try:
-                records.append(feedback_from_pb(ev))
-                where.append(i)
-            except LoopserveError as e:
-                failed[i] = rejected(i, ev, e.code, e.message)
+        """One result per event, `index` its position in `events`; accepted ones are durable.
+
+        Only the event kinds are read here; the conversion to records runs on the committer's thread
+        (`submit_deferred`), where it does not fight the commit for the GIL."""
+        kinds: list[str | None] = [ev.WhichOneof("kind") for ev in events]
+        if None in kinds:  # rare: reject the events without a kind here, convert the rest
+            where = [i for i, k in enumerate(kinds) if k is not None]
+            sendable: Sequence[pb.FeedbackEvent] = [events[i] for i in where]
+        else:
+            where, sendable = list(range(len(events))), events
         committed: list[FeedbackResult] = []
-        if records:
-            committed = await asyncio.wrap_future(self.committer.submit(records, self.label_sets()))
-        if failed:  # rare: merge the shape rejections back in, at their positions
-            out: list[FeedbackResult] = [None] * len(events)  # type: ignore[list-item]
-            for i, r in failed.items():
-                out[i] = r
+        if sendable:
+            future = self.committer.submit_deferred(
+                len(sendable), lambda: [feedback_from_pb(ev) for ev in sendable], self.label_sets()
+            )
+            committed = await asyncio.wrap_future(future)
+        if len(where) == len(events):
+            out = committed  # already indexed by position: the committer answers each caller in its own indices
+        else:
+            # The events without a kind are rejected; the results of those sent are put in their places.
+            out = [rejected(i, ev, "INVALID_ARGUMENT", NO_KIND) for i, ev in enumerate(events)]
             for i, r in zip(where, committed, strict=True):
                 out[i] = dataclasses.replace(r, index=i)
-        else:
-            out = committed  # already indexed by position: the committer answers each caller in its own indices
         # One metric update per kind and code, not per event: labels() costs as much as converting an event.
         stored: collections.Counter[str] = collections.Counter()
-        refused: collections.Counter[str] = collections.Counter(r.code or "UNKNOWN" for r in failed.values())
-        for rec, r in zip(records, committed, strict=True):
+        refused: collections.Counter[str] = collections.Counter()
+        kind: str | None
+        for kind, r in zip(kinds, out, strict=True):
             if r.accepted:
                 if not r.duplicate:
-                    stored[rec.kind] += 1
+                    stored[kind or ""] += 1
             else:
                 refused[r.code or "UNKNOWN"] += 1
-        for kind, n in stored.items():
-            metrics.FEEDBACK_EVENTS.labels(kind).inc(n)
+        for stored_kind, n in stored.items():
+            metrics.FEEDBACK_EVENTS.labels(stored_kind).inc(n)
         for code, n in refused.items():
             metrics.FEEDBACK_REJECTED.labels(code).inc(n)
         return out

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from loopserve.errors import InvalidArgument, ResourceExhausted
+from loopserve.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loopserve.feedback_log import (
     Decision,
     DecisionWriter,
@@ -520,6 +520,36 @@ def test_decision_writer_retries_failed_writes_and_logs_no_user_text(log, caplog
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 2 and all("2 decisions" in w and "d1" in w for w in warnings)
     assert not any(SECRET in r.getMessage() for r in caplog.records)
+
+
+def test_deferred_events_are_built_on_the_committer_and_a_bad_builder_fails_only_its_call(log):
+    log.append_decisions([label_decision("d0")])
+    committer = FeedbackCommitter(log)
+    built_on: list[str] = []
+
+    def make(prefix: str, n: int) -> list[Feedback]:
+        built_on.append(threading.current_thread().name)
+        return [Feedback("accept", f"{prefix}-{i}", event_id="d0") for i in range(n)]
+
+    def broken() -> list[Feedback]:
+        raise RuntimeError("a converter bug")
+
+    # Queued together, so that they can share one transaction: two good calls around two bad ones.
+    futures = [
+        committer.submit_deferred(3, lambda: make("a", 3), LABELS),
+        committer.submit_deferred(2, broken, LABELS),
+        committer.submit_deferred(2, lambda: make("short", 1), LABELS),  # builds fewer than announced
+        committer.submit_deferred(2, lambda: make("b", 2), LABELS),
+    ]
+    assert [r.accepted for r in futures[0].result(30)] == [True] * 3
+    for bad in futures[1:3]:
+        with pytest.raises(Unavailable):
+            bad.result(30)
+    assert [r.index for r in futures[3].result(30)] == [0, 1]
+    committer.close()
+    assert set(built_on) == {"feedback-committer"}
+    keys = {r.record.idempotency_key for r in log.read(0, 100) if r.type == "feedback"}
+    assert keys == {"a-0", "a-1", "a-2", "b-0", "b-1"}
 
 
 def test_feedback_committer_merges_concurrent_callers_exactly_once(log):
