@@ -40,6 +40,14 @@ def retryable(error: grpc.RpcError) -> bool:
     return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "message larger than max" in (error.details() or ""))
 
 
+def _lost_status(error: aio.AioRpcError) -> bool:
+    """grpc.aio's client reports INTERNAL "Internal error from Core" in place of the server's status when
+    the server ends a stream while the client is still sending (grpc/grpc#36066), e.g. UNAVAILABLE in the
+    middle of a SubmitChunks stream. Only well-formed, acknowledged-or-not chunks were sent, so re-sending
+    the unacknowledged ones is safe."""
+    return error.code() == grpc.StatusCode.INTERNAL and error.details() == "Internal error from Core"
+
+
 T = TypeVar("T")
 
 
@@ -123,6 +131,73 @@ def wait_until_serving(
         except (grpc.FutureTimeoutError, grpc.RpcError):
             pass
     raise TimeoutError(f"{target} did not report SERVING within {timeout_s:.0f}s")
+
+
+DEFAULT_CHUNK_EVENTS = 1000
+"""Events per SubmitChunks message: large enough that grpc's per-message cost vanishes, small enough that
+a lost stream re-sends little."""
+MAX_CHUNK_EVENTS = 10_000  # the service's limit per chunk (and per Submit)
+MAX_CHUNK_BYTES = 4 * 1024 * 1024  # well below the server's 32 MiB message limit
+_MAX_REJECTIONS = 100
+
+
+class ChunkedSubmission:
+    """Events cut into SubmitChunks chunks, and what the acks said so far.
+
+    A chunk closes at `chunk_events` events or `MAX_CHUNK_BYTES`, whichever comes first, so that long
+    texts never make a message the server refuses for its size. `acked` counts the leading chunks the
+    service has acknowledged (durable); after a lost stream, `unacked()` is what to send again.
+    `summary` folds the acks like SubmitStream's summary, with each rejection's `index` the event's
+    position in the whole submission.
+    """
+
+    def __init__(self, events: Iterable[feedback_pb2.FeedbackEvent], chunk_events: int) -> None:
+        if not 1 <= chunk_events <= MAX_CHUNK_EVENTS:
+            raise ValueError(f"chunk_events must lie in [1, {MAX_CHUNK_EVENTS}], got {chunk_events}")
+        self.chunks: list[feedback_pb2.SubmitRequest] = []
+        self.starts: list[int] = []  # position of each chunk's first event in the submission
+        current: list[feedback_pb2.FeedbackEvent] = []
+        size = total = 0
+        for event in events:
+            n = event.ByteSize() + 8  # + the repeated field's tag and length
+            if current and (len(current) >= chunk_events or size + n > MAX_CHUNK_BYTES):
+                self._close(current, total)
+                total += len(current)
+                current, size = [], 0
+            current.append(event)
+            size += n
+        if current:
+            self._close(current, total)
+            total += len(current)
+        self.acked = 0
+        self.summary = feedback_pb2.SubmitSummary(received=total)
+
+    def _close(self, events: list[feedback_pb2.FeedbackEvent], start: int) -> None:
+        self.chunks.append(feedback_pb2.SubmitRequest(events=events))
+        self.starts.append(start)
+
+    @property
+    def done(self) -> bool:
+        return self.acked == len(self.chunks)
+
+    def unacked(self) -> Iterator[feedback_pb2.SubmitRequest]:
+        return iter(self.chunks[self.acked :])
+
+    def absorb(self, ack: feedback_pb2.ChunkAck, first_chunk: int) -> None:
+        """Count `ack`, which answers chunk `ack.chunk` of a stream that began at chunk `first_chunk`."""
+        position = first_chunk + ack.chunk
+        if position != self.acked:
+            raise RuntimeError(f"ack for chunk {position} arrived while {self.acked} was expected")
+        s = self.summary
+        s.accepted += ack.accepted
+        s.rejected += ack.rejected
+        s.duplicates += ack.duplicates
+        for problem in ack.problems:
+            if not problem.accepted and len(s.rejections) < _MAX_REJECTIONS:
+                r = s.rejections.add()
+                r.CopyFrom(problem)
+                r.index = self.starts[position] + problem.index
+        self.acked += 1
 
 
 class _Stubs:
@@ -230,6 +305,35 @@ class Client(_Stubs):
         # caller's own retry safe).
         return self.feedback.SubmitStream(iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata)
 
+    def submit_chunks(
+        self,
+        events: Iterable[feedback_pb2.FeedbackEvent],
+        *,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+        timeout_s: float | None = None,
+    ) -> feedback_pb2.SubmitSummary:
+        """Bulk feedback over SubmitChunks, the fast path: what the summary counts as accepted is durable.
+        A stream lost with UNAVAILABLE / RESOURCE_EXHAUSTED is reopened (retry policy) and only the
+        chunks without an ack are sent again."""
+        sub = ChunkedSubmission(events, chunk_events)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while not sub.done:
+            first = sub.acked
+            try:
+                acks = self.feedback.SubmitChunks(
+                    sub.unacked(), timeout=max(deadline - time.monotonic(), 0.001), metadata=self.metadata
+                )
+                for ack in acks:
+                    sub.absorb(ack, first)
+            except grpc.RpcError as e:
+                attempt = 0 if sub.acked > first else attempt + 1  # progress resets the count
+                pause = self.retry.backoff(attempt)
+                if not retryable(e) or attempt >= self.retry.attempts or time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
+        return sub.summary
+
     # ---- reward --------------------------------------------------------------------------------
 
     def score(
@@ -333,6 +437,37 @@ class AsyncClient(_Stubs):
         return await self.feedback.SubmitStream(
             iter(events), timeout=timeout_s or self.timeout_s, metadata=self.metadata
         )
+
+    async def submit_chunks(
+        self,
+        events: Iterable[feedback_pb2.FeedbackEvent],
+        *,
+        chunk_events: int = DEFAULT_CHUNK_EVENTS,
+        timeout_s: float | None = None,
+    ) -> feedback_pb2.SubmitSummary:
+        """As `Client.submit_chunks`: durable when counted; a lost stream re-sends only unacked chunks."""
+        sub = ChunkedSubmission(events, chunk_events)
+        deadline = time.monotonic() + (timeout_s or self.timeout_s)
+        attempt = 0
+        while not sub.done:
+            first = sub.acked
+            try:
+                acks = self.feedback.SubmitChunks(
+                    sub.unacked(), timeout=max(deadline - time.monotonic(), 0.001), metadata=self.metadata
+                )
+                async for ack in acks:
+                    sub.absorb(ack, first)
+            except aio.AioRpcError as e:
+                attempt = 0 if sub.acked > first else attempt + 1
+                pause = self.retry.backoff(attempt)
+                if (
+                    not (retryable(e) or _lost_status(e))
+                    or attempt >= self.retry.attempts
+                    or time.monotonic() + pause >= deadline
+                ):
+                    raise
+                await asyncio.sleep(pause)
+        return sub.summary
 
     async def score(
         self,

@@ -11,6 +11,8 @@ from loopserve.feedback.v1 import feedback_pb2 as pb
 from loopserve.feedback_log.records import Feedback, FeedbackResult
 from loopserve.feedback_log.validation import MAX_ID_CHARS
 
+NO_KIND = "the event has no kind: set one of accept, reject, correction, rating, preference, edit"
+
 
 def feedback_from_pb(event: pb.FeedbackEvent) -> Feedback:
     kind = event.WhichOneof("kind")
@@ -66,7 +68,7 @@ def feedback_from_pb(event: pb.FeedbackEvent) -> Feedback:
         return Feedback(
             kind="edit", event_id=event.edit.event_id, text=event.edit.text, idempotency_key=key, annotator_id=who
         )
-    raise InvalidArgument("the event has no kind: set one of accept, reject, correction, rating, preference, edit")
+    raise InvalidArgument(NO_KIND)
 
 
 def result_to_pb(r: FeedbackResult) -> pb.EventResult:

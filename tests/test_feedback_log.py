@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -26,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from loopserve.errors import InvalidArgument, ResourceExhausted
+from loopserve.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loopserve.feedback_log import (
     Decision,
     DecisionWriter,
@@ -521,6 +522,36 @@ def test_decision_writer_retries_failed_writes_and_logs_no_user_text(log, caplog
     assert not any(SECRET in r.getMessage() for r in caplog.records)
 
 
+def test_deferred_events_are_built_on_the_committer_and_a_bad_builder_fails_only_its_call(log):
+    log.append_decisions([label_decision("d0")])
+    committer = FeedbackCommitter(log)
+    built_on: list[str] = []
+
+    def make(prefix: str, n: int) -> list[Feedback]:
+        built_on.append(threading.current_thread().name)
+        return [Feedback("accept", f"{prefix}-{i}", event_id="d0") for i in range(n)]
+
+    def broken() -> list[Feedback]:
+        raise RuntimeError("a converter bug")
+
+    # Queued together, so that they can share one transaction: two good calls around two bad ones.
+    futures = [
+        committer.submit_deferred(3, lambda: make("a", 3), LABELS),
+        committer.submit_deferred(2, broken, LABELS),
+        committer.submit_deferred(2, lambda: make("short", 1), LABELS),  # builds fewer than announced
+        committer.submit_deferred(2, lambda: make("b", 2), LABELS),
+    ]
+    assert [r.accepted for r in futures[0].result(30)] == [True] * 3
+    for bad in futures[1:3]:
+        with pytest.raises(Unavailable):
+            bad.result(30)
+    assert [r.index for r in futures[3].result(30)] == [0, 1]
+    committer.close()
+    assert set(built_on) == {"feedback-committer"}
+    keys = {r.record.idempotency_key for r in log.read(0, 100) if r.type == "feedback"}
+    assert keys == {"a-0", "a-1", "a-2", "b-0", "b-1"}
+
+
 def test_feedback_committer_merges_concurrent_callers_exactly_once(log):
     log.append_decisions([label_decision(f"d{i}") for i in range(8)])
     committer = FeedbackCommitter(log, max_batch=64)
@@ -732,3 +763,25 @@ def test_postgres_log_reconnects_after_the_server_drops_it(pg_url, caplog):
         assert res.accepted
         assert [r.type for r in log.read()] == ["decision", "feedback"]
     assert sum("connection lost" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_fast_feedback_body_is_the_json_the_general_encoder_writes() -> None:
+    from loopserve.feedback_log.sql import feedback_json, to_json
+
+    texts = ["plain", 'quote " and \\ backslash', "tab\tnew\nline\x01\x1f", "naïve café ☕ 😀", "\u2028\u2029", ""]
+    events = [
+        Feedback(kind="preference", idempotency_key=f"k{i}", prompt=t, chosen=t + "a", rejected=t + "b", annotator_id=t)
+        for i, t in enumerate(texts)
+    ]
+    events += [
+        Feedback(kind="rating", idempotency_key="r1", event_id="e", value=3.5, scale_min=1.0, scale_max=5.0),
+        Feedback(kind="rating", idempotency_key="r2", event_id="e", value=3, scale_min=1, scale_max=5),  # ints
+        Feedback(kind="rating", idempotency_key="r3", event_id="e", value=1e300, scale_min=-1e-300, scale_max=2.0),
+        Feedback(kind="edit", idempotency_key="e1", event_id="e", text="x" * 5000, created=1.0),
+    ]
+    for fb in events:
+        body = feedback_json(fb)
+        assert body == to_json(fb)
+        assert Feedback.from_dict(json.loads(body)) == fb
+    with pytest.raises(ValueError):  # non-finite numbers are refused by both, never written as NaN
+        feedback_json(Feedback(kind="rating", idempotency_key="n", event_id="e", value=float("nan")))

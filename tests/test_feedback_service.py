@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 from grpc import aio
 
 from loopserve.auth import ensure_token_file, read_token
-from loopserve.client import AsyncClient, Client, RetryPolicy, wait_until_serving
+from loopserve.client import AsyncClient, ChunkedSubmission, Client, RetryPolicy, wait_until_serving
 from loopserve.config import PolicyConfig
 from loopserve.feedback.v1 import feedback_pb2 as fb
 from loopserve.feedback_log import open_feedback_log
@@ -309,6 +310,63 @@ def test_acknowledged_feedback_survives_kill_9(tiny_data_dir: Path) -> None:
     assert len(stored) == 10_000 and len(set(stored)) == 10_000
 
 
+@pytest.mark.slow
+def test_submit_chunks_acknowledged_survive_kill_9_and_the_tail_is_resent_once(tiny_data_dir: Path) -> None:
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    ensure_token_file(tiny_data_dir / "tokens.json")
+    tokens = tiny_data_dir / "tokens.json"
+    proc = _start(tiny_data_dir, port)
+    try:
+        _wait_ready(target, read_token(tokens, "client"))
+        with Client(target, read_token(tokens, "client")) as c:
+            eids = [a.event_id for a in c.annotate([f"review {i}" for i in range(100)]).annotations]
+        events = [correction(eids[i % 100], "great", f"c{i:05d}") for i in range(10_000)]
+        chunks = [_chunk(events[i : i + 250]) for i in range(0, len(events), 250)]
+        acked: list[str] = []
+        killed = threading.Event()
+
+        def send() -> None:
+            def stream() -> Iterator[fb.SubmitRequest]:
+                yield from chunks[:12]
+                killed.wait(60)  # hold the stream open, the tail unsent, until the server is gone
+
+            with Client(target, read_token(tokens, "annotator"), retry=NO_RETRY) as a:
+                try:
+                    for ack in a.feedback.SubmitChunks(stream(), metadata=a.metadata, timeout=60):
+                        acked.extend(e.idempotency_key for e in chunks[ack.chunk].events)
+                except grpc.RpcError:
+                    pass
+
+        t = threading.Thread(target=send)
+        t.start()
+        wait_until(lambda: len(acked) >= 2000 or not t.is_alive(), 120, "2,000 acknowledged events")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed.set()
+        t.join(30)
+        assert acked, "nothing was acknowledged before the kill"
+        log = open_feedback_log(str(tiny_data_dir / "feedback.sqlite3"))
+        stored = [r.record.idempotency_key for r in _all(log) if r.type == "feedback"]  # type: ignore[union-attr]
+        log.close()
+        assert set(acked) <= set(stored), "an acknowledged event was lost"
+        assert len(stored) == len(set(stored)), "an event was stored twice"
+
+        proc = _start(tiny_data_dir, port)
+        _wait_ready(target, read_token(tokens, "client"))
+        with Client(target, read_token(tokens, "annotator"), timeout_s=300) as a:
+            s = a.submit_chunks(events, chunk_events=500)
+        assert s.accepted == 10_000 and s.rejected == 0 and s.duplicates == len(stored)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+    log = open_feedback_log(str(tiny_data_dir / "feedback.sqlite3"))
+    stored = [r.record.idempotency_key for r in _all(log) if r.type == "feedback"]  # type: ignore[union-attr]
+    log.close()
+    assert sorted(stored) == sorted(e.idempotency_key for e in events)
+
+
 def _all(log):  # type: ignore[no-untyped-def]
     out, cursor = [], 0
     while True:
@@ -317,3 +375,106 @@ def _all(log):  # type: ignore[no-untyped-def]
             return out
         out.extend(batch)
         cursor = batch[-1].seq
+
+
+# ---- SubmitChunks: the bidirectional bulk path ------------------------------------------------------
+
+
+def _chunk(events: list[fb.FeedbackEvent]) -> fb.SubmitRequest:
+    return fb.SubmitRequest(events=events)
+
+
+async def test_submit_chunks_acks_each_chunk_in_order_once_durable(svc: Svc) -> None:
+    async with svc.client("client") as c, svc.client("annotator") as a:
+        eids = [x.event_id for x in (await c.annotate([f"item {i}" for i in range(20)])).annotations]
+        events = [correction(eids[i % 20], "great" if i % 2 else "other") for i in range(3000)]
+        chunks = [_chunk(events[i : i + 1000]) for i in range(0, 3000, 1000)]
+        acks = []
+        async for ack in a.feedback.SubmitChunks(iter(chunks), metadata=a.metadata, timeout=60):
+            # Each ack means its chunk is in the log: readable before the stream goes on.
+            assert svc.app.log.stats().feedback >= 1000 * (ack.chunk + 1)
+            acks.append(ack)
+        assert [(k.chunk, k.accepted, k.rejected, k.duplicates) for k in acks] == [(i, 1000, 0, 0) for i in range(3)]
+
+        # The client helper: rejections, duplicates and a key conflict, indexed in the whole submission.
+        conflict = correction(eids[0], "other", events[1].idempotency_key)  # events[1] said "great"
+        more = [correction(eids[i % 20], "great") for i in range(1500)]
+        more += [correction("missing", "great"), events[0], conflict, fb.FeedbackEvent(idempotency_key=key())]
+        s = await a.submit_chunks(more, chunk_events=700, timeout_s=120)
+        assert (s.received, s.accepted, s.rejected, s.duplicates) == (1504, 1502, 2, 2)
+        assert [(r.index, r.code) for r in s.rejections] == [(1500, "NOT_FOUND"), (1503, "INVALID_ARGUMENT")]
+    assert svc.app.log.stats().feedback == 4500
+
+
+async def test_submit_chunks_bad_chunk_ends_the_stream_after_answering_the_good_ones(svc: Svc) -> None:
+    async with svc.client("client") as c, svc.client("annotator") as a, svc.client("annotator") as other:
+        eid = (await c.annotate(["item"])).annotations[0].event_id
+        good = [_chunk([correction(eid, "great") for _ in range(50)]) for _ in range(2)]
+        for bad, says in (
+            (fb.SubmitRequest(), "chunk 2 is empty"),
+            (_chunk([correction(eid, "great")] * 10_001), "chunk 2 holds 10001 events; the limit is 10000"),
+        ):
+            got: list[fb.ChunkAck] = []
+
+            async def send(chunks: list[fb.SubmitRequest], into: list[fb.ChunkAck], who: AsyncClient) -> None:
+                async for ack in who.feedback.SubmitChunks(iter(chunks), metadata=who.metadata, timeout=60):
+                    into.append(ack)
+
+            # Another client's stream beside the bad one is not disturbed.
+            theirs: list[fb.ChunkAck] = []
+            fine = [_chunk([correction(eid, "other") for _ in range(100)]) for _ in range(3)]
+            code, details = (None, "")
+            try:
+                await asyncio.gather(send([*good, bad, *good], got, a), send(fine, theirs, other))
+            except aio.AioRpcError as e:
+                code, details = e.code(), e.details() or ""
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and says in details, (code, details)
+            assert [k.accepted for k in got] == [50, 50]  # the chunks before the bad one are answered
+            while len(theirs) < 3:  # gather re-raised before the other stream ended: it still finishes
+                await asyncio.sleep(0.05)
+            assert [k.accepted for k in theirs] == [100, 100, 100]
+            good = [_chunk([correction(eid, "great") for _ in range(50)]) for _ in range(2)]
+    assert svc.app.log.stats().feedback == 2 * 100 + 2 * 300
+
+
+async def test_submit_chunks_resends_only_the_unacknowledged_tail(svc: Svc) -> None:
+    async with svc.client("client") as c, svc.client("annotator") as a:
+        eid = (await c.annotate(["item"])).annotations[0].event_id
+        events = [correction(eid, "great") for _ in range(2000)]
+        sub = ChunkedSubmission(events, 250)
+        call = a.feedback.SubmitChunks(sub.unacked(), metadata=a.metadata, timeout=60)
+        async for ack in call:
+            sub.absorb(ack, 0)
+            if sub.acked == 3:
+                call.cancel()  # the stream is lost with 3 of 8 chunks acknowledged
+                break
+        assert sub.acked == 3 and len(list(sub.unacked())) == 5
+        first, resent = sub.acked, 0
+        async for ack in a.feedback.SubmitChunks(sub.unacked(), metadata=a.metadata, timeout=60):
+            sub.absorb(ack, first)
+            resent += 1
+        assert sub.done and resent == 5 and sub.summary.accepted == 2000
+    # A chunk committed after the cancel but never acknowledged came back as duplicates: stored once.
+    keys = [r.record.idempotency_key for r in _all(svc.app.log) if r.type == "feedback"]  # type: ignore[union-attr]
+    assert sorted(keys) == sorted(e.idempotency_key for e in events)
+    assert sub.summary.duplicates == 0 or sub.summary.duplicates % 250 == 0
+
+
+async def test_submit_chunks_cuts_long_texts_into_messages_the_server_takes(svc: Svc) -> None:
+    big = "word " * 20_000  # 100,000 characters
+    events = [
+        fb.FeedbackEvent(
+            idempotency_key=key(), preference=fb.Preference(prompt=f"p{i} {big}", chosen=f"a {big}", rejected=big)
+        )
+        for i in range(24)
+    ]
+    events.append(
+        fb.FeedbackEvent(idempotency_key=key(), preference=fb.Preference(prompt="p", chosen="x", rejected="x"))
+    )
+    sub = ChunkedSubmission(events, 1000)
+    assert len(sub.chunks) > 1 and all(c.ByteSize() <= 4 * 1024 * 1024 + 1024 for c in sub.chunks)
+    async with svc.client("annotator") as a:
+        s = await a.submit_chunks(events, timeout_s=120)
+    assert (s.accepted, s.rejected) == (24, 1)
+    assert s.rejections[0].index == 24 and s.rejections[0].code == "INVALID_ARGUMENT"
+    assert svc.app.log.stats().feedback == 24

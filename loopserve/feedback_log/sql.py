@@ -26,6 +26,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
+import math
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -33,6 +35,7 @@ from typing import IO, Any
 from loopserve.errors import InvalidArgument, LoopserveError
 from loopserve.feedback_log.base import FeedbackLog, ImportResult, LabelSets, LogStats
 from loopserve.feedback_log.records import (
+    _FEEDBACK_FIELDS,
     CONFLICT_CODE,
     Decision,
     Feedback,
@@ -87,6 +90,31 @@ def to_json(record: Decision | Feedback) -> str:
     return json.dumps(record.to_dict(), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
 
 
+# The feedback body without a dict or a fresh encoder per event (json.dumps with options builds both; it
+# was a third of append_feedback's time): the same text json.dumps gives, fields in the same order.
+_FLOAT_FIELDS = frozenset({"value", "scale_min", "scale_max", "created"})
+_FEEDBACK_TEMPLATE = "{" + ",".join(f'"{n}":%r' if n in _FLOAT_FIELDS else f'"{n}":%s' for n in _FEEDBACK_FIELDS) + "}"
+_feedback_values = operator.attrgetter(*_FEEDBACK_FIELDS)
+_FLOAT_AT = tuple(i for i, n in enumerate(_FEEDBACK_FIELDS) if n in _FLOAT_FIELDS)
+_STR_AT = tuple(i for i, n in enumerate(_FEEDBACK_FIELDS) if n not in _FLOAT_FIELDS)
+_json_string = json.encoder.encode_basestring  # type: ignore[attr-defined]  # the C escaper json.dumps uses
+
+
+def feedback_json(fb: Feedback) -> str:
+    """`to_json(fb)`, about three times faster for the usual event (plain floats and strings)."""
+    values = list(_feedback_values(fb))
+    for i in _FLOAT_AT:
+        v = values[i]
+        if type(v) is not float or not math.isfinite(v):
+            return to_json(fb)  # an int, a bool, NaN: the general encoder writes it (or refuses it)
+    try:
+        for i in _STR_AT:
+            values[i] = _json_string(values[i])
+    except TypeError:
+        return to_json(fb)  # not a string: the general encoder says how it is wrong
+    return _FEEDBACK_TEMPLATE % tuple(values)
+
+
 def decision_row(seq: int, d: Decision) -> Row:
     return (
         seq,
@@ -121,7 +149,7 @@ def feedback_row(seq: int, fb: Feedback) -> Row:
         None,
         None,
         fb.created,
-        to_json(fb),
+        feedback_json(fb),
     )
 
 

@@ -351,3 +351,42 @@ class SubmitSummary(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitSummary: _TypeAlias = SubmitSummary  # noqa: Y015
+
+@_typing.final
+class ChunkAck(_message.Message):
+    """The answer to one SubmitChunks chunk: what it counts as accepted is durable."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    ACCEPTED_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    PROBLEMS_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.int
+    """Position of the chunk on this stream, from 0."""
+    accepted: _builtins.int
+    rejected: _builtins.int
+    duplicates: _builtins.int
+    @_builtins.property
+    def problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventResult]:
+        """Every rejected event of the chunk, and every duplicate whose body differed from the stored one
+        (code ALREADY_EXISTS); `index` is the event's position in its chunk.
+        """
+
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.int = ...,
+        accepted: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        problems: _abc.Iterable[Global___EventResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted", b"accepted", "chunk", b"chunk", "duplicates", b"duplicates", "problems", b"problems", "rejected", b"rejected"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChunkAck: _TypeAlias = ChunkAck  # noqa: Y015

@@ -44,6 +44,11 @@ class FeedbackServiceStub:
                 request_serializer=loopserve_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackEvent.SerializeToString,
                 response_deserializer=loopserve_dot_feedback_dot_v1_dot_feedback__pb2.SubmitSummary.FromString,
                 _registered_method=True)
+        self.SubmitChunks = channel.stream_stream(
+                '/loopserve.feedback.v1.FeedbackService/SubmitChunks',
+                request_serializer=loopserve_dot_feedback_dot_v1_dot_feedback__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=loopserve_dot_feedback_dot_v1_dot_feedback__pb2.ChunkAck.FromString,
+                _registered_method=True)
 
 
 class FeedbackServiceServicer:
@@ -64,6 +69,16 @@ class FeedbackServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitChunks(self, request_iterator, context):
+        """Bidirectional bulk ingestion, the fast path: each request is a chunk of events (as in Submit, at
+        most 10,000), and each chunk is answered, in order, once its accepted events are durable. A chunk
+        costs one message instead of one per event, and a client that loses the stream re-sends only the
+        chunks it holds no ack for (the idempotency keys make a repeat of a committed one safe).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FeedbackServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +91,11 @@ def add_FeedbackServiceServicer_to_server(servicer, server):
                     servicer.SubmitStream,
                     request_deserializer=loopserve_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackEvent.FromString,
                     response_serializer=loopserve_dot_feedback_dot_v1_dot_feedback__pb2.SubmitSummary.SerializeToString,
+            ),
+            'SubmitChunks': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitChunks,
+                    request_deserializer=loopserve_dot_feedback_dot_v1_dot_feedback__pb2.SubmitRequest.FromString,
+                    response_serializer=loopserve_dot_feedback_dot_v1_dot_feedback__pb2.ChunkAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +152,33 @@ class FeedbackService:
             '/loopserve.feedback.v1.FeedbackService/SubmitStream',
             loopserve_dot_feedback_dot_v1_dot_feedback__pb2.FeedbackEvent.SerializeToString,
             loopserve_dot_feedback_dot_v1_dot_feedback__pb2.SubmitSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitChunks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/loopserve.feedback.v1.FeedbackService/SubmitChunks',
+            loopserve_dot_feedback_dot_v1_dot_feedback__pb2.SubmitRequest.SerializeToString,
+            loopserve_dot_feedback_dot_v1_dot_feedback__pb2.ChunkAck.FromString,
             options,
             channel_credentials,
             insecure,

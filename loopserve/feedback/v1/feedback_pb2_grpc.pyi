@@ -37,6 +37,12 @@ class FeedbackServiceStub:
     """
     SubmitStream: _grpc.StreamUnaryMultiCallable[_feedback_pb2.FeedbackEvent, _feedback_pb2.SubmitSummary]
     """Client-streaming bulk ingestion; a summary at the end."""
+    SubmitChunks: _grpc.StreamStreamMultiCallable[_feedback_pb2.SubmitRequest, _feedback_pb2.ChunkAck]
+    """Bidirectional bulk ingestion, the fast path: each request is a chunk of events (as in Submit, at
+    most 10,000), and each chunk is answered, in order, once its accepted events are durable. A chunk
+    costs one message instead of one per event, and a client that loses the stream re-sends only the
+    chunks it holds no ack for (the idempotency keys make a repeat of a committed one safe).
+    """
 
 @_typing.type_check_only
 class FeedbackServiceAsyncStub(FeedbackServiceStub):
@@ -47,6 +53,12 @@ class FeedbackServiceAsyncStub(FeedbackServiceStub):
     """
     SubmitStream: _aio.StreamUnaryMultiCallable[_feedback_pb2.FeedbackEvent, _feedback_pb2.SubmitSummary]  # type: ignore[assignment]
     """Client-streaming bulk ingestion; a summary at the end."""
+    SubmitChunks: _aio.StreamStreamMultiCallable[_feedback_pb2.SubmitRequest, _feedback_pb2.ChunkAck]  # type: ignore[assignment]
+    """Bidirectional bulk ingestion, the fast path: each request is a chunk of events (as in Submit, at
+    most 10,000), and each chunk is answered, in order, once its accepted events are durable. A chunk
+    costs one message instead of one per event, and a client that loses the stream re-sends only the
+    chunks it holds no ack for (the idempotency keys make a repeat of a committed one safe).
+    """
 
 class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -66,5 +78,17 @@ class FeedbackServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_feedback_pb2.SubmitSummary, _abc.Awaitable[_feedback_pb2.SubmitSummary]]:
         """Client-streaming bulk ingestion; a summary at the end."""
+
+    @_abc_1.abstractmethod
+    def SubmitChunks(
+        self,
+        request_iterator: _MaybeAsyncIterator[_feedback_pb2.SubmitRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_feedback_pb2.ChunkAck], _abc.AsyncIterator[_feedback_pb2.ChunkAck]]:
+        """Bidirectional bulk ingestion, the fast path: each request is a chunk of events (as in Submit, at
+        most 10,000), and each chunk is answered, in order, once its accepted events are durable. A chunk
+        costs one message instead of one per event, and a client that loses the stream re-sends only the
+        chunks it holds no ack for (the idempotency keys make a repeat of a committed one safe).
+        """
 
 def add_FeedbackServiceServicer_to_server(servicer: FeedbackServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
