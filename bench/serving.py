@@ -16,10 +16,8 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.common import free_port, machine  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving  # noqa: E402
 from loopserve.model_store import ModelStore  # noqa: E402
@@ -45,19 +44,6 @@ WORDS = (
 def review(rng: random.Random) -> str:
     n = rng.randint(35, 60)  # ~64 tokens with punctuation and word pieces
     return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_service(
@@ -142,10 +128,12 @@ async def load(target: str, token: str, clients: int, seconds: float) -> dict:
     }
 
 
-async def run_service(data_dir: Path, batch: int, dtype: str, seconds: float, levels: list[int]) -> list[dict]:
+async def run_service(
+    data_dir: Path, batch: int, dtype: str, seconds: float, levels: list[int], device: str = "cpu"
+) -> list[dict]:
     port, mport = free_port(), free_port()
     ensure_token_file(data_dir / "tokens.json")  # before the service starts: we read it at once
-    proc = start_service(data_dir, port, mport, batch, dtype)
+    proc = start_service(data_dir, port, mport, batch, dtype, extra=("--device", device))
     target = f"127.0.0.1:{port}"
     token = read_token(data_dir / "tokens.json", "client")
     try:
@@ -169,17 +157,15 @@ async def run_service(data_dir: Path, batch: int, dtype: str, seconds: float, le
         proc.wait(30)
 
 
-def inprocess(store_root: Path, dtype: str, batch_sizes: list[int], seconds: float) -> list[dict]:
-    import torch
-
-    from loopserve.device import configure_threads, pick_dtype
+def inprocess(store_root: Path, dtype: str, batch_sizes: list[int], seconds: float, device: str = "cpu") -> list[dict]:
+    from loopserve.device import configure_threads, pick_device, pick_dtype
     from policy_service.runtime import PolicyRuntime, RuntimeOptions
     from policy_service.types import AnnotateCall
 
     configure_threads()
     rt = PolicyRuntime(
         ModelStore(store_root),
-        RuntimeOptions(device=torch.device("cpu"), dtype=pick_dtype(dtype, torch.device("cpu")), generator=False),
+        RuntimeOptions(device=pick_device(device), dtype=pick_dtype(dtype, pick_device(device)), generator=False),
     )
     rt.load()
     h = rt.annotator.current
@@ -231,7 +217,9 @@ async def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--clients", default="1,8,32,64")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (the service's and the in-process runtime's)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    ap.add_argument("--tag", default="", help="suffix of the result files (e.g. -cuda)")
     args = ap.parse_args()
     levels = [int(x) for x in args.clients.split(",")]
     real = ModelStore(REPO / ".loopserve" / "store")
@@ -243,20 +231,20 @@ async def main() -> None:
         ModelStore(data / "store").publish_version("annotator", real.path("annotator", v))
         (data / "store" / "models" / "generator").mkdir(parents=True)
         print("grpc with dynamic batching:")
-        grpc_rows = await run_service(data, 64, args.dtype, args.seconds, levels)
+        grpc_rows = await run_service(data, 64, args.dtype, args.seconds, levels, args.device)
         # In-process right after the gRPC runs (before the naive ones), so that drift in a shared
         # machine's load hits the two sides of the ratio as little as it can.
         sizes = sorted({max(1, round(r["mean_batch"])) for r in grpc_rows})
         print("in-process at the batch sizes the batcher formed:")
-        inproc = inprocess(data / "store", args.dtype, sizes, args.seconds / 2)
+        inproc = inprocess(data / "store", args.dtype, sizes, args.seconds / 2, args.device)
         print("naive: grpc at batch size 1:")
-        naive_rows = await run_service(data, 1, args.dtype, args.seconds, levels)
+        naive_rows = await run_service(data, 1, args.dtype, args.seconds, levels, args.device)
     limit = max(r["items_per_s"] for r in inproc)
     best = max(grpc_rows, key=lambda r: r["items_per_s"])
     by_clients = {r["clients"]: r for r in grpc_rows}
     naive_by = {r["clients"]: r for r in naive_rows}
     result = {
-        "machine": {"cpu": cpu_model(), "platform": platform.platform(), "cpus": os.cpu_count(), "dtype": args.dtype},
+        "machine": machine(dtype=args.dtype, device=args.device),
         "load_average_at_end": list(os.getloadavg()),
         "seconds_per_point": args.seconds,
         "grpc": grpc_rows,
@@ -270,8 +258,8 @@ async def main() -> None:
         "targets": {"saturation_ratio": 0.9, "speedup_vs_naive_at_32": 4.0},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving.json").write_text(json.dumps(result, indent=2))
-    plot(result, args.out / "serving.png")
+    (args.out / f"serving{args.tag}.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / f"serving{args.tag}.png")
     print(
         json.dumps(
             {
