@@ -16,6 +16,7 @@ from loopserve.model_store import ModelStore
 from loopserve.policy.v1 import policy_pb2_grpc
 from loopserve.server import GrpcServer, ServiceBinding, admin_binding, serve_until_signalled, token_table
 from policy_service.decisions import LoggedDecisions
+from policy_service.exploration import rule_of
 from policy_service.runtime import PolicyRuntime, RuntimeOptions
 from policy_service.service import PolicyFrontend
 from policy_service.servicer import PolicyServicer
@@ -44,6 +45,7 @@ class PolicyApp:
                 review_threshold=cfg.review_threshold,
                 max_prompt_tokens=cfg.max_prompt_tokens,
                 generator=cfg.generator,
+                exploration=rule_of(cfg),
             ),
         )
         # Read at scrape time: the writer drains its buffer off the request path, so a value set when
