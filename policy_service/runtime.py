@@ -150,6 +150,10 @@ class PolicyRuntime:
                 truncated[sample] = True
         return [x or [] for x in ids], truncated
 
+    def label_probs(self, bundle: AnnotatorBundle, texts: list[str]) -> list[list[float]]:
+        """(n, L) calibrated label probabilities of `bundle` on `texts` (a shadow candidate's answers)."""
+        return self._annotator_probs(bundle, texts)
+
     @torch.inference_mode()
     def _annotator_probs(self, bundle: AnnotatorBundle, texts: list[str]) -> list[list[float]]:
         return self._probs_from_ids(bundle, self._encode(bundle, texts)[0])
