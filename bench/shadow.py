@@ -131,7 +131,12 @@ async def bench_fraction(data: Path, fraction: float, args: argparse.Namespace) 
                     row = await window(target, client, args.clients, args.window_s, 100 * cycle + shadow)
                     if shadow:
                         st = await a.stop_shadow("annotator")
-                        row.update(shadow_items=st.items, shadow_dropped=st.dropped, agreement=st.agreement)
+                        row.update(
+                            shadow_items=st.items,
+                            shadow_pending=st.pending,
+                            shadow_dropped=st.dropped,
+                            agreement=st.agreement,
+                        )
                     rows.append({"cycle": cycle, "shadow": shadow, **row})
                     print(json.dumps(rows[-1]), flush=True)
     finally:

@@ -131,6 +131,7 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
             mean_confidence=ev.mean_confidence,
             serving_mean_confidence=ev.serving_mean_confidence,
             promoted_version=ev.promoted,
+            pending=ev.pending,
         )
 
     async def StartShadow(self, request: pb.StartShadowRequest, context: aio.ServicerContext) -> pb.ShadowStatus:

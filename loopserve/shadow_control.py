@@ -22,6 +22,8 @@ class ShadowEvidence:
     confidence_sum: float = 0.0
     serving_confidence_sum: float = 0.0
     promoted: str = ""
+    pending: int = 0
+    """Copies waiting for the candidate when this was read."""
 
     @property
     def agreement(self) -> float:

@@ -120,11 +120,13 @@ class ShadowAnnotator:
         return loaded
 
     def status(self) -> ShadowEvidence:
+        self.evidence.pending = self._queued_items if self._queue is not None else 0
         return self.evidence
 
     async def stop(self) -> ShadowEvidence:
-        """End the shadow; returns its last evidence (GetShadow then shows none)."""
-        evidence = self.evidence
+        """End the shadow (copies still waiting are dropped); returns its last evidence (GetShadow then
+        shows none)."""
+        evidence = self.status()
         await self._end()
         self.evidence = ShadowEvidence()
         return evidence

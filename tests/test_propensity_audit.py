@@ -51,7 +51,7 @@ def generator_data_dir(real_store: ModelStore, tmp_path_factory: pytest.TempPath
 @torch.inference_mode()
 def _sequence_logprob(model: torch.nn.Module, prompt_ids: list[int], ids: list[int], params: SamplingParams) -> float:
     """log pi(ids | prompt) under the sampling distribution of `params`, teacher-forced in one pass."""
-    x = torch.tensor([prompt_ids + ids])  # (1, P + T)
+    x = torch.tensor([prompt_ids + ids], device=next(model.parameters()).device)  # (1, P + T)
     logits = model(input_ids=x).logits[0]  # (P + T, V)
     total = 0.0
     for t, tok in enumerate(ids):
@@ -62,7 +62,8 @@ def _sequence_logprob(model: torch.nn.Module, prompt_ids: list[int], ids: list[i
 async def test_a_logged_completion_propensity_is_recomputed_under_the_serving_version(
     generator_data_dir: Path,
 ) -> None:
-    app = PolicyApp(PolicyConfig(data_dir=generator_data_dir, port=0, metrics_port=-1))
+    # float32 wherever it runs (auto would pick bf16 on CUDA, whose rounding the tolerance is not for).
+    app = PolicyApp(PolicyConfig(data_dir=generator_data_dir, port=0, metrics_port=-1, dtype="float32"))
     await app.start(watch=False)
     try:
         async with AsyncClient(f"127.0.0.1:{app.port}", read_token(app.cfg.token_path, "client")) as c:
@@ -85,7 +86,8 @@ async def test_a_logged_completion_propensity_is_recomputed_under_the_serving_ve
 
     store = ModelStore(generator_data_dir / "store")
     folder = store.path("generator", r.model_version)
-    model, tok = generator.load(folder, "cpu", torch.float32), generator.load_tokenizer(folder)
+    device = app.runtime.opts.device  # the serving device: CUDA where present
+    model, tok = generator.load(folder, device, torch.float32), generator.load_tokenizer(folder)
     chat = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
     prompt_ids = list(tok(chat, add_special_tokens=False)["input_ids"])
     audited = 0

@@ -324,6 +324,7 @@ class ShadowStatus(_message.Message):
     MEAN_CONFIDENCE_FIELD_NUMBER: _builtins.int
     SERVING_MEAN_CONFIDENCE_FIELD_NUMBER: _builtins.int
     PROMOTED_VERSION_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     candidate_version: _builtins.str
     """The running shadow's candidate (or, with promoted_version set, the one last promoted); empty when
@@ -343,6 +344,8 @@ class ShadowStatus(_message.Message):
     serving_mean_confidence: _builtins.float
     promoted_version: _builtins.str
     """Set when the shadow ended by promotion (by the admin call or the automatic threshold)."""
+    pending: _builtins.int
+    """Copies waiting for the candidate (its evidence lags serving by this many items)."""
     def __init__(
         self,
         *,
@@ -355,10 +358,11 @@ class ShadowStatus(_message.Message):
         mean_confidence: _builtins.float = ...,
         serving_mean_confidence: _builtins.float = ...,
         promoted_version: _builtins.str = ...,
+        pending: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "candidate_version", b"candidate_version", "dropped", b"dropped", "items", b"items", "mean_confidence", b"mean_confidence", "model", b"model", "promoted_version", b"promoted_version", "serving_mean_confidence", b"serving_mean_confidence", "serving_version", b"serving_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "candidate_version", b"candidate_version", "dropped", b"dropped", "items", b"items", "mean_confidence", b"mean_confidence", "model", b"model", "pending", b"pending", "promoted_version", b"promoted_version", "serving_mean_confidence", b"serving_mean_confidence", "serving_version", b"serving_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
