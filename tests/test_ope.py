@@ -82,6 +82,9 @@ def test_a_greedy_target_is_valued_only_where_the_log_can_see_it() -> None:
     assert same["ips"].value == same["snips"].value == pytest.approx(0.75)
     other = ope.evaluate_label_policy(log, [[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]], [[0.5, 0.5]] * 4)
     assert other["ips"].value == 0.0 and other["snips"].ess == 0.0
+    # Every weighted item accepted: the value is 1, but 40 items do not make it certain.
+    perfect = ope.snips([1.0] * 40, [2.0] * 40)
+    assert perfect.value == 1.0 and 0.85 < perfect.lower < 0.99
 
 
 def test_the_off_policy_gate_refuses_a_candidate_whose_lower_bound_does_not_beat_serving() -> None:

@@ -13,7 +13,9 @@ Evaluation and Learning"; Swaminathan & Joachims 2015 for self-normalisation):
 
 Confidence intervals are normal (CLT) intervals, V +- z * se:
     IPS, DR: se = std(per-item terms) / sqrt(n)
-    SNIPS:   se = sqrt( sum_i w_i^2 (r_i - V)^2 ) / sum_i w_i      (delta method)
+    SNIPS:   se = sqrt( sum_i w_i^2 (r_i - V)^2 ) / sum_i w_i      (delta method; for rewards in [0, 1]
+             at least sqrt(p (1 - p) / ESS) with p = (V ESS + 1) / (ESS + 2), so that a log where every
+             weighted item was accepted does not give an interval of width 0)
 and the effective sample size ESS = (sum w)^2 / sum w^2 says how many logged items the estimate is
 really worth (a target far from the logging policy leaves few). The weights are clipped at
 `max_weight` when one is given (a clipped IPS is biased low, in exchange for bounded variance).
@@ -79,7 +81,14 @@ def snips(rewards: Sequence[float], w: Sequence[float], z: float = Z_95) -> Esti
         return Estimate(math.nan, math.nan, math.nan, n, 0.0)
     value = sum(wi * r for wi, r in zip(w, rewards, strict=True)) / sw
     se = math.sqrt(sum(wi * wi * (r - value) ** 2 for wi, r in zip(w, rewards, strict=True))) / sw
-    return Estimate(value, value - z * se, value + z * se, n, _ess(w))
+    ess = _ess(w)
+    if all(0.0 <= r <= 1.0 for r in rewards):
+        # Rewards in [0, 1] that all agree (every weighted item accepted) give se 0: an interval of
+        # width 0 from a few dozen items. Floor it at the binomial se of the Agresti-Coull-shrunk value
+        # over the effective sample size, as a proportion's interval would be.
+        shrunk = (value * ess + 1.0) / (ess + 2.0)
+        se = max(se, math.sqrt(shrunk * (1.0 - shrunk) / ess)) if ess > 0 else se
+    return Estimate(value, value - z * se, value + z * se, n, ess)
 
 
 def doubly_robust(
