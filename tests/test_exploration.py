@@ -142,3 +142,17 @@ async def test_exploration_is_off_by_default_and_the_argmax_logs_propensity_one(
     finally:
         log.close()
     assert sorted(d.propensity for d in decisions.values()) == [1.0] * 10
+
+
+def test_the_annotation_demo_hands_its_exploration_flags_to_the_policy_process() -> None:
+    from loopserve.demo.annotation import _policy_flags
+
+    parser = cli.build_parser()
+    opts = cli.demo_options(parser.parse_args(["demo", "--explore", "epsilon-greedy", "--explore-epsilon", "0.2"]))
+    cfg = from_namespace(PolicyConfig, parser.parse_args(["policy", *_policy_flags(opts)]), environ={})
+    assert (cfg.explore, cfg.explore_epsilon) == ("epsilon-greedy", 0.2)
+    default = cli.demo_options(parser.parse_args(["demo"]))
+    assert (
+        from_namespace(PolicyConfig, parser.parse_args(["policy", *_policy_flags(default)]), environ={}).explore
+        == "off"
+    )
