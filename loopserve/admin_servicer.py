@@ -15,13 +15,19 @@ from grpc import aio
 
 from loopserve.admin.v1 import admin_pb2 as pb
 from loopserve.admin.v1 import admin_pb2_grpc
-from loopserve.errors import InvalidArgument, NotFoundError, quote
+from loopserve.errors import FailedPrecondition, InvalidArgument, NotFoundError, quote
 from loopserve.model_slot import ModelSlot
+from loopserve.shadow_control import ShadowControl, ShadowEvidence
 
 
 class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
-    def __init__(self, slots: Mapping[str, ModelSlot]) -> None:  # type: ignore[type-arg]
+    def __init__(
+        self,
+        slots: Mapping[str, ModelSlot],  # type: ignore[type-arg]
+        shadows: Mapping[str, ShadowControl] | None = None,
+    ) -> None:
         self.slots = dict(slots)
+        self.shadows = dict(shadows or {})
 
     def _slot(self, model: str) -> ModelSlot:  # type: ignore[type-arg]
         if not model and len(self.slots) == 1:
@@ -104,3 +110,45 @@ class ModelAdminServicer(admin_pb2_grpc.ModelAdminServicer):
         previous = slot.current.version
         await slot.call(slot.unpin)
         return self._status(slot, previous)
+
+    # ---- shadow mode (policy_service/shadow.py) --------------------------------------------------
+
+    def _shadow(self, model: str) -> ShadowControl:
+        slot = self._slot(model)
+        shadow = self.shadows.get(slot.name)
+        if shadow is None:
+            raise FailedPrecondition(f"this service has no shadow mode for {slot.name}")
+        return shadow
+
+    def _shadow_status(self, shadow: ShadowControl, ev: ShadowEvidence) -> pb.ShadowStatus:
+        return pb.ShadowStatus(
+            model=shadow.model_name,
+            candidate_version=ev.candidate,
+            serving_version=self.slots[shadow.model_name].current.version,
+            items=ev.items,
+            dropped=ev.dropped,
+            agreement=ev.agreement,
+            mean_confidence=ev.mean_confidence,
+            serving_mean_confidence=ev.serving_mean_confidence,
+            promoted_version=ev.promoted,
+            pending=ev.pending,
+        )
+
+    async def StartShadow(self, request: pb.StartShadowRequest, context: aio.ServicerContext) -> pb.ShadowStatus:
+        shadow = self._shadow(request.model)
+        if not request.version:
+            raise InvalidArgument("version is empty; ListVersions shows the versions")
+        return self._shadow_status(shadow, await shadow.start(request.version))
+
+    async def GetShadow(self, request: pb.GetShadowRequest, context: aio.ServicerContext) -> pb.ShadowStatus:
+        shadow = self._shadow(request.model)
+        return self._shadow_status(shadow, shadow.status())
+
+    async def PromoteShadow(self, request: pb.PromoteShadowRequest, context: aio.ServicerContext) -> pb.ModelStatus:
+        shadow = self._shadow(request.model)
+        previous, _ = await shadow.promote()
+        return self._status(self.slots[shadow.model_name], previous)
+
+    async def StopShadow(self, request: pb.StopShadowRequest, context: aio.ServicerContext) -> pb.ShadowStatus:
+        shadow = self._shadow(request.model)
+        return self._shadow_status(shadow, await shadow.stop())

@@ -268,6 +268,8 @@ def demo_options(ns: argparse.Namespace) -> Any:
         "train_items",
         "test_items",
         "label_descriptions",
+        "explore",
+        "explore_epsilon",
     ):
         if getattr(ns, name) is not None:
             setattr(opts, name, getattr(ns, name))
@@ -405,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--error-rate", type=float, help="simulated annotators' mean error rate (default 0.05)")
     demo.add_argument("--audit-fraction", type=float, help="share of confident items still reviewed (0.05)")
     demo.add_argument("--review-threshold", type=float, help="needs_review under this probability (0.8)")
+    demo.add_argument(
+        "--explore",
+        choices=["off", "epsilon-greedy", "softmax", "ucb"],
+        help="how the policy chooses the served label (default off; see docs/promote-safely.md)",
+    )
+    demo.add_argument("--explore-epsilon", type=float, help="epsilon-greedy: share of random labels (0.1)")
     demo.add_argument("--train-items", type=int, help="stream only this many train items")
     demo.add_argument("--test-items", type=int, help="evaluate on this many test items")
     demo.set_defaults(fn=cmd_demo)

@@ -502,3 +502,18 @@ class AsyncClient(_Stubs):
 
     async def unpin(self, model: str) -> admin_pb2.ModelStatus:
         return await self._call(self.admin.Unpin, admin_pb2.UnpinRequest(model=model), None)
+
+    # ---- shadow mode (admin) ------------------------------------------------------------------------
+
+    async def start_shadow(self, model: str, version: str, *, timeout_s: float = 120.0) -> admin_pb2.ShadowStatus:
+        req = admin_pb2.StartShadowRequest(model=model, version=version)
+        return await self._call(self.admin.StartShadow, req, timeout_s)
+
+    async def get_shadow(self, model: str) -> admin_pb2.ShadowStatus:
+        return await self._call(self.admin.GetShadow, admin_pb2.GetShadowRequest(model=model), None)
+
+    async def promote_shadow(self, model: str, *, timeout_s: float = 120.0) -> admin_pb2.ModelStatus:
+        return await self._call(self.admin.PromoteShadow, admin_pb2.PromoteShadowRequest(model=model), timeout_s)
+
+    async def stop_shadow(self, model: str) -> admin_pb2.ShadowStatus:
+        return await self._call(self.admin.StopShadow, admin_pb2.StopShadowRequest(model=model), None)

@@ -115,6 +115,34 @@ class PolicyConfig(ServerConfig):
         },
     )
     generator: bool = field(default=True, metadata={"help": "serve the generator (off: annotation only)"})
+    explore: str = field(
+        default="off",
+        metadata={
+            "help": "how the served label is chosen for the task: off (argmax) | epsilon-greedy | softmax | ucb; "
+            "the decision logs the probability with which the served label was chosen",
+            "choices": ("off", "epsilon-greedy", "softmax", "ucb"),
+        },
+    )
+    explore_epsilon: float = field(
+        default=0.1, metadata={"help": "epsilon-greedy: share of items given a random label"}
+    )
+    explore_temperature: float = field(
+        default=1.0, metadata={"help": "softmax exploration: temperature over the label log-probabilities"}
+    )
+    explore_ucb_c: float = field(default=0.5, metadata={"help": "ucb exploration: weight of the confidence bonus"})
+    shadow_fraction: float = field(
+        default=1.0, metadata={"help": "shadow mode: share of Annotate calls copied to the shadow candidate"}
+    )
+    shadow_promote_agreement: float = field(
+        default=0.0,
+        metadata={
+            "help": "shadow mode: promote the candidate automatically once its top label agrees with serving's "
+            "on this share of items (0: only by the admin call PromoteShadow)"
+        },
+    )
+    shadow_min_items: int = field(
+        default=500, metadata={"help": "shadow mode: items the candidate must answer before automatic promotion"}
+    )
     decision_buffer: int = field(default=100_000, metadata={"help": "decisions buffered before RESOURCE_EXHAUSTED"})
     log_decisions: bool = field(
         default=True, metadata={"help": "log every served answer (off: no feedback can join it; benchmarks only)"}

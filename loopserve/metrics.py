@@ -66,3 +66,17 @@ def version_number_or_nan(version: str) -> float:
         return float(version.lstrip("v"))
     except ValueError:
         return float("nan")
+
+
+# Shadow mode (policy_service/shadow.py): a candidate annotator answering copies of live traffic.
+SHADOW_ITEMS = Counter(
+    "loopserve_shadow_items", "Annotate items copied to the shadow candidate, by result.", ["result"]
+)  # result: agree | disagree | dropped | failed
+SHADOW_AGREEMENT = Gauge(
+    "loopserve_shadow_agreement", "Share of shadow items where the candidate's top label equals serving's."
+)
+SHADOW_CONFIDENCE = Histogram(
+    "loopserve_shadow_confidence",
+    "The shadow candidate's top probability on the items it answered.",
+    buckets=(0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0),
+)

@@ -492,6 +492,8 @@ def build_apps(names: Sequence[str], args: Mapping[str, Mapping[str, Any]]) -> d
 # --proxy-host) and has no TLS option (end TLS at the ingress in front of it). `serve --engine ray`
 # refuses them rather than ignore them.
 _NOT_ON_RAY = {"host", "port", "tls_cert", "tls_key", "tls_client_ca"}
+# Shadow mode lives in the embedded policy service only (policy_service/shadow.py): refused too.
+_SHADOW_FLAGS = {"shadow_fraction", "shadow_promote_agreement", "shadow_min_items"}
 
 
 def add_serve_parser(sub: Any) -> argparse.ArgumentParser:
@@ -524,7 +526,7 @@ def _flag_args(ns: argparse.Namespace, cls: type[Any]) -> dict[str, Any]:
     return {
         f.name: getattr(ns, f.name)
         for f in dataclasses.fields(cls)
-        if f.name not in _NOT_ON_RAY and getattr(ns, f.name, None) is not None
+        if f.name not in _NOT_ON_RAY | _SHADOW_FLAGS and getattr(ns, f.name, None) is not None
     }
 
 
@@ -538,6 +540,10 @@ def ray_app_args(ns: argparse.Namespace) -> dict[str, dict[str, Any]]:
             f"{flags}: not available with --engine ray (its gRPC proxy has no TLS and listens on "
             "--grpc-port; end TLS at an ingress in front of it)"
         )
+    shadow = sorted(name for name in _SHADOW_FLAGS if getattr(ns, name, None) is not None)
+    if shadow:
+        flags = ", ".join("--" + n.replace("_", "-") for n in shadow)
+        raise ValueError(f"{flags}: shadow mode runs in the embedded policy service only, not with --engine ray")
     ray_args = _flag_args(ns, RayDeploymentConfig)
     args = {
         "policy": _flag_args(ns, PolicyConfig) | ray_args,

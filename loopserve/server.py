@@ -132,13 +132,15 @@ class ServiceProcess(Protocol):
     async def stop(self, grace_s: float | None = None) -> None: ...
 
 
-def admin_binding(slots: Mapping[str, Any]) -> ServiceBinding:
-    """ModelAdmin over a service's model slots (the same servicer in both services)."""
+def admin_binding(slots: Mapping[str, Any], shadows: Mapping[str, Any] | None = None) -> ServiceBinding:
+    """ModelAdmin over a service's model slots (the same servicer in both services), and its shadows."""
     from loopserve.admin.v1 import admin_pb2_grpc
     from loopserve.admin_servicer import ModelAdminServicer
     from loopserve.config import ADMIN_SERVICE
 
-    return ServiceBinding(ADMIN_SERVICE, ModelAdminServicer(slots), admin_pb2_grpc.add_ModelAdminServicer_to_server)
+    return ServiceBinding(
+        ADMIN_SERVICE, ModelAdminServicer(slots, shadows), admin_pb2_grpc.add_ModelAdminServicer_to_server
+    )
 
 
 async def serve_until_signalled(cfg: ServerConfig, make_app: Callable[[], ServiceProcess]) -> None:

@@ -16,9 +16,11 @@ from loopserve.model_store import ModelStore
 from loopserve.policy.v1 import policy_pb2_grpc
 from loopserve.server import GrpcServer, ServiceBinding, admin_binding, serve_until_signalled, token_table
 from policy_service.decisions import LoggedDecisions
+from policy_service.exploration import rule_of
 from policy_service.runtime import PolicyRuntime, RuntimeOptions
 from policy_service.service import PolicyFrontend
 from policy_service.servicer import PolicyServicer
+from policy_service.shadow import ShadowAnnotator, shadow_policy_of
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class PolicyApp:
                 review_threshold=cfg.review_threshold,
                 max_prompt_tokens=cfg.max_prompt_tokens,
                 generator=cfg.generator,
+                exploration=rule_of(cfg),
             ),
         )
         # Read at scrape time: the writer drains its buffer off the request path, so a value set when
@@ -52,6 +55,8 @@ class PolicyApp:
         metrics.QUEUE_DEPTH.labels("decisions").set_function(lambda: writer.pending)
         sink = LoggedDecisions(self.decision_writer, cfg.task) if cfg.log_decisions else None
         self.frontend = PolicyFrontend(cfg, self.runtime, sink)
+        self.shadow = ShadowAnnotator(self.runtime, shadow_policy_of(cfg))
+        self.frontend.shadow = self.shadow
         ingest = FeedbackIngest(self.committer, lambda: {cfg.task: self.frontend.label_set()})
         bindings = [
             ServiceBinding(
@@ -59,7 +64,7 @@ class PolicyApp:
                 PolicyServicer(self.frontend),
                 policy_pb2_grpc.add_PolicyServiceServicer_to_server,
             ),
-            admin_binding(self.runtime.slots()),
+            admin_binding(self.runtime.slots(), {self.shadow.model_name: self.shadow}),
             ServiceBinding(
                 FEEDBACK_SERVICE,
                 FeedbackServicer(ingest),

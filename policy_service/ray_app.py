@@ -47,6 +47,7 @@ from loopserve.ray_serve import (
     unwrap,
 )
 from loopserve.server import token_table
+from policy_service.exploration import rule_of
 from policy_service.runtime import GeneratorBundle, PolicyRuntime, RuntimeOptions
 from policy_service.sampling import SequenceRequest
 from policy_service.service import limits_of
@@ -99,6 +100,7 @@ class PolicyDeployment:
                 review_threshold=cfg.review_threshold,
                 max_prompt_tokens=cfg.max_prompt_tokens,
                 generator=cfg.generator,
+                exploration=rule_of(cfg),
             ),
         )
         await asyncio.to_thread(self.runtime.load)

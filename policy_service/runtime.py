@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -23,6 +23,7 @@ from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel
 from policy_service import sampling
 from policy_service.continuous import DecodeBatch
+from policy_service.exploration import ExplorationRule, Explorer
 from policy_service.types import (
     AnnotateCall,
     Annotation,
@@ -68,6 +69,7 @@ class RuntimeOptions:
     review_threshold: float = 0.8
     max_prompt_tokens: int = 1024
     generator: bool = True
+    exploration: ExplorationRule = field(default_factory=ExplorationRule)
 
 
 class PolicyRuntime:
@@ -80,6 +82,7 @@ class PolicyRuntime:
         self.generator: ModelSlot[GeneratorBundle] | None = (
             ModelSlot("generator", store, self._load_generator, self._check_generator) if options.generator else None
         )
+        self.explorer = Explorer(options.exploration)
 
     # ---- life cycle ----------------------------------------------------------------------------
 
@@ -155,6 +158,10 @@ class PolicyRuntime:
                 truncated[sample] = True
         return [x or [] for x in ids], truncated
 
+    def label_probs(self, bundle: AnnotatorBundle, texts: list[str]) -> list[list[float]]:
+        """(n, L) calibrated label probabilities of `bundle` on `texts` (a shadow candidate's answers)."""
+        return self._annotator_probs(bundle, texts)
+
     @torch.inference_mode()
     def _annotator_probs(self, bundle: AnnotatorBundle, texts: list[str]) -> list[list[float]]:
         return self._probs_from_ids(bundle, self._encode(bundle, texts)[0])
@@ -198,21 +205,29 @@ class PolicyRuntime:
                 k += n
                 continue
             for item_id in call.item_ids:
-                p = probs[k]
-                ranked = sorted(range(len(labels)), key=lambda j: -p[j])[:top_k]
-                scores = tuple(LabelScore(labels[j], float(p[j])) for j in ranked)
-                anns.append(
-                    Annotation(
-                        item_id=item_id,
-                        event_id=uuid.uuid4().hex,
-                        labels=scores,
-                        needs_review=not bundle.checked or scores[0].score < self.opts.review_threshold,
-                        truncated=truncated[k],
-                    )
-                )
+                anns.append(self._annotation(bundle, item_id, probs[k], top_k, truncated[k]))
                 k += 1
             results.append(anns)
         return results
+
+    def _annotation(
+        self, bundle: AnnotatorBundle, item_id: str, p: list[float], top_k: int, truncated: bool
+    ) -> Annotation:
+        """One item's answer: the served label (chosen by the task's exploration rule) first, then the
+        others best first, with the probability with which the served label was chosen."""
+        labels = bundle.labels
+        served, propensity = self.explorer.choose(labels, p)
+        ranked = [served, *sorted((j for j in range(len(labels)) if j != served), key=lambda j: -p[j])]
+        scores = tuple(LabelScore(labels[j], float(p[j])) for j in ranked[:top_k])
+        explored = p[served] < max(p)  # not the model's best guess: a person must see it
+        return Annotation(
+            item_id=item_id,
+            event_id=uuid.uuid4().hex,
+            labels=scores,
+            needs_review=explored or not bundle.checked or scores[0].score < self.opts.review_threshold,
+            truncated=truncated,
+            propensity=propensity,
+        )
 
     # ---- generate ------------------------------------------------------------------------------
 

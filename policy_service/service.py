@@ -19,6 +19,7 @@ from loopserve.continuous_batcher import ContinuousBatcher
 from loopserve.errors import FailedPrecondition
 from policy_service.runtime import PolicyRuntime
 from policy_service.sampling import SequenceRequest
+from policy_service.shadow import ShadowAnnotator
 from policy_service.types import (
     AnnotateCall,
     AnnotateResult,
@@ -93,6 +94,8 @@ class PolicyFrontend:
             )
         self._stop_watch = asyncio.Event()
         self._watches: list[asyncio.Task[None]] = []
+        self.shadow: ShadowAnnotator | None = None
+        """Set by the app when shadow mode is available: gets a copy of each served Annotate call."""
 
     async def start(self, watch: bool = True) -> None:
         await asyncio.to_thread(self.runtime.load)
@@ -107,6 +110,8 @@ class PolicyFrontend:
         self._stop_watch.set()
         for t in self._watches:
             await t
+        if self.shadow is not None:
+            await self.shadow.close()
         await self.annotate_batcher.stop()
         await self.generate_batcher.stop()
         for slot in self.runtime.slots().values():
@@ -122,6 +127,8 @@ class PolicyFrontend:
         result = AnnotateResult(handle.version, tuple(anns))
         if self.decisions is not None:
             self.decisions.record_annotations(call, result, client_id)
+        if self.shadow is not None:
+            self.shadow.offer(call, result)  # after the answer is made; never blocks, never raises
         return result
 
     def _generator(self):  # type: ignore[no-untyped-def]

@@ -73,14 +73,13 @@ class LabelScore:
 class Annotation:
     item_id: str
     event_id: str
-    labels: tuple[LabelScore, ...]  # best first
+    labels: tuple[LabelScore, ...]  # the served label first, then the rest best first
     needs_review: bool
     truncated: bool
-
-    @property
-    def propensity(self) -> float:
-        """Probability the policy gave the label it served (for off-policy learning)."""
-        return self.labels[0].score
+    propensity: float
+    """Probability with which the served label (labels[0]) was chosen under the task's exploration rule
+    (policy_service/exploration.py): 1 when it serves the argmax deterministically (for off-policy
+    learning and evaluation)."""
 
     def to_pb(self) -> pb.Annotation:
         return pb.Annotation(

@@ -91,6 +91,8 @@ def test_serve_on_ray_refuses_what_its_proxy_cannot_do_and_forwards_metrics(
         ray_app_args(_parse(["serve", "--engine", "ray", "--tls-cert", "c.pem", "--tls-key", "k.pem"]))
     with pytest.raises(ValueError, match="--port"):
         ray_app_args(_parse(["serve", "--engine", "ray", "--port", "1"]))
+    with pytest.raises(ValueError, match="--shadow-fraction"):  # shadow mode is embedded-only
+        ray_app_args(_parse(["serve", "--engine", "ray", "--shadow-fraction", "0.5"]))
     args = ray_app_args(_parse(["serve", "--engine", "ray", "--metrics-port", "9200", "--proxy-host", "0.0.0.0"]))
     assert args["policy"]["metrics_port"] == 9200 and args["reward"]["metrics_port"] == 9201
     assert args["policy"]["host"] == args["reward"]["host"] == "0.0.0.0"

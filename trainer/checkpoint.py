@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 from trainer.consumer import TrainerState
-from trainer.examples import LabelExample, example_from_dict, example_to_dict
+from trainer.examples import LabelExample, LabelOutcome, example_from_dict, example_to_dict
 from trainer.optim import save_optimizer
 
 logger = logging.getLogger(__name__)
@@ -282,6 +282,8 @@ def load_checkpoint(root: Path) -> tuple[TrainerState, Path | None]:
             ex = example_from_dict(row)
             if isinstance(ex, LabelExample):
                 state.labels[ex.event_id] = ex
+            elif isinstance(ex, LabelOutcome):
+                state.outcomes[ex.event_id] = ex
             else:
                 {
                     "bandit": state.bandit,
@@ -289,5 +291,6 @@ def load_checkpoint(root: Path) -> tuple[TrainerState, Path | None]:
                     "rating": state.ratings,
                     "pointwise": state.pointwise,
                     "demonstration": state.demonstrations,
+                    "completion": state.completions,
                 }[row["type"]].append(ex)  # type: ignore[attr-defined]
     return state, folder

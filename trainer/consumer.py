@@ -41,6 +41,8 @@ from trainer.examples import (
     BanditExample,
     Demonstration,
     LabelExample,
+    LabelOutcome,
+    LoggedCompletion,
     PointwiseExample,
     PreferencePair,
     RatingExample,
@@ -50,6 +52,9 @@ logger = logging.getLogger(__name__)
 
 ANNOTATOR, REWARD, GENERATOR = "annotator", "reward", "generator"
 ANNOTATOR_HEAD = "annotator_head"
+COMPLETION_BUFFER = 4096
+"""Served completions kept for off-policy evaluation: only the latest few hundred of the serving version
+are ever read, and every generation decision would otherwise stay in the checkpoint."""
 """The annotator's online tier: head-only updates on cached embeddings (trainer.annotation_head)."""
 
 
@@ -78,6 +83,11 @@ class TrainerState:
     labels: dict[str, LabelExample] = field(default_factory=dict)
     """Replay buffer: every human-verified label, by decision event_id (a later correction wins)."""
     bandit: list[BanditExample] = field(default_factory=list)
+    outcomes: dict[str, LabelOutcome] = field(default_factory=dict)
+    """Served labels with their logged propensity and the latest feedback on them, by event_id: the log
+    off-policy evaluation reads (trainer/ope.py)."""
+    completions: list[LoggedCompletion] = field(default_factory=list)
+    """Served completions with their version and logged propensity (off-policy evaluation of the generator)."""
     pairs: list[PreferencePair] = field(default_factory=list)
     ratings: list[RatingExample] = field(default_factory=list)
     pointwise: list[PointwiseExample] = field(default_factory=list)
@@ -110,8 +120,19 @@ class TrainerState:
 
     def examples(
         self,
-    ) -> Iterable[LabelExample | BanditExample | PreferencePair | RatingExample | PointwiseExample | Demonstration]:
+    ) -> Iterable[
+        LabelExample
+        | BanditExample
+        | PreferencePair
+        | RatingExample
+        | PointwiseExample
+        | Demonstration
+        | LabelOutcome
+        | LoggedCompletion
+    ]:
         yield from self.labels.values()
+        yield from self.outcomes.values()
+        yield from self.completions
         yield from self.bandit
         yield from self.pairs
         yield from self.ratings
@@ -163,9 +184,10 @@ def ingest(
             if _fold_feedback(state, rec, rec.feedback, labels, stats):
                 stats.used += 1
         state.cursor = rec.seq
+    _trim(state.completions, COMPLETION_BUFFER)
     for buffer in (state.bandit, state.pairs, state.ratings, state.pointwise, state.demonstrations):
         _trim(buffer, max_buffer)
-    for table in (state.labels, state.prompts):
+    for table in (state.labels, state.outcomes, state.prompts):
         if max_buffer and len(table) > max_buffer:
             for key in list(table)[: len(table) - max_buffer]:
                 del table[key]
@@ -181,6 +203,8 @@ def _fold_decision(state: TrainerState, d: Decision, seq: int) -> None:
             state.demonstrations.append(Demonstration(d.input_text, d.output, seq, source="import"))
             state.new_events[GENERATOR] += 1
         return
+    if d.kind == "generation" and d.input_text and isinstance(d.output, str) and d.propensity_kind == "logprob":
+        state.completions.append(LoggedCompletion(d.input_text, d.output, d.model_version, float(d.propensity), seq))
     if d.kind == "generation" and d.input_text and d.input_text not in state.prompts:
         state.prompts[d.input_text] = seq
         state.new_events[GENERATOR] += 1
@@ -253,9 +277,21 @@ def _fold_label_feedback(
             state.label_accepts += 1
         elif fb.kind == "correction":
             state.label_rejects += 1  # the served label was wrong
+    _fold_outcome(state, d, fb, label, seq)
     state.new_events[ANNOTATOR] += 1
     state.new_events[ANNOTATOR_HEAD] += 1
     return True
+
+
+def _fold_outcome(state: TrainerState, d: Decision, fb: Feedback, label: str, seq: int) -> None:
+    """The served label's reward, with the probability it was served with (the latest feedback wins).
+    A reject of a label other than the one served says nothing about the served one."""
+    if d.propensity_kind != "prob" or d.top_label is None or not 0.0 < d.propensity <= 1.0:
+        return
+    if fb.kind == "reject" and label != d.top_label:
+        return
+    reward = 1.0 if fb.kind != "reject" and label == d.top_label else 0.0
+    state.outcomes[d.event_id] = LabelOutcome(d.input_text, d.top_label, float(d.propensity), reward, d.event_id, seq)
 
 
 def _propensity(d: Decision, label: str) -> float | None:

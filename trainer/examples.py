@@ -83,7 +83,45 @@ class Demonstration:
     with `loopserve log import --demonstrations`)."""
 
 
-Example = LabelExample | BanditExample | PreferencePair | RatingExample | PointwiseExample | Demonstration
+@dataclass(frozen=True, slots=True)
+class LabelOutcome:
+    """A served label with its logged propensity and the feedback on it: one row of the log that
+    off-policy evaluation (trainer/ope.py) weighs candidates on."""
+
+    text: str
+    label: str
+    """The label served (the decision's top label)."""
+    propensity: float
+    """pi_0(label | text): the probability with which the serving policy chose it."""
+    reward: float
+    """1 accepted (or corrected to the same label), 0 rejected or corrected to another label."""
+    event_id: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedCompletion:
+    """A completion the generator served, with the version that served it and its logged propensity
+    (sequence log-probability under the request's sampling distribution): off-policy evaluation of a
+    generator candidate weighs these."""
+
+    prompt: str
+    response: str
+    version: str
+    logprob: float
+    seq: int
+
+
+Example = (
+    LabelExample
+    | BanditExample
+    | PreferencePair
+    | RatingExample
+    | PointwiseExample
+    | Demonstration
+    | LabelOutcome
+    | LoggedCompletion
+)
 
 _TYPES: dict[str, type[Any]] = {
     "label": LabelExample,
@@ -92,6 +130,8 @@ _TYPES: dict[str, type[Any]] = {
     "rating": RatingExample,
     "pointwise": PointwiseExample,
     "demonstration": Demonstration,
+    "outcome": LabelOutcome,
+    "completion": LoggedCompletion,
 }
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 

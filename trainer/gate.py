@@ -97,10 +97,36 @@ class GateConfig:
     """Generator SFT: fewer held-out demonstrations than this and nothing is published."""
     min_nll_drop: float = 0.0
     """Generator SFT: held-out demonstration NLL (nats per token) must fall by more than this."""
+    ope_gate: bool = False
+    """Off-policy gate: refuse a candidate whose off-policy value's lower confidence bound (estimator
+    `ope_estimator`, on logged decisions with their propensities and feedback) does not beat the serving
+    version's value on the same log minus `ope_margin`. Off by default: it demands a significant gain,
+    which a young loop's few hundred logged outcomes cannot show, and when the log comes from the
+    argmax policy (exploration off) every logged propensity is 1, so a candidate is only ever valued on
+    the items where it agrees with the serving version; turn it on where the task explores and its log
+    is large. The figures are computed and written into the round's metrics and the manifest either way."""
+    ope_estimator: str = "snips"
+    """ips | snips | dr: the estimator whose lower bound the off-policy gate reads."""
+    ope_margin: float = 0.0
+    """Off-policy gate: the candidate's lower bound must exceed the serving value minus this."""
+    ope_min_items: int = 50
+    """Off-policy gate: with fewer logged outcomes than this it refuses nothing (the figures are still written)."""
+    ope_max_items: int = 2000
+    """Most recent logged outcomes (held-out texts) evaluated per round (each costs two forward passes)."""
+    ope_max_completions: int = 64
+    """Generator: most recent logged completions of the serving version (held-out prompts) evaluated per
+    round (each costs two forward passes and a reward-model score). The generator has no DR estimate
+    (module docstring of trainer.off_policy): with `ope_estimator` dr its gate reads snips."""
+    ope_max_weight: float = 0.0
+    """Clip importance weights at this (0: no clipping, unbiased)."""
     max_loss_ratio: float = 50.0
     """LossGuard: a loss above this multiple of the round's first loss counts as exploding."""
     max_loss: float = 1e4
     """LossGuard: an absolute ceiling, whatever the first loss was."""
+
+    def __post_init__(self) -> None:
+        if self.ope_estimator not in ("ips", "snips", "dr"):
+            raise ValueError(f"gate ope_estimator must be ips, snips or dr, got {self.ope_estimator!r}")
 
 
 @dataclass
@@ -273,3 +299,22 @@ def gate_sft(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateC
     if not math.isfinite(nll) or nll >= nll_s - cfg.min_nll_drop:
         reasons.append(f"demonstration NLL {nll:.4f} not below serving {nll_s:.4f} - {cfg.min_nll_drop}")
     return GateDecision(not reasons, reasons)
+
+
+def gate_off_policy(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:
+    """`cand` / `serving`: trainer.off_policy estimates (`ope_<estimator>`, `_lower`, `ope_n`) of the two
+    versions on the same logged outcomes. Refuses only with `ope_gate` on and at least `ope_min_items`."""
+    name = f"ope_{cfg.ope_estimator}"
+    if not cfg.ope_gate or cand.get("ope_n", 0.0) < cfg.ope_min_items:
+        return GateDecision(True)
+    lower, value = cand.get(f"{name}_lower", math.nan), serving.get(name, math.nan)
+    if not math.isfinite(lower) or not math.isfinite(value) or lower <= value - cfg.ope_margin:
+        return GateDecision(
+            False,
+            [
+                f"off-policy {cfg.ope_estimator} lower bound {lower:.4f} does not beat serving {value:.4f}"
+                + (f" - {cfg.ope_margin}" if cfg.ope_margin else "")
+                + f" on {int(cand.get('ope_n', 0))} logged outcomes"
+            ],
+        )
+    return GateDecision(True)

@@ -56,20 +56,25 @@ from trainer import (
     checkpoint,
     dpo,
     generation_rl,
+    off_policy,
     ppo,
     reward_model,
     sft,
 )
+from trainer.annotation_policy import AnnotationPolicyConfig
+from trainer.annotation_round import AnnotatorCandidate
 from trainer.causal_lm import add_lora, merge_lora
 from trainer.config import TrainerArgs
 from trainer.consumer import ANNOTATOR, ANNOTATOR_HEAD, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
-from trainer.examples import Demonstration, heldout
+from trainer.examples import Demonstration, LabelOutcome, LoggedCompletion, heldout
 from trainer.gate import (
+    GateConfig,
     GateDecision,
     LossGuard,
     RoundAborted,
     RoundInterrupted,
     gate_generator,
+    gate_off_policy,
     gate_reward_model,
     gate_sft,
     paired_counts,
@@ -236,6 +241,10 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     if not isinstance(model, AnnotatorModel):
         raise VerificationError(f"annotator {serving} has no annotator head")
     clock.lap("load")
+    logged = off_policy.held_out_outcomes(
+        list(state.outcomes.values()), spec.label_names, args.heldout_fraction, args.gate.ope_max_items
+    )
+    serving_probs = _label_probs(model, tokenizer, logged, cfg)  # before a held-out round trains `model`
     opt: torch.optim.Optimizer | None = None
     if few:
         base_version = ctx.store.list(ANNOTATOR)[0]
@@ -269,6 +278,8 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
             baseline=state.baseline, optimizer=opt, generator=ctx.gen, guard=ctx.guard(ANNOTATOR),
         )  # fmt: skip
     clock.lap("train_and_evaluate")
+    _annotator_off_policy(cand, logged, spec.label_names, serving_probs, tokenizer, cfg, args.gate)
+    clock.lap("off_policy")
     TRAINER_LOSS.labels(objective=ANNOTATOR).set(cand.train_metrics.get("loss", float("nan")))
     result.metrics = {**cand.metrics, **_prefixed("train_", cand.train_metrics)}
     result.serving_metrics = cand.serving_metrics
@@ -297,6 +308,40 @@ def annotator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     if opt is None:
         return result, {}
     return result, _keep_optimizer(ctx, state, ANNOTATOR, opt, result.version)
+
+
+def _label_probs(
+    model: AnnotatorModel, tokenizer: Any, logged: list[LabelOutcome], cfg: AnnotationPolicyConfig
+) -> torch.Tensor:
+    """(n, L) the served probabilities of `model` on the logged texts."""
+    return annotation_policy.predict_logits(model, tokenizer, [o.text for o in logged], cfg).softmax(-1)
+
+
+def _annotator_off_policy(
+    cand: AnnotatorCandidate,
+    logged: list[LabelOutcome],
+    labels: list[str],
+    serving_probs: torch.Tensor,
+    tokenizer: Any,
+    cfg: AnnotationPolicyConfig,
+    gate: GateConfig,
+) -> None:
+    """Off-policy value of the candidate and of serving on the logged outcomes, into the candidate's
+    metrics (round record and manifest); the off-policy gate joins the candidate's decision. A
+    cross-fitted candidate was trained on every verified label, held-out texts included: its figures are
+    in-sample (`ope_in_sample`), so the gate does not read them."""
+    if not logged:
+        return
+    cand_probs = _label_probs(cand.model, tokenizer, logged, cfg)
+    c, s = off_policy.annotator_estimates(logged, labels, serving_probs, cand_probs, gate.ope_max_weight or math.inf)
+    in_sample = cand.regime == "cross-fit"
+    cand.metrics.update({**c, "ope_in_sample": float(in_sample)})
+    cand.serving_metrics.update(s)
+    if in_sample:
+        return
+    verdict = gate_off_policy(c, s, gate)
+    if not verdict.publish:
+        cand.decision = GateDecision(False, cand.decision.reasons + verdict.reasons, checked=False)
 
 
 def annotator_head_round(ctx: Context, state: TrainerState) -> RoundOutput:
@@ -497,6 +542,10 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
         result.serving_metrics.update(sft.evaluate_sft(policy, tokenizer, eval_demos, args.sft))
     if eval_pairs and run_dpo:  # DPO's implicit-reward metrics cost two forward passes per pair
         result.serving_metrics.update(dpo.evaluate_dpo(policy, ref, tokenizer, eval_pairs, args.dpo))
+    logged = off_policy.held_out_completions(
+        state.completions, serving, args.heldout_fraction, args.gate.ope_max_completions
+    )
+    serving_logp = off_policy.completion_logprobs(policy, tokenizer, logged, args.grpo)
     clock.lap("evaluate_serving")
     policy = add_lora(policy, args.lora)
     optimizers: dict[str, torch.optim.Optimizer] = {}
@@ -573,6 +622,10 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
     cand.update(train_metrics)
     result.metrics = cand
     decision = gate_generator(cand, result.serving_metrics, args.gate)
+    if logged:
+        ope_verdict = _generator_off_policy(ctx, policy, tokenizer, logged, serving_logp, cand, result.serving_metrics)
+        decision = GateDecision(decision.publish and ope_verdict.publish, decision.reasons + ope_verdict.reasons)
+        clock.lap("off_policy")
     if run_sft:
         sft_decision = gate_sft(cand, result.serving_metrics, args.gate)
         decision = GateDecision(decision.publish and sft_decision.publish, decision.reasons + sft_decision.reasons)
@@ -600,6 +653,30 @@ def generator_round(ctx: Context, state: TrainerState) -> RoundOutput:
             if objective != "ppo":  # its value head is not kept either
                 kept.update(_keep_optimizer(ctx, state, objective, opt, result.version))
     return result, kept
+
+
+def _generator_off_policy(
+    ctx: Context,
+    policy: Any,
+    tokenizer: Any,
+    logged: list[LoggedCompletion],
+    serving_logp: list[float],
+    cand: dict[str, float],
+    serving_metrics: dict[str, float],
+) -> GateDecision:
+    """IPS / SNIPS value of the candidate on completions the serving version logged, scored by the reward
+    model, into both versions' metrics; the off-policy gate's verdict (trainer.gate.gate_off_policy)."""
+    assert ctx.reward_fn is not None
+    rewards = generation_rl.score(ctx.reward_fn, [c.prompt for c in logged], [c.response for c in logged]).tolist()
+    cand_logp = off_policy.completion_logprobs(policy, tokenizer, logged, ctx.args.grpo)
+    cand.update(
+        off_policy.generator_estimates(rewards, cand_logp, serving_logp, ctx.args.gate.ope_max_weight or math.inf)
+    )
+    serving_metrics.update(off_policy.generator_estimates(rewards, serving_logp, serving_logp))  # w = 1: logged mean
+    gate = ctx.args.gate
+    if gate.ope_estimator == "dr":
+        gate = dataclasses.replace(gate, ope_estimator="snips")
+    return gate_off_policy(cand, serving_metrics, gate)
 
 
 def reference_version(store: ModelStore) -> str:

@@ -105,6 +105,12 @@ class AnnotationDemoOptions:
     """--dataset: JSON {label: description} for the zero-shot base (default: each label's name)."""
     round_timeout_s: float = 600.0
     """Longest the app waits for one trainer round."""
+    explore: str = "off"
+    """How the policy service chooses the served label (--explore): off | epsilon-greedy | softmax | ucb.
+    Exploring puts other labels in front of people (each one flagged needs_review, so it costs review
+    budget) and logs true propensities for off-policy evaluation."""
+    explore_epsilon: float = 0.1
+    """epsilon-greedy: share of items served a random label (--explore-epsilon)."""
     online: bool = True
     """Run the annotator's online tier beside the trainer: a head refit every `online_every` labels."""
     online_every: int = 4
@@ -224,6 +230,15 @@ def _prepare_store(opts: AnnotationDemoOptions, run: Path, labels: list[str]) ->
         }
         (run / "labels.json").write_text(json.dumps(spec))
         provision.pull(store, models=["annotator"], labels_file=run / "labels.json")
+
+
+def _policy_flags(opts: AnnotationDemoOptions) -> list[str]:
+    return [
+        *["--review-threshold", str(opts.review_threshold)],
+        *["--max-input-tokens", str(opts.max_length)],
+        *["--dtype", opts.serve_dtype],
+        *["--explore", opts.explore, "--explore-epsilon", str(opts.explore_epsilon)],
+    ]
 
 
 def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
@@ -487,14 +502,7 @@ class AnnotationDemo:
                 if opts.online
                 else None
             ),
-            policy_flags=[
-                "--review-threshold",
-                str(opts.review_threshold),
-                "--max-input-tokens",
-                str(opts.max_length),
-                "--dtype",
-                opts.serve_dtype,
-            ],
+            policy_flags=_policy_flags(opts),
         )
         sigterm_as_interrupt()
         rng = random.Random(opts.seed + 1)

@@ -231,3 +231,139 @@ class ModelStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelStatus: _TypeAlias = ModelStatus  # noqa: Y015
+
+@_typing.final
+class StartShadowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartShadowRequest: _TypeAlias = StartShadowRequest  # noqa: Y015
+
+@_typing.final
+class GetShadowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetShadowRequest: _TypeAlias = GetShadowRequest  # noqa: Y015
+
+@_typing.final
+class PromoteShadowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteShadowRequest: _TypeAlias = PromoteShadowRequest  # noqa: Y015
+
+@_typing.final
+class StopShadowRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopShadowRequest: _TypeAlias = StopShadowRequest  # noqa: Y015
+
+@_typing.final
+class ShadowStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    CANDIDATE_VERSION_FIELD_NUMBER: _builtins.int
+    SERVING_VERSION_FIELD_NUMBER: _builtins.int
+    ITEMS_FIELD_NUMBER: _builtins.int
+    DROPPED_FIELD_NUMBER: _builtins.int
+    AGREEMENT_FIELD_NUMBER: _builtins.int
+    MEAN_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    SERVING_MEAN_CONFIDENCE_FIELD_NUMBER: _builtins.int
+    PROMOTED_VERSION_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    candidate_version: _builtins.str
+    """The running shadow's candidate (or, with promoted_version set, the one last promoted); empty when
+    none runs.
+    """
+    serving_version: _builtins.str
+    items: _builtins.int
+    """Items the candidate answered (copies of live traffic), and how many copies were dropped because
+    the shadow fell behind (serving never waits for it).
+    """
+    dropped: _builtins.int
+    agreement: _builtins.float
+    """Share of items where the candidate's top label equals serving's; the candidate's mean top
+    probability, and serving's on the same items.
+    """
+    mean_confidence: _builtins.float
+    serving_mean_confidence: _builtins.float
+    promoted_version: _builtins.str
+    """Set when the shadow ended by promotion (by the admin call or the automatic threshold)."""
+    pending: _builtins.int
+    """Copies waiting for the candidate (its evidence lags serving by this many items)."""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        candidate_version: _builtins.str = ...,
+        serving_version: _builtins.str = ...,
+        items: _builtins.int = ...,
+        dropped: _builtins.int = ...,
+        agreement: _builtins.float = ...,
+        mean_confidence: _builtins.float = ...,
+        serving_mean_confidence: _builtins.float = ...,
+        promoted_version: _builtins.str = ...,
+        pending: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agreement", b"agreement", "candidate_version", b"candidate_version", "dropped", b"dropped", "items", b"items", "mean_confidence", b"mean_confidence", "model", b"model", "pending", b"pending", "promoted_version", b"promoted_version", "serving_mean_confidence", b"serving_mean_confidence", "serving_version", b"serving_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ShadowStatus: _TypeAlias = ShadowStatus  # noqa: Y015

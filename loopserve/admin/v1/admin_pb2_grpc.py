@@ -59,6 +59,26 @@ class ModelAdminStub:
                 request_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.UnpinRequest.SerializeToString,
                 response_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.FromString,
                 _registered_method=True)
+        self.StartShadow = channel.unary_unary(
+                '/loopserve.admin.v1.ModelAdmin/StartShadow',
+                request_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.StartShadowRequest.SerializeToString,
+                response_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.FromString,
+                _registered_method=True)
+        self.GetShadow = channel.unary_unary(
+                '/loopserve.admin.v1.ModelAdmin/GetShadow',
+                request_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.GetShadowRequest.SerializeToString,
+                response_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.FromString,
+                _registered_method=True)
+        self.PromoteShadow = channel.unary_unary(
+                '/loopserve.admin.v1.ModelAdmin/PromoteShadow',
+                request_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.PromoteShadowRequest.SerializeToString,
+                response_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.FromString,
+                _registered_method=True)
+        self.StopShadow = channel.unary_unary(
+                '/loopserve.admin.v1.ModelAdmin/StopShadow',
+                request_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.StopShadowRequest.SerializeToString,
+                response_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.FromString,
+                _registered_method=True)
 
 
 class ModelAdminServicer:
@@ -97,6 +117,34 @@ class ModelAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartShadow(self, request, context):
+        """Shadow mode (annotator): load a candidate beside the serving version; it receives a copy of live
+        Annotate traffic and its answers are never returned to clients.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetShadow(self, request, context):
+        """The shadow's evidence so far: items compared, agreement with serving, mean confidence.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteShadow(self, request, context):
+        """Serve the shadow's candidate (pinned, as Rollback pins) and end the shadow; Rollback undoes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopShadow(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -124,6 +172,26 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.UnpinRequest.FromString,
                     response_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.SerializeToString,
+            ),
+            'StartShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartShadow,
+                    request_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.StartShadowRequest.FromString,
+                    response_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.SerializeToString,
+            ),
+            'GetShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetShadow,
+                    request_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.GetShadowRequest.FromString,
+                    response_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.SerializeToString,
+            ),
+            'PromoteShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteShadow,
+                    request_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.PromoteShadowRequest.FromString,
+                    response_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.SerializeToString,
+            ),
+            'StopShadow': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopShadow,
+                    request_deserializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.StopShadowRequest.FromString,
+                    response_serializer=loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -261,6 +329,114 @@ class ModelAdmin:
             '/loopserve.admin.v1.ModelAdmin/Unpin',
             loopserve_dot_admin_dot_v1_dot_admin__pb2.UnpinRequest.SerializeToString,
             loopserve_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loopserve.admin.v1.ModelAdmin/StartShadow',
+            loopserve_dot_admin_dot_v1_dot_admin__pb2.StartShadowRequest.SerializeToString,
+            loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loopserve.admin.v1.ModelAdmin/GetShadow',
+            loopserve_dot_admin_dot_v1_dot_admin__pb2.GetShadowRequest.SerializeToString,
+            loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loopserve.admin.v1.ModelAdmin/PromoteShadow',
+            loopserve_dot_admin_dot_v1_dot_admin__pb2.PromoteShadowRequest.SerializeToString,
+            loopserve_dot_admin_dot_v1_dot_admin__pb2.ModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopShadow(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loopserve.admin.v1.ModelAdmin/StopShadow',
+            loopserve_dot_admin_dot_v1_dot_admin__pb2.StopShadowRequest.SerializeToString,
+            loopserve_dot_admin_dot_v1_dot_admin__pb2.ShadowStatus.FromString,
             options,
             channel_credentials,
             insecure,

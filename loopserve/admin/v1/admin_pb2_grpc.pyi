@@ -39,6 +39,15 @@ class ModelAdminStub:
     Pin: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PinRequest, _admin_pb2.ModelStatus]
     """Hold a version against the store watch."""
     Unpin: _grpc.UnaryUnaryMultiCallable[_admin_pb2.UnpinRequest, _admin_pb2.ModelStatus]
+    StartShadow: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StartShadowRequest, _admin_pb2.ShadowStatus]
+    """Shadow mode (annotator): load a candidate beside the serving version; it receives a copy of live
+    Annotate traffic and its answers are never returned to clients.
+    """
+    GetShadow: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetShadowRequest, _admin_pb2.ShadowStatus]
+    """The shadow's evidence so far: items compared, agreement with serving, mean confidence."""
+    PromoteShadow: _grpc.UnaryUnaryMultiCallable[_admin_pb2.PromoteShadowRequest, _admin_pb2.ModelStatus]
+    """Serve the shadow's candidate (pinned, as Rollback pins) and end the shadow; Rollback undoes it."""
+    StopShadow: _grpc.UnaryUnaryMultiCallable[_admin_pb2.StopShadowRequest, _admin_pb2.ShadowStatus]
 
 @_typing.type_check_only
 class ModelAdminAsyncStub(ModelAdminStub):
@@ -51,6 +60,15 @@ class ModelAdminAsyncStub(ModelAdminStub):
     Pin: _aio.UnaryUnaryMultiCallable[_admin_pb2.PinRequest, _admin_pb2.ModelStatus]  # type: ignore[assignment]
     """Hold a version against the store watch."""
     Unpin: _aio.UnaryUnaryMultiCallable[_admin_pb2.UnpinRequest, _admin_pb2.ModelStatus]  # type: ignore[assignment]
+    StartShadow: _aio.UnaryUnaryMultiCallable[_admin_pb2.StartShadowRequest, _admin_pb2.ShadowStatus]  # type: ignore[assignment]
+    """Shadow mode (annotator): load a candidate beside the serving version; it receives a copy of live
+    Annotate traffic and its answers are never returned to clients.
+    """
+    GetShadow: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetShadowRequest, _admin_pb2.ShadowStatus]  # type: ignore[assignment]
+    """The shadow's evidence so far: items compared, agreement with serving, mean confidence."""
+    PromoteShadow: _aio.UnaryUnaryMultiCallable[_admin_pb2.PromoteShadowRequest, _admin_pb2.ModelStatus]  # type: ignore[assignment]
+    """Serve the shadow's candidate (pinned, as Rollback pins) and end the shadow; Rollback undoes it."""
+    StopShadow: _aio.UnaryUnaryMultiCallable[_admin_pb2.StopShadowRequest, _admin_pb2.ShadowStatus]  # type: ignore[assignment]
 
 class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -90,5 +108,38 @@ class ModelAdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.UnpinRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ModelStatus, _abc.Awaitable[_admin_pb2.ModelStatus]]: ...
+
+    @_abc_1.abstractmethod
+    def StartShadow(
+        self,
+        request: _admin_pb2.StartShadowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ShadowStatus, _abc.Awaitable[_admin_pb2.ShadowStatus]]:
+        """Shadow mode (annotator): load a candidate beside the serving version; it receives a copy of live
+        Annotate traffic and its answers are never returned to clients.
+        """
+
+    @_abc_1.abstractmethod
+    def GetShadow(
+        self,
+        request: _admin_pb2.GetShadowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ShadowStatus, _abc.Awaitable[_admin_pb2.ShadowStatus]]:
+        """The shadow's evidence so far: items compared, agreement with serving, mean confidence."""
+
+    @_abc_1.abstractmethod
+    def PromoteShadow(
+        self,
+        request: _admin_pb2.PromoteShadowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ModelStatus, _abc.Awaitable[_admin_pb2.ModelStatus]]:
+        """Serve the shadow's candidate (pinned, as Rollback pins) and end the shadow; Rollback undoes it."""
+
+    @_abc_1.abstractmethod
+    def StopShadow(
+        self,
+        request: _admin_pb2.StopShadowRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ShadowStatus, _abc.Awaitable[_admin_pb2.ShadowStatus]]: ...
 
 def add_ModelAdminServicer_to_server(servicer: ModelAdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
