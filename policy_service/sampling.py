@@ -39,10 +39,13 @@ class SequenceResult:
     token_logprobs: list[float] = field(default_factory=list)
     finish_reason: str = ""
     error: Exception | None = None  # this row failed (the rest of its batch did not)
+    # The end-of-sequence token's log-probability when the row ended on it: not a token of the text,
+    # but part of the probability of *this finished sequence*, which is the logged propensity.
+    stop_logprob: float = 0.0
 
     @property
     def sequence_logprob(self) -> float:
-        return float(sum(self.token_logprobs))
+        return float(sum(self.token_logprobs)) + self.stop_logprob
 
 
 def sampling_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -89,6 +92,7 @@ class Row:
         p = self.req.params
         r = self.result
         if token_id in eos_ids:
+            r.stop_logprob = logprob
             self.finish("stop")
             return
         r.token_ids.append(token_id)

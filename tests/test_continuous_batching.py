@@ -81,6 +81,23 @@ def test_one_batched_draw_gives_each_row_its_own_sampling_distribution() -> None
     assert chi2 < 2.0 * len(support) + 30, (chi2, len(support))
 
 
+def test_a_sequence_that_ends_on_its_end_token_counts_that_token_in_its_propensity(tmp_path: Path) -> None:
+    """The logged propensity is the probability of the finished sequence: the end token's too."""
+    tok = generator.load_tokenizer(tiny_models.tiny_generator(tmp_path / "gen"))
+    eos = int(tok.eos_token_id)
+    row = sampling.Row(sampling.SequenceRequest([1, 2], SamplingParams(max_new_tokens=8, temperature=0.0)), tok)
+    logits = torch.zeros(1, len(tok))
+    logits[0, 7] = 3.0
+    first = float(torch.log_softmax(logits[0], -1)[7])
+    sampling.advance([row], logits, {eos}, torch.zeros(1, dtype=torch.long))  # token 7
+    logits[0, eos] = 5.0
+    end = float(torch.log_softmax(logits[0], -1)[eos])
+    sampling.advance([row], logits, {eos}, torch.zeros(1, dtype=torch.long))  # the end token
+    assert row.result.finish_reason == "stop" and row.result.token_ids == [7]
+    assert row.result.sequence_logprob == pytest.approx(first + end, abs=1e-5)
+    assert len(row.result.token_logprobs) == 1  # one per token of the text, as clients see them
+
+
 def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tmp_path: Path) -> None:
     folder = tiny_models.tiny_generator(tmp_path / "gen", seed=3)
     model, tok = generator.load(folder), generator.load_tokenizer(folder)

@@ -25,6 +25,7 @@ from loopserve.config import PolicyConfig
 from loopserve.feedback_log import open_feedback_log
 from loopserve.model_store import ModelStore
 from loopserve.models import generator
+from policy_service import sampling
 from policy_service.app import PolicyApp
 from policy_service.sampling import sampling_logprobs
 from policy_service.types import SamplingParams
@@ -95,8 +96,13 @@ async def test_a_logged_completion_propensity_is_recomputed_under_the_serving_ve
         d = decisions[comp.event_id]
         assert d.propensity_kind == "logprob" and d.model_version == r.model_version and d.output == comp.text
         ids = list(tok(comp.text, add_special_tokens=False)["input_ids"])
-        if comp.finish_reason != "length" or len(ids) != comp.num_tokens or tok.decode(ids) != comp.text:
-            continue  # ended on EOS (not in the sum) or the text re-tokenises differently: not auditable
+        if len(ids) != comp.num_tokens or tok.decode(ids) != comp.text:
+            continue  # the text re-tokenises differently: not auditable
+        eos = sampling.eos_ids_of(model, tok)
+        if comp.finish_reason == "stop" and len(eos) == 1:
+            ids = [*ids, *eos]  # ended on its end token: that token's probability is in the propensity
+        elif comp.finish_reason != "length":
+            continue
         audited += 1
         recomputed = _sequence_logprob(model, prompt_ids, ids, PARAMS)
         # Incremental decoding with a KV cache and one full forward differ by float32 rounding only.
