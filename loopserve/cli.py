@@ -83,8 +83,11 @@ def cmd_models_publish(ns: argparse.Namespace) -> int:
     except Exception as exc:  # a garbled config or tokenizer file: one line, not a traceback
         reason = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise VerificationError(f"{src} does not load as a {ns.model}: {type(exc).__name__}: {reason}") from None
-    manifest = store.publish_version(ns.model, src, parent=parent, meta=meta)
-    print(f"published {ns.model} {manifest.version} (parent {parent})")
+    manifest = store.publish_version(ns.model, src, parent=parent, meta=meta, set_latest=not ns.stage)
+    if ns.stage:  # in the store, not served: shadow it first (ModelAdmin.StartShadow), then promote
+        print(f"staged {ns.model} {manifest.version} (serving stays {parent}; StartShadow to try it on live traffic)")
+    else:
+        print(f"published {ns.model} {manifest.version} (parent {parent})")
     return 0
 
 
@@ -310,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--checked",
         action="store_true",
         help="annotator: you measured its calibration; it may auto-label (otherwise it flags every item)",
+    )
+    publish.add_argument(
+        "--stage",
+        action="store_true",
+        help="store the version without serving it (LATEST unmoved): shadow it, then promote (docs/promote-safely.md)",
     )
     publish.set_defaults(fn=cmd_models_publish)
     ls = models.add_parser("list", help="list versions")

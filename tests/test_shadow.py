@@ -126,6 +126,30 @@ async def test_promotion_and_rollback_under_load_with_no_failed_request(
     assert set(load.health) == {SERVING}
 
 
+async def test_a_staged_version_is_not_served_until_its_shadow_is_promoted(
+    service_factory: Callable[..., Awaitable[Service]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The operator's flow: `models publish --stage` stores a version without serving it (LATEST stays),
+    StartShadow tries it on live traffic, PromoteShadow serves it."""
+    svc = await service_factory()
+    v0 = svc.store.path("annotator", "v0")
+    folder = variant(v0, tmp_path / "a1", head_bias(1.0))
+    argv = ["models", "publish", "--stage", "--data-dir", str(svc.store.root.parent), "--model", "annotator"]
+    assert await asyncio.to_thread(cli.main, [*argv, "--from", str(folder)]) == 0
+    assert "staged annotator v1" in capsys.readouterr().out
+    assert svc.store.latest("annotator") == "v0" and svc.store.list("annotator") == ["v0", "v1"]
+    unpinned = svc.app.runtime.annotator
+    await asyncio.to_thread(unpinned.poll_once)  # what the watch would do: LATEST still names v0
+    assert unpinned.current.version == "v0"
+    async with svc.client("admin") as a, svc.client() as c:
+        await a.start_shadow("annotator", "v1")
+        assert (await c.annotate(TEXTS)).model_version == "v0"  # served by v0; a copy goes to v1
+        await until_items(svc, len(TEXTS))
+        status = await a.promote_shadow("annotator")
+        assert status.model_version == "v1"
+        assert (await c.annotate(TEXTS)).model_version == "v1"
+
+
 def _as_up_hands_it(argv: list[str]) -> dict[str, object]:
     parser = cli.build_parser()
     up = from_namespace(PolicyConfig, parser.parse_args(["up", *argv]), environ={})
