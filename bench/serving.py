@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port, machine  # noqa: E402
+from bench.common import free_port, machine, start_policy  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving  # noqa: E402
 from loopserve.model_store import ModelStore  # noqa: E402
@@ -49,34 +49,9 @@ def review(rng: random.Random) -> str:
 def start_service(
     data_dir: Path, port: int, mport: int, batch: int = 64, dtype: str = "float32", extra: Sequence[str] = ()
 ) -> subprocess.Popen:
-    argv = [
-        sys.executable,
-        "-m",
-        "loopserve",
-        "policy",
-        "--data-dir",
-        str(data_dir),
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(mport),
-        "--no-generator",
-        "--max-batch-size",
-        str(batch),
-        "--max-wait-ms",
-        "4",
-        "--max-queue",
-        "4096",
-        "--dtype",
-        dtype,
-        "--log-level",
-        "WARNING",
-        "--watch-interval-s",
-        "60",
-        *extra,
-    ]
-    proc = subprocess.Popen(argv, cwd=REPO)
-    return proc
+    """The annotation-only policy service with the batcher's limits under test."""
+    flags = ["--no-generator", "--max-batch-size", str(batch), "--max-wait-ms", "4", "--max-queue", "4096"]
+    return start_policy(data_dir, port, mport, [*flags, "--dtype", dtype, *extra])
 
 
 async def wait_ready(target: str, token: str, timeout: float = 120) -> None:
