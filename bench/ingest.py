@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO))
 
 from grpc import aio  # noqa: E402
 
-from bench.serving import cpu_model, free_port, load, start_service, wait_ready  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
+from bench.serving import free_port, load, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2 as fb  # noqa: E402

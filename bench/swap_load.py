@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.hotswap import cpu_model  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 from loopserve.model_slot import ModelSlot  # noqa: E402
 from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import encoder_heads, provision  # noqa: E402
