@@ -202,9 +202,11 @@ class ModelSlot(Generic[M]):
             logger.info("%s %s freed after %.3fs", self.name, self._retiring_version, time.monotonic() - start)
 
     def _refuse(self, version: str, reason: str) -> VerificationError:
-        self._failed[version] = reason
-        metrics.SWAPS.labels(self.name, "failed").inc()
         logger.warning("refused %s %s: %s (still serving %s)", self.name, version, reason, self._serving_name())
+        metrics.SWAPS.labels(self.name, "failed").inc()
+        # Listed last: whoever sees the refusal in `failed` (ListVersions, a test) finds its log line and
+        # its count already there.
+        self._failed[version] = reason
         return VerificationError(f"{self.name} {version} refused: {reason}")
 
     def _serving_name(self) -> str:
