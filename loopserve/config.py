@@ -59,7 +59,10 @@ class ServerConfig(CommonConfig):
     port: int = 0
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; -1 disables"})
     metrics_host: str = field(default="", metadata={"help": "address /metrics listens on (default: --host)"})
-    no_auth: bool = field(default=False, metadata={"help": "DEVELOPMENT ONLY: accept calls without a token"})
+    auth: bool = field(
+        default=True,
+        metadata={"help": "require a token on every call (--no-auth: DEVELOPMENT ONLY, accept calls without one)"},
+    )
     token_file: Path | None = field(
         default=None, metadata={"help": "JSON {token: role}; default <data-dir>/tokens.json, created if missing"}
     )
@@ -175,11 +178,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], skip: set[str
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(hints[f.name])
         help_ = f.metadata.get("help", "") + f" (env {ENV_PREFIX}{f.name.upper()})"
-        if tp is bool and f.name.startswith("no_"):
-            # `--no-auth` sets no_auth. BooleanOptionalAction would read a flag spelt `--no-...` as
-            # "false" and invert it.
-            parser.add_argument(flag, dest=f.name, action="store_const", const=True, default=None, help=help_)
-        elif tp is bool:
+        if tp is bool:  # --field / --no-field; fields are named for what they turn on
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
             choices = f.metadata.get("choices")
@@ -223,10 +222,7 @@ def to_argv(cfg: Any, cls: type[Any] | None = None, skip: set[str] | None = None
         if value is None:
             continue
         if isinstance(value, bool):
-            if f.name.startswith("no_"):
-                argv += [flag] if value else []
-            else:
-                argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
         else:
             argv += [flag, str(value)]
     return argv

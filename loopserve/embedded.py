@@ -96,7 +96,7 @@ def run_embedded(
     reward = reward or reward_config(cfg, RewardConfig(), StackPorts())
     if train and cfg.tls_client_ca is not None:
         raise ValueError("the trainer presents no client certificate: with --tls-client-ca (mTLS) use --no-trainer")
-    if not cfg.no_auth and cfg.token_file is None:
+    if cfg.auth and cfg.token_file is None:
         ensure_token_file(cfg.token_path)
         print(f"tokens (client, annotator, admin roles): {cfg.token_path.resolve()}")
     exe = [sys.executable, "-m", "loopserve"]
@@ -124,7 +124,7 @@ def run_embedded(
             policy.log_level,
             "--host",
             policy.host,
-            *(["--no-auth"] if policy.no_auth else []),
+            "--auth" if policy.auth else "--no-auth",
             *(["--token-file", str(policy.token_file)] if policy.token_file else []),
         ]
     running = {name: subprocess.Popen(argv) for name, argv in procs.items()}

@@ -136,7 +136,7 @@ def prepare_server_config(cfg: ServerConfig, ray_cfg: RayDeploymentConfig) -> Se
     cfg.data_dir = cfg.data_dir.resolve()
     if cfg.store_dir is not None:
         cfg.store_dir = cfg.store_dir.resolve()
-    if not cfg.no_auth:
+    if cfg.auth:
         if cfg.token_file is None:
             auth.ensure_token_file(cfg.token_path)
         cfg.token_file = cfg.token_path.resolve()

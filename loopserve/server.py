@@ -55,7 +55,7 @@ def server_credentials(cfg: ServerConfig) -> grpc.ServerCredentials | None:
 
 def token_table(cfg: ServerConfig) -> auth.TokenTable | None:
     """None means auth is off (--no-auth, development only)."""
-    if cfg.no_auth:
+    if not cfg.auth:
         logger.warning("AUTH IS OFF (--no-auth): anyone who reaches this port can call every method, admin too")
         return None
     if cfg.token_file is None:  # the embedded default: make one

@@ -23,7 +23,7 @@ class RunningAdapter:
 
 @asynccontextmanager
 async def serve_adapter(cfg: MLBackendConfig) -> AsyncIterator[RunningAdapter]:
-    table = None if cfg.no_auth else load_tokens(cfg.token_path)
+    table = load_tokens(cfg.token_path) if cfg.auth else None
     backend = MLBackend(cfg, table)
     server = uvicorn.Server(
         uvicorn.Config(create_app(backend), host="127.0.0.1", port=0, log_level="warning", lifespan="on")

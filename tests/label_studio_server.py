@@ -13,7 +13,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 LS_VENV = Path(os.environ.get("LOOPSERVE_LS_VENV", REPO / ".venv-label-studio"))
@@ -81,13 +82,17 @@ def start_label_studio(folder: Path) -> tuple[subprocess.Popen[bytes], LabelStud
 
 
 def wait_healthy(proc: subprocess.Popen[bytes], server: LabelStudioServer, timeout_s: float = START_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not _healthy(server.url):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            tail = server.log.read_text(errors="replace")[-3000:]
-            stop(proc)
-            raise AssertionError(f"Label Studio did not start (exit {proc.returncode}); its log ends:\n{tail}")
-        time.sleep(0.5)
+    """Until Label Studio answers its health check; fails at once if the process exits first."""
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or _healthy(server.url), timeout_s, "Label Studio to start", interval_s=0.1
+        )
+    except AssertionError:
+        pass
+    if proc.poll() is not None or not _healthy(server.url):
+        tail = server.log.read_text(errors="replace")[-3000:]
+        stop(proc)
+        raise AssertionError(f"Label Studio did not start (exit {proc.returncode}); its log ends:\n{tail}")
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:

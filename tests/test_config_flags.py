@@ -1,7 +1,7 @@
 """Every flag a command shows reaches the process it is for (unit tier: parsers and configs, no server).
 
-- `--no-auth` turns auth off (a flag spelt `--no-...` is not read as its own negation); `--no-generator`
-  turns the generator off.
+- `--no-auth` turns auth off and `--auth` (or nothing) leaves it on; `--no-generator` turns the
+  generator off; `LOOPSERVE_AUTH=false` does what `--no-auth` does.
 - A service config survives the trip `up` makes it take: config -> flags -> the child's parser ->
   the same config, field for field.
 - `up` hands the reward service the shared flags and its own, with its ports; the trainer gets the CA
@@ -22,6 +22,7 @@ from loopserve import cli
 from loopserve.config import PolicyConfig, RewardConfig, add_arguments, from_namespace, to_argv
 from loopserve.demo.annotation import AnnotationDemoOptions, _prepare_store
 from loopserve.embedded import StackPorts, _trainer_argv, reward_config
+from loopserve.labelstudio.config import MLBackendConfig
 from loopserve.model_store import ModelStore
 from loopserve.ray_serve import ray_app_args
 from trainer.__main__ import add_flags
@@ -34,10 +35,14 @@ def _parse(command: list[str]) -> argparse.Namespace:
 
 def test_no_flags_mean_what_they_say() -> None:
     cfg = from_namespace(PolicyConfig, _parse(["policy", "--no-auth", "--no-generator"]), environ={})
-    assert cfg.no_auth is True and cfg.generator is False
+    assert cfg.auth is False and cfg.generator is False
     cfg = from_namespace(PolicyConfig, _parse(["policy", "--generator"]), environ={})
-    assert cfg.no_auth is False and cfg.generator is True
-    assert from_namespace(PolicyConfig, _parse(["up", "--no-auth"]), environ={}).no_auth is True
+    assert cfg.auth is True and cfg.generator is True
+    assert from_namespace(PolicyConfig, _parse(["policy", "--auth"]), environ={}).auth is True
+    assert from_namespace(PolicyConfig, _parse(["up", "--no-auth"]), environ={}).auth is False
+    assert from_namespace(PolicyConfig, _parse(["policy"]), environ={"LOOPSERVE_AUTH": "false"}).auth is False
+    assert from_namespace(MLBackendConfig, _parse(["ml-backend", "--no-auth"]), environ={}).auth is False
+    assert _parse(["labelstudio", "connect", "--no-auth"]).auth is False
 
 
 @pytest.mark.parametrize("cls", [PolicyConfig, RewardConfig])
@@ -48,7 +53,7 @@ def test_a_config_survives_the_trip_through_flags(cls: type, tmp_path: Path) -> 
         port=1234,
         metrics_port=-1,
         metrics_host="0.0.0.0",
-        no_auth=True,
+        auth=False,
         tls_cert=tmp_path / "c.pem",
         tls_key=tmp_path / "k.pem",
         max_text_chars=50,
@@ -68,7 +73,7 @@ def test_up_hands_the_reward_service_its_flags_and_the_trainer_its_ca(tmp_path: 
     ns = _parse(["up", "--no-auth", *tls, *limits, "--reward-port", "6000", "--metrics-host", "10.0.0.1"])
     policy = from_namespace(PolicyConfig, ns, environ={})
     reward = reward_config(policy, from_namespace(RewardConfig, ns, environ={}), StackPorts(ns.reward_port))
-    assert reward.no_auth and reward.tls_cert == Path("c.pem") and reward.max_text_chars == 50
+    assert not reward.auth and reward.tls_cert == Path("c.pem") and reward.max_text_chars == 50
     assert reward.max_pairs_per_request == 7 and reward.port == 6000 and reward.metrics_port == 9102
     assert reward.metrics_address == "10.0.0.1"
 

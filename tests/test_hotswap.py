@@ -11,6 +11,7 @@ import itertools
 import logging
 import re
 import shutil
+import sys
 import threading
 import time
 import weakref
@@ -39,6 +40,7 @@ from loopserve.models.encoder_heads import HeadSpec, LabelSpec
 from policy_service.app import PolicyApp
 from policy_service.runtime import PolicyRuntime, RuntimeOptions
 from tests import tiny_models
+from tests.waiting import wait_until
 
 NO_RETRY = RetryPolicy(attempts=1)  # a failed request must show, not be retried away
 CLIENTS = 16
@@ -369,6 +371,16 @@ def fake_slot(tmp_path: Path) -> ModelSlot[Weights]:
     slot.close()
 
 
+def _waiting_for_retired(thread: threading.Thread) -> bool:
+    """Whether `thread` is inside ModelSlot._wait_for_retired right now."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        if frame.f_code.co_name == "_wait_for_retired":
+            return True
+        frame = frame.f_back
+    return False
+
+
 def test_a_swap_waits_for_the_retired_copy_so_at_most_two_copies_live(
     fake_slot: ModelSlot[Weights], tmp_path: Path
 ) -> None:
@@ -379,13 +391,11 @@ def test_a_swap_waits_for_the_retired_copy_so_at_most_two_copies_live(
     assert in_flight.model.version == "v0"  # the request finishes on the version it started with
     store.publish_version("m", fake_version(tmp_path / "w2", 2.0))
 
-    most = 0
     swapper = threading.Thread(target=fake_slot.poll_once)
     swapper.start()
-    deadline = time.monotonic() + 0.5
-    while time.monotonic() < deadline:
-        most = max(most, len(Weights.alive(store)))
-        time.sleep(0.005)
+    # The swap to v2 blocks until v0 is freed: wait until the swapper is waiting there, then look.
+    wait_until(lambda: _waiting_for_retired(swapper), 10, "the swapper to wait for the retired copy")
+    most = len(Weights.alive(store))
     assert fake_slot.current.version == "v1", "loaded a third copy while v0 was still in use"
     del in_flight  # the last request on v0 ends
     swapper.join(5)

@@ -35,7 +35,7 @@ def cmd_connect(ns: argparse.Namespace) -> int:
     ls_token = ns.label_studio_token or os.environ.get(LABEL_STUDIO_TOKEN_ENV, "")
     if not ls_token:
         raise ValueError(f"a Label Studio API token is needed: --label-studio-token or {LABEL_STUDIO_TOKEN_ENV}")
-    token = None if ns.no_auth else read_token(ns.token_file or cfg.data_dir / "tokens.json", "annotator")
+    token = None if not ns.auth else read_token(ns.token_file or cfg.data_dir / "tokens.json", "annotator")
     with Client(ns.policy_target, token) as c:
         labels = [label.name for label in c.model_info().labels]
     path = ns.dataset or pull_finefoods(cfg.data_dir / "data")
@@ -64,7 +64,12 @@ def add_parsers(sub: Any) -> None:
     con.add_argument("--backend-url", default=f"http://localhost:{DEFAULT_ML_BACKEND_PORT}", help="the adapter")
     con.add_argument("--policy-target", default="127.0.0.1:50051", help="the policy service (for its labels)")
     con.add_argument("--token-file", type=Path, default=None, help="loopserve tokens (default <data-dir>/tokens.json)")
-    con.add_argument("--no-auth", action="store_true", help="the services run without tokens (development)")
+    con.add_argument(
+        "--auth",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the services require tokens (--no-auth: they run without, development only)",
+    )
     con.add_argument("--dataset", type=Path, default=None, help="JSONL / CSV with text, label (default: Fine Food)")
     con.add_argument("--tasks", type=int, default=100, help="how many reviews to import")
     con.add_argument("--title", default="loopserve: Fine Food reviews")

@@ -27,7 +27,10 @@ class MLBackendConfig:
     policy_root_cert: Path | None = field(
         default=None, metadata={"help": "CA certificate (PEM) to trust when the policy service uses TLS"}
     )
-    no_auth: bool = field(default=False, metadata={"help": "DEVELOPMENT ONLY: accept calls without a token"})
+    auth: bool = field(
+        default=True,
+        metadata={"help": "require a token on every call (--no-auth: DEVELOPMENT ONLY, accept calls without one)"},
+    )
     token_file: Path | None = field(
         default=None, metadata={"help": "JSON {token: role} shared with the services (default <data-dir>/tokens.json)"}
     )

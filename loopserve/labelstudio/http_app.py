@@ -146,7 +146,7 @@ def run(cfg: MLBackendConfig) -> None:
     from loopserve.auth import load_tokens
 
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per Label Studio call otherwise
-    table = None if cfg.no_auth else load_tokens(cfg.token_path)
+    table = load_tokens(cfg.token_path) if cfg.auth else None
     if table is not None and not table.tokens:
         raise FileNotFoundError(f"no tokens in {cfg.token_path} or LOOPSERVE_TOKENS: every call would be refused")
     app = create_app(MLBackend(cfg, table))
