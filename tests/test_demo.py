@@ -156,7 +156,11 @@ def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
 @pytest.mark.timeout(1800)
 def test_quick_generation_demo_raises_the_reward(tmp_path: Path) -> None:
     run, s = _demo(_data_dir(tmp_path), "--generation")
-    assert s["final_version"] != "v0", s  # a GRPO candidate passed the gate and was swapped in
+    rounds = [
+        {k: r.get(k) for k in ("model", "result", "reasons", "metrics")}
+        for r in map(json.loads, (run / "trainer" / "rounds.jsonl").read_text().splitlines())
+    ]
+    assert s["final_version"] != "v0", rounds  # a GRPO candidate passed the gate and was swapped in
     assert s["reward_final"] > s["reward_base"], s
     assert 0 < s["kl_final"] <= 0.5 and s["rm_pairwise_accuracy"] > 0.5, s
     assert (run / "report.md").stat().st_size > 0

@@ -193,6 +193,16 @@ def test_loss_guard_aborts_on_nan_and_on_explosion():
         LossGuard("x").check(0, float("nan"))
 
 
+def test_loss_guard_lets_a_centred_loss_that_starts_at_zero_move():
+    # GRPO's loss over group-centred advantages is ~0 at its first step; ordinary later steps are not
+    # explosions, a runaway one still is.
+    guard = LossGuard("grpo")
+    for step, loss in enumerate([-1e-4, -0.12, 0.3, -0.8]):
+        guard.check(step, loss)
+    with pytest.raises(RoundAborted, match="exploded"):
+        guard.check(4, 500.0)
+
+
 def test_the_gates_refuse_a_significant_regression_not_noise():
     serving = {"accuracy": 0.85, "n": 100.0, "majority_rate": 0.6}
 

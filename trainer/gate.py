@@ -121,6 +121,10 @@ class GateConfig:
     """Clip importance weights at this (0: no clipping, unbiased)."""
     max_loss_ratio: float = 50.0
     """LossGuard: a loss above this multiple of the round's first loss counts as exploding."""
+    min_loss_scale: float = 1.0
+    """LossGuard: the first loss counts as at least this much. A policy-gradient loss over group-centred
+    advantages (GRPO, PPO) starts near 0 by construction, and 50x of ~0 would call every ordinary later
+    step an explosion (a quick demo's GRPO round was aborted so: first loss ~1e-3, then -0.12)."""
     max_loss: float = 1e4
     """LossGuard: an absolute ceiling, whatever the first loss was."""
 
@@ -158,7 +162,7 @@ class LossGuard:
             raise RoundAborted(self.objective, step, loss, "non-finite loss")
         if self.first is None:
             self.first = abs(loss)
-        limit = min(self.cfg.max_loss, self.cfg.max_loss_ratio * max(self.first, 1e-3))
+        limit = min(self.cfg.max_loss, self.cfg.max_loss_ratio * max(self.first, self.cfg.min_loss_scale))
         if abs(loss) > limit:
             raise RoundAborted(self.objective, step, loss, f"loss exploded past {limit:.4g}")
 
