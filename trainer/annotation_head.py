@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from loopserve.models.encoder_heads import AnnotatorModel
-from trainer import annotation_policy
 from trainer.examples import LabelExample
-from trainer.gate import GateConfig, GateDecision, brier_gain, gate_annotator_cv, paired_counts
+from trainer.gate import GateConfig, GateDecision, gate_annotator_cv, paired_counts
+from trainer.oof_evidence import oof_metrics
 
 
 @dataclass
@@ -129,14 +129,9 @@ def head_round(
         if test.any() and (~test).any():
             w, b = fit_head(emb[~test], labels[~test], w0, b0, cfg)
             oof[test] = emb[test] @ w.T + b
-    temperature = annotation_policy.fit_temperature(oof, labels)
-    metrics = annotation_policy.classification_metrics(oof / temperature, labels)
-    gain, gain_z = brier_gain(annotation_policy.cross_calibrated_probs(oof, labels, folds), labels)
-    metrics.update(brier_gain=gain, brier_gain_z=gain_z)
+    metrics = oof_metrics(oof, labels, folds)
+    temperature = metrics["temperature"]
     correct = oof.argmax(-1) == labels
-    majority = torch.bincount(labels, minlength=len(index)).argmax()
-    pair = paired_counts(labels == majority, correct)
-    metrics.update(majority_broken=pair["broken"], majority_fixed=pair["fixed"])
     fresh = torch.tensor([x.seq > serving_cursor for x in items])
     serving_logits = (emb @ w0.T + b0) / serving.spec.temperature
     serving_correct = serving_logits.argmax(-1) == labels
@@ -149,5 +144,5 @@ def head_round(
         decision.publish = False
         decision.reasons.append("not checked, and would replace a checked version")
     w, b = fit_head(emb, labels, w0, b0, cfg)
-    metrics.update(temperature=temperature, n_train=float(len(items)), folds=float(k))
+    metrics.update(n_train=float(len(items)), folds=float(k))
     return HeadCandidate(w, b, temperature, metrics, serving_metrics, decision)

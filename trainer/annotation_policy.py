@@ -356,15 +356,3 @@ def cross_fit_logits(
             train_annotation_policy(model, tokenizer, train, [], cfg, guard=guard, generator=generator)
         out[test_idx] = predict_logits(model, tokenizer, [items[i].text for i in test_idx], cfg)
     return out
-
-
-def cross_calibrated_probs(logits: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor) -> torch.Tensor:
-    """(N, L) probabilities of out-of-fold `logits`, each fold's temperature fitted on the other folds, so
-    that no item's probability was tuned on its own label (a temperature fitted on all of them would
-    make even noise look no worse than the base rate)."""
-    probs = torch.zeros_like(logits)
-    for f in torch.unique(folds).tolist():
-        rest = folds != f
-        t = fit_temperature(logits[rest], labels[rest]) if rest.any() else 1.0
-        probs[folds == f] = torch.softmax(logits[folds == f] / t, -1)
-    return probs

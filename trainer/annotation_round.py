@@ -8,8 +8,10 @@ Two regimes, by the number n of human-verified labels:
   base on the other folds predict each fold, so every label is evidence and none is spent on a held-out
   slice (a 15% slice with a 30-item floor starved budgets of a few hundred labels). The out-of-fold
   logits also fit the temperature, so the served probabilities are calibrated on items the models never
-  saw. The serving version is compared on the labels it was never trained on (those that arrived after
-  its training cursor), paired with the candidate's out-of-fold answers on the same items.
+  saw; what they say about the candidate is trainer.oof_evidence's (a permutation test of signal, and
+  leave-one-out calibrated probabilities against the base rate). The serving version is compared on the
+  labels it was never trained on (those that arrived after its training cursor), paired with the
+  candidate's out-of-fold answers on the same items.
   Training from the base each round (rather than on top of the serving weights) is what keeps the
   out-of-fold evidence honest: no fold model has seen its fold through an earlier version.
 - n >= gate.cv_max_items: the candidate continues from the serving weights on the training share, and
@@ -32,15 +34,8 @@ from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import BanditExample, LabelExample
-from trainer.gate import (
-    GateConfig,
-    GateDecision,
-    LossGuard,
-    brier_gain,
-    gate_annotator,
-    gate_annotator_cv,
-    paired_counts,
-)
+from trainer.gate import GateConfig, GateDecision, LossGuard, gate_annotator, gate_annotator_cv, paired_counts
+from trainer.oof_evidence import oof_metrics
 
 
 @dataclass
@@ -84,15 +79,10 @@ def cross_fit_round(
     oof = annotation_policy.cross_fit_logits(
         load_base, tokenizer, items, cfg, folds=gate.cv_folds, n_labels=n_labels, generator=generator, guard=guard
     )  # (N, L)
-    temperature = annotation_policy.fit_temperature(oof, labels)
-    metrics = annotation_policy.classification_metrics(oof / temperature, labels, cfg.ece_bins)
     folds = torch.tensor([annotation_policy.fold_of(x.text, gate.cv_folds) for x in items])
-    gain, gain_z = brier_gain(annotation_policy.cross_calibrated_probs(oof, labels, folds), labels)
-    metrics.update(brier_gain=gain, brier_gain_z=gain_z)
+    metrics = oof_metrics(oof, labels, folds, cfg.ece_bins)
+    temperature = metrics["temperature"]
     cand_correct = correct_of(oof, labels)
-    majority = torch.bincount(labels, minlength=n_labels).argmax()
-    majority_pair = paired_counts(labels == majority, cand_correct)
-    metrics.update(majority_broken=majority_pair["broken"], majority_fixed=majority_pair["fixed"])
     fresh = [i for i, x in enumerate(items) if x.seq > serving_cursor]
     serving_metrics: dict[str, float] = {"n_fresh": float(len(fresh))}
     if fresh:

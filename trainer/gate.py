@@ -74,13 +74,14 @@ class GateConfig:
     cv_folds: int = 2
     """Annotator: folds of the cross-fitting (each costs a round's worth of steps on (k-1)/k of the labels)."""
     cv_lift_z: float = 2.0
-    """Annotator, few labels: the calibrated out-of-fold probabilities must beat the base rate in Brier
-    score by this paired z (`brier_gain`) for the version to be *checked* (trusted to auto-label)."""
-    cv_serve_z: float = 1.0
-    """Annotator, few labels: above this z (but not `cv_lift_z`) the candidate still replaces an unchecked
-    serving version, unchecked: better suggestions for people, no auto-labels on its word. A model of
-    random labels clears it about one time in six (its z is ~N(0, 1) or lower); it then serves unchecked,
-    flagging every item, and never replaces a checked version."""
+    """Annotator, few labels: the out-of-fold answers must carry signal about the labels at this
+    permutation z (`trainer.oof_evidence.signal_test`), and their leave-one-out calibrated probabilities
+    must beat the base rate in Brier score, for the version to be *checked* (trusted to auto-label)."""
+    cv_serve_z: float = 1.645
+    """Annotator, few labels: above this signal z (but short of the checking bar) the candidate still
+    replaces an unchecked serving version, unchecked: better suggestions for people, no auto-labels on
+    its word. A model of random labels clears it one time in twenty (its z is ~N(0, 1)); it then serves
+    unchecked, flagging every item, and never replaces a checked version."""
     min_cv_items: int = 12
     """Annotator: verified labels needed before the first cross-fitted round."""
     min_eval_pairs: int = 20
@@ -217,48 +218,32 @@ def gate_annotator(cand: Mapping[str, float], serving: Mapping[str, float], cfg:
     return GateDecision(not reasons, reasons)
 
 
-def brier_gain(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    """(mean, paired z) of the per-item gain in Brier score of `probs` (N, L) over the base rate: what the
-    model's probabilities say beyond "the labels come at these frequencies". A proper scoring rule uses
-    the confidence, not just the argmax, so it detects a weak but real signal from a few dozen labels
-    that an accuracy test (where the commonest label wins most items) cannot; a model trained on random
-    labels gains nothing (or loses: it fits noise), so its z stays near or under 0. Brier rather than
-    log-loss: each item's score is bounded, so one confident mistake cannot swamp the paired test."""
-    n = labels.numel()
-    if n < 2:
-        return 0.0, 0.0
-    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).float()  # (N, L)
-    prior = onehot.mean(0, keepdim=True)  # (1, L)
-    d = (prior - onehot).pow(2).sum(1) - (probs - onehot).pow(2).sum(1)  # (N,) Brier(prior) - Brier(model)
-    sd = float(d.std())
-    mean = float(d.mean())
-    return mean, (mean / (sd / math.sqrt(n)) if sd > 0 else 0.0)
-
-
 def gate_annotator_cv(oof: Mapping[str, float], cfg: GateConfig) -> GateDecision:
-    """Small-data gate. `oof`: classification_metrics of the calibrated out-of-fold logits over every
-    verified label, plus `brier_gain_z` (paired z of their Brier-score gain over the base rate,
-    `brier_gain`) and `broken` / `fixed` (paired against the serving version on the labels it was
-    never trained on).
+    """Small-data gate. `oof`: trainer.oof_evidence.oof_metrics of the out-of-fold logits over every
+    verified label (`signal_z`: the permutation test's z that they carry information about the labels;
+    `brier_gain`: of their leave-one-out calibrated probabilities over the base rate), plus `broken` /
+    `fixed` (paired against the serving version on the labels it was never trained on).
 
-    Evidence of signal is the Brier-score gain rather than a lift in accuracy: on 100 items of which 68
+    Evidence of signal is a permutation test rather than a lift in accuracy: on 100 items of which 68
     carry the commonest label, a real model at 0.72 out of fold is a McNemar z of ~0.7 against always
-    answering that label, while its probabilities already beat the base rate clearly; and auto-labelling
-    rests on those probabilities (calibrated out of fold), not on the argmax."""
+    answering that label, while the probabilities it gives each item's own label are clearly better
+    than chance; auto-labelling rests on those probabilities, so checking also asks that, calibrated,
+    they beat the base rate."""
     reasons = []
     n = int(oof["n"])
     if n < cfg.min_cv_items:
         reasons.append(f"{n} verified labels, need {cfg.min_cv_items}")
-    z_gain = oof.get("brier_gain_z", 0.0)
+    z_signal = oof.get("signal_z", 0.0)
     checked = True
-    if not math.isfinite(oof["accuracy"]) or not math.isfinite(z_gain):
+    if not math.isfinite(oof["accuracy"]) or not math.isfinite(z_signal):
         reasons.append("out-of-fold metrics are not finite")
-    elif z_gain <= min(cfg.cv_serve_z, cfg.cv_lift_z):
+    elif z_signal <= min(cfg.cv_serve_z, cfg.cv_lift_z):
         reasons.append(
-            f"out-of-fold probabilities do not beat the base rate: Brier gain "
-            f"{oof.get('brier_gain', 0.0):.4f}, paired z {z_gain:.2f} <= {min(cfg.cv_serve_z, cfg.cv_lift_z)}"
+            f"out-of-fold answers carry no clear signal about the labels: permutation z {z_signal:.2f} <= "
+            f"{min(cfg.cv_serve_z, cfg.cv_lift_z)} (p {oof.get('signal_p', 1.0):.3f}); Brier gain over the "
+            f"base rate {oof.get('brier_gain', 0.0):.4f}"
         )
-    elif z_gain <= cfg.cv_lift_z:
+    elif z_signal <= cfg.cv_lift_z or oof.get("brier_gain", 0.0) <= 0:
         checked = False  # serve-worthy, not yet trusted to auto-label
     z = mcnemar_z(oof.get("broken", 0.0), oof.get("fixed", 0.0))
     if cfg.regression_z > 0 and z > cfg.regression_z:

@@ -91,7 +91,7 @@ class AnnotationDemoOptions:
     min_lift_z: float = 0.0
     """Gate, many labels: standard errors by which held-out accuracy must beat the held-out majority rate.
     Off in the demo: the held-out slice (items the policy was unsure of) has a skewed majority rate. The
-    few-labels gate keeps its paired test against the majority answer (cv_lift_z)."""
+    few-labels gate keeps its own test of signal (cv_serve_z, cv_lift_z)."""
     cv_max_items: int = 300
     """Gate: below this many verified labels rounds are cross-fitted from the base (no held-out slice)."""
     train_items: int = 0
