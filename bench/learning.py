@@ -6,8 +6,10 @@ For each seed, two replays of the same data in one process, with the trainer's o
 
 - loop: the train split is streamed in chunks of `--chunk`; the serving version scores each chunk; the
   app's router (loopserve.annotation_routing.pick_for_review, the function the demo's app calls) spends
-  the chunk's share of the budget (`--fraction` of the items streamed); a simulated annotator (the
-  demo's pool, `--error-rate`) labels the picks; at each round point the trainer's round
+  the chunk's share of the budget (`--fraction` of the items streamed) on the chunk and the backlog of
+  flagged items still waiting (`--pool backlog`, as the demo's app does; `--pool chunk`: the chunk
+  only), the backlog re-annotated by each newly served version; a simulated annotator (the demo's pool,
+  `--error-rate`) labels the picks; at each round point the trainer's round
   (trainer.annotation_round: cross-fitted from the base while labels are few, held-out after) makes a
   candidate, and the gate decides whether it serves. Unchecked versions flag every item, so nothing is
   auto-labelled on their word; items nobody reviewed wait in the backlog.
@@ -19,7 +21,10 @@ For each seed, two replays of the same data in one process, with the trainer's o
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
 (every item streamed so far: its human label, else the serving version's label; that is what
 `loopserve dataset export` writes). Writes bench/results/learning.json (CPU model recorded) and a plot
-with mean +- standard error over seeds. Not run in CI: it takes tens of minutes on 2 cores.
+with mean +- standard error over seeds. Not run in CI: it takes tens of minutes on 2 cores. Seeds and
+learners can be measured in separate runs and combined with `--merge` (`--seeds 0 --merge A B`: no new
+run); passive does not depend on the loop's routing or gate, so `--learners loop` compares a routing
+variant against an earlier passive run of the same seeds.
 """
 
 from __future__ import annotations
@@ -68,6 +73,8 @@ class Replay:
         self.labelled: list[LabelExample] = []
         self.gen = torch.Generator().manual_seed(seed)
         self.rounds: list[dict[str, Any]] = []
+        self.version = 0
+        """Counts the serving versions (a newly served one re-annotates the backlog)."""
 
     def load_base(self) -> AnnotatorModel:
         model = encoder_heads.load(self.base)
@@ -99,6 +106,7 @@ class Replay:
                 model, self.tokenizer, self.labelled, [], self.cfg, generator=self.gen
             )
             self.serving, self.infer = model, self._inference_copy(model)
+            self.version += 1
             self.rounds.append({"labels": n, "regime": "ungated", "seconds": round(time.monotonic() - t0, 1)})
             return None
         if n < self.gate.cv_max_items:
@@ -114,6 +122,7 @@ class Replay:
         if cand.decision.publish or not gated:
             self.serving, self.checked, self.cursor = cand.model, cand.decision.checked or not gated, n
             self.infer = self._inference_copy(cand.model)
+            self.version += 1
         self.rounds.append(
             {
                 "labels": n,
@@ -167,11 +176,22 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     out: dict[int, dict[str, float]] = {}
     seen = 0
     auto_items = 0
+    backlog: dict[int, np.ndarray] = {}  # stream index -> probabilities of the version that flagged it
+    backlog_version = rp.version
     for start in range(0, len(stream), args.chunk):
         part = stream[start : start + args.chunk]
         texts = [e.text for e in part]
         probs = rp.probs(texts)
         needs = [not rp.checked or float(p.max()) < args.review_threshold for p in probs]
+        if rp.version != backlog_version and backlog:  # a newly served version re-annotates the backlog
+            keys = list(backlog)
+            for k, p in zip(keys, rp.probs([stream[k].text for k in keys]), strict=True):
+                if rp.checked and float(p.max()) >= args.review_threshold:
+                    del backlog[k]  # confident now: auto-labelled
+                    auto_items += 1
+                else:
+                    backlog[k] = p
+        backlog_version = rp.version
         pace = min(budgets[-1], int(args.fraction * (seen + len(part))))
         quota = max(0, pace - len(human))
         nxt = next((p for p in points if p > len(human)), None)
@@ -179,15 +199,19 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
             quota = min(quota, nxt - len(human))  # a round sees exactly its round point's labels
         audits = [i for i in range(len(part)) if rp.checked and not needs[i] and rng.random() < args.audit_fraction]
         audits = audits[:quota]
-        picks = audits + [
-            i
-            for i in pick_for_review(texts, probs, needs, quota - len(audits), checked=rp.checked, rng=rng)
-            if i not in audits
-        ]
-        for i in picks[:quota]:
-            human[start + i] = pool.noisy_label(part[i].label)
-            rp.add(part[i].text, human[start + i])
+        # The router's candidates: the chunk, and with --pool backlog every flagged item still waiting.
+        keys = [start + i for i in range(len(part))] + (list(backlog) if args.pool == "backlog" else [])
+        cand_probs = np.concatenate([probs, *([np.stack(list(backlog.values()))] if len(keys) > len(part) else [])])
+        cand_needs = needs + [True] * (len(keys) - len(part))
+        cand_texts = texts + [stream[k].text for k in keys[len(part) :]]
+        routed = pick_for_review(cand_texts, cand_probs, cand_needs, quota - len(audits), checked=rp.checked, rng=rng)
+        picks = [start + i for i in audits] + [keys[i] for i in routed if keys[i] - start not in audits]
+        for k in picks[:quota]:
+            human[k] = pool.noisy_label(stream[k].label)
+            rp.add(stream[k].text, human[k])
+            backlog.pop(k, None)
         auto_items += sum(1 for i in range(len(part)) if not needs[i] and (start + i) not in human)
+        backlog.update({start + i: probs[i] for i in range(len(part)) if needs[i] and (start + i) not in human})
         seen += len(part)
         if len(human) in points and (not rp.rounds or rp.rounds[-1]["labels"] != len(human)):
             rp.round()
@@ -200,7 +224,9 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
                 names = rp.serving.spec.label_names
                 correct = sum(human[j] == streamed[j].label for j in human)
                 correct += sum(names[int(pr[k].argmax())] == streamed[j].label for k, j in enumerate(rest))
+                shares = {y: sum(v == y for v in human.values()) / len(human) for y in names}
                 m.update(
+                    **{f"label_share_{y}": v for y, v in shares.items()},
                     dataset_accuracy=correct / seen,
                     items_streamed=float(seen),
                     checked=float(rp.checked),
@@ -260,13 +286,14 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
             ("passive", "macro_f1", "passive_macro_f1"),
             ("passive", "tfidf_accuracy", "tfidf_on_passive_labels"),
         ]:
-            vals = [s[learner]["budgets"][b][key] for s in results["seeds"] if b in s[learner]["budgets"]]
+            runs = [s[learner]["budgets"] for s in results["seeds"] if learner in s]
+            vals = [r[b][key] for r in runs if b in r]
             if vals:
                 row[name] = stat(vals)
         diffs = [
             s["loop"]["budgets"][b]["accuracy"] - s["passive"]["budgets"][b]["accuracy"]
             for s in results["seeds"]
-            if b in s["loop"]["budgets"] and b in s["passive"]["budgets"]
+            if "loop" in s and "passive" in s and b in s["loop"]["budgets"] and b in s["passive"]["budgets"]
         ]
         if diffs:
             row["loop_minus_passive"] = stat(diffs)
@@ -312,8 +339,21 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--merge", type=Path, nargs="*", default=[], help="earlier result files whose seeds to include")
+    ap.add_argument(
+        "--learners",
+        type=lambda s: s.split(","),
+        default=["loop", "passive"],
+        help="which replays to run; a learner not run is taken from --merge files for the same seed (passive "
+        "does not depend on the loop's routing or gate, so one passive run serves several loop variants)",
+    )
     ap.add_argument("--fraction", type=float, default=0.25, help="human interactions per item streamed")
     ap.add_argument("--chunk", type=int, default=100)
+    ap.add_argument(
+        "--pool",
+        choices=["chunk", "backlog"],
+        default="backlog",
+        help="the router picks from the streamed chunk only, or from the chunk and the backlog of flagged items",
+    )
     ap.add_argument("--error-rate", type=float, default=0.05)
     ap.add_argument("--audit-fraction", type=float, default=0.05)
     ap.add_argument("--review-threshold", type=float, default=0.8)
@@ -348,20 +388,25 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    for earlier in args.merge:  # seeds measured by earlier runs with the same settings (same data, budgets)
-        for s in json.loads(earlier.read_text())["seeds"]:
-            for learner in ("loop", "passive"):  # JSON made the budgets strings
-                s[learner]["budgets"] = {int(b): m for b, m in s[learner]["budgets"].items()}
-            results["seeds"].append(s)
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
+    earlier: dict[int, dict[str, Any]] = {}  # seed -> learner -> result, from runs with the same data and budgets
+    for f in args.merge:
+        for s in json.loads(f.read_text())["seeds"]:
+            for learner in ("loop", "passive"):
+                if learner in s:  # JSON made the budgets strings
+                    s[learner]["budgets"] = {int(b): m for b, m in s[learner]["budgets"].items()}
+                    earlier.setdefault(s["seed"], {"seed": s["seed"]})[learner] = s[learner]
+    run_seeds = range(args.first_seed, args.first_seed + args.seeds)
+    results["seeds"] = [s for seed, s in sorted(earlier.items()) if seed not in run_seeds]
+    for seed in run_seeds:
         rng = random.Random(seed)
         order = list(train)
         rng.shuffle(order)
-        print(f"seed {seed}: loop", flush=True)
-        loop = run_loop(args, base, order, test, seed)
-        print(f"seed {seed}: passive", flush=True)
-        passive = run_passive(args, base, order, test, seed)
-        results["seeds"].append({"seed": seed, "loop": loop, "passive": passive})
+        entry = {"seed": seed, **{k: v for k, v in earlier.get(seed, {}).items() if k != "seed"}}
+        for learner, run in (("loop", run_loop), ("passive", run_passive)):
+            if learner in args.learners:
+                print(f"seed {seed}: {learner}", flush=True)
+                entry[learner] = run(args, base, order, test, seed)
+        results["seeds"].append(entry)
         results["summary"] = summarise(results, sorted(args.budgets))
         results["seconds"] = round(time.monotonic() - t0, 1)
         args.out.write_text(json.dumps(results, indent=1, default=str))

@@ -11,11 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from loopserve.datasets import Example
-from loopserve.demo.annotation import AnnotationDemo, AnnotationDemoOptions, AnnotationRun, VersionPoint
+from loopserve.demo.annotation import AnnotationDemo, AnnotationDemoOptions, AnnotationRun, ItemLabel, VersionPoint
 from loopserve.demo.annotators import AnnotatorPool
 from loopserve.demo.stack import link_base_versions
 from loopserve.model_store import ModelStore
@@ -80,12 +81,21 @@ def test_routing_spends_the_budget_on_a_pace_line_and_never_auto_labels_unchecke
     assert sum(it.status == "backlog" for it in st.items.values()) == 70
     picked = {int(e.accept.event_id[1:]) for e in cold}
     assert {i % 3 for i in picked} == {0, 1, 2}  # every kind of item is covered
-    # A checked version: only its flagged items are candidates, and only the chunk's share (30) is spent,
-    # the least certain of each cluster; confident items are auto-labelled, the flagged rest backlogged.
+    # The swap to a checked v1 re-annotates the backlog (as _reannotate does): sure of every tenth item,
+    # torn on the rest.
+    backlog_scores = {k: 0.99 if k % 10 == 0 else 0.52 for k, it in st.items.items() if it.status == "backlog"}
+    for k, p in backlog_scores.items():
+        st.items[k] = ItemLabel("backlog" if p < 0.8 else "auto", "great", "v1", f"b{k}", np.array([p, 1 - p]))
+    # Only flagged items are candidates (this chunk's and the backlog's), and only the chunk's share (30)
+    # is spent, the least certain of each cluster; confident items are auto-labelled, the rest backlogged.
     scores = [0.99 if i % 10 == 0 else 0.79 - 0.002 * i for i in range(100)]
     events = demo._review_chunk(st, pool, part, _chunk("v1", scores), rng)
-    picked = {int(e.accept.event_id[1:]) for e in events}
-    assert len(picked) == 30 and all(scores[i] < 0.8 for i in picked)
+    ids = [e.accept.event_id for e in events]
+    assert len(set(ids)) == 30
+    assert all(scores[int(x[1:])] < 0.8 for x in ids if x.startswith("e"))
+    from_backlog = [int(x[1:]) for x in ids if x.startswith("b")]
+    assert from_backlog and all(backlog_scores[k] < 0.8 for k in from_backlog)  # the most torn items waiting
+    assert all(st.items[k].status == "human" for k in from_backlog)
     assert st.human_labels == 60 and st.chunks[-1].auto_share == 0.1
     # Nothing left on the pace line: a third chunk only gets its own share; the budget is never exceeded.
     for _ in range(3):

@@ -160,6 +160,10 @@ class ItemLabel:
     """"human" | "auto" | "backlog"."""
     label: str = ""
     version: str = ""
+    event_id: str = ""
+    """The Annotate decision a person's review of this item refers to (the latest one)."""
+    probs: np.ndarray | None = None
+    """Backlog items: that decision's label distribution, for the router."""
 
 
 @dataclass
@@ -402,43 +406,56 @@ class AnnotationDemo:
         audits = [
             i for i, a in enumerate(anns) if checked and not a.needs_review and rng.random() < self.opts.audit_fraction
         ]
-        picks = pick_for_review(
-            [e.text for e in part], probs, needs, max(quota - len(audits), 0), checked=checked, rng=rng
+        # The router's candidates: this chunk, then every flagged item still waiting in the backlog, so a
+        # person's next item is the most useful one pending rather than one of the last `chunk`.
+        waiting = {k: it.probs for k, it in st.items.items() if it.status == "backlog" and it.probs is not None}
+        keys = [st.items_seen + i for i in range(len(part))] + list(waiting)
+        cand_probs = np.concatenate([probs, *([np.stack(list(waiting.values()))] if waiting else [])])
+        routed = pick_for_review(
+            [e.text for e in part] + [st.train[k].text for k in waiting],
+            cand_probs,
+            needs + [True] * len(waiting),
+            max(quota - len(audits), 0),
+            checked=checked,
+            rng=rng,
         )
-        order = list(dict.fromkeys([*audits, *picks]))  # in that order, each item once
+        order = list(dict.fromkeys([st.items_seen + i for i in audits] + [keys[j] for j in routed]))
+        in_chunk = {st.items_seen + i: (anns[i].event_id, anns[i].labels[0].label) for i in range(len(part))}
         events, reviewed = [], set()
-        for i in order:
+        for k in order:
             if pool.reviews >= pace:
                 break
-            ann, ex = anns[i], part[i]
-            reviewed.add(i)
-            for rv in pool.review(ex.label, ann.labels[0].label, max_reviews=pace - pool.reviews):
-                key = f"{st.run.name}:{ann.event_id}:{rv.annotator_id}"
+            event_id, served = in_chunk.get(k) or (st.items[k].event_id, st.items[k].label)
+            reviewed.add(k)
+            for rv in pool.review(st.train[k].label, served, max_reviews=pace - pool.reviews):
+                key = f"{st.run.name}:{event_id}:{rv.annotator_id}"
                 if rv.kind == "accept":
                     ev = feedback_pb2.FeedbackEvent(
                         idempotency_key=key,
                         annotator_id=rv.annotator_id,
-                        accept=feedback_pb2.LabelAccept(event_id=ann.event_id),
+                        accept=feedback_pb2.LabelAccept(event_id=event_id),
                     )
                 else:
                     ev = feedback_pb2.FeedbackEvent(
                         idempotency_key=key,
                         annotator_id=rv.annotator_id,
-                        correction=feedback_pb2.LabelCorrection(event_id=ann.event_id, label=rv.label),
+                        correction=feedback_pb2.LabelCorrection(event_id=event_id, label=rv.label),
                     )
                 events.append(ev)
-                st.items[st.items_seen + i] = ItemLabel("human", rv.label, resp.model_version)
+                st.items[k] = ItemLabel("human", rv.label, resp.model_version)
         auto = auto_ok = 0
         for i, (ex, ann) in enumerate(zip(part, anns, strict=True)):
-            if i in reviewed:
+            if st.items_seen + i in reviewed:
                 continue
             if ann.needs_review:
-                st.items[st.items_seen + i] = ItemLabel("backlog", ann.labels[0].label, resp.model_version)
+                st.items[st.items_seen + i] = ItemLabel(
+                    "backlog", ann.labels[0].label, resp.model_version, ann.event_id, probs[i]
+                )
                 continue
             auto += 1
             auto_ok += ann.labels[0].label == ex.label
             st.auto_unchecked += not checked
-            st.items[st.items_seen + i] = ItemLabel("auto", ann.labels[0].label, resp.model_version)
+            st.items[st.items_seen + i] = ItemLabel("auto", ann.labels[0].label, resp.model_version, ann.event_id)
         st.auto_total += auto
         st.auto_correct += auto_ok
         st.human_labels = pool.reviews
@@ -462,13 +479,17 @@ class AnnotationDemo:
         version leave the backlog as auto-labels, unsure ones (or any answer of an unchecked version)
         stay in or go back to it."""
         todo = [k for k, it in st.items.items() if it.status != "human"]
+        index = {name: j for j, name in enumerate(st.labels)}
         for start in range(0, len(todo), 128):
             keys = todo[start : start + 128]
-            r = client.annotate([st.train[k].text for k in keys], top_k=1, timeout_s=300)
+            r = client.annotate([st.train[k].text for k in keys], top_k=0, timeout_s=300)
             st.reannotated += len(keys)
             for k, ann in zip(keys, r.annotations, strict=True):
                 status = "backlog" if ann.needs_review else "auto"
-                st.items[k] = ItemLabel(status, ann.labels[0].label, r.model_version)
+                probs = np.zeros(len(st.labels))
+                for lb in ann.labels:
+                    probs[index[lb.label]] = lb.score
+                st.items[k] = ItemLabel(status, ann.labels[0].label, r.model_version, ann.event_id, probs)
                 st.auto_unchecked += status == "auto" and not _checked(st.run, r.model_version)
 
     def run(self) -> Path:
