@@ -140,12 +140,18 @@ class Replay:
         )
         return cand
 
-    def test_metrics(self, test: list[Example]) -> dict[str, float]:
+    def test_metrics(self, test: list[Example], prior_shift: np.ndarray | None = None) -> dict[str, float]:
+        """Accuracy and macro-F1 of the serving version on `test`; with `prior_shift` (L,) also of its logits
+        plus that shift (a diagnostic: see run_loop)."""
         names = self.serving.spec.label_names
         labels = torch.tensor([names.index(e.label) for e in test])
         logits = annotation_policy.predict_logits(self.infer, self.tokenizer, [e.text for e in test], self.cfg)
         m = annotation_policy.classification_metrics(logits, labels)
-        return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+        out = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+        if prior_shift is not None:
+            shifted = annotation_policy.classification_metrics(logits + torch.from_numpy(prior_shift).float(), labels)
+            out.update(accuracy_prior_shifted=shifted["accuracy"], macro_f1_prior_shifted=shifted["macro_f1"])
+        return out
 
 
 def tfidf_accuracy(labelled: list[tuple[str, str]], test: list[Example]) -> float:
@@ -217,15 +223,23 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
             rp.round()
             if len(human) in budgets:
                 b = len(human)
-                m = rp.test_metrics(test)
                 streamed = stream[:seen]
                 rest = [j for j in range(seen) if j not in human]
-                pr = rp.probs([streamed[j].text for j in rest]) if rest else np.zeros((0, 1))
                 names = rp.serving.spec.label_names
+                pr = rp.probs([streamed[j].text for j in rest]) if rest else np.zeros((0, len(names)))
                 correct = sum(human[j] == streamed[j].label for j in human)
                 correct += sum(names[int(pr[k].argmax())] == streamed[j].label for k, j in enumerate(rest))
                 shares = {y: sum(v == y for v in human.values()) / len(human) for y in names}
+                # Diagnostic: the routed labels are not distributed as the stream is (uncertain items lie near
+                # the boundary), and the model learns their prior. Shift its logits by log(stream prior /
+                # label prior), the stream prior estimated with no label spent: human labels plus the serving
+                # version's mean probabilities over the other streamed items.
+                label_prior = np.array([max(shares[y], 1e-3) for y in names])
+                counts = np.array([sum(v == y for v in human.values()) for y in names], dtype=float)
+                stream_prior = np.clip((counts + pr.sum(0)) / seen, 1e-3, None)
+                m = rp.test_metrics(test, np.log(stream_prior) - np.log(label_prior))
                 m.update(
+                    **{f"stream_prior_{y}": float(v) for y, v in zip(names, stream_prior, strict=True)},
                     **{f"label_share_{y}": v for y, v in shares.items()},
                     dataset_accuracy=correct / seen,
                     items_streamed=float(seen),
