@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -31,22 +30,13 @@ from loopserve.client import Client, RetryPolicy, wait_until_serving
 from loopserve.config import POLICY_SERVICE, REWARD_SERVICE
 from loopserve.feedback.v1 import feedback_pb2 as fb
 from loopserve.feedback_log import open_feedback_log
+from tests.ports import free_ports
 from tests.test_tls import issue, make_ca
 from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 NO_RETRY = RetryPolicy(attempts=1)
 START_S = 120.0  # a cold start imports torch and transformers on a busy 2-core machine
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _start(*args: str, log: Path) -> subprocess.Popen[bytes]:
@@ -84,7 +74,7 @@ def test_up_hands_tls_limits_and_no_auth_to_both_services(tiny_data_dir: Path, t
     server = issue(ca_key, ca_cert, "loopserve up", server=True)
     (tmp_path / "server.crt").write_bytes(server.cert)
     (tmp_path / "server.key").write_bytes(server.key)
-    policy_port, reward_port, metrics_port, reward_metrics_port = _free_ports(4)
+    policy_port, reward_port, metrics_port, reward_metrics_port = free_ports(4)
     up = _start(
         *("up", "--no-trainer", "--no-generator", "--no-auth", "--data-dir", str(tiny_data_dir)),
         *("--tls-cert", str(tmp_path / "server.crt"), "--tls-key", str(tmp_path / "server.key")),
@@ -141,7 +131,7 @@ def _feedback_rows(log_file: Path) -> int:
 
 @pytest.mark.slow  # the policy process starts cold twice
 def test_kill9_during_submitstream_then_resend_loses_and_doubles_nothing(tiny_data_dir: Path, tmp_path: Path) -> None:
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     args = ("policy", "--data-dir", str(tiny_data_dir), "--port", str(port), "--metrics-port", "-1")
     args += ("--no-generator", "--max-input-tokens", "32", "--grace-s", "2")
     target = f"127.0.0.1:{port}"
@@ -208,7 +198,7 @@ def test_kill9_during_submitstream_then_resend_loses_and_doubles_nothing(tiny_da
 @pytest.mark.slow  # a local Ray cluster starts cold (about a minute on 2 busy cores)
 def test_serve_on_ray_stops_every_process_it_started_on_sigterm(tiny_data_dir: Path, tmp_path: Path) -> None:
     ray_tmp = Path("/tmp") / f"lsr{os.getpid()}"  # short: Ray's socket paths must fit 107 characters
-    grpc_port, http_port = _free_ports(2)
+    grpc_port, http_port = free_ports(2)
     env = os.environ | {"RAY_TMPDIR": str(ray_tmp), "RAY_USAGE_STATS_ENABLED": "0"}
     log = tmp_path / "serve.log"
     with log.open("ab") as out:

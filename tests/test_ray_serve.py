@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from loopserve.policy.v1 import policy_pb2, policy_pb2_grpc
 from loopserve.ray_serve import METRICS_PORT_STRIDE, build_apps, deploy, start_serve, stop_serve
 from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
 from tests import tiny_models
+from tests.ports import free_ports
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(300)]
@@ -41,9 +41,7 @@ REVIEWS = ["Great coffee, will buy again.", "Stale and bitter, the box arrived c
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def annotator_version(metrics_port: int) -> float | None:

@@ -1,0 +1,40 @@
+"""Free loopback ports for servers a test starts, picked outside the kernel's ephemeral range.
+
+A port found by binding to 0 comes from the ephemeral range, which every outgoing connection and every
+other bind(0) also draws from: between the test releasing it and a server binding it, another process
+(Ray starts dozens) may take it ("Failed to bind to address", seen in a clean-clone run). Ports between
+20000 and the ephemeral range's start are never handed out by the kernel, and lie above Ray's worker
+ports (10002-19999), so only a server told to use one binds it."""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+_LOW = 20000
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_ports(n: int) -> list[int]:
+    """`n` distinct ports that bind on 127.0.0.1 now, from [20000, start of the ephemeral range)."""
+    high = max(_ephemeral_start(), _LOW + 1000)
+    rng = random.SystemRandom()
+    out: list[int] = []
+    while len(out) < n:
+        port = rng.randrange(_LOW, high)
+        if port in out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        out.append(port)
+    return out
