@@ -151,6 +151,14 @@ class ChunkPoint:
     """Accuracy of the auto-labels against the data's labels."""
 
 
+def _label_probs(ann: Any, labels: list[str]) -> np.ndarray:
+    """(L,) the label distribution of one Annotate answer, in `labels` order (absent labels 0)."""
+    probs = np.zeros(len(labels))
+    for lb in ann.labels:
+        probs[labels.index(lb.label)] = lb.score
+    return probs
+
+
 @dataclass
 class ItemLabel:
     """Where one streamed item stands: a person labelled it, a checked version auto-labelled it, or it
@@ -396,11 +404,7 @@ class AnnotationDemo:
         pace = min(budget, int(self.opts.budget_fraction * (st.items_seen + len(part))))
         anns = resp.annotations
         checked = _checked(st.run, resp.model_version)
-        index = {name: j for j, name in enumerate(st.labels)}
-        probs = np.zeros((len(anns), len(st.labels)))
-        for i, a in enumerate(anns):
-            for lb in a.labels:
-                probs[i, index[lb.label]] = lb.score
+        probs = np.stack([_label_probs(a, st.labels) for a in anns]) if anns else np.zeros((0, len(st.labels)))
         needs = [a.needs_review for a in anns]
         quota = max(pace - pool.reviews, 0)
         audits = [
@@ -479,17 +483,15 @@ class AnnotationDemo:
         version leave the backlog as auto-labels, unsure ones (or any answer of an unchecked version)
         stay in or go back to it."""
         todo = [k for k, it in st.items.items() if it.status != "human"]
-        index = {name: j for j, name in enumerate(st.labels)}
         for start in range(0, len(todo), 128):
             keys = todo[start : start + 128]
             r = client.annotate([st.train[k].text for k in keys], top_k=0, timeout_s=300)
             st.reannotated += len(keys)
             for k, ann in zip(keys, r.annotations, strict=True):
                 status = "backlog" if ann.needs_review else "auto"
-                probs = np.zeros(len(st.labels))
-                for lb in ann.labels:
-                    probs[index[lb.label]] = lb.score
-                st.items[k] = ItemLabel(status, ann.labels[0].label, r.model_version, ann.event_id, probs)
+                st.items[k] = ItemLabel(
+                    status, ann.labels[0].label, r.model_version, ann.event_id, _label_probs(ann, st.labels)
+                )
                 st.auto_unchecked += status == "auto" and not _checked(st.run, r.model_version)
 
     def run(self) -> Path:
