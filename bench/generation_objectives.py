@@ -40,7 +40,7 @@ def run_demo(data_dir: Path, objective: str, seed: int, round_timeout_s: float) 
     Python API only to give it a longer wait for the trainer's round on a busy shared machine."""
     t0 = time.monotonic()
     code = (
-        "from pathlib import Path; from loopserve.demo.generation import GenerationDemo, GenerationDemoOptions; "
+        "from pathlib import Path; from loopserve.cli.demo.generation import GenerationDemo, GenerationDemoOptions; "
         f"GenerationDemo(GenerationDemoOptions(data_dir=Path({str(data_dir)!r}), quick=True, "
         f"objective={objective!r}, seed={seed}, round_timeout_s={round_timeout_s})).run()"
     )

@@ -53,15 +53,15 @@ sys.path.insert(0, str(REPO))
 from bench.common import machine  # noqa: E402
 from loopserve.auth import read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
-from loopserve.model_store import MANIFEST, ModelStore  # noqa: E402
 from loopserve.models import provision  # noqa: E402
+from loopserve.models.store import MANIFEST, ModelStore  # noqa: E402
 
 WORDS = (
     "coffee tea flavor taste bought package price great love bitter sweet fresh stale amazon order box "
     "delicious product favorite smell texture value recommend again never always chocolate snack dog"
 ).split()
 SWAP_LINE = re.compile(
-    r"^(\S+ \S+) INFO loopserve.model_slot: swapped (\w+) to (v\d+) in ([\d.]+)s "
+    r"^(\S+ \S+) INFO loopserve.models.slot: swapped (\w+) to (v\d+) in ([\d.]+)s "
     r"\(read and checked ([\d.]+) MB, reused (\d+) files, load ([\d.]+)s, checks ([\d.]+)s\)",
     re.M,
 )

@@ -42,9 +42,9 @@ from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2 as fb  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2_grpc  # noqa: E402
 from loopserve.feedback_log import Decision, Feedback, open_feedback_log  # noqa: E402
-from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import provision  # noqa: E402
-from tests.pg_server import create_schema, postgres_server  # noqa: E402
+from loopserve.models.store import ModelStore  # noqa: E402
+from tests.support.pg_server import create_schema, postgres_server  # noqa: E402
 
 TASK = "sentiment"
 LABELS = {TASK: ["great", "other"]}

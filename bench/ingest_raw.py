@@ -163,7 +163,7 @@ def backend_url(name: str, workdir: Path) -> Iterator[str]:
     if name == "sqlite":
         yield str(workdir / "bench.sqlite")
         return
-    from tests.pg_server import postgres_server
+    from tests.support.pg_server import postgres_server
 
     with postgres_server(database="bench") as url:
         yield url
@@ -208,7 +208,7 @@ def run_backend(name: str, seconds: float) -> dict[str, Any]:
 
 
 def postgres_version() -> str | None:
-    from tests.pg_server import BINDIR
+    from tests.support.pg_server import BINDIR
 
     return BINDIR.parent.name if BINDIR.exists() else None
 

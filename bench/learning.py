@@ -5,7 +5,7 @@
 For each seed, two replays of the same data in one process, with the trainer's own code:
 
 - loop: the train split is streamed in chunks of `--chunk`; the serving version scores each chunk; the
-  app's router (loopserve.annotation_routing.pick_for_review, the function the demo's app calls) spends
+  app's router (loopserve.annotation.routing.pick_for_review, the function the demo's app calls) spends
   the chunk's share of the budget (`--fraction` of the items streamed) on the chunk and the backlog of
   flagged items still waiting (`--pool backlog`, as the demo's app does; `--pool chunk`: the chunk
   only), the backlog re-annotated by each newly served version; a simulated annotator (the demo's pool,
@@ -46,9 +46,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import cpu_model
-from loopserve.annotation_routing import pick_for_review
+from loopserve.annotation.routing import pick_for_review
+from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
-from loopserve.demo.annotators import AnnotatorPool
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy

@@ -36,7 +36,7 @@ from loopserve.auth import ensure_token_file, read_token
 from loopserve.client import Client
 from loopserve.datasets import load_dataset, pull_finefoods
 from loopserve.feedback.v1 import feedback_pb2
-from loopserve.model_store import ModelStore
+from loopserve.models.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

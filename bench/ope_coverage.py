@@ -4,7 +4,7 @@ Synthetic contextual bandit with a known truth: 12 contexts, 3 actions, Bernoull
 means, a softmax-like logging policy (every action possible), an epsilon-greedy (0.1) target unlike it,
 a reward model for DR equal to the true means plus N(0, 0.1) noise. Over `--reps` independent logs of
 `--n` items: coverage, mean interval width and mean ESS of IPS, SNIPS and DR (the construction of
-tests/test_ope.py). Writes bench/results/ope_coverage.json.
+tests/unit/test_ope.py). Writes bench/results/ope_coverage.json.
 
     .venv/bin/python bench/ope_coverage.py [--reps 100] [--n 2000]
 """

@@ -5,7 +5,7 @@ The real SmolLM2 behind the real policy service (float32), `--n` completions of 
 top_p=0.9, top_k=50; per completion: the logged propensity, the recomputed one, their difference, and
 the value under T=1 / top_p=1 (what a recomputation that ignored the parameters would find). Completions
 that end on EOS (not in the logged sum) or re-tokenise differently are listed as not auditable. Writes
-bench/results/propensity_audit.json. (tests/test_propensity_audit.py asserts the same.)
+bench/results/propensity_audit.json. (tests/service/test_propensity_audit.py asserts the same.)
 
     .venv/bin/python bench/propensity_audit.py [--n 6]
 """
@@ -31,8 +31,8 @@ from loopserve.auth import read_token  # noqa: E402
 from loopserve.client import AsyncClient  # noqa: E402
 from loopserve.config import PolicyConfig  # noqa: E402
 from loopserve.feedback_log import open_feedback_log  # noqa: E402
-from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import generator, provision  # noqa: E402
+from loopserve.models.store import ModelStore  # noqa: E402
 from policy_service.app import PolicyApp  # noqa: E402
 from policy_service.sampling import sampling_logprobs  # noqa: E402
 from policy_service.types import SamplingParams  # noqa: E402

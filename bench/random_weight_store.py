@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from loopserve.model_store import ModelStore  # noqa: E402
+from loopserve.models.store import ModelStore  # noqa: E402
 
 MODELS = ("annotator", "reward", "generator")
 WEIGHTS = {"model.safetensors", "head.safetensors", "manifest.json"}

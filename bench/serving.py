@@ -32,8 +32,8 @@ sys.path.insert(0, str(REPO))
 from bench.common import free_port, machine, start_policy  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving  # noqa: E402
-from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import provision  # noqa: E402
+from loopserve.models.store import ModelStore  # noqa: E402
 
 WORDS = (
     "coffee tea flavor taste bought package price great love bitter sweet fresh stale amazon order box "
@@ -103,30 +103,55 @@ async def load(target: str, token: str, clients: int, seconds: float) -> dict:
     }
 
 
+def _cpu_seconds() -> tuple[float, float]:
+    """(CPU seconds of the whole machine, of this process): user + nice + system (Ray runs its workers
+    niced, so their time counts as nice)."""
+    import psutil
+
+    m, me = psutil.cpu_times(), psutil.Process().cpu_times()
+    return m.user + m.nice + m.system, me.user + me.system
+
+
+async def measure_levels(
+    target: str, token: str, mport: int, seconds: float, levels: list[int], name: str
+) -> list[dict]:
+    """Load `target` at each client count (after a warm-up), with the mean batch the service's own
+    metrics report, and the CPU the serving side spent per request: every process but this load
+    generator (the server; with Ray, its proxy and replica too)."""
+    await wait_ready(target, token)
+    out = []
+    for n in levels:
+        await load(target, token, n, min(2.0, seconds / 4))  # warm-up at this level
+        s0, c0 = batch_histogram(mport)
+        all0, me0 = _cpu_seconds()
+        r = await load(target, token, n, seconds)
+        all1, me1 = _cpu_seconds()
+        s1, c1 = batch_histogram(mport)
+        r["mean_batch"] = (s1 - s0) / max(1.0, c1 - c0)
+        serving_cpu = (all1 - all0) - (me1 - me0)
+        r["serving_cpu_ms_per_request"] = 1000 * serving_cpu / max(1, r["requests"])
+        # this process: the load generator (and, for Ray, the driver that started the cluster)
+        r["bench_process_cpu_ms_per_request"] = 1000 * (me1 - me0) / max(1, r["requests"])
+        out.append(r)
+        print(
+            f"  {name} clients={n:3d}: {r['items_per_s']:7.1f} items/s  p50 {r['p50_ms']:.1f} ms  "
+            f"p99 {r['p99_ms']:.1f} ms  mean batch {r['mean_batch']:.1f}  "
+            f"CPU ms/request: serving {r['serving_cpu_ms_per_request']:.1f}, "
+            f"this process {r['bench_process_cpu_ms_per_request']:.1f}  errors {r['errors']}",
+            flush=True,
+        )
+    return out
+
+
 async def run_service(
     data_dir: Path, batch: int, dtype: str, seconds: float, levels: list[int], device: str = "cpu"
 ) -> list[dict]:
     port, mport = free_port(), free_port()
     ensure_token_file(data_dir / "tokens.json")  # before the service starts: we read it at once
     proc = start_service(data_dir, port, mport, batch, dtype, extra=("--device", device))
-    target = f"127.0.0.1:{port}"
     token = read_token(data_dir / "tokens.json", "client")
     try:
-        await wait_ready(target, token)
-        out = []
-        for n in levels:
-            await load(target, token, n, min(2.0, seconds / 4))  # warm-up at this level
-            s0, c0 = batch_histogram(mport)
-            r = await load(target, token, n, seconds)
-            s1, c1 = batch_histogram(mport)
-            r["mean_batch"] = (s1 - s0) / max(1.0, c1 - c0)
-            out.append(r)
-            print(
-                f"  batch<={batch:3d} clients={n:3d}: {r['items_per_s']:7.1f} items/s  p50 {r['p50_ms']:.1f} ms  "
-                f"p99 {r['p99_ms']:.1f} ms  mean batch {r['mean_batch']:.1f}  errors {r['errors']}",
-                flush=True,
-            )
-        return out
+        return await measure_levels(f"127.0.0.1:{port}", token, mport, seconds, levels, f"batch<={batch:3d}")
     finally:
         proc.terminate()
         proc.wait(30)

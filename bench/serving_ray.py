@@ -1,14 +1,19 @@
-"""Annotate through Ray Serve's gRPC proxy beside the embedded grpc.aio server: same model, same load.
+"""Annotate through Ray Serve beside the embedded grpc.aio server: same model, same load, one run.
 
-Two paths on the same real annotator (MiniLM + head), one ~64-token review per request, at 1, 8, 32
-and 64 concurrent clients (the load generator and helpers of bench/serving.py, imported, unchanged):
-  embedded  `loopserve policy` (grpc.aio + DynamicBatcher), its own process, batch <= 64, wait 4 ms;
-  ray       policy_service.ray_app on a local Ray cluster (one replica, @serve.batch <= 64, wait 4 ms,
-            the same torch threads), called through Ray's gRPC proxy.
-Writes bench/results/serving_ray.json: items/s, p50 and p99 per path and client count, and the
-ratios ray / embedded.
+Paths on the same real annotator (MiniLM + head), one ~64-token review per request, at 1, 8, 32 and
+64 concurrent clients (the load generator and helpers of bench/serving.py, imported, unchanged):
+  embedded    `loopserve policy` (grpc.aio + DynamicBatcher), its own process, batch <= 64, wait 4 ms;
+  ray_haproxy policy_service.ray_app on a local Ray cluster (one replica, the same PolicyFrontend and
+              DynamicBatcher, batch <= 64, wait 4 ms, the same torch threads), behind HAProxy (Ray's
+              high-throughput mode, the default ingress of `loopserve serve --engine ray`);
+  ray         the same, through Ray's Python gRPC proxy (`--ingress proxy`);
+  ray_serve_batch(_haproxy)  the same deployment with `batching: serve` (Ray's @serve.batch behind the
+              Batcher protocol instead of the DynamicBatcher).
+Writes bench/results/serving_ray.json: items/s, p50, p99, mean batch and serving CPU per request per
+path and client count, and the ratios to embedded.
 
-    .venv/bin/python bench/serving_ray.py [--seconds 8] [--replicas 1]
+    .venv/bin/python bench/serving_ray.py [--seconds 8] [--replicas 1] [--ray-batching loopserve,serve]
+        [--ray-ingress haproxy,proxy]
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,34 +30,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serving  # bench/serving.py: its load generator and helpers
+from common import machine
 
 from loopserve.auth import ensure_token_file, read_token
+from loopserve.cli.serve import build_apps, deploy, start_serve, stop_serve
 from loopserve.device import cores_available
-from loopserve.model_store import ModelStore
 from loopserve.models import provision
-from loopserve.ray_serve import build_apps, deploy, start_serve, stop_serve
+from loopserve.models.store import ModelStore
+
+RUN_KEYS = {
+    ("loopserve", "proxy"): "ray",
+    ("serve", "proxy"): "ray_serve_batch",
+    ("loopserve", "haproxy"): "ray_haproxy",
+    ("serve", "haproxy"): "ray_serve_batch_haproxy",
+}
 
 
-async def measure(target: str, token: str, mport: int, seconds: float, levels: list[int], name: str) -> list[dict]:
-    """serving.run_service's measuring loop, for a service someone else started."""
-    await serving.wait_ready(target, token)
-    out = []
-    for n in levels:
-        await serving.load(target, token, n, min(2.0, seconds / 4))  # warm-up at this level
-        s0, c0 = serving.batch_histogram(mport)
-        r = await serving.load(target, token, n, seconds)
-        s1, c1 = serving.batch_histogram(mport)
-        r["mean_batch"] = (s1 - s0) / max(1.0, c1 - c0)
-        out.append(r)
-        print(
-            f"  {name} clients={n:3d}: {r['items_per_s']:7.1f} items/s  p50 {r['p50_ms']:.1f} ms  "
-            f"p99 {r['p99_ms']:.1f} ms  mean batch {r['mean_batch']:.1f}  errors {r['errors']}",
-            flush=True,
-        )
-    return out
-
-
-def run_ray(data: Path, args: argparse.Namespace, levels: list[int]) -> list[dict]:
+def run_ray(data: Path, args: argparse.Namespace, levels: list[int], batching: str, ingress: str) -> list[dict]:
     grpc_port, mport = serving.free_port(), serving.free_port()
     policy_args = {
         "data_dir": str(data),
@@ -67,8 +60,10 @@ def run_ray(data: Path, args: argparse.Namespace, levels: list[int]) -> list[dic
         "log_url": str(data / "feedback-ray.sqlite3"),  # decisions logged, as the embedded server does
         "metrics_port": mport,  # replica k on this node: mport + 10 k
         "num_replicas": args.replicas,
+        "batching": batching,
         "num_cpus": 1,  # what the replica reserves; its torch threads are set below
-        "threads": max(1, cores_available() // args.replicas),
+        # torch threads: the embedded server's (all cores, split between replicas), or --ray-threads
+        "threads": args.ray_threads or max(1, cores_available() // args.replicas),
     }
     try:
         start_serve(
@@ -77,11 +72,12 @@ def run_ray(data: Path, args: argparse.Namespace, levels: list[int]) -> list[dic
             num_cpus=cores_available(),
             temp_dir=Path(tempfile.mkdtemp(prefix="ray", dir=data)),
             log_to_driver=False,
+            ingress=ingress,
         )
         deploy(build_apps(["policy"], {"policy": policy_args}))
         # One application on the proxy: no `application` metadata needed, so serving.load runs as is.
         token = read_token(data / "tokens.json", "client")
-        return asyncio.run(measure(f"127.0.0.1:{grpc_port}", token, mport, args.seconds, levels, "ray"))
+        return asyncio.run(serving.measure_levels(f"127.0.0.1:{grpc_port}", token, mport, args.seconds, levels, "ray"))
     finally:
         stop_serve()
 
@@ -92,6 +88,19 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--clients", default="1,8,32,64")
     ap.add_argument("--replicas", type=int, default=1, help="Ray replicas (torch threads split between them)")
+    ap.add_argument(
+        "--ray-threads",
+        type=int,
+        default=0,
+        help="torch threads per Ray replica; 0: as many as the embedded server uses (cores / replicas)",
+    )
+    ap.add_argument("--ray-batching", default="loopserve,serve", help="Ray paths: loopserve and/or serve batching")
+    ap.add_argument(
+        "--ray-ingress",
+        default="haproxy,proxy",
+        help="haproxy (Ray's high-throughput mode: HAProxy in front of the replica's own gRPC server) and/or proxy "
+        "(Ray's Python gRPC proxy)",
+    )
     ap.add_argument("--out", type=Path, default=serving.REPO / "bench" / "results")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -110,39 +119,46 @@ def main() -> None:
         ensure_token_file(data / "tokens.json")
         print("embedded: loopserve policy (grpc.aio, dynamic batching):", flush=True)
         embedded = asyncio.run(serving.run_service(data, 64, args.dtype, args.seconds, levels))
-        print(f"ray: policy_service.ray_app, {args.replicas} replica(s), through Ray's gRPC proxy:", flush=True)
-        started = time.perf_counter()
-        ray_rows = run_ray(data, args, levels)
-        print(f"  (Ray start, deploy, measure and shutdown: {time.perf_counter() - started:.0f}s)")
+        ray_runs: dict[str, list[dict]] = {}
+        for ingress in args.ray_ingress.split(","):  # start_serve sets or clears Ray's env for each
+            for batching in args.ray_batching.split(","):
+                print(f"ray ({batching} batching): {args.replicas} replica(s), ingress {ingress}:", flush=True)
+                started = time.perf_counter()
+                ray_runs[RUN_KEYS[batching, ingress]] = run_ray(data, args, levels, batching, ingress)
+                print(f"  (Ray start, deploy, measure and shutdown: {time.perf_counter() - started:.0f}s)")
     by = {r["clients"]: r for r in embedded}
-    comparison = []
-    for r in ray_rows:
-        e = by[r["clients"]]
-        comparison.append(
-            {
-                "clients": r["clients"],
-                "throughput_ratio_ray_vs_embedded": r["items_per_s"] / e["items_per_s"],
-                "p50_ms_added_by_ray": r["p50_ms"] - e["p50_ms"],
-                "p99_ms_added_by_ray": r["p99_ms"] - e["p99_ms"],
-            }
-        )
     best_e = max(r["items_per_s"] for r in embedded)
-    best_r = max(r["items_per_s"] for r in ray_rows)
+    comparisons: dict[str, dict] = {}
+    for batching, rows in ray_runs.items():
+        comparisons[batching] = {
+            "per_clients": [
+                {
+                    "clients": r["clients"],
+                    "throughput_ratio_ray_vs_embedded": r["items_per_s"] / by[r["clients"]]["items_per_s"],
+                    "mean_batch_ratio_ray_vs_embedded": r["mean_batch"] / by[r["clients"]]["mean_batch"],
+                    "p50_ms_added_by_ray": r["p50_ms"] - by[r["clients"]]["p50_ms"],
+                    "p99_ms_added_by_ray": r["p99_ms"] - by[r["clients"]]["p99_ms"],
+                    "serving_cpu_ms_per_request_added_by_ray": r["serving_cpu_ms_per_request"]
+                    - by[r["clients"]]["serving_cpu_ms_per_request"],
+                }
+                for r in rows
+            ],
+            "peak_throughput_ratio_ray_vs_embedded": max(r["items_per_s"] for r in rows) / best_e,
+        }
     result = {
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "dtype": args.dtype},
+        "machine": machine(dtype=args.dtype),
         "seconds_per_point": args.seconds,
         "ray_replicas": args.replicas,
+        "ray_threads": args.ray_threads or max(1, cores_available() // args.replicas),
         "embedded": embedded,
-        "ray": ray_rows,
-        "comparison": comparison,
-        "peak_throughput_ratio_ray_vs_embedded": best_r / best_e,
+        **ray_runs,
+        "comparison": comparisons,
         "load_average_at_end": os.getloadavg(),
         "note": "2 shared CPU cores: the Ray proxy, replica and load generator compete for them; +-30% noise",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "serving_ray.json").write_text(json.dumps(result, indent=2))
-    summary = {k: result[k] for k in ("peak_throughput_ratio_ray_vs_embedded", "comparison")}
-    print(json.dumps(summary, indent=1))
+    print(json.dumps(comparisons, indent=1))
 
 
 if __name__ == "__main__":

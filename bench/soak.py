@@ -40,8 +40,8 @@ from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.config import FEEDBACK_SERVICE, POLICY_SERVICE  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2 as fb  # noqa: E402
-from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import provision  # noqa: E402
+from loopserve.models.store import ModelStore  # noqa: E402
 
 NO_RETRY = RetryPolicy(attempts=1)
 # What each abusive call must get; anything else is counted as an unexpected status.

@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from bench.common import cpu_model  # noqa: E402
-from loopserve.model_slot import ModelSlot  # noqa: E402
-from loopserve.model_store import ModelStore  # noqa: E402
 from loopserve.models import encoder_heads, provision  # noqa: E402
+from loopserve.models.slot import ModelSlot  # noqa: E402
+from loopserve.models.store import ModelStore  # noqa: E402
 from policy_service.runtime import PolicyRuntime, RuntimeOptions  # noqa: E402
 
 

@@ -1,3 +1,3 @@
-from loopserve.cli import main
+from loopserve.cli.command import main
 
 raise SystemExit(main())

@@ -1,20 +1,21 @@
-"""Typed process configs. Each process builds exactly one, in main(), from flags and environment.
+"""Typed process configs, and the one reader of them. Each process builds exactly one, in main().
 
 Every field can be set by a flag (``--field-name``) or an environment variable
-(``LOOPSERVE_FIELD_NAME``); a flag wins over the environment, which wins over the default.
-Importing this module reads nothing.
+(``LOOPSERVE_FIELD_NAME``); a flag wins over the environment, which wins over the default. The
+docstring under each field is its --help. `parse` reads them all through one library parser (tyro):
+the environment, and the `args` of a Ray Serve application (`flags_of`), become flags in front of the
+command line's. Importing this module reads nothing (tyro loads when a config is parsed).
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
-import types
 import typing
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 DEFAULT_POLICY_PORT = 50051
 DEFAULT_REWARD_PORT = 50052
@@ -33,20 +34,31 @@ ADMIN_SERVICE = "loopserve.admin.v1.ModelAdmin"
 
 
 @dataclass
-class CommonConfig:
-    data_dir: Path = field(default=Path(DEFAULT_DATA_DIR), metadata={"help": "where the store, log and tokens live"})
-    store_dir: Path | None = field(default=None, metadata={"help": "model store (default: <data-dir>/store)"})
-    log_url: str = field(
-        default="",
-        metadata={"help": "feedback log: a SQLite path or postgresql:// URL (default: <data-dir>/feedback.sqlite3)"},
-    )
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda (auto: CUDA when present)"})
-    dtype: str = field(default="auto", metadata={"help": "auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)"})
-    log_level: str = field(default="INFO", metadata={"help": "Python logging level"})
+class DataDirConfig:
+    """Where the data lives."""
+
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
+    """where the store, log and tokens live"""
+
+
+@dataclass
+class StoreConfig(DataDirConfig):
+    """A command that reads or writes the model store."""
+
+    store_dir: Path | None = None
+    """model store (default: <data-dir>/store)"""
 
     @property
     def store_path(self) -> Path:
         return self.store_dir or self.data_dir / "store"
+
+
+@dataclass
+class LogConfig(DataDirConfig):
+    """A command that reads or writes the feedback log."""
+
+    log_url: str = ""
+    """feedback log: a SQLite path or postgresql:// URL (default: <data-dir>/feedback.sqlite3)"""
 
     @property
     def feedback_log_url(self) -> str:
@@ -54,36 +66,58 @@ class CommonConfig:
 
 
 @dataclass
+class CommonConfig(StoreConfig, LogConfig):
+    """What every process that serves models shares: the store, the log, and how models run. The
+    one-shot commands take only the parts they use (a flag is a promise)."""
+
+    device: str = "auto"
+    """auto | cpu | cuda (auto: CUDA when present)"""
+    dtype: str = "auto"
+    """auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)"""
+    log_level: str = "INFO"
+    """Python logging level"""
+
+
+@dataclass
 class ServerConfig(CommonConfig):
-    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on (0.0.0.0 in a pod)"})
+    """What both gRPC services share: listening, auth, TLS, limits, batching, the store watch."""
+
+    host: str = "127.0.0.1"
+    """address to listen on (0.0.0.0 in a pod)"""
     port: int = 0
-    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port; -1 disables"})
-    metrics_host: str = field(default="", metadata={"help": "address /metrics listens on (default: --host)"})
-    auth: bool = field(
-        default=True,
-        metadata={"help": "require a token on every call (--no-auth: DEVELOPMENT ONLY, accept calls without one)"},
-    )
-    token_file: Path | None = field(
-        default=None, metadata={"help": "JSON {token: role}; default <data-dir>/tokens.json, created if missing"}
-    )
-    tls_cert: Path | None = field(default=None, metadata={"help": "server certificate (PEM): turns TLS on"})
-    tls_key: Path | None = field(default=None, metadata={"help": "server private key (PEM)"})
-    tls_client_ca: Path | None = field(default=None, metadata={"help": "CA for client certificates: turns mTLS on"})
-    grace_s: float = field(default=DEFAULT_GRACE_S, metadata={"help": "drain grace on SIGTERM, seconds"})
-    max_batch_size: int = field(default=64, metadata={"help": "largest batch the batcher forms"})
-    max_wait_ms: float = field(default=5.0, metadata={"help": "longest a request waits for a batch to fill"})
-    max_queue: int = field(default=2048, metadata={"help": "queued items before RESOURCE_EXHAUSTED"})
-    max_text_chars: int = field(default=20_000, metadata={"help": "longer texts are INVALID_ARGUMENT"})
-    max_input_tokens: int = field(default=256, metadata={"help": "encoder inputs are truncated to this"})
-    watch_interval_s: float = field(
-        default=1.0,
-        metadata={"help": "how often to poll the store's LATEST (the fallback where file events do not arrive)"},
-    )
-    watch_events: bool = field(
-        default=True,
-        metadata={"help": "swap the moment LATEST changes (file-system events, inotify); off: polling only"},
-    )
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads; 0: the cores available"})
+    """gRPC port (0: any free port)"""
+    metrics_port: int = 0
+    """Prometheus /metrics port; -1 disables"""
+    metrics_host: str = ""
+    """address /metrics listens on (default: --host)"""
+    auth: bool = True
+    """require a token on every call (--no-auth: DEVELOPMENT ONLY, accept calls without one)"""
+    token_file: Path | None = None
+    """JSON {token: role}; default <data-dir>/tokens.json, created if missing"""
+    tls_cert: Path | None = None
+    """server certificate (PEM): turns TLS on"""
+    tls_key: Path | None = None
+    """server private key (PEM)"""
+    tls_client_ca: Path | None = None
+    """CA for client certificates: turns mTLS on"""
+    grace_s: float = DEFAULT_GRACE_S
+    """drain grace on SIGTERM, seconds"""
+    max_batch_size: int = 64
+    """largest batch the batcher forms"""
+    max_wait_ms: float = 5.0
+    """longest a request waits for a batch to fill"""
+    max_queue: int = 2048
+    """queued items before RESOURCE_EXHAUSTED"""
+    max_text_chars: int = 20_000
+    """longer texts are INVALID_ARGUMENT"""
+    max_input_tokens: int = 256
+    """encoder inputs are truncated to this"""
+    watch_interval_s: float = 1.0
+    """how often to poll the store's LATEST (the fallback where file events do not arrive)"""
+    watch_events: bool = True
+    """swap the moment LATEST changes (file-system events, inotify); off: polling only"""
+    threads: int = 0
+    """torch intra-op threads; 0: the cores available"""
 
     @property
     def token_path(self) -> Path:
@@ -97,132 +131,137 @@ class ServerConfig(CommonConfig):
 
 @dataclass
 class PolicyConfig(ServerConfig):
+    """Run the policy service: Annotate and Generate, with FeedbackService and ModelAdmin."""
+
     port: int = DEFAULT_POLICY_PORT
     metrics_port: int = DEFAULT_POLICY_METRICS_PORT
-    task: str = field(default="sentiment", metadata={"help": "name of the annotation task served"})
-    review_threshold: float = field(
-        default=0.8, metadata={"help": "needs_review when the top calibrated probability is under this"}
-    )
-    max_items_per_request: int = field(default=256, metadata={"help": "items per Annotate call"})
-    max_new_tokens_default: int = field(default=64, metadata={"help": "max_new_tokens when the request says 0"})
-    max_new_tokens_cap: int = field(default=512, metadata={"help": "larger max_new_tokens is INVALID_ARGUMENT"})
-    max_completions: int = field(default=16, metadata={"help": "largest n per Generate call"})
-    max_prompt_tokens: int = field(default=1024, metadata={"help": "longer prompts are INVALID_ARGUMENT"})
-    gen_max_batch_size: int = field(default=16, metadata={"help": "sequences decoded together"})
-    gen_batching: str = field(
-        default="continuous",
-        metadata={
-            "help": "continuous: requests join and leave the decode batch token by token; "
-            "static: a batch runs until its longest row ends",
-            "choices": ("continuous", "static"),
-        },
-    )
-    generator: bool = field(default=True, metadata={"help": "serve the generator (off: annotation only)"})
-    explore: str = field(
-        default="off",
-        metadata={
-            "help": "how the served label is chosen for the task: off (argmax) | epsilon-greedy | softmax | ucb; "
-            "the decision logs the probability with which the served label was chosen",
-            "choices": ("off", "epsilon-greedy", "softmax", "ucb"),
-        },
-    )
-    explore_epsilon: float = field(
-        default=0.1, metadata={"help": "epsilon-greedy: share of items given a random label"}
-    )
-    explore_temperature: float = field(
-        default=1.0, metadata={"help": "softmax exploration: temperature over the label log-probabilities"}
-    )
-    explore_ucb_c: float = field(default=0.5, metadata={"help": "ucb exploration: weight of the confidence bonus"})
-    shadow_fraction: float = field(
-        default=1.0, metadata={"help": "shadow mode: share of Annotate calls copied to the shadow candidate"}
-    )
-    shadow_promote_agreement: float = field(
-        default=0.0,
-        metadata={
-            "help": "shadow mode: promote the candidate automatically once its top label agrees with serving's "
-            "on this share of items (0: only by the admin call PromoteShadow)"
-        },
-    )
-    shadow_min_items: int = field(
-        default=500, metadata={"help": "shadow mode: items the candidate must answer before automatic promotion"}
-    )
-    decision_buffer: int = field(default=100_000, metadata={"help": "decisions buffered before RESOURCE_EXHAUSTED"})
-    log_decisions: bool = field(
-        default=True, metadata={"help": "log every served answer (off: no feedback can join it; benchmarks only)"}
-    )
+    task: str = "sentiment"
+    """name of the annotation task served"""
+    review_threshold: float = 0.8
+    """needs_review when the top calibrated probability is under this"""
+    max_items_per_request: int = 256
+    """items per Annotate call"""
+    max_new_tokens_default: int = 64
+    """max_new_tokens when the request says 0"""
+    max_new_tokens_cap: int = 512
+    """larger max_new_tokens is INVALID_ARGUMENT"""
+    max_completions: int = 16
+    """largest n per Generate call"""
+    max_prompt_tokens: int = 1024
+    """longer prompts are INVALID_ARGUMENT"""
+    gen_max_batch_size: int = 16
+    """sequences decoded together"""
+    gen_batching: Literal["continuous", "static"] = "continuous"
+    """continuous: requests join and leave the decode batch token by token; static: a batch runs until its
+    longest row ends"""
+    generator: bool = True
+    """serve the generator (off: annotation only)"""
+    explore: Literal["off", "epsilon-greedy", "softmax", "ucb"] = "off"
+    """how the served label is chosen for the task: off (argmax) | epsilon-greedy | softmax | ucb; the decision
+    logs the probability with which the served label was chosen"""
+    explore_epsilon: float = 0.1
+    """epsilon-greedy: share of items given a random label"""
+    explore_temperature: float = 1.0
+    """softmax exploration: temperature over the label log-probabilities"""
+    explore_ucb_c: float = 0.5
+    """ucb exploration: weight of the confidence bonus"""
+    shadow_fraction: float = 1.0
+    """shadow mode: share of Annotate calls copied to the shadow candidate"""
+    shadow_promote_agreement: float = 0.0
+    """shadow mode: promote the candidate automatically once its top label agrees with serving's on this share
+    of items (0: only by the admin call PromoteShadow)"""
+    shadow_min_items: int = 500
+    """shadow mode: items the candidate must answer before automatic promotion"""
+    decision_buffer: int = 100_000
+    """decisions buffered before RESOURCE_EXHAUSTED"""
+    log_decisions: bool = True
+    """log every served answer (off: no feedback can join it; benchmarks only)"""
 
 
 @dataclass
 class RewardConfig(ServerConfig):
+    """Run the reward service: Score and Compare, with ModelAdmin."""
+
     port: int = DEFAULT_REWARD_PORT
     metrics_port: int = DEFAULT_REWARD_METRICS_PORT
-    max_pairs_per_request: int = field(default=256, metadata={"help": "pairs per Score call"})
+    max_pairs_per_request: int = 256
+    """pairs per Score call"""
 
 
 C = TypeVar("C")
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
 
 
-def _base_type(tp: Any) -> Any:
-    """`Path | None` -> Path; `int` -> int."""
-    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return args[0]
-    return tp
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type[Any], skip: set[str] | None = None) -> None:
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if skip and f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        tp = _base_type(hints[f.name])
-        help_ = f.metadata.get("help", "") + f" (env {ENV_PREFIX}{f.name.upper()})"
-        if tp is bool:  # --field / --no-field; fields are named for what they turn on
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        else:
-            choices = f.metadata.get("choices")
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, choices=choices, help=help_)
-
-
-def from_namespace(cls: type[C], ns: argparse.Namespace | None = None, environ: dict[str, str] | None = None) -> C:
-    """Build `cls` from parsed flags, then the environment, then the defaults."""
-    env = os.environ if environ is None else environ
-    hints = typing.get_type_hints(cls)
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        tp = _base_type(hints[f.name])
-        flag_value = getattr(ns, f.name, None) if ns is not None else None
-        if flag_value is not None:
-            values[f.name] = flag_value
-            continue
-        raw = env.get(ENV_PREFIX + f.name.upper())
-        if raw is None or raw == "":
-            continue
-        if tp is bool:
-            values[f.name] = raw.strip().lower() in {"1", "true", "yes", "on"}
-        else:
-            values[f.name] = tp(raw)
-        choices = f.metadata.get("choices")
-        if choices and values[f.name] not in choices:
-            raise ValueError(f"{ENV_PREFIX}{f.name.upper()} must be one of {', '.join(choices)}")
-    return cls(**values)
-
-
-def to_argv(cfg: Any, cls: type[Any] | None = None, skip: set[str] | None = None) -> list[str]:
-    """The flags that make `cls` (default: the type of `cfg`) read back the values `cfg` holds, for
-    a process started by another (`up`): every field, explicitly, so that nothing depends on what
-    the child's defaults or environment happen to be. The inverse of `add_arguments` + `from_namespace`."""
+def flags_of(cls: type[Any], values: Mapping[str, Any], *, where: str = "") -> list[str]:
+    """The flags that set `values` (field name -> value) on `cls`: a bool as `--name` / `--no-name`,
+    None as nothing (the default), anything else as `--name str(value)`. Unknown names are an error
+    (`where` says whose). Values are checked and converted by the parser, not here."""
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{where or cls.__name__}: unknown settings {unknown}; known: {sorted(known)}")
     argv: list[str] = []
-    for f in dataclasses.fields(cls or type(cfg)):
-        if skip and f.name in skip:
-            continue
-        value = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
+    for name, value in values.items():
         if value is None:
             continue
         if isinstance(value, bool):
-            argv.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            argv.append(_flag(name) if value else "--no-" + name.replace("_", "-"))
+        elif isinstance(value, list | tuple):
+            argv += [_flag(name), *map(str, value)]
         else:
-            argv += [flag, str(value)]
+            argv += [_flag(name), str(value)]
     return argv
+
+
+def env_flags(cls: type[Any], environ: Mapping[str, str] | None = None) -> list[str]:
+    """`LOOPSERVE_<FIELD>` variables of `cls`'s flat fields, as flags (empty values are unset)."""
+    env = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is None or raw == "" or dataclasses.is_dataclass(hints[f.name]):
+            continue
+        if hints[f.name] is bool:
+            word = raw.strip().lower()
+            if word not in TRUE | FALSE:
+                raise ValueError(f"{ENV_PREFIX}{f.name.upper()}={raw[:20]!r} is not a boolean (true / false)")
+            values[f.name] = word in TRUE
+        else:
+            values[f.name] = raw
+    return flags_of(cls, values)
+
+
+def parse(
+    cls: type[C],
+    argv: Sequence[str] = (),
+    *,
+    environ: Mapping[str, str] | None = None,
+    prog: str | None = None,
+    description: str | None = None,
+) -> C:
+    """The one reader of every process config: `cls` from the environment, then `argv` (the last
+    occurrence of a flag wins, so a flag beats the environment, which beats the default). tyro builds
+    the parser from the dataclass: field docstrings are the --help, bools are --x / --no-x, Literal
+    fields are choices, nested dataclasses are `--section.field`. Bad values exit with a usage error."""
+    import tyro
+
+    return tyro.cli(cls, args=[*env_flags(cls, environ), *argv], prog=prog, description=description)
+
+
+def to_argv(cfg: Any, cls: type[Any] | None = None, skip: set[str] | None = None) -> list[str]:
+    """The flags that make `parse(cls)` (default: the type of `cfg`) read back the values `cfg` holds,
+    for a process started by another (`up`): every flat field, explicitly, so that nothing depends on
+    what the child's defaults or environment happen to be."""
+    fields = dataclasses.fields(cls or type(cfg))
+    values = {
+        f.name: getattr(cfg, f.name)
+        for f in fields
+        if not (skip and f.name in skip) and not dataclasses.is_dataclass(getattr(cfg, f.name))
+    }
+    return flags_of(cls or type(cfg), values)

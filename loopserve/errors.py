@@ -1,5 +1,5 @@
 """Domain errors. Runtimes and stores raise these; one interceptor maps them to gRPC status codes
-(loopserve/interceptors.py), so servicers never call abort inline and runtimes never import grpc."""
+(loopserve/serving/interceptors.py), so servicers never call abort inline and runtimes never import grpc."""
 
 from __future__ import annotations
 

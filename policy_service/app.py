@@ -6,19 +6,14 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from loopserve import metrics
 from loopserve.config import FEEDBACK_SERVICE, POLICY_SERVICE, PolicyConfig
-from loopserve.device import pick_device, pick_dtype
 from loopserve.feedback.v1 import feedback_pb2_grpc
-from loopserve.feedback_log import DecisionWriter, FeedbackCommitter, FeedbackLog, open_feedback_log
-from loopserve.feedback_servicer import FeedbackIngest, FeedbackServicer
-from loopserve.model_store import ModelStore
+from loopserve.models.store import ModelStore
 from loopserve.policy.v1 import policy_pb2_grpc
-from loopserve.server import GrpcServer, ServiceBinding, admin_binding, serve_until_signalled, token_table
-from policy_service.decisions import LoggedDecisions
-from policy_service.exploration import rule_of
+from loopserve.serving.server import GrpcServer, ServiceBinding, admin_binding, serve_until_signalled, token_table
+from policy_service.decisions import PolicyLog
+from policy_service.frontend import PolicyFrontend
 from policy_service.runtime import PolicyRuntime, RuntimeOptions
-from policy_service.service import PolicyFrontend
 from policy_service.servicer import PolicyServicer
 from policy_service.shadow import ShadowAnnotator, shadow_policy_of
 
@@ -31,33 +26,11 @@ class PolicyApp:
     def __init__(self, cfg: PolicyConfig, *, extra_bindings: Sequence[ServiceBinding] = ()) -> None:
         self.cfg = cfg
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
-        # The feedback log: decisions are group-committed off the request path; feedback is
-        # acknowledged once durable.
-        self.log: FeedbackLog = open_feedback_log(cfg.feedback_log_url)
-        self.decision_writer = DecisionWriter(self.log, capacity=cfg.decision_buffer)
-        self.committer = FeedbackCommitter(self.log, decisions=self.decision_writer)
-        device = pick_device(cfg.device)
-        self.runtime = PolicyRuntime(
-            ModelStore(cfg.store_path),
-            RuntimeOptions(
-                device=device,
-                dtype=pick_dtype(cfg.dtype, device),
-                max_input_tokens=cfg.max_input_tokens,
-                review_threshold=cfg.review_threshold,
-                max_prompt_tokens=cfg.max_prompt_tokens,
-                generator=cfg.generator,
-                exploration=rule_of(cfg),
-            ),
-        )
-        # Read at scrape time: the writer drains its buffer off the request path, so a value set when
-        # a request queued decisions would stay stale (at 1) once the stack is idle.
-        writer = self.decision_writer
-        metrics.QUEUE_DEPTH.labels("decisions").set_function(lambda: writer.pending)
-        sink = LoggedDecisions(self.decision_writer, cfg.task) if cfg.log_decisions else None
-        self.frontend = PolicyFrontend(cfg, self.runtime, sink)
+        self.runtime = PolicyRuntime(ModelStore(cfg.store_path), RuntimeOptions.of(cfg))
+        self.feedback_log = PolicyLog(cfg, lambda: self.frontend.label_set())
+        self.frontend = PolicyFrontend(cfg, self.runtime, self.feedback_log.decisions)
         self.shadow = ShadowAnnotator(self.runtime, shadow_policy_of(cfg))
         self.frontend.shadow = self.shadow
-        ingest = FeedbackIngest(self.committer, lambda: {cfg.task: self.frontend.label_set()})
         bindings = [
             ServiceBinding(
                 POLICY_SERVICE,
@@ -67,7 +40,7 @@ class PolicyApp:
             admin_binding(self.runtime.slots(), {self.shadow.model_name: self.shadow}),
             ServiceBinding(
                 FEEDBACK_SERVICE,
-                FeedbackServicer(ingest),
+                self.feedback_log.servicer,
                 feedback_pb2_grpc.add_FeedbackServiceServicer_to_server,
             ),
             *extra_bindings,
@@ -89,10 +62,7 @@ class PolicyApp:
     async def stop(self, grace_s: float | None = None) -> None:
         await self.server.drain(grace_s)
         await self.frontend.stop()
-        # Everything acknowledged is already durable; this writes the decisions still buffered.
-        self.committer.close()
-        await asyncio.to_thread(self.decision_writer.close)
-        self.log.close()
+        await asyncio.to_thread(self.feedback_log.close)
 
 
 async def run(cfg: PolicyConfig) -> None:

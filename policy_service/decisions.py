@@ -1,15 +1,19 @@
-"""The decision sink of the policy service: every served item or completion becomes a `Decision` in
-the feedback log, through the group-commit `DecisionWriter` (off the request path). When its bounded
-buffer is full, the call fails with RESOURCE_EXHAUSTED instead of serving answers that could never be
-joined to feedback."""
+"""The policy service's side of the feedback log: the decision sink (every served item or completion
+becomes a `Decision`, through the group-commit `DecisionWriter`, off the request path; when its bounded
+buffer is full the call fails with RESOURCE_EXHAUSTED instead of serving answers that could never be
+joined to feedback), and `PolicyLog`, which opens the log with that sink and FeedbackService's logic
+for a process (the grpc.aio app or one Ray replica)."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 
 from loopserve import metrics
+from loopserve.config import PolicyConfig
 from loopserve.errors import ResourceExhausted
-from loopserve.feedback_log import Decision, DecisionWriter
+from loopserve.feedback_log import Decision, DecisionWriter, FeedbackCommitter, open_feedback_log
+from loopserve.serving.feedback import FeedbackIngest, FeedbackServicer
 from policy_service.types import AnnotateCall, AnnotateResult, GenerateCall, GenerateResult
 
 GENERATION_TASK = "generation"
@@ -72,3 +76,26 @@ class LoggedDecisions:
         self.writer.submit(decisions)
         metrics.DECISIONS_LOGGED.inc(len(decisions))
         metrics.QUEUE_DEPTH.labels("decisions").set(self.writer.pending)
+
+
+class PolicyLog:
+    """The feedback log as one policy process uses it: decisions go out through `decisions` (None with
+    `log_decisions` off), feedback comes in through `servicer` (acknowledged once durable; checked
+    against `label_set()`, the serving annotator's labels). Replicas on several nodes need PostgreSQL."""
+
+    def __init__(self, cfg: PolicyConfig, label_set: Callable[[], Collection[str]]) -> None:
+        self.log = open_feedback_log(cfg.feedback_log_url)
+        self.writer = DecisionWriter(self.log, capacity=cfg.decision_buffer)
+        self.committer = FeedbackCommitter(self.log, decisions=self.writer)
+        self.decisions = LoggedDecisions(self.writer, cfg.task) if cfg.log_decisions else None
+        self.servicer = FeedbackServicer(FeedbackIngest(self.committer, lambda: {cfg.task: label_set()}))
+        # Read at scrape time: the writer drains its buffer off the request path, so a value set when
+        # a request queued decisions would stay stale (at 1) once the stack is idle.
+        writer = self.writer
+        metrics.QUEUE_DEPTH.labels("decisions").set_function(lambda: writer.pending)
+
+    def close(self) -> None:
+        """Everything acknowledged is already durable; this writes the decisions still buffered."""
+        self.committer.close()
+        self.writer.close()
+        self.log.close()

@@ -1,11 +1,13 @@
 """The policy service as a Ray Serve application behind Ray's gRPC proxy (`policy_service.ray_app:app`).
 
-The deployment wraps `PolicyRuntime` the way the grpc.aio servicer wraps it through `PolicyFrontend`,
-with Ray's pieces in place of the embedded ones: `@serve.batch` instead of the DynamicBatcher, Ray's
-replicas, autoscaling and bounded queues, and loopserve/ray_serve.py for auth, status codes, metrics
-and the store watch. Same protos, same service names (`loopserve.policy.v1.PolicyService`, and
-`loopserve.feedback.v1.FeedbackService` when a feedback log is configured); ModelAdmin is not exposed
-(an admin call would reach one replica of many; replicas follow the store's LATEST).
+The deployment runs the same PolicyFrontend and servicers as the grpc.aio app (policy_service/app.py);
+what it adds is Ray's: `@serve.batch` behind the Batcher protocol (ServeBatcher) instead of the
+embedded batchers, Ray's replicas, autoscaling and bounded queues, and per-method auth, status codes
+and metrics from loopserve/serving/ray.py (Ray has no server interceptors). Same protos and service
+names: `loopserve.policy.v1.PolicyService`, `loopserve.admin.v1.ModelAdmin`, `grpc.health.v1.Health`,
+and `loopserve.feedback.v1.FeedbackService` when a feedback log is configured. Every replica follows
+the store's LATEST; admin calls that change what is served are taken only while the deployment has
+exactly one replica (with more, a call would reach one of them: move LATEST instead).
 
     serve run policy_service.ray_app:app store_dir=/srv/store num_replicas=2   # or a Serve config
     loopserve serve --engine ray                                               # policy + reward
@@ -17,25 +19,25 @@ defaults. When several applications share the proxy, clients send metadata `appl
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
 from loopserve.config import FEEDBACK_SERVICE, POLICY_SERVICE, PolicyConfig
-from loopserve.device import configure_threads, pick_device, pick_dtype
+from loopserve.device import configure_threads
 from loopserve.errors import FailedPrecondition
 from loopserve.feedback.v1 import feedback_pb2 as fpb
-from loopserve.model_slot import Loaded
-from loopserve.model_store import ModelStore
+from loopserve.models.slot import Loaded
+from loopserve.models.store import ModelStore
 from loopserve.policy.v1 import policy_pb2 as pb
-from loopserve.ray_serve import (
+from loopserve.serving.ray import (
+    RayDeploymentConfig,
+    ReplicaAdmin,
+    ReplicaHealth,
     ReplicaMetrics,
-    SlotWatch,
-    client_id_of,
+    ServeBatcher,
     configure_replica_logging,
     deployment_options,
     model_executor,
@@ -44,90 +46,69 @@ from loopserve.ray_serve import (
     refuse_http,
     rpc,
     run_pinned,
-    unwrap,
+    serve_batching,
+    single_replica,
 )
-from loopserve.server import token_table
-from policy_service.exploration import rule_of
-from policy_service.runtime import GeneratorBundle, PolicyRuntime, RuntimeOptions
-from policy_service.sampling import SequenceRequest
-from policy_service.service import limits_of
-from policy_service.types import (
-    AnnotateCall,
-    AnnotateResult,
-    Annotation,
-    Completion,
-    GenerateCall,
-    GenerateResult,
-    ModelInfo,
-    TokenDelta,
-)
+from loopserve.serving.ray_admin import AdminAndHealthMethods
+from loopserve.serving.server import token_table
+from policy_service.decisions import PolicyLog
+from policy_service.frontend import GenerateJob, PolicyFrontend
+from policy_service.runtime import PolicyRuntime, RuntimeOptions
+from policy_service.servicer import PolicyServicer
+from policy_service.types import AnnotateCall, Annotation, Completion
 
 logger = logging.getLogger(__name__)
 
-GenerateJob = tuple[GenerateCall, list[int], list[SequenceRequest]]
-
-
-def _delta_pb(version: str, event_id: str, delta: TokenDelta) -> pb.GenerateStreamResponse:
-    return pb.GenerateStreamResponse(
-        model_version=version,
-        event_id=event_id,
-        text=delta.text,
-        logprob=delta.logprob,
-        done=delta.done,
-        finish_reason=delta.finish_reason,
-        num_tokens=delta.num_tokens,
-    )
-
 
 @serve.deployment(name="policy")
-class PolicyDeployment:
-    """One replica: a PolicyRuntime, its store watch, its metrics endpoint, and (with `log_url`) the
-    feedback log. Methods are named after the RPCs: Ray's proxy calls the one the client called."""
+class PolicyDeployment(AdminAndHealthMethods):
+    """One replica: a PolicyRuntime behind the PolicyFrontend, its store watch, its metrics endpoint,
+    and (with `log_url`) the feedback log. Methods are named after the RPCs: Ray's proxy calls the one
+    the client called, and each hands the request to the servicer the grpc.aio app runs."""
 
-    async def __init__(self, cfg: PolicyConfig) -> None:  # type: ignore[misc]  # Ray awaits an async __init__
+    frontend: PolicyFrontend
+
+    async def __init__(self, cfg: PolicyConfig, ray_cfg: RayDeploymentConfig) -> None:  # type: ignore[misc]
         configure_replica_logging(cfg.log_level)
         configure_threads(cfg.threads)
         self.cfg = cfg
-        self.limits = limits_of(cfg)
         self.tokens = token_table(cfg)
-        device = pick_device(cfg.device)
-        self.runtime = PolicyRuntime(
-            ModelStore(cfg.store_path),
-            RuntimeOptions(
-                device=device,
-                dtype=pick_dtype(cfg.dtype, device),
-                max_input_tokens=cfg.max_input_tokens,
-                review_threshold=cfg.review_threshold,
-                max_prompt_tokens=cfg.max_prompt_tokens,
-                generator=cfg.generator,
-                exploration=rule_of(cfg),
-            ),
-        )
-        await asyncio.to_thread(self.runtime.load)
+        runtime = PolicyRuntime(ModelStore(cfg.store_path), RuntimeOptions.of(cfg))
         self._model = model_executor("policy")
         self.annotate_batch.set_max_batch_size(cfg.max_batch_size)  # type: ignore[attr-defined]
         self.annotate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
         self.generate_batch.set_max_batch_size(cfg.gen_max_batch_size)  # type: ignore[attr-defined]
         self.generate_batch.set_batch_wait_timeout_s(cfg.max_wait_ms / 1000)  # type: ignore[attr-defined]
-        self.watch = SlotWatch(self.runtime.slots().values(), cfg.watch_interval_s, cfg.watch_events)
+        # Only with log_url: replicas share one log (PostgreSQL across nodes), never a per-replica default.
+        self.feedback = PolicyLog(cfg, lambda: self.frontend.label_set()) if cfg.log_url else None
+        self.frontend = PolicyFrontend(
+            cfg,
+            runtime,
+            self.feedback.decisions if self.feedback is not None else None,
+            annotate_batcher=ServeBatcher(self.annotate_batch) if serve_batching(ray_cfg) else None,
+            generate_batcher=ServeBatcher(self.generate_batch) if serve_batching(ray_cfg) else None,
+        )
+        await self.frontend.start()  # loads the models, watches the store's LATEST
+        self.servicer = PolicyServicer(self.frontend)
+        self.admin = ReplicaAdmin(runtime.slots(), single_replica(ray_cfg))
+        self.health = ReplicaHealth(runtime.healthy)
         self.metrics = ReplicaMetrics.start(cfg.metrics_port, cfg.metrics_address)
-        self.feedback = ReplicaFeedbackLog(cfg, self.runtime) if cfg.log_url else None
         self._closed = False
-        logger.info("policy replica ready (annotator %s)", self.runtime.annotator.current.version)
+        logger.info("policy replica ready (annotator %s)", runtime.annotator.current.version)
 
     async def __call__(self, request: Any) -> Any:  # Ray's HTTP proxy: no HTTP API here, say so
         return await refuse_http(request)
 
     def check_health(self) -> None:
-        if not self.runtime.healthy():
+        if not self.frontend.runtime.healthy():
             raise RuntimeError("the policy models are not loaded")
 
-    def __del__(self) -> None:
-        """Ray calls this on a graceful shutdown (after in-flight requests); Python may call it again."""
+    async def __del__(self) -> None:
+        """Ray awaits this on a graceful shutdown (after in-flight requests); only the first call acts."""
         if getattr(self, "_closed", True):
             return
         self._closed = True
-        self.watch.stop()
+        await self.frontend.stop()
         if self.feedback is not None:
             self.feedback.close()  # writes the decisions still buffered
         if self.metrics is not None:
@@ -137,120 +118,43 @@ class PolicyDeployment:
     # ---- batches (Ray's @serve.batch; sizes and waits come from the config in __init__) -----------
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def annotate_batch(self, jobs: list[tuple[Loaded[Any], AnnotateCall]]) -> list[list[Annotation] | Exception]:
-        return await run_pinned(self._model, self.runtime.annotate_batch, jobs, "annotate", lambda c: len(c.texts))
+    async def annotate_batch(
+        self, jobs: list[tuple[Loaded[Any], AnnotateCall]]
+    ) -> list[list[Annotation] | BaseException]:
+        runtime = self.frontend.runtime
+        return await run_pinned(self._model, runtime.annotate_batch, jobs, "annotate", lambda c: len(c.texts))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def generate_batch(self, jobs: list[tuple[Loaded[Any], GenerateJob]]) -> list[list[Completion] | Exception]:
-        return await run_pinned(self._model, self.runtime.generate_batch, jobs, "generate", lambda j: len(j[2]))
+    async def generate_batch(
+        self, jobs: list[tuple[Loaded[Any], GenerateJob]]
+    ) -> list[list[Completion] | BaseException]:
+        runtime = self.frontend.runtime
+        return await run_pinned(self._model, runtime.generate_batch, jobs, "generate", lambda j: len(j[2]))
 
-    # ---- PolicyService ----------------------------------------------------------------------------
+    # ---- PolicyService: the servicer the grpc.aio app runs ------------------------------------------
 
     @rpc(POLICY_SERVICE, pb.AnnotateResponse)
     async def Annotate(self, request: pb.AnnotateRequest, grpc_context: Any) -> pb.AnnotateResponse:
-        call = AnnotateCall.from_pb(request, self.limits, self.cfg.task)
-        if self.feedback is not None:
-            self.feedback.decisions.reserve(len(call.texts))
-        handle = self.runtime.annotator.current  # pinned for the whole request
-        result = AnnotateResult(handle.version, tuple(unwrap(await self.annotate_batch((handle, call)))))
-        if self.feedback is not None:
-            self.feedback.decisions.record_annotations(call, result, client_id_of(grpc_context))
-        return result.to_pb()
-
-    def _generator(self) -> Loaded[GeneratorBundle]:
-        if self.runtime.generator is None:
-            raise FailedPrecondition("this application runs without a generator (generator: false)")
-        return self.runtime.generator.current
+        return await self.servicer.Annotate(request, grpc_context)
 
     @rpc(POLICY_SERVICE, pb.GenerateResponse)
     async def Generate(self, request: pb.GenerateRequest, grpc_context: Any) -> pb.GenerateResponse:
-        call = GenerateCall.from_pb(request, self.limits)
-        if self.feedback is not None:
-            self.feedback.decisions.reserve(call.n)
-        handle = self._generator()
-        ids = self.runtime.prompt_ids(handle, call)
-        cancelled = threading.Event()
-        seqs = self.runtime.sequence_requests(call, ids, cancelled=cancelled.is_set)
-        try:
-            comps = unwrap(await self.generate_batch((handle, (call, ids, seqs))))
-        except asyncio.CancelledError:
-            cancelled.set()  # a running batch drops the rows of a caller that went away
-            raise
-        result = GenerateResult(handle.version, tuple(comps))
-        if self.feedback is not None:
-            self.feedback.decisions.record_completions(call, result, client_id_of(grpc_context))
-        return result.to_pb()
+        return await self.servicer.Generate(request, grpc_context)
 
     @rpc(POLICY_SERVICE, pb.GenerateStreamResponse)
     async def GenerateStream(
         self, request: pb.GenerateRequest, grpc_context: Any
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        """Tokens as they are decoded (the row rides in the same batches as Generate); the last
-        message has done=True and the event_id."""
-        call = GenerateCall.from_pb(request, self.limits, stream=True)
-        if self.feedback is not None:
-            self.feedback.decisions.reserve(1)
-        handle = self._generator()
-        ids = self.runtime.prompt_ids(handle, call)
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
-        cancelled = threading.Event()
-        seqs = self.runtime.sequence_requests(
-            call,
-            ids,
-            on_token=lambda d: loop.call_soon_threadsafe(queue.put_nowait, d),  # decode thread -> loop
-            cancelled=cancelled.is_set,
-        )
-        job = asyncio.ensure_future(self.generate_batch((handle, (call, ids, seqs))))
-        final: TokenDelta | None = None
-        try:
-            while final is None:
-                getter = asyncio.ensure_future(queue.get())
-                done, _ = await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    break  # the batch ended (or failed) without a final delta
-                delta = getter.result()
-                if delta.done:
-                    final = delta
-                else:
-                    yield _delta_pb(handle.version, "", delta)
-            comps = unwrap(await job)  # raises this request's error, if any
-            while not queue.empty():
-                delta = queue.get_nowait()
-                if delta.done:
-                    final = delta
-                else:
-                    yield _delta_pb(handle.version, "", delta)
-            c = comps[0]
-            final = final or TokenDelta("", 0.0, True, c.finish_reason, c.num_tokens)
-            if self.feedback is not None:
-                result = GenerateResult(handle.version, tuple(comps))
-                self.feedback.decisions.record_completions(call, result, client_id_of(grpc_context))
-            yield _delta_pb(handle.version, c.event_id, final)
-        finally:
-            cancelled.set()
-            if not job.done():
-                job.cancel()
+        async for response in self.servicer.GenerateStream(request, grpc_context):
+            yield response
 
     @rpc(POLICY_SERVICE, pb.ModelInfo)
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, grpc_context: Any) -> pb.ModelInfo:
-        ann = self.runtime.annotator.current
-        gen = self.runtime.generator.current.version if self.runtime.generator is not None else ""
-        return ModelInfo(
-            task=self.cfg.task,
-            labels=[(lb.name, lb.description) for lb in ann.model.model.spec.labels],
-            annotator_version=ann.version,
-            generator_version=gen,
-            limits=self.limits,
-            max_input_tokens=self.cfg.max_input_tokens,
-            review_threshold=self.cfg.review_threshold,
-            device=str(self.runtime.opts.device),
-        ).to_pb()
+        return await self.servicer.GetModelInfo(request, grpc_context)
 
     # ---- FeedbackService (with log_url) -----------------------------------------------------------
 
-    def _feedback(self) -> ReplicaFeedbackLog:
+    def _feedback(self) -> PolicyLog:
         if self.feedback is None:
             raise FailedPrecondition(
                 "this policy application has no feedback log: set log_url (LOOPSERVE_LOG_URL) to a "
@@ -269,35 +173,12 @@ class PolicyDeployment:
         return await self._feedback().servicer.SubmitStream(request_stream, grpc_context)
 
 
-class ReplicaFeedbackLog:
-    """The feedback log as one replica uses it: decisions go out through the service's own decision
-    sink (group-committed off the request path), feedback comes in through the service's own
-    FeedbackService logic (acknowledged once durable). Replicas on several nodes need PostgreSQL."""
-
-    def __init__(self, cfg: PolicyConfig, runtime: PolicyRuntime) -> None:
-        from loopserve.feedback_log import DecisionWriter, FeedbackCommitter, open_feedback_log
-        from loopserve.feedback_servicer import FeedbackIngest, FeedbackServicer
-        from policy_service.decisions import LoggedDecisions
-
-        self.log = open_feedback_log(cfg.log_url)
-        self.writer = DecisionWriter(self.log, capacity=cfg.decision_buffer)
-        self.committer = FeedbackCommitter(self.log, decisions=self.writer)
-        self.decisions = LoggedDecisions(self.writer, cfg.task)
-        ingest = FeedbackIngest(self.committer, lambda: {cfg.task: runtime.annotator.current.model.labels})
-        self.servicer = FeedbackServicer(ingest)
-
-    def close(self) -> None:
-        self.committer.close()
-        self.writer.close()
-        self.log.close()
-
-
 def build_app(args: dict[str, Any]) -> serve.Application:
     """The policy application from its `args` (see the module docstring)."""
     cfg, ray_cfg = read_configs(PolicyConfig, args)
     prepare_server_config(cfg, ray_cfg)
     options = deployment_options(ray_cfg, cfg, max(cfg.max_batch_size, cfg.gen_max_batch_size))
-    return PolicyDeployment.options(**options).bind(cfg)  # type: ignore[attr-defined]
+    return PolicyDeployment.options(**options).bind(cfg, ray_cfg)  # type: ignore[attr-defined]
 
 
 app = build_app

@@ -16,14 +16,16 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from loopserve import metrics
+from loopserve.config import PolicyConfig
+from loopserve.device import pick_device, pick_dtype
 from loopserve.errors import InvalidArgument, ModelFault, VerificationError
-from loopserve.model_slot import Loaded, ModelSlot
-from loopserve.model_store import ModelStore, VersionReader
-from loopserve.models import encoder_heads, generator
+from loopserve.models import encoder_heads, generator, verify
 from loopserve.models.encoder_heads import AnnotatorModel
+from loopserve.models.slot import Loaded, ModelSlot
+from loopserve.models.store import ModelStore, VersionReader
 from policy_service import sampling
 from policy_service.continuous import DecodeBatch
-from policy_service.exploration import ExplorationRule, Explorer
+from policy_service.exploration import ExplorationRule, Explorer, rule_of
 from policy_service.types import (
     AnnotateCall,
     Annotation,
@@ -71,6 +73,20 @@ class RuntimeOptions:
     generator: bool = True
     exploration: ExplorationRule = field(default_factory=ExplorationRule)
 
+    @classmethod
+    def of(cls, cfg: PolicyConfig) -> RuntimeOptions:
+        """The options a policy process serves with (the grpc.aio app and each Ray replica alike)."""
+        device = pick_device(cfg.device)
+        return cls(
+            device=device,
+            dtype=pick_dtype(cfg.dtype, device),
+            max_input_tokens=cfg.max_input_tokens,
+            review_threshold=cfg.review_threshold,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            generator=cfg.generator,
+            exploration=rule_of(cfg),
+        )
+
 
 class PolicyRuntime:
     def __init__(self, store: ModelStore, options: RuntimeOptions) -> None:
@@ -115,14 +131,8 @@ class PolicyRuntime:
         return AnnotatorBundle(model, tokenizer, bool(manifest.meta.get("checked")))
 
     def _check_annotator(self, new: Loaded[AnnotatorBundle], old: Loaded[AnnotatorBundle] | None) -> None:
-        if old is not None and new.model.labels != old.model.labels and not new.manifest.meta.get("label_set_change"):
-            raise VerificationError(
-                f"label set changed from {old.model.labels} to {new.model.labels} without "
-                "manifest meta label_set_change=true"
-            )
-        probs = self._annotator_probs(new.model, ["smoke test: a short review of a product"])[0]
-        if not all(math.isfinite(p) for p in probs):
-            raise VerificationError("smoke batch gave non-finite outputs")
+        old_labels = old.model.labels if old is not None else None
+        verify.check_encoder(new.model.model, new.model.tokenizer, old_labels, new.manifest.meta)
 
     def _load_generator(self, reader: VersionReader, serving: Loaded[GeneratorBundle] | None) -> GeneratorBundle:
         model = generator.load(reader.folder, self.opts.device, self.opts.dtype, reader=reader)
@@ -133,14 +143,8 @@ class PolicyRuntime:
         return GeneratorBundle(model, tokenizer)
 
     def _check_generator(self, new: Loaded[GeneratorBundle], old: Loaded[GeneratorBundle] | None) -> None:
-        tok = new.model.tokenizer
-        ids = tok("Hello", return_tensors="pt").input_ids.to(self.opts.device)
-        with torch.inference_mode():
-            logits = new.model.model(input_ids=ids).logits
-        if not bool(torch.isfinite(logits).all()):
-            raise VerificationError("smoke batch gave non-finite logits")
-        if old is not None and len(tok) != len(old.model.tokenizer):
-            raise VerificationError("tokenizer vocabulary changed")
+        old_tokenizer = old.model.tokenizer if old is not None else None
+        verify.check_generator(new.model.model, new.model.tokenizer, old_tokenizer, new.manifest.meta)
 
     # ---- annotate ------------------------------------------------------------------------------
 
@@ -233,13 +237,7 @@ class PolicyRuntime:
 
     def prompt_ids(self, handle: Loaded[GeneratorBundle], call: GenerateCall) -> list[int]:
         tok = handle.model.tokenizer
-        if call.raw_prompt or not tok.chat_template:
-            ids = tok(call.prompt, add_special_tokens=False)["input_ids"]
-        else:
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": call.prompt}], add_generation_prompt=True, tokenize=False
-            )
-            ids = tok(text, add_special_tokens=False)["input_ids"]
+        ids = tok(generator.prompt_text(tok, call.prompt, not call.raw_prompt), add_special_tokens=False)["input_ids"]
         if len(ids) > self.opts.max_prompt_tokens:
             raise InvalidArgument(f"the prompt has {len(ids)} tokens; the limit is {self.opts.max_prompt_tokens}")
         return list(ids)

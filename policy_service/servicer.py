@@ -8,8 +8,8 @@ from grpc import aio
 
 from loopserve.policy.v1 import policy_pb2 as pb
 from loopserve.policy.v1 import policy_pb2_grpc
-from loopserve.servicer_context import client_id
-from policy_service.service import PolicyFrontend
+from loopserve.serving.context import client_id
+from policy_service.frontend import PolicyFrontend
 from policy_service.types import AnnotateCall, GenerateCall
 
 

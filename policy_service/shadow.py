@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from loopserve import metrics
 from loopserve.config import PolicyConfig
 from loopserve.errors import FailedPrecondition
-from loopserve.model_slot import Loaded, ModelSlot
-from loopserve.shadow_control import ShadowEvidence
+from loopserve.models.slot import Loaded, ModelSlot
+from loopserve.serving.shadow_control import ShadowEvidence
 from policy_service.runtime import AnnotatorBundle, PolicyRuntime
 from policy_service.types import AnnotateCall, AnnotateResult
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from loopserve.errors import InvalidArgument, quote
 from loopserve.policy.v1 import policy_pb2 as pb
-from loopserve.request_checks import check_finite, check_id, check_text
+from loopserve.serving.request_checks import check_finite, check_id, check_text
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 64

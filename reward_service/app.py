@@ -6,12 +6,11 @@ import logging
 from collections.abc import Sequence
 
 from loopserve.config import REWARD_SERVICE, RewardConfig
-from loopserve.device import pick_device, pick_dtype
-from loopserve.model_store import ModelStore
+from loopserve.models.store import ModelStore
 from loopserve.reward.v1 import reward_pb2_grpc
-from loopserve.server import GrpcServer, ServiceBinding, admin_binding, serve_until_signalled, token_table
+from loopserve.serving.server import GrpcServer, ServiceBinding, admin_binding, serve_until_signalled, token_table
+from reward_service.frontend import RewardFrontend
 from reward_service.runtime import RewardRuntime, RuntimeOptions
-from reward_service.service import RewardFrontend
 from reward_service.servicer import RewardServicer
 
 logger = logging.getLogger(__name__)
@@ -22,15 +21,7 @@ class RewardApp:
 
     def __init__(self, cfg: RewardConfig, *, extra_bindings: Sequence[ServiceBinding] = ()) -> None:
         self.cfg = cfg
-        device = pick_device(cfg.device)
-        self.runtime = RewardRuntime(
-            ModelStore(cfg.store_path),
-            RuntimeOptions(
-                device=device,
-                dtype=pick_dtype(cfg.dtype, device),
-                max_input_tokens=cfg.max_input_tokens,
-            ),
-        )
+        self.runtime = RewardRuntime(ModelStore(cfg.store_path), RuntimeOptions.of(cfg))
         self.frontend = RewardFrontend(cfg, self.runtime)
         bindings = [
             ServiceBinding(

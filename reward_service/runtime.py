@@ -22,45 +22,21 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loopserve import metrics
+from loopserve.config import RewardConfig
+from loopserve.device import pick_device, pick_dtype
 from loopserve.errors import ModelFault, VerificationError
-from loopserve.model_slot import Loaded, ModelSlot
-from loopserve.model_store import ModelStore, VersionReader
-from loopserve.models import encoder_heads
+from loopserve.models import encoder_heads, verify
 from loopserve.models.encoder_heads import RewardModel
-from reward_service.types import CompareCall, CompareResult, RewardStats
+from loopserve.models.reward_format import BUILTIN_REFERENCE_PAIRS, RewardStats, encode_pairs
+from loopserve.models.slot import Loaded, ModelSlot
+from loopserve.models.store import ModelStore, VersionReader
+from reward_service.types import CompareCall, CompareResult
 
 logger = logging.getLogger(__name__)
 
 # Pairs are sorted by length and run in micro-batches of this size, so one long pair does not make
 # every short one in its batch pay for padding.
 ENCODER_MICRO_BATCH = 32
-
-SMOKE_PAIRS = (
-    ("smoke test: rate this answer", "a short, polite answer"),
-    ("smoke test: rate this answer", "another answer"),
-)
-
-
-# The reference set of a version published without statistics (the provisioned base, or one published
-# by hand): generic prompts with answers from helpful to unhelpful, so the spread of r is the model's
-# own. Versions the trainer publishes carry statistics on held-out served responses instead.
-BUILTIN_REFERENCE_PAIRS = tuple(
-    (prompt, response)
-    for prompt in (
-        "Write a short product review of green tea.",
-        "Explain what a reward model is in one sentence.",
-        "Share a brief review of dark chocolate for other shoppers.",
-        "Give one tip for brewing coffee at home.",
-    )
-    for response in (
-        "Wonderful! Fresh, fragrant and exactly as described; I would buy it again.",
-        "It was fine. Nothing special, but it did the job.",
-        "Terrible. It arrived stale and the package was broken.",
-        "I don't know.",
-        "A clear, careful answer that addresses the question directly and politely.",
-        "asdf qwerty lorem ipsum",
-    )
-)
 
 
 class HasPairs(Protocol):
@@ -85,38 +61,11 @@ class RuntimeOptions:
     max_input_tokens: int = 256
     micro_batch: int = ENCODER_MICRO_BATCH
 
-
-def encode_pairs(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], max_length: int
-) -> dict[str, list[list[int]]]:
-    """Token ids (with special tokens) and token type ids of each pair, at most `max_length` tokens.
-
-    The reward judges the response, so a pair over the window loses prompt tokens first
-    ('only_first'). Only when the response alone leaves no room for a single prompt token does it
-    fall back to 'longest_first' (trim the longer side until the pair fits).
-    """
-    prompts = [p for p, _ in pairs]
-    responses = [r for _, r in pairs]
-    specials = tokenizer.num_special_tokens_to_add(pair=True)
-    response_len = tokenizer(responses, add_special_tokens=False, return_length=True)["length"]
-    only_first = [i for i, n in enumerate(response_len) if n + specials < max_length]
-    longest_first = [i for i, n in enumerate(response_len) if n + specials >= max_length]
-    input_ids: list[list[int]] = [[] for _ in pairs]
-    token_type_ids: list[list[int]] = [[] for _ in pairs]
-    for idx, strategy in ((only_first, "only_first"), (longest_first, "longest_first")):
-        if not idx:
-            continue
-        enc = tokenizer(
-            [prompts[i] for i in idx],
-            [responses[i] for i in idx],
-            truncation=strategy,
-            max_length=max_length,
-            return_token_type_ids=True,
-        )
-        for j, i in enumerate(idx):
-            input_ids[i] = enc["input_ids"][j]
-            token_type_ids[i] = enc["token_type_ids"][j]
-    return {"input_ids": input_ids, "token_type_ids": token_type_ids}
+    @classmethod
+    def of(cls, cfg: RewardConfig) -> RuntimeOptions:
+        """The options a reward process serves with (the grpc.aio app and each Ray replica alike)."""
+        device = pick_device(cfg.device)
+        return cls(device=device, dtype=pick_dtype(cfg.dtype, device), max_input_tokens=cfg.max_input_tokens)
 
 
 class RewardRuntime:
@@ -157,9 +106,7 @@ class RewardRuntime:
         return RewardBundle(bundle.model, bundle.tokenizer, stats)
 
     def _check_reward(self, new: Loaded[RewardBundle], old: Loaded[RewardBundle] | None) -> None:
-        rewards = self.rewards(new.model, SMOKE_PAIRS)
-        if not all(math.isfinite(r) for r in rewards):
-            raise VerificationError("smoke batch gave non-finite rewards")
+        verify.check_encoder(new.model.model, new.model.tokenizer, None, new.manifest.meta)
 
     # ---- score ---------------------------------------------------------------------------------
 
@@ -219,4 +166,4 @@ class RewardRuntime:
         return out
 
 
-__all__ = ["BUILTIN_REFERENCE_PAIRS", "RewardBundle", "RewardRuntime", "RuntimeOptions", "encode_pairs"]
+__all__ = ["RewardBundle", "RewardRuntime", "RuntimeOptions"]

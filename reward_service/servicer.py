@@ -6,7 +6,7 @@ from grpc import aio
 
 from loopserve.reward.v1 import reward_pb2 as pb
 from loopserve.reward.v1 import reward_pb2_grpc
-from reward_service.service import RewardFrontend
+from reward_service.frontend import RewardFrontend
 from reward_service.types import CompareCall, ScoreCall
 
 

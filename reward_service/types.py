@@ -10,8 +10,9 @@ import math
 from dataclasses import dataclass
 
 from loopserve.errors import InvalidArgument
-from loopserve.request_checks import check_text
+from loopserve.models.reward_format import DEFAULT_CLIP, MAX_CLIP, RewardStats
 from loopserve.reward.v1 import reward_pb2 as pb
+from loopserve.serving.request_checks import check_text
 
 
 @dataclass(frozen=True)
@@ -31,56 +32,6 @@ def preference_probability(score_a: float, score_b: float) -> float:
         return 1.0 / (1.0 + math.exp(-d))
     e = math.exp(d)
     return e / (1.0 + e)
-
-
-# ---- reward statistics --------------------------------------------------------------------------------
-
-DEFAULT_CLIP = 5.0
-"""Range [-5, 5] of normalised rewards when a request names none: 5 standard deviations of the
-reference set, so only outliers (often reward hacks) are clipped."""
-MAX_CLIP = 1e4
-STATS_KEY = "reward_stats"
-"""Where a reward version's manifest keeps its statistics: meta["reward_stats"] = {mean, std, n, source}."""
-
-
-@dataclass(frozen=True)
-class RewardStats:
-    """Mean and std of one reward version's raw rewards on a reference set of (prompt, response) pairs."""
-
-    mean: float
-    std: float
-    n: int
-    source: str
-    """"publish" (held-out responses, computed by the trainer when it published the version) or
-    "builtin" (a version published without statistics: the service's fixed reference pairs, at load)."""
-
-    @classmethod
-    def of(cls, rewards: list[float], source: str) -> RewardStats:
-        n = len(rewards)
-        mean = sum(rewards) / max(n, 1)
-        var = sum((r - mean) ** 2 for r in rewards) / max(n - 1, 1)
-        return cls(mean, math.sqrt(var), n, source)
-
-    @classmethod
-    def from_meta(cls, meta: dict[str, object]) -> RewardStats | None:
-        """The statistics stored in a manifest's meta, or None when absent or unusable."""
-        d = meta.get(STATS_KEY)
-        if not isinstance(d, dict):
-            return None
-        try:
-            stats = cls(float(d["mean"]), float(d["std"]), int(d["n"]), str(d.get("source", "publish")))
-        except (KeyError, TypeError, ValueError):
-            return None
-        return stats if math.isfinite(stats.mean) and math.isfinite(stats.std) and stats.std >= 0 else None
-
-    def to_meta(self) -> dict[str, object]:
-        return {"mean": self.mean, "std": self.std, "n": self.n, "source": self.source}
-
-    def normalise(self, rewards: list[float] | tuple[float, ...], clip: float) -> tuple[float, ...]:
-        """(r - mean) / std, clipped to [-clip, clip]: monotone in r, so the order is kept (up to ties
-        at the clip). A std of ~0 (a reference set the model cannot tell apart) counts as 1."""
-        std = self.std if self.std > 1e-6 else 1.0
-        return tuple(min(clip, max(-clip, (r - self.mean) / std)) for r in rewards)
 
 
 # ---- Score ------------------------------------------------------------------------------------------

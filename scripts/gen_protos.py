@@ -1,6 +1,6 @@
 """Regenerate the Python stubs (and .pyi) from protos/ into OUT (default: the repo root).
 
-`make protos` runs this; tests/test_protos.py runs it into a temp dir and fails on drift.
+`make protos` runs this; tests/unit/test_protos.py runs it into a temp dir and fails on drift.
 """
 
 from __future__ import annotations

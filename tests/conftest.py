@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from loopserve.model_store import ModelStore
-from tests import tiny_models
+from loopserve.models.store import ModelStore
+from tests.support import tiny_models
 
 
 @pytest.fixture(scope="session")

@@ -1,27 +1,23 @@
 """`python -m trainer` (and `loopserve train`): run the trainer process.
 
-Flags are TrainerArgs' flat fields (`--round-min-events 32`, env `LOOPSERVE_ROUND_MIN_EVENTS`); the
-objectives' configs can be overridden from a JSON file, `--objectives-json`, e.g.
-{"annotator": {"epochs": 2}, "grpo": {"beta": 0.02}, "lora": {"r": 8}, "gate": {"kl_bound": 0.3}}.
+Its one config is TrainerArgs, read by loopserve.config.parse as every process's: flat fields are flags
+(`--round-min-events 32`, env `LOOPSERVE_ROUND_MIN_EVENTS`), the objectives' configs are `--section.field`
+flags (`--annotator.epochs 2`, `--gate.kl-bound 0.3`), or a JSON file of overrides, `--objectives-json`,
+e.g. {"annotator": {"epochs": 2}, "grpo": {"beta": 0.02}, "lora": {"r": 8}, "gate": {"kl_bound": 0.3}}.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
 import dataclasses
-import inspect
-import itertools
 import json
 import logging
 import signal
-import textwrap
 import threading
-import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from loopserve.config import ENV_PREFIX, from_namespace
+from loopserve.config import parse
 from loopserve.device import configure_threads
 from loopserve.metrics import serve_metrics
 from trainer.config import TrainerArgs
@@ -31,40 +27,6 @@ from trainer.reward_client import ServiceReward
 logger = logging.getLogger("trainer")
 
 NESTED = {f.name for f in dataclasses.fields(TrainerArgs) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (cleanrl style), for --help."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for stmt, nxt in itertools.pairwise(body):
-        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[stmt.target.id] = " ".join(nxt.value.value.split())
-    return docs
-
-
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per flat TrainerArgs field, with its docstring as help (env LOOPSERVE_<FIELD> too)."""
-    docs = field_docs(TrainerArgs)
-    hints = typing.get_type_hints(TrainerArgs)
-    for f in dataclasses.fields(TrainerArgs):
-        if f.name in NESTED:
-            continue
-        flag, help_ = (
-            "--" + f.name.replace("_", "-"),
-            f"{docs.get(f.name, '')} (env {ENV_PREFIX}{f.name.upper()})",
-        )
-        tp = (
-            next(a for a in typing.get_args(hints[f.name]) if a is not type(None))
-            if f.default is None
-            else hints[f.name]
-        )
-        if tp is bool:
-            parser.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_)
-        else:
-            parser.add_argument(flag, dest=f.name, type=tp, default=None, help=help_)
 
 
 def apply_objectives_json(args: TrainerArgs, path: Path) -> None:
@@ -83,10 +45,18 @@ def apply_objectives_json(args: TrainerArgs, path: Path) -> None:
         setattr(args, name, dataclasses.replace(section, **values))
 
 
-def run(args: TrainerArgs, metrics_port: int = -1) -> int:
+def read_args(argv: Sequence[str] = (), environ: dict[str, str] | None = None) -> TrainerArgs:
+    """TrainerArgs from the environment, the flags, then the JSON overrides it names."""
+    args = parse(TrainerArgs, argv, environ=environ, prog="loopserve train")
+    if args.objectives_json:
+        apply_objectives_json(args, args.objectives_json)
+    return args
+
+
+def run(args: TrainerArgs) -> int:
     """Serve metrics, stop on SIGTERM / SIGINT, build the reward client, run."""
     configure_threads()
-    serve_metrics(metrics_port)
+    serve_metrics(args.metrics_port)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -104,18 +74,12 @@ def run(args: TrainerArgs, metrics_port: int = -1) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer", description=__doc__.splitlines()[0])
-    add_flags(parser)
-    parser.add_argument("--objectives-json", type=Path, help="JSON overrides of the objective configs")
-    parser.add_argument("--metrics-port", type=int, default=9103, help="Prometheus /metrics port; -1 disables")
-    parser.add_argument("--log-level", default="INFO")
-    ns = parser.parse_args(argv)
-    logging.basicConfig(level=ns.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = from_namespace(TrainerArgs, ns)
-    if ns.objectives_json:
-        apply_objectives_json(args, ns.objectives_json)
-    return run(args, ns.metrics_port)
+def main(argv: Sequence[str] | None = None) -> int:
+    import sys
+
+    args = read_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
 
 
 if __name__ == "__main__":

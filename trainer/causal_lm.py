@@ -20,25 +20,14 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-
-def format_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool) -> str:
-    """The text the policy service feeds the model for `prompt` (policy_service.runtime.prompt_ids: its
-    default wraps it in the chat template as a user turn with the generation prompt; `raw_prompt`
-    requests send it as is). Tokenised without added special tokens, as there."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        return str(
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-            )
-        )
-    return prompt
+from loopserve.models.generator import prompt_text
 
 
 def encode_prompts(
     tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], max_tokens: int, chat_template: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt ids and mask, (B, P); over-long prompts keep their last `max_tokens` tokens."""
-    texts = [format_prompt(tokenizer, p, chat_template) for p in prompts]
+    texts = [prompt_text(tokenizer, p, chat_template) for p in prompts]
     ids = [tokenizer(t, add_special_tokens=False)["input_ids"][-max_tokens:] for t in texts]
     return _pad(ids, tokenizer.pad_token_id, left=True)
 

@@ -1,8 +1,8 @@
 """`TrainerArgs`: everything the trainer process reads, in one typed dataclass.
 
-Flat fields are process settings (flags `--field-name`, env `LOOPSERVE_FIELD_NAME`, see
-trainer/__main__.py); the nested ones are each objective's own config, kept beside its math in its
-module and overridden as a whole from a JSON file (`--objectives-json`).
+Flat fields are process settings (flags `--field-name`, env `LOOPSERVE_FIELD_NAME`); the nested ones
+are each objective's own config, kept beside its math in its module, set by flags `--section.field`
+or from a JSON file (`--objectives-json`). loopserve.config.parse reads it, as every process config.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loopserve.config import DEFAULT_TRAINER_METRICS_PORT
 from trainer.annotation_head import HeadConfig
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.causal_lm import LoraSettings
@@ -23,6 +24,8 @@ from trainer.sft import SFTConfig
 
 @dataclass
 class TrainerArgs:
+    """Run the trainer: tail the feedback log, train, gate and publish the models."""
+
     data_dir: Path = Path("./.loopserve")
     """Where the store, the log and the trainer's checkpoints live."""
     store_dir: Path | None = None
@@ -94,6 +97,13 @@ class TrainerArgs:
     """Consume the log to its end, run the rounds that are due, checkpoint, and exit."""
     max_rounds: int = 0
     """Stop after this many rounds in total; 0 means no limit."""
+    metrics_port: int = DEFAULT_TRAINER_METRICS_PORT
+    """Prometheus /metrics port; -1 disables."""
+    log_level: str = "INFO"
+    """Python logging level."""
+    objectives_json: Path | None = None
+    """A JSON file of overrides of the objective configs, keyed by section, e.g. {"annotator": {"epochs":
+    2}, "gate": {"kl_bound": 0.3}} (the same as the flags --annotator.epochs 2 --gate.kl-bound 0.3)."""
     annotator: AnnotationPolicyConfig = field(default_factory=AnnotationPolicyConfig)
     reward: RewardModelConfig = field(default_factory=RewardModelConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from loopserve.auth import read_token
 from loopserve.client import Client
-from reward_service.types import DEFAULT_CLIP
+from loopserve.models.reward_format import DEFAULT_CLIP
 
 
 class ServiceReward:

@@ -25,8 +25,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from loopserve.models.encoder_heads import RewardModel
-from reward_service.runtime import BUILTIN_REFERENCE_PAIRS, encode_pairs
-from reward_service.types import RewardStats
+from loopserve.models.reward_format import BUILTIN_REFERENCE_PAIRS, RewardStats, encode_pairs
 from trainer.examples import PointwiseExample, PreferencePair, RatingExample
 from trainer.gate import LossGuard
 from trainer.optim import encoder_optimizer

@@ -26,7 +26,7 @@ from typing import IO
 
 from loopserve.feedback_log.base import FeedbackLog
 from loopserve.feedback_log.records import Decision
-from loopserve.model_store import ModelStore, version_number
+from loopserve.models.store import ModelStore, version_number
 
 
 @dataclass

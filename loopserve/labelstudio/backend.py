@@ -6,7 +6,7 @@ and metrics. `/predict` is `Annotate` (each prediction keeps its `event_id`); an
 in Label Studio becomes `FeedbackService.Submit` (an accept when it keeps the predicted label, a
 correction otherwise), with an idempotency key from the annotation id and revision, so webhooks that
 Label Studio re-sends are acknowledged, not stored twice. `START_TRAINING` and `/train` ask the trainer
-for a round (loopserve/round_requests.py). A background task watches the serving version and, after a
+for a round (loopserve/annotation/round_requests.py). A background task watches the serving version and, after a
 swap, re-predicts the tasks whose pre-annotation an older version made (refresh.py).
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 from grpc import aio
 
 from loopserve import auth
+from loopserve.annotation.round_requests import request_round
 from loopserve.client import AsyncClient, RetryPolicy
 from loopserve.errors import FailedPrecondition, InvalidArgument, LoopserveError, Unauthenticated
 from loopserve.feedback.v1 import feedback_pb2 as fb
@@ -33,7 +34,6 @@ from loopserve.labelstudio.config import MLBackendConfig
 from loopserve.labelstudio.labeling_config import ChoicesTask, UnsupportedConfig, parse_labeling_config
 from loopserve.labelstudio.labelstudio_api import LabelStudioAPI
 from loopserve.policy.v1 import policy_pb2
-from loopserve.round_requests import request_round
 
 logger = logging.getLogger(__name__)
 

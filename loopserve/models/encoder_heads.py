@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedTokeniz
 from transformers.initialization import no_init_weights
 
 from loopserve.errors import VerificationError
-from loopserve.model_store import Manifest, VersionReader
+from loopserve.models.store import Manifest, VersionReader
 from loopserve.models.weights import read_tensors
 
 HEAD_FILE = "head.json"

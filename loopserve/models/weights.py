@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from loopserve.errors import VerificationError
-from loopserve.model_store import VersionReader, file_buffer
+from loopserve.models.store import VersionReader, file_buffer
 
 MAX_HEADER_BYTES = 100 << 20
 

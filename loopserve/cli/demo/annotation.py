@@ -1,0 +1,647 @@
+"""The annotation demo: an app streams the train split through Annotate; humans review some items.
+
+    app ──Annotate(chunk)──▶ policy ──needs_review?──▶ router ──▶ simulated annotators ──Submit──▶ log
+                                     │                   └─ flagged, no budget left now: backlog
+                                     └─ not flagged (a checked version, confident): auto-labelled
+    trainer ◀── log: rounds at 12, 24, 48, ... then every `round_labels` labels; gate; publish ──▶ swap
+    app ──Annotate(backlog + auto-labelled items)──▶ each newly served version re-annotates them
+    demo ──Annotate(test split)──▶ accuracy of every version served; `dataset export` ──▶ the labelled set
+
+An unchecked version (the zero-shot base) flags every item, so nothing is auto-labelled on its word;
+the router (loopserve.annotation.routing) covers the chunk with the budget while it serves, and spends
+it on the least certain item of each cluster once a checked version serves. The product of the run is
+its labelled data set (human label, else the latest served version's label), exported from the log
+and scored against the data's labels: the report leads with it.
+
+Once the trainer is due a round the app waits for it (and for the policy to serve what it published)
+before it streams on: on 2 CPU cores the stream would otherwise outrun the trainer. That pacing is the
+only thing the demo does that a production app would not.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loopserve.annotation.routing import pick_for_review
+from loopserve.cli.demo import passive, report
+from loopserve.cli.demo.annotators import AnnotatorPool
+from loopserve.cli.demo.stack import Stack, link_base_versions, new_run_folder, sigterm_as_interrupt
+from loopserve.client import Client
+from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
+from loopserve.feedback.v1 import feedback_pb2
+from loopserve.models.store import ModelStore, version_number
+
+logger = logging.getLogger(__name__)
+
+CEILING_REFERENCE = 0.852
+"""MiniLM fully fine-tuned on all 4,000 Fine Food train labels (3 epochs, 256 tokens): DESIGN.md. Quoted
+only for Fine Food; another data set gets a ceiling only when measured (--measure-ceiling)."""
+
+
+@dataclass
+class AnnotationDemoOptions:
+    data_dir: Path = Path("./.loopserve")
+    """The main data dir: its store holds the base versions, its runs/ gets this run's folder."""
+    store_dir: Path | None = None
+    """The store holding the base versions (default <data-dir>/store)."""
+    dataset: Path | None = None
+    """A JSONL / CSV with text, label[, split]; default: Fine Food (pulled on first use)."""
+    quick: bool = False
+    """A small run for CI (a subset of the data; minutes)."""
+    budget_fraction: float = 0.3
+    """Human interactions allowed, as a share of the train items streamed."""
+    audit_fraction: float = 0.05
+    """Share of the items the policy is sure of that still go to a person (to measure auto-labels)."""
+    error_rate: float = 0.05
+    """Mean error rate of the simulated annotators."""
+    double_review: float = 0.1
+    """Share of reviewed items that a second annotator also reviews."""
+    annotators: int = 5
+    """Simulated annotators in the pool."""
+    chunk: int = 100
+    """Items per Annotate call of the app."""
+    round_labels: int = 150
+    """Human labels per trainer round once labels are many (--round-min-events)."""
+    round_growth: float = 1.0
+    """Earlier rounds: once the new labels reach this multiple of the labels already trained on (12, 24,
+    48, ...), so the first checked version serves after tens of labels (--annotator-round-growth)."""
+    review_threshold: float = 0.8
+    """needs_review when the top calibrated probability is under this (PolicyConfig)."""
+    epochs: float = 0.0
+    """Passes over the verified labels per round; 0 scales them with the data (many over few labels)."""
+    max_steps: int = 0
+    """Cap on optimizer steps (batch 16) per round; 0: `epochs` full passes over the replay buffer.
+    (A cap makes rounds cheap but a gated round then throws its few steps away and the next one starts
+    from the same serving weights with as few: the loop can stall. Full passes grow with the buffer.)"""
+    max_length: int = 128
+    """Tokens per item in training and serving (the services truncate to it too)."""
+    heldout_fraction: float = 0.15
+    """Share of verified items the trainer keeps for its gate."""
+    min_eval_items: int = 30
+    """Gate: held-out items needed before the first publish."""
+    min_lift_z: float = 0.0
+    """Gate, many labels: standard errors by which held-out accuracy must beat the held-out majority rate.
+    Off in the demo: the held-out slice (items the policy was unsure of) has a skewed majority rate. The
+    few-labels gate keeps its own test of signal (cv_serve_z, cv_lift_z)."""
+    cv_max_items: int = 300
+    """Gate: below this many verified labels rounds are cross-fitted from the base (no held-out slice)."""
+    train_items: int = 0
+    """Stream only this many train items (0: all)."""
+    test_items: int = 0
+    """Evaluate on this many test items (0: all)."""
+    seed: int = 0
+    measure_ceiling: bool = False
+    """Train on every train label (slow); without it only Fine Food quotes a (reference) ceiling."""
+    label_descriptions: Path | None = None
+    """--dataset: JSON {label: description} for the zero-shot base (default: each label's name)."""
+    round_timeout_s: float = 600.0
+    """Longest the app waits for one trainer round."""
+    explore: str = "off"
+    """How the policy service chooses the served label (--explore): off | epsilon-greedy | softmax | ucb.
+    Exploring puts other labels in front of people (each one flagged needs_review, so it costs review
+    budget) and logs true propensities for off-policy evaluation."""
+    explore_epsilon: float = 0.1
+    """epsilon-greedy: share of items served a random label (--explore-epsilon)."""
+    online: bool = True
+    """Run the annotator's online tier beside the trainer: a head refit every `online_every` labels."""
+    online_every: int = 4
+    """Online tier: new verified labels per head round."""
+    serve_dtype: str = "bfloat16"
+    """The policy service's weights (bf16: DESIGN's fast path on this CPU, ~3x fp32 at batch 32+); the
+    offline baselines are evaluated in the same dtype so that the comparison stays like for like."""
+
+    def apply_quick(self) -> None:
+        self.train_items, self.test_items = self.train_items or 400, self.test_items or 200
+        self.chunk, self.round_labels, self.round_growth = 60, 60, 2.0
+        self.max_length, self.max_steps = 64, self.max_steps or 24
+        self.heldout_fraction, self.min_eval_items = 0.25, 15
+        self.round_timeout_s = min(self.round_timeout_s, 300.0)
+
+
+@dataclass
+class VersionPoint:
+    version: str
+    human_labels: int
+    accuracy: float
+    published_at: float | None = None
+    served_at: float | None = None
+    eval_seconds: float = 0.0
+
+
+@dataclass
+class ChunkPoint:
+    t: float
+    items: int
+    human_labels: int
+    version: str
+    review_rate: float
+    """Share of the chunk the policy flagged needs_review."""
+    auto_share: float
+    """Share of the chunk auto-labelled (no person saw it)."""
+    auto_accuracy: float | None
+    """Accuracy of the auto-labels against the data's labels."""
+
+
+def _label_probs(ann: Any, labels: list[str]) -> np.ndarray:
+    """(L,) the label distribution of one Annotate answer, in `labels` order (absent labels 0)."""
+    probs = np.zeros(len(labels))
+    for lb in ann.labels:
+        probs[labels.index(lb.label)] = lb.score
+    return probs
+
+
+@dataclass
+class ItemLabel:
+    """Where one streamed item stands: a person labelled it, a checked version auto-labelled it, or it
+    waits in the backlog (flagged, and no budget to show it to anyone yet)."""
+
+    status: str
+    """"human" | "auto" | "backlog"."""
+    label: str = ""
+    version: str = ""
+    event_id: str = ""
+    """The Annotate decision a person's review of this item refers to (the latest one)."""
+    probs: np.ndarray | None = None
+    """Backlog items: that decision's label distribution, for the router."""
+
+
+@dataclass
+class AnnotationRun:
+    opts: AnnotationDemoOptions
+    run: Path
+    labels: list[str]
+    train: list[Example]
+    test: list[Example]
+    t0: float = field(default_factory=time.monotonic)
+    versions: list[VersionPoint] = field(default_factory=list)
+    chunks: list[ChunkPoint] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    human_labels: int = 0
+    items_seen: int = 0
+    auto_total: int = 0
+    auto_correct: int = 0
+    auto_unchecked: int = 0
+    """Items auto-labelled on the word of an unchecked version: must stay 0."""
+    items: dict[int, ItemLabel] = field(default_factory=dict)
+    reannotated: int = 0
+    """Annotate decisions spent re-annotating the backlog and the auto-labelled items after swaps."""
+    dataset: dict[str, Any] = field(default_factory=dict)
+    """The exported labelled data set, scored against the data's labels."""
+    labels_at_last_round: int = 0
+    serving: str = "v0"
+    status: str = "starting"
+    passive: dict[str, float] = field(default_factory=dict)
+    ceiling: dict[str, Any] = field(default_factory=dict)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+def _dataset(opts: AnnotationDemoOptions) -> tuple[list[Example], list[Example]]:
+    path = opts.dataset or pull_finefoods(opts.data_dir / "data")
+    train, test = load_dataset(path, seed=opts.seed)
+    rng = random.Random(opts.seed)
+    rng.shuffle(train)  # the order the app streams them in
+    if opts.train_items:
+        train = train[: opts.train_items]
+    if opts.test_items:
+        test = random.Random(opts.seed + 1).sample(test, min(opts.test_items, len(test)))
+    return train, test
+
+
+def _prepare_store(opts: AnnotationDemoOptions, run: Path, labels: list[str]) -> None:
+    main_store = opts.store_dir or opts.data_dir / "store"
+    link_base_versions(main_store, run / "store", ["annotator", "reward"])
+    store = ModelStore(run / "store")
+    served = json.loads((store.path("annotator", "v0") / "head.json").read_text())
+    if sorted(x["name"] for x in served["labels"]) != sorted(labels):
+        # Another data set: a fresh zero-shot base annotator for its labels, in this run's store only.
+        import shutil
+
+        from loopserve.models import provision
+
+        shutil.rmtree(run / "store" / "models" / "annotator")
+        described: dict[str, str] = {}
+        if opts.label_descriptions is not None:
+            described = {str(k): str(v) for k, v in json.loads(Path(opts.label_descriptions).read_text()).items()}
+            unknown = sorted(set(described) - set(labels))
+            if unknown:
+                raise ValueError(f"--label-descriptions names labels the data set does not have: {unknown[:5]}")
+        spec = {
+            "task": served.get("task", "sentiment"),
+            "labels": [{"name": x, "description": described.get(x, x)} for x in labels],
+        }
+        (run / "labels.json").write_text(json.dumps(spec))
+        provision.pull(store, models=["annotator"], labels_file=run / "labels.json")
+
+
+def _policy_flags(opts: AnnotationDemoOptions) -> list[str]:
+    return [
+        *["--review-threshold", str(opts.review_threshold)],
+        *["--max-input-tokens", str(opts.max_length)],
+        *["--dtype", opts.serve_dtype],
+        *["--explore", opts.explore, "--explore-epsilon", str(opts.explore_epsilon)],
+    ]
+
+
+def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
+    objectives = {
+        "annotator": {"epochs": opts.epochs, "max_length": opts.max_length, "max_steps": opts.max_steps},
+        "gate": {
+            "min_eval_items": opts.min_eval_items,
+            "min_lift_z": opts.min_lift_z,
+            "cv_max_items": opts.cv_max_items,
+        },
+    }
+    path = run / "objectives.json"
+    path.write_text(json.dumps(objectives, indent=2))
+    return [
+        "--models",
+        "annotator",
+        "--round-min-events",
+        str(opts.round_labels),
+        "--annotator-round-growth",
+        str(opts.round_growth),
+        "--round-interval-s",
+        "15" if opts.quick else "30",
+        "--heldout-fraction",
+        str(opts.heldout_fraction),
+        "--poll-interval-s",
+        "0.5",
+        "--seed",
+        str(opts.seed),
+        "--objectives-json",
+        str(path),
+    ]
+
+
+def _evaluate(client: Client, test: list[Example], batch: int = 128) -> tuple[str, float]:
+    """Accuracy of the served top label on the test split, through Annotate; (version, accuracy)."""
+    for _attempt in range(3):
+        versions, correct = set(), 0
+        for i in range(0, len(test), batch):
+            part = test[i : i + batch]
+            r = client.annotate([e.text for e in part], top_k=1, timeout_s=300)
+            versions.add(r.model_version)
+            correct += sum(a.labels[0].label == e.label for a, e in zip(r.annotations, part, strict=True))
+        if len(versions) == 1:
+            return versions.pop(), correct / len(test)
+        # A swap landed mid-evaluation: evaluate again on the one version now serving.
+    raise RuntimeError("the served version kept changing during evaluation")
+
+
+def _annotator_rounds(run: Path) -> list[dict[str, Any]]:
+    path = run / "trainer" / "rounds.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return [r for r in rows if r.get("model") == "annotator"]
+
+
+@functools.lru_cache(maxsize=256)
+def _manifest(run: Path, version: str) -> dict[str, Any]:
+    """A published version's manifest (versions never change once published: read each once)."""
+    return dict(json.loads((run / "store" / "models" / "annotator" / version / "manifest.json").read_text()))
+
+
+def _checked(run: Path, version: str) -> bool:
+    """Whether the trainer's gate checked `version` (its manifest says so): only then may it auto-label."""
+    return bool(_manifest(run, version).get("meta", {}).get("checked"))
+
+
+def _published_at(run: Path, version: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.fromisoformat(_manifest(run, version)["created"]).timestamp()
+
+
+class AnnotationDemo:
+    def __init__(self, opts: AnnotationDemoOptions) -> None:
+        if opts.quick:
+            opts.apply_quick()
+        self.opts = opts
+
+    # ---- the trainer side, as the app sees it ------------------------------------------------------
+
+    def _wait_round(self, st: AnnotationRun, stack: Stack, client: Client, seen: int, refresh: Any) -> int:
+        """Wait for the next annotator round after `seen` rows; evaluate what it published."""
+        deadline = time.monotonic() + self.opts.round_timeout_s
+        st.status = "trainer round running"
+        refresh()
+        labels = st.human_labels
+        while True:
+            stack.check_alive()
+            rows = _annotator_rounds(st.run)
+            if len(rows) > seen:
+                break
+            if time.monotonic() > deadline:
+                logger.warning("no trainer round within %.0fs; streaming on", self.opts.round_timeout_s)
+                return seen
+            time.sleep(0.3)
+            refresh()
+        new = [r for r in rows[seen:] if r.get("result") != "skipped"]
+        if not new:  # only skipped rounds (too little held-out data yet): keep streaming
+            return len(rows)
+        st.labels_at_last_round = labels
+        for row in new:
+            st.rounds.append({**row, "human_labels": labels, "t": st.elapsed()})
+            if row.get("result") == "published" and row.get("version"):
+                self._swap_and_evaluate(st, client, row["version"], labels, refresh)
+        return len(rows)
+
+    def _swap_and_evaluate(self, st: AnnotationRun, client: Client, version: str, labels: int, refresh: Any) -> None:
+        st.status = f"waiting for the policy to serve {version}"
+        refresh()
+        deadline = time.monotonic() + 120
+        # The online tier may already have published a head on top of `version`: serving that counts.
+        while version_number(client.model_info().annotator_version) < version_number(version):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the policy did not swap to {version} within 120s")
+            time.sleep(0.1)
+        served_at = time.time()
+        st.serving = version
+        st.status = f"evaluating {version} on the test split"
+        refresh()
+        t = time.monotonic()
+        got, acc = _evaluate(client, st.test)
+        st.versions.append(
+            VersionPoint(got, labels, acc, _published_at(st.run, version), served_at, time.monotonic() - t)
+        )
+        st.status = f"{version} re-annotating the backlog and the auto-labelled items"
+        refresh()
+        self._reannotate(st, client, version)
+
+    # ---- the app ---------------------------------------------------------------------------------------
+
+    def _round_due(self, st: AnnotationRun) -> bool:
+        """Whether the trainer is due an annotator round (its own rule: `round_labels` new labels, or
+        `round_growth` times the labels it had, at least 12)."""
+        had, new = st.labels_at_last_round, st.human_labels - st.labels_at_last_round
+        early = self.opts.round_growth > 0 and new >= max(12, self.opts.round_growth * had)
+        return new >= self.opts.round_labels or early
+
+    def _review_chunk(
+        self, st: AnnotationRun, pool: AnnotatorPool, part: list[Example], resp: Any, rng: random.Random
+    ) -> list[feedback_pb2.FeedbackEvent]:
+        """Route one chunk: the chunk's share of the budget goes to a random audit of the confident items
+        (checked versions only), then to the router's picks (coverage while an unchecked version serves,
+        the least certain item of each cluster once a checked one does); flagged items left over wait in
+        the backlog, and only a checked version's confident items are auto-labelled.
+
+        The share follows a pace line (by the time n items have streamed, at most budget_fraction * n
+        interactions are spent, unspent share carrying over), so the budget is spread over the whole
+        stream instead of going to whatever comes first."""
+        budget = int(self.opts.budget_fraction * len(st.train))
+        pace = min(budget, int(self.opts.budget_fraction * (st.items_seen + len(part))))
+        anns = resp.annotations
+        checked = _checked(st.run, resp.model_version)
+        probs = np.stack([_label_probs(a, st.labels) for a in anns]) if anns else np.zeros((0, len(st.labels)))
+        needs = [a.needs_review for a in anns]
+        quota = max(pace - pool.reviews, 0)
+        audits = [
+            i for i, a in enumerate(anns) if checked and not a.needs_review and rng.random() < self.opts.audit_fraction
+        ]
+        # The router's candidates: this chunk, then every flagged item still waiting in the backlog, so a
+        # person's next item is the most useful one pending rather than one of the last `chunk`.
+        waiting = {k: it.probs for k, it in st.items.items() if it.status == "backlog" and it.probs is not None}
+        keys = [st.items_seen + i for i in range(len(part))] + list(waiting)
+        cand_probs = np.concatenate([probs, *([np.stack(list(waiting.values()))] if waiting else [])])
+        routed = pick_for_review(
+            [e.text for e in part] + [st.train[k].text for k in waiting],
+            cand_probs,
+            needs + [True] * len(waiting),
+            max(quota - len(audits), 0),
+            checked=checked,
+            rng=rng,
+        )
+        order = list(dict.fromkeys([st.items_seen + i for i in audits] + [keys[j] for j in routed]))
+        in_chunk = {st.items_seen + i: (anns[i].event_id, anns[i].labels[0].label) for i in range(len(part))}
+        events, reviewed = [], set()
+        for k in order:
+            if pool.reviews >= pace:
+                break
+            event_id, served = in_chunk.get(k) or (st.items[k].event_id, st.items[k].label)
+            reviewed.add(k)
+            for rv in pool.review(st.train[k].label, served, max_reviews=pace - pool.reviews):
+                key = f"{st.run.name}:{event_id}:{rv.annotator_id}"
+                if rv.kind == "accept":
+                    ev = feedback_pb2.FeedbackEvent(
+                        idempotency_key=key,
+                        annotator_id=rv.annotator_id,
+                        accept=feedback_pb2.LabelAccept(event_id=event_id),
+                    )
+                else:
+                    ev = feedback_pb2.FeedbackEvent(
+                        idempotency_key=key,
+                        annotator_id=rv.annotator_id,
+                        correction=feedback_pb2.LabelCorrection(event_id=event_id, label=rv.label),
+                    )
+                events.append(ev)
+                st.items[k] = ItemLabel("human", rv.label, resp.model_version)
+        auto = auto_ok = 0
+        for i, (ex, ann) in enumerate(zip(part, anns, strict=True)):
+            if st.items_seen + i in reviewed:
+                continue
+            if ann.needs_review:
+                st.items[st.items_seen + i] = ItemLabel(
+                    "backlog", ann.labels[0].label, resp.model_version, ann.event_id, probs[i]
+                )
+                continue
+            auto += 1
+            auto_ok += ann.labels[0].label == ex.label
+            st.auto_unchecked += not checked
+            st.items[st.items_seen + i] = ItemLabel("auto", ann.labels[0].label, resp.model_version, ann.event_id)
+        st.auto_total += auto
+        st.auto_correct += auto_ok
+        st.human_labels = pool.reviews
+        st.items_seen += len(part)
+        st.chunks.append(
+            ChunkPoint(
+                st.elapsed(),
+                st.items_seen,
+                st.human_labels,
+                resp.model_version,
+                sum(needs) / len(part),
+                auto / len(part),
+                auto_ok / auto if auto else None,
+            )
+        )
+        return events
+
+    def _reannotate(self, st: AnnotationRun, client: Client, version: str) -> None:
+        """The newly served version answers again for every item no person labelled (backlog and
+        auto-labelled): one decision per item and version in the log; confident answers of a checked
+        version leave the backlog as auto-labels, unsure ones (or any answer of an unchecked version)
+        stay in or go back to it."""
+        todo = [k for k, it in st.items.items() if it.status != "human"]
+        for start in range(0, len(todo), 128):
+            keys = todo[start : start + 128]
+            r = client.annotate([st.train[k].text for k in keys], top_k=0, timeout_s=300)
+            st.reannotated += len(keys)
+            for k, ann in zip(keys, r.annotations, strict=True):
+                status = "backlog" if ann.needs_review else "auto"
+                st.items[k] = ItemLabel(
+                    status, ann.labels[0].label, r.model_version, ann.event_id, _label_probs(ann, st.labels)
+                )
+                st.auto_unchecked += status == "auto" and not _checked(st.run, r.model_version)
+
+    def run(self) -> Path:
+        from rich.console import Console
+
+        opts = self.opts
+        console = Console()
+        train, test = _dataset(opts)
+        labels = label_set(train + test)
+        run = new_run_folder(opts.data_dir, "annotation")
+        (run / "options.json").write_text(json.dumps(asdict(opts), indent=2, default=str))
+        st = AnnotationRun(opts, run, labels, train, test)
+        console.print(f"run folder: {run}")
+        console.print(
+            f"data: {len(train)} train items streamed, {len(test)} test items, labels {labels}; "
+            f"human budget {int(opts.budget_fraction * len(train))} interactions"
+        )
+        _prepare_store(opts, run, labels)
+        pool = AnnotatorPool(
+            labels, size=opts.annotators, error_rate=opts.error_rate, double_review=opts.double_review, seed=opts.seed
+        )
+        stack = Stack(
+            run,
+            trainer_flags=_trainer_flags(opts, run),
+            online_trainer_flags=(
+                [
+                    *["--models", "annotator_head", "--trainer-subdir", "trainer-online"],
+                    *["--head-round-labels", str(opts.online_every), "--poll-interval-s", "0.5"],
+                    *["--objectives-json", str(run / "objectives.json")],
+                ]
+                if opts.online
+                else None
+            ),
+            policy_flags=_policy_flags(opts),
+        )
+        sigterm_as_interrupt()
+        rng = random.Random(opts.seed + 1)
+        try:
+            stack.start()
+            st.status = "starting the services"
+            with report.LiveView(console, lambda: report.live_table(st), lambda: report.live_line(st)) as view:
+                refresh = view.refresh
+                refresh()
+                ready = stack.wait_ready()
+                st.status = f"services ready in {ready:.0f}s; evaluating v0"
+                refresh()
+                with (
+                    Client(stack.policy_target, stack.token("client"), timeout_s=120) as app,
+                    Client(stack.policy_target, stack.token("annotator"), timeout_s=120) as people,
+                ):
+                    t = time.monotonic()
+                    version, acc = _evaluate(app, test)
+                    st.versions.append(VersionPoint(version, 0, acc, None, None, time.monotonic() - t))
+                    st.serving = version
+                    seen = 0
+                    for i in range(0, len(train), opts.chunk):
+                        stack.check_alive()
+                        part = train[i : i + opts.chunk]
+                        st.status = "streaming"
+                        resp = app.annotate([e.text for e in part], top_k=0)
+                        events = self._review_chunk(st, pool, part, resp, rng)
+                        if events:
+                            people.submit(events)
+                        refresh()
+                        if self._round_due(st):
+                            seen = self._wait_round(st, stack, app, seen, refresh)
+                    if st.human_labels > st.labels_at_last_round:
+                        st.status = "waiting for the last round"
+                        seen = self._wait_round(st, stack, app, seen, refresh)
+                    st.status = "loop done; stopping the services"
+                    refresh()
+            stack.stop()
+            st.dataset = self._export_dataset(st)
+            self._baselines(st, pool, console)
+        except KeyboardInterrupt:
+            stack.stop()
+            console.print(f"interrupted: stopped every process the demo started; log and store in {run}")
+            raise
+        finally:
+            stack.stop()
+        summary = report.write_annotation_report(st, pool)
+        console.print(report.summary_lines(summary))
+        print(run)
+        return run
+
+    def _export_dataset(self, st: AnnotationRun) -> dict[str, Any]:
+        """`loopserve dataset export` on the run's log (dataset.jsonl, 0600), scored against the data's labels."""
+        from loopserve.feedback_log import open_feedback_log
+        from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
+
+        truth = {e.text: e.label for e in st.train[: st.items_seen]}
+        counts: dict[str, list[int]] = {}
+        rows = []
+        with open_feedback_log(str(st.run / "feedback.sqlite3")) as log:
+            for row in labelled_dataset(log, store=ModelStore(st.run / "store")):
+                if row.text not in truth:
+                    continue
+                rows.append(row)
+                kind = "human" if row.source == "human" else ("model" if row.model_checked else "unchecked model")
+                c = counts.setdefault(kind, [0, 0])
+                c[0] += 1
+                c[1] += row.label == truth[row.text]
+        export_dataset(iter(rows), st.run / "dataset.jsonl")
+        n = sum(c[0] for c in counts.values())
+        return {
+            "items": n,
+            "accuracy": sum(c[1] for c in counts.values()) / n if n else float("nan"),
+            "by_source": {k: {"items": c[0], "accuracy": c[1] / c[0]} for k, c in counts.items()},
+            "file": str(st.run / "dataset.jsonl"),
+        }
+
+    def _baselines(self, st: AnnotationRun, pool: AnnotatorPool, console: Any) -> None:
+        opts = self.opts
+        import torch
+
+        from loopserve.device import pick_dtype
+        from trainer.annotation_policy import AnnotationPolicyConfig
+
+        cfg = AnnotationPolicyConfig(epochs=opts.epochs, max_length=opts.max_length, max_steps=opts.max_steps)
+        base = st.run / "store" / "models" / "annotator" / "v0"
+        published = [r["human_labels"] for r in st.rounds if r.get("result") == "published"]
+        schedule = published or [st.human_labels]
+        budget = schedule[-1]
+        noisy = AnnotatorPool(
+            st.labels, size=opts.annotators, error_rate=opts.error_rate, double_review=0.0, seed=opts.seed + 1
+        )
+        labelled = passive.passive_labels(st.train, budget, noisy.noisy_label, opts.seed)
+        console.print(f"passive baseline: {budget} random items, the loop's schedule {schedule}, trained offline ...")
+        dtype = pick_dtype(opts.serve_dtype, torch.device("cpu"))
+        res = passive.train_offline(
+            base,
+            labelled,
+            schedule,
+            st.test,
+            cfg,
+            heldout_fraction=opts.heldout_fraction,
+            cv_max_items=opts.cv_max_items,
+            eval_dtype=dtype,
+        )
+        st.passive = res
+        console.print(f"passive: accuracy {res['accuracy']:.3f} with {budget} labels in {res['seconds']:.0f}s")
+        if opts.measure_ceiling:
+            console.print(f"ceiling: all {len(st.train)} train labels, 3 epochs, trained offline ...")
+            cfg3 = AnnotationPolicyConfig(epochs=3.0, max_length=opts.max_length)
+            all_labels = [(e.text, e.label) for e in st.train]
+            res = passive.train_offline(
+                base, all_labels, [len(all_labels)], st.test, cfg3, heldout_fraction=0.0, eval_dtype=dtype
+            )
+            st.ceiling = {"accuracy": res["accuracy"], "measured": True, "seconds": res["seconds"]}
+        elif opts.dataset is None:  # Fine Food: the reference figure, said to be one
+            st.ceiling = {"accuracy": CEILING_REFERENCE, "measured": False}
+        else:  # no ceiling from another data set
+            st.ceiling = {}

@@ -1,0 +1,250 @@
+"""The annotation loop where labels are scarce: the few-labels round and gate, cold-start routing, the
+backlog re-annotated by a newly served version, and the labelled data set exported from the log.
+
+Tiny annotators learn a planted signal (sentiment words) here: these tests are about the mechanics and
+the statistics of the gate; bench/learning.py measures the learning on real data."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loopserve.annotation.routing import pick_for_review
+from loopserve.feedback_log import Feedback, open_feedback_log
+from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
+from loopserve.models.store import ModelStore
+from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
+    LOG_LABEL_SETS,
+    base_store,
+    data_dir,
+    label_decision,
+    small_args,
+    write_label_stream,
+)
+from trainer.gate import GateConfig, gate_annotator_cv
+from trainer.loop import read_rounds, run_trainer
+from trainer.oof_evidence import loo_calibrated_probs, signal_test
+
+
+def few_label_args(data_dir: Path, **kw):  # type: ignore[no-untyped-def]  # noqa: F811
+    args = small_args(data_dir, models="annotator", **kw)
+    args.gate = GateConfig(cv_max_items=300, cv_folds=2, min_cv_items=12)
+    args.annotator.epochs = 0.0  # scaled with the data, as the few-labels recipe runs
+    return args
+
+
+def test_a_few_dozen_labels_publish_a_checked_version_with_no_held_out_slice(data_dir: Path) -> None:  # noqa: F811
+    """64 verified labels: no 30-item held-out slice could exist at a 15-25% share, yet the cross-fitted
+    round publishes, calibrated out of fold, and says so in the manifest."""
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, random.Random(11), 64)
+    args = few_label_args(data_dir)
+    run_trainer(args)
+    [row] = read_rounds(args)
+    assert row["result"] == "published", (row["reasons"], row["metrics"])
+    m = row["metrics"]
+    assert m["n"] == 64 and m["accuracy"] > m["majority_rate"] and m["folds"] == 2
+    assert m["signal_z"] > 2.0 and m["brier_gain"] > 0  # signal, and calibrated probabilities beat the base rate
+    manifest = ModelStore(data_dir / "store").get("annotator", row["version"])
+    assert manifest.meta["checked"] is True and manifest.meta["evidence"] == "cross-fit"
+    assert manifest.meta["cursor"] > 0  # later labels are the ones this version never saw
+
+
+def test_random_labels_are_refused_by_the_few_labels_gate(data_dir: Path) -> None:  # noqa: F811
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, random.Random(5), 60, random_labels=True)
+    args = few_label_args(data_dir)
+    run_trainer(args)
+    [row] = read_rounds(args)
+    assert row["result"] == "gated" and any("no clear signal" in r for r in row["reasons"]), row
+    assert ModelStore(data_dir / "store").latest("annotator") == "v0"
+
+
+def test_too_few_labels_skip_the_round() -> None:
+    d = gate_annotator_cv(
+        {"n": 8, "accuracy": 1.0, "majority_rate": 0.5, "brier_gain": 0.5, "signal_z": 3.0}, GateConfig()
+    )
+    assert not d.publish and "need 12" in d.summary()
+
+
+def test_a_significant_regression_on_labels_serving_never_saw_is_refused() -> None:
+    oof = {"n": 200, "accuracy": 0.8, "majority_rate": 0.6, "brier_gain": 0.2, "signal_z": 6.0}
+    assert gate_annotator_cv({**oof, "broken": 12, "fixed": 10}, GateConfig()).publish  # noise
+    d = gate_annotator_cv({**oof, "broken": 30, "fixed": 5}, GateConfig())
+    assert not d.publish and "never saw" in d.summary()
+
+
+def test_the_router_covers_the_chunk_before_trusting_confidence() -> None:
+    rng = random.Random(0)
+    topics = ["tea leaves", "dog food", "hot sauce", "coffee beans"]
+    texts = [f"{topics[i % 4]} review number {i}" for i in range(80)]
+    probs = np.array([[0.5 + i / 200, 0.5 - i / 200] for i in range(80)])
+    # Unchecked: confidence ignored, one typical item per cluster: every topic is covered.
+    picks = pick_for_review(texts, probs, [True] * 80, 4, checked=False, rng=rng)
+    assert len(picks) == 4 and {i % 4 for i in picks} == {0, 1, 2, 3}
+    # Checked: only flagged items, the least certain of each cluster.
+    flagged = [i % 2 == 0 for i in range(80)]
+    picks = pick_for_review(texts, probs, flagged, 2, checked=True, rng=rng)
+    assert len(picks) == 2 and all(flagged[i] for i in picks)
+    assert {i % 4 for i in picks} == {0, 2}
+    for i in picks:  # the least certain (lowest index, closest to 0.5) of its topic among flagged items
+        assert i == min(j for j in range(80) if j % 4 == i % 4)
+    assert pick_for_review(texts, probs, [False] * 80, 5, checked=True, rng=rng) == []
+
+
+def test_the_labelled_data_set_takes_people_first_then_the_latest_version(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path / "store")
+    for version, meta in (("v0", {"base": True}), ("v1", {"checked": True})):
+        src = tmp_path / version
+        src.mkdir()
+        (src / "weights.txt").write_text(version)
+        store.publish_version("annotator", src, meta=meta)
+    with open_feedback_log(str(tmp_path / "log.sqlite3")) as log:
+        log.append_decisions(
+            [
+                label_decision("a0", "tea is great", "great", 0.6),
+                label_decision("b0", "tea is bad", "great", 0.55),
+                label_decision("c0", "tea is fine", "other", 0.7),
+            ]
+        )
+        later = label_decision("c1", "tea is fine", "great", 0.9)
+        log.append_decisions([type(later)(**{**later.to_dict(), "model_version": "v1", "output": later.output})])
+        log.append_feedback(
+            [
+                Feedback("accept", "k1", event_id="a0"),
+                Feedback("correction", "k2", event_id="b0", label="other"),
+            ],
+            LOG_LABEL_SETS,
+        )
+        rows = {r.text: r for r in labelled_dataset(log, store=store)}
+        out = tmp_path / "dataset.jsonl"
+        assert export_dataset(iter(rows.values()), out) == 3
+    assert (rows["tea is great"].label, rows["tea is great"].source) == ("great", "human")
+    assert (rows["tea is bad"].label, rows["tea is bad"].source) == ("other", "human")
+    fine = rows["tea is fine"]  # nobody labelled it: the latest version's answer, with its probability
+    assert (fine.label, fine.source, fine.model_version, fine.model_checked) == ("great", "model", "v1", True)
+    assert fine.probability == pytest.approx(0.9)
+    assert out.stat().st_mode & 0o777 == 0o600
+
+
+async def test_the_online_tier_publishes_a_head_only_version_that_the_service_swaps_in(
+    data_dir: Path,  # noqa: F811
+) -> None:
+    """Corrections through FeedbackService -> a head round on cached embeddings -> a version that shares the
+    encoder's weights file with its parent -> the running policy service answers with it."""
+    import asyncio
+
+    from loopserve.feedback.v1 import feedback_pb2
+    from loopserve.models.encoder_heads import HEAD_WEIGHTS_FILE, WEIGHTS_FILE
+    from tests.e2e.test_trainer_loop import review
+    from tests.support.policy_harness import policy_config, start_policy
+
+    running = await start_policy(policy_config(data_dir, generator=False))
+    try:
+        rng = random.Random(3)
+        truth = [rng.random() < 0.5 for _ in range(40)]
+        texts = [review(rng, positive) for positive in truth]
+        async with running.client() as app, running.client("annotator") as people:
+            r = await app.annotate(texts, top_k=0)
+            assert r.model_version == "v0" and all(a.needs_review for a in r.annotations)  # unchecked base
+            events = []
+            for i, (a, positive) in enumerate(zip(r.annotations, truth, strict=True)):
+                label = "great" if positive else "other"
+                if a.labels[0].label == label:
+                    events.append(
+                        feedback_pb2.FeedbackEvent(
+                            idempotency_key=f"k{i}", accept=feedback_pb2.LabelAccept(event_id=a.event_id)
+                        )
+                    )
+                else:
+                    events.append(
+                        feedback_pb2.FeedbackEvent(
+                            idempotency_key=f"k{i}",
+                            correction=feedback_pb2.LabelCorrection(event_id=a.event_id, label=label),
+                        )
+                    )
+            ack = await people.submit(events)
+            assert all(x.accepted for x in ack.results)
+            args = small_args(data_dir, models="annotator_head", trainer_subdir="trainer-online")
+            args.gate = GateConfig(min_cv_items=12)
+            await asyncio.to_thread(run_trainer, args)
+            [row] = read_rounds(args)
+            assert row["model"] == "annotator_head" and row["result"] == "published", row
+            store = ModelStore(data_dir / "store")
+            v1, v0 = store.path("annotator", row["version"]), store.path("annotator", "v0")
+            assert (v1 / HEAD_WEIGHTS_FILE).is_file()
+            assert (v1 / WEIGHTS_FILE).stat().st_ino == (v0 / WEIGHTS_FILE).stat().st_ino  # shared, not copied
+            assert store.get("annotator", row["version"]).meta["checked"] is True
+            store.verify("annotator", row["version"])
+
+            async def served() -> bool:
+                return (await app.annotate(texts[:2])).model_version == row["version"]
+
+            deadline = asyncio.get_running_loop().time() + 60
+            while not await served():
+                assert asyncio.get_running_loop().time() < deadline, "the service never swapped to the head version"
+                await asyncio.sleep(0.2)
+            r = await app.annotate(texts, top_k=0)
+            correct = sum(
+                a.labels[0].label == ("great" if p else "other") for a, p in zip(r.annotations, truth, strict=True)
+            )
+            assert correct / len(texts) > 0.75  # it learnt the planted signal from the corrections
+            assert all(a.needs_review == (a.labels[0].score < 0.8) for a in r.annotations)  # checked now
+    finally:
+        await running.app.stop(grace_s=0)
+
+
+def test_weak_evidence_serves_unchecked_and_never_displaces_a_checked_version() -> None:
+    """Between the serve bar and the checking bar a candidate may replace an unchecked version (better
+    suggestions, still no auto-labels), but never a checked one."""
+    weak = {"n": 60, "accuracy": 0.7, "majority_rate": 0.65, "brier_gain": 0.03, "signal_z": 1.8}
+    d = gate_annotator_cv(weak, GateConfig())
+    assert d.publish and not d.checked
+    strong = gate_annotator_cv({**weak, "signal_z": 3.0}, GateConfig())
+    assert strong.publish and strong.checked
+    # Signal, but probabilities no better than the base rate once calibrated: serves, never auto-labels.
+    miscalibrated = gate_annotator_cv({**weak, "signal_z": 3.0, "brier_gain": -0.01}, GateConfig())
+    assert miscalibrated.publish and not miscalibrated.checked
+    noise = gate_annotator_cv({**weak, "signal_z": 0.4}, GateConfig())
+    assert not noise.publish and not noise.checked
+
+
+def test_the_signal_test_holds_its_false_positive_rate_and_finds_a_weak_real_signal() -> None:
+    """Under the null (answers independent of the labels) z is ~N(0, 1): the serve bar (1.645) passes about
+    one model in twenty, the checking bar (2) fewer. A weak real signal from 50 items (two folds whose
+    models differ in scale by 5x, as fold models trained on 25 labels do) clears the checking bar."""
+    gen = torch.Generator().manual_seed(0)
+    zs = []
+    for _ in range(300):
+        labels = (torch.rand(50, generator=gen) < 0.34).long()
+        logits = torch.randn(50, 2, generator=gen) * 3
+        zs.append(signal_test(logits, labels, torch.arange(50) % 2, permutations=400)[0])
+    zs_t = torch.tensor(zs)
+    assert abs(float(zs_t.mean())) < 0.2 and 0.8 < float(zs_t.std()) < 1.2
+    assert float((zs_t > GateConfig().cv_serve_z).float().mean()) < 0.1
+    hits = 0
+    for _ in range(20):
+        labels = (torch.rand(50, generator=gen) < 0.34).long()
+        folds = torch.arange(50) % 2
+        score = (labels.float() * 2 - 1) + torch.randn(50, generator=gen) * 1.2  # AUC ~0.8
+        scale = torch.where(folds == 0, 1.0, 5.0)
+        logits = torch.stack([torch.zeros(50), score * scale], 1)
+        z, p = signal_test(logits, labels, folds)
+        hits += z > GateConfig().cv_lift_z and p < 0.05
+    assert hits >= 16
+
+
+def test_leave_one_out_calibration_never_reads_an_items_own_label() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits, labels = torch.randn(40, 3, generator=gen) * 4, torch.randint(0, 3, (40,), generator=gen)
+    folds = torch.arange(40) % 2
+    probs = loo_calibrated_probs(logits, labels, folds)
+    flipped = labels.clone()
+    flipped[7] = (flipped[7] + 1) % 3
+    again = loo_calibrated_probs(logits, flipped, folds)
+    assert torch.allclose(probs[7], again[7])  # item 7's temperature came from the other items of its fold
+    assert torch.allclose(probs.sum(1), torch.ones(40))
