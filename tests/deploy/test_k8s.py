@@ -30,6 +30,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from loopserve.cli.serve import HIGH_THROUGHPUT_ENV
 from loopserve.config import (
     ADMIN_SERVICE,
     DEFAULT_GRACE_S,
@@ -587,6 +588,9 @@ def test_rayservice_key_fields(rendered: Rendered, serve_config: Obj) -> None:
         assert ray["image"] == f"{IMAGE}:0.1.0-cpu", where
         assert 9000 in {p["containerPort"] for p in ray["ports"]}, where
         assert {m["mountPath"] for m in ray["volumeMounts"]} >= {"/tmp", "/dev/shm"}
+        # the ingress `loopserve serve` runs by default (HAProxy), set alike on every Ray pod
+        env = env_of(objs, ray)
+        assert {k: env.get(k) for k in HIGH_THROUGHPUT_ENV} == dict.fromkeys(HIGH_THROUGHPUT_ENV, "1"), where
     # the gRPC Service reaches the proxies' port on the Ray pods
     svc = find(objs, "Service", "loopserve-ray")["spec"]
     assert [(p["port"], p["targetPort"]) for p in svc["ports"]] == [(9000, 9000)]
