@@ -34,7 +34,7 @@ import numpy as np
 from loopserve.annotation.routing import pick_for_review
 from loopserve.cli.demo import passive, report
 from loopserve.cli.demo.annotators import AnnotatorPool
-from loopserve.cli.demo.stack import Stack, link_base_versions, new_run_folder, sigterm_as_interrupt
+from loopserve.cli.demo.stack import Stack, interrupt_on_signals, link_base_versions, new_run_folder
 from loopserve.client import Client
 from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
 from loopserve.feedback.v1 import feedback_pb2
@@ -527,7 +527,7 @@ class AnnotationDemo:
             ),
             policy_flags=_policy_flags(opts),
         )
-        sigterm_as_interrupt()
+        interrupt_on_signals()
         rng = random.Random(opts.seed + 1)
         try:
             stack.start()

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from loopserve.cli.demo import report
-from loopserve.cli.demo.stack import Stack, link_base_versions, new_run_folder, sigterm_as_interrupt
+from loopserve.cli.demo.stack import Stack, interrupt_on_signals, link_base_versions, new_run_folder
 from loopserve.client import Client
 from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
 from loopserve.feedback.v1 import feedback_pb2
@@ -345,7 +345,7 @@ class GenerationDemo:
             # bf16 serving: the fast path on this CPU (DESIGN: ~2x fp32 generation at batch 16).
             policy_flags=["--max-input-tokens", "128", "--dtype", "bfloat16"],
         )
-        sigterm_as_interrupt()
+        interrupt_on_signals()
         prompts = _prompts(opts.seed)
         try:
             stack.start()

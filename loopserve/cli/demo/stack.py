@@ -209,10 +209,17 @@ class Stack:
             atexit.unregister(self.stop)
 
 
-def sigterm_as_interrupt() -> None:
-    """SIGTERM to the demo behaves like Ctrl-C: unwinds through `finally`, which stops the stack."""
+def interrupt_on_signals() -> None:
+    """Ctrl-C (SIGINT) and SIGTERM both raise KeyboardInterrupt in the demo, which unwinds through
+    `finally` and stops the stack.
+
+    SIGINT is set explicitly: Python installs its KeyboardInterrupt handler only when it starts with
+    SIGINT at its default, and a process started in the background by a shell without job control (a
+    script's `cmd &`, some CI runners) starts with SIGINT ignored. The demo then ran to its end on Ctrl-C
+    and exited 0 (reproduced: tests/e2e/test_demo.py's Ctrl-C test under a parent that ignores SIGINT)."""
 
     def handler(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, handler)
