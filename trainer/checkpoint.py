@@ -50,6 +50,7 @@ from typing import Any
 
 import torch
 
+from loopserve.models.store import fsync_dir
 from trainer.consumer import TrainerState
 from trainer.examples import LabelExample, LabelOutcome, example_from_dict, example_to_dict
 from trainer.optim import save_optimizer
@@ -70,20 +71,12 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_pointer(root: Path, name: str) -> None:
     tmp = root / f"{_TMP}{POINTER}-{os.getpid()}"
     tmp.write_text(name)
     _fsync_file(tmp)
     os.replace(tmp, root / POINTER)
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def current(root: Path) -> Path | None:
@@ -208,11 +201,11 @@ def save_checkpoint(
         for f in tmp.rglob("*"):
             if f.is_file():
                 _fsync_file(f)
-        _fsync_dir(optim_dir)
-        _fsync_dir(tmp)
+        fsync_dir(optim_dir)
+        fsync_dir(tmp)
         final = root / name
         os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -99,7 +99,8 @@ def _copy_hashing(src: Path, dest: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a new entry in `path` durable (the directory's own fsync)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -122,7 +123,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _process_alive(host: str, pid: str) -> bool | None:
@@ -472,11 +473,11 @@ class ModelStore:
                     fh.flush()
                     os.fsync(fh.fileno())
                 for d in {p.parent for p in tmp.rglob("*")}:
-                    _fsync_dir(d)
+                    fsync_dir(d)
                 # Reserve the number first: a crash after this point burns it, never reuses it.
                 _write_atomic(model_dir / HIGHEST, str(version_number(version)).encode())
                 os.rename(tmp, final)  # the version appears whole, in one step
-                _fsync_dir(model_dir)
+                fsync_dir(model_dir)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -17,29 +17,10 @@ NO_KIND = "the event has no kind: set one of accept, reject, correction, rating,
 def feedback_from_pb(event: pb.FeedbackEvent) -> Feedback:
     kind = event.WhichOneof("kind")
     key, who = event.idempotency_key, event.annotator_id
-    if kind == "accept":
+    if kind in ("accept", "reject", "correction"):  # the three verdicts on a served label share a shape
+        verdict = getattr(event, kind)
         return Feedback(
-            kind="accept",
-            event_id=event.accept.event_id,
-            label=event.accept.label,
-            idempotency_key=key,
-            annotator_id=who,
-        )
-    if kind == "reject":
-        return Feedback(
-            kind="reject",
-            event_id=event.reject.event_id,
-            label=event.reject.label,
-            idempotency_key=key,
-            annotator_id=who,
-        )
-    if kind == "correction":
-        return Feedback(
-            kind="correction",
-            event_id=event.correction.event_id,
-            label=event.correction.label,
-            idempotency_key=key,
-            annotator_id=who,
+            kind=kind, event_id=verdict.event_id, label=verdict.label, idempotency_key=key, annotator_id=who
         )
     if kind == "rating":
         r = event.rating
