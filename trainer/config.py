@@ -53,6 +53,10 @@ class TrainerArgs:
     """Token file for the reward service (default <data-dir>/tokens.json)."""
     reward_tls_ca: Path | None = None
     """CA certificate (PEM) to trust for a reward service that serves TLS; unset: plaintext."""
+    stage_wait_s: float = 30.0
+    """Publish in two phases: write the version, wait up to this long for the live services that follow
+    LATEST to load and verify it beside the one they serve (a version one refuses is withdrawn), then
+    move LATEST so they switch in one step; 0 moves LATEST as soon as the files are written."""
     poll_interval_s: float = 1.0
     """Sleep between log reads while the log is idle."""
     read_batch: int = 1000

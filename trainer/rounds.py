@@ -31,8 +31,9 @@ from typing import Any, Protocol
 
 import torch
 
-from loopserve.errors import FailedPrecondition
+from loopserve.errors import FailedPrecondition, VerificationError
 from loopserve.models.encoder_heads import AnnotatorModel
+from loopserve.models.staging import publish_staged
 from loopserve.models.store import ModelStore
 from trainer import annotation_head, checkpoint
 from trainer.config import TrainerArgs
@@ -178,6 +179,9 @@ def run_learner(ctx: Context, state: TrainerState, learner: Learner) -> RoundOut
             raise
         result.result, result.reasons = "gated", [str(e)]  # LATEST moved: the next round builds on it
         return result, {}
+    except VerificationError as e:  # a service refused the candidate while staging it: withdrawn
+        result.result, result.reasons = "gated", [str(e)]
+        return result, {}
     clock.lap("publish")
     result.result = "published"
     kept: dict[str, torch.optim.Optimizer] = {}
@@ -214,15 +218,22 @@ def publish(ctx: Context, state: TrainerState, model: str, serving: str, pub: Pu
     ctx.args.trainer_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".tmp-publish-", dir=ctx.args.trainer_dir) as tmp:
         shared = pub.save(Path(tmp)) or []
-        manifest = ctx.store.publish_version(
+        # Two phases (loopserve/models/staging.py): the services load and check the version before
+        # LATEST moves, so the publish is answered by it within a batch.
+        manifest, staging = publish_staged(
+            ctx.store,
             model,
             tmp,
+            stage_wait_s=ctx.args.stage_wait_s,
+            if_latest=pub.if_latest,
+            stop=ctx.stop,
             parent=serving,
             metrics=finite(metrics),
             meta={"trainer_round": state.round, "cursor": state.cursor, **pub.meta},
             shared_files=shared,
-            if_latest=pub.if_latest,
         )
+    if staging is not None:
+        result.metrics.update(staging.as_metrics())
     return manifest.version
 
 

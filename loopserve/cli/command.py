@@ -63,6 +63,9 @@ class ModelsPublish(StoreConfig):
     stage: bool = False
     """store the version without serving it (LATEST unmoved): shadow it, then promote
     (docs/promote-safely.md)"""
+    stage_wait_s: float = 30.0
+    """wait up to this long for the services following LATEST to load and verify the version before
+    LATEST moves, so they switch in one step (a version one refuses is withdrawn); 0: move it at once"""
     log_level: str = "INFO"
     """Python logging level (of the verification that runs before publishing)"""
 
@@ -188,6 +191,7 @@ def cmd_models_pull(cfg: ModelsPull) -> int:
 
 def cmd_models_publish(cfg: ModelsPublish) -> int:
     from loopserve.errors import LoopserveError, VerificationError
+    from loopserve.models.staging import publish_staged
     from loopserve.models.store import ModelStore
     from loopserve.models.verify import verify_folder
 
@@ -209,11 +213,16 @@ def cmd_models_publish(cfg: ModelsPublish) -> int:
     except Exception as exc:  # a garbled config or tokenizer file: one line, not a traceback
         reason = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise VerificationError(f"{src} does not load as a {cfg.model}: {type(exc).__name__}: {reason}") from None
-    manifest = store.publish_version(cfg.model, src, parent=parent, meta=meta, set_latest=not cfg.stage)
     if cfg.stage:  # in the store, not served: shadow it first (ModelAdmin.StartShadow), then promote
+        manifest = store.publish_version(cfg.model, src, parent=parent, meta=meta, set_latest=False)
         print(f"staged {cfg.model} {manifest.version} (serving stays {parent}; StartShadow to try it on live traffic)")
-    else:
-        print(f"published {cfg.model} {manifest.version} (parent {parent})")
+        return 0
+    manifest, staging = publish_staged(store, cfg.model, src, stage_wait_s=cfg.stage_wait_s, parent=parent, meta=meta)
+    how = ""
+    if staging is not None and (staging.staged or staging.waiting):
+        how = f"; {len(staging.staged)} service(s) staged it in {staging.waited_s:.2f}s"
+        how += f", {len(staging.waiting)} still loading it" if staging.waiting else ""
+    print(f"published {cfg.model} {manifest.version} (parent {parent}{how})")
     return 0
 
 

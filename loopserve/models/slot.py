@@ -29,8 +29,16 @@ LoadVersion keeps serving until the next publish. Pin holds a version against th
 the slot back to the watch (which then serves LATEST); Rollback serves the version before the current
 one and pins it, so the watch does not bring the rolled-back version straight back.
 
+Two-phase publish (loopserve/models/staging.py): a version written to the store above LATEST is a
+candidate. The watch (woken by the version folder's rename into place) stages it: loads and verifies it
+beside the serving one exactly as a swap would, without switching, and says so in its hold record. The
+publisher waits for the services that follow LATEST to have staged it (or refused it: then it withdraws
+the version), then moves LATEST, and each service switches in one reference assignment: new weights
+answer within a batch of the publish, on every replica at once. Staging first waits for the retired
+copy like a load, so the bound of two copies holds; a candidate withdrawn or superseded is dropped.
+
 The slot also records in the store (`ModelStore.hold`) the versions it must keep (serving, pinned,
-rollback target) so that a prune in another process never deletes them.
+rollback target, staged) so that a prune in another process never deletes them.
 """
 
 from __future__ import annotations
@@ -53,7 +61,15 @@ import watchfiles
 
 from loopserve import metrics
 from loopserve.errors import FailedPrecondition, LoopserveError, NotFoundError, Unavailable, VerificationError
-from loopserve.models.store import HOLD_REFRESH_S, LATEST, Manifest, ModelStore, VersionReader, version_number
+from loopserve.models.store import (
+    HOLD_REFRESH_S,
+    LATEST,
+    Manifest,
+    ModelStore,
+    VersionReader,
+    is_version_name,
+    version_number,
+)
 from loopserve.models.verify import ARCHITECTURE_CHANGE, LABEL_SET_CHANGE, compare_tensors, declares
 
 logger = logging.getLogger(__name__)
@@ -62,6 +78,7 @@ M = TypeVar("M")
 T = TypeVar("T")
 
 HISTORY_LIMIT = 32
+REFUSALS_RECORDED = 16  # the newest refusals a slot writes into its hold record
 # How often watchfiles' thread looks for new file-system events: the push path's added latency.
 WATCH_STEP_MS = 10
 
@@ -81,6 +98,10 @@ class Loaded(Generic[M]):
 # check(new, old) raises VerificationError (label set, smoke batch).
 Loader = Callable[[VersionReader, "Loaded[M] | None"], M]
 Check = Callable[["Loaded[M]", "Loaded[M] | None"], None]
+
+
+def _name(loaded: Loaded[Any] | None) -> str | None:
+    return loaded.version if loaded is not None else None
 
 
 def _weak(loaded: Loaded[Any]) -> weakref.ref[Any]:
@@ -123,6 +144,8 @@ class ModelSlot(Generic[M]):
         self._pinned: str | None = None
         self._seen_latest: str | None = None  # the LATEST the watch last acted on
         self._failed: dict[str, str] = {}  # version -> why it was refused (the watch does not retry it)
+        self._staged: Loaded[M] | None = None  # a candidate above LATEST, loaded and verified (`stage`)
+        self._staged_against: str | None = None  # the version it was checked against
         self._retiring: weakref.ref[Any] | None = None
         self._retiring_version = ""
         self._lock = threading.RLock()  # one load or state change at a time
@@ -158,6 +181,11 @@ class ModelSlot(Generic[M]):
     @property
     def failed(self) -> dict[str, str]:
         return dict(self._failed)
+
+    @property
+    def staged(self) -> str | None:
+        staged = self._staged
+        return staged.version if staged is not None else None
 
     # ---- the loader thread ---------------------------------------------------------------------
 
@@ -212,42 +240,60 @@ class ModelSlot(Generic[M]):
     def _serving_name(self) -> str:
         return self._current.version if self._current is not None else "nothing"
 
+    def _prepare(self, version: str, cur: Loaded[M] | None) -> tuple[Loaded[M], str]:
+        """Load and verify `version` beside `cur` (no switch); returns it and what the load cost."""
+        self.store.path(self.name, version)  # NOT_FOUND for an unknown version
+        t0 = time.perf_counter()
+        try:
+            # One pass over the files: the loader reads the weights through `reader`, which hashes
+            # them as they stream in; check_rest hashes the small files it did not read, and the
+            # files it reused unread (same digest as the serving version's) need no reading at all.
+            reader = self.store.reader(self.name, version)
+            manifest = reader.manifest
+            try:
+                model = self.loader(reader, cur)
+            except Exception:
+                reader.check_rest()  # a corrupted small file is the root cause: report the mismatch
+                raise
+            reader.check_rest()
+            t_load = time.perf_counter() - t0
+            t2 = time.perf_counter()
+            new = Loaded(self.name, version, manifest, model)
+            del model
+            if self.check is not None:
+                self.check(new, cur)
+            if cur is not None and not declares(manifest.meta, LABEL_SET_CHANGE, ARCHITECTURE_CHANGE):
+                folder, old_folder = self.store.path(self.name, version), self.store.path(self.name, cur.version)
+                compare_tensors(folder, old_folder, new_name=version, old_name=cur.version)
+        except NotFoundError as exc:  # pruned or renamed while we loaded it
+            raise self._refuse(version, exc.message) from exc
+        except LoopserveError as exc:
+            raise self._refuse(version, exc.message) from exc
+        except Exception as exc:  # a loader or check that fails in an unexpected way refuses too
+            raise self._refuse(version, f"{type(exc).__name__}: {exc}") from exc
+        cost = (
+            f"read and checked {reader.bytes_read / 1e6:.1f} MB, reused {len(reader.reused_files)} files, "
+            f"load {t_load:.3f}s, checks {time.perf_counter() - t2:.3f}s"
+        )
+        return new, cost
+
     def load_version(self, version: str, *, record_history: bool = True) -> Loaded[M]:
-        """Load, verify and switch to `version` (blocking; call it on the loader thread via `call`)."""
+        """Load, verify and switch to `version` (blocking; call it on the loader thread via `call`).
+        A version staged beside the serving one (`stage`) is switched to without loading it again."""
         with self._lock:
             cur = self._current
             if cur is not None and cur.version == version:
                 return cur
-            folder = self.store.path(self.name, version)  # NOT_FOUND for an unknown version
-            self._wait_for_retired()
             t0 = time.perf_counter()
-            try:
-                # One pass over the files: the loader reads the weights through `reader`, which hashes
-                # them as they stream in; check_rest hashes the small files it did not read, and the
-                # files it reused unread (same digest as the serving version's) need no reading at all.
-                reader = self.store.reader(self.name, version)
-                manifest = reader.manifest
-                try:
-                    model = self.loader(reader, cur)
-                except Exception:
-                    reader.check_rest()  # a corrupted small file is the root cause: report the mismatch
-                    raise
-                reader.check_rest()
-                t_load = time.perf_counter() - t0
-                t2 = time.perf_counter()
-                new = Loaded(self.name, version, manifest, model)
-                del model
-                if self.check is not None:
-                    self.check(new, cur)
-                if cur is not None and not declares(manifest.meta, LABEL_SET_CHANGE, ARCHITECTURE_CHANGE):
-                    old_folder = self.store.path(self.name, cur.version)
-                    compare_tensors(folder, old_folder, new_name=version, old_name=cur.version)
-            except NotFoundError as exc:  # pruned or renamed while we loaded it
-                raise self._refuse(version, exc.message) from exc
-            except LoopserveError as exc:
-                raise self._refuse(version, exc.message) from exc
-            except Exception as exc:  # a loader or check that fails in an unexpected way refuses too
-                raise self._refuse(version, f"{type(exc).__name__}: {exc}") from exc
+            staged, self._staged = self._staged, None
+            if staged is not None and staged.version == version and self._staged_against == _name(cur):
+                new, cost = staged, "staged before LATEST moved"
+            else:
+                del staged  # staged against another version, or another one: let it go before loading
+                self.store.path(self.name, version)  # NOT_FOUND for an unknown version
+                self._wait_for_retired()
+                t0 = time.perf_counter()
+                new, cost = self._prepare(version, cur)
             t3 = time.perf_counter()
             if cur is not None:
                 if record_history:
@@ -260,12 +306,41 @@ class ModelSlot(Generic[M]):
             metrics.SWAPS.labels(self.name, "ok").inc()
             metrics.SWAP_SECONDS.labels(self.name).observe(t3 - t0)
             metrics.MODEL_VERSION.labels(self.name).set(version_number(version))
-            logger.info(
-                "swapped %s to %s in %.3fs (read and checked %.1f MB, reused %d files, load %.3fs, checks %.3fs)",
-                self.name, version, t3 - t0, reader.bytes_read / 1e6, len(reader.reused_files), t_load, t3 - t2,
-            )  # fmt: skip
+            logger.info("swapped %s to %s in %.3fs (%s)", self.name, version, t3 - t0, cost)
             self._write_hold()
             return new
+
+    def stage(self, version: str) -> Loaded[M] | None:
+        """Load and verify `version` beside the serving one without switching, so that a later
+        load_version of it (LATEST moving to it) is one reference assignment. Returns the staged copy,
+        or None when there is nothing to stage (pinned, not loaded yet, already serving it)."""
+        with self._lock:
+            cur = self._current
+            if self._pinned is not None or cur is None or cur.version == version:
+                return None
+            staged = self._staged
+            if staged is not None and staged.version == version and self._staged_against == cur.version:
+                return staged
+            self._staged = staged = None  # at most one staged copy: an older candidate goes first
+            self._wait_for_retired()
+            t0 = time.perf_counter()
+            try:
+                new, cost = self._prepare(version, cur)
+            except LoopserveError:
+                self._write_hold()  # the publisher waiting on this version learns of the refusal
+                raise
+            self._staged, self._staged_against = new, cur.version
+            logger.info("staged %s %s beside %s in %.3fs (%s)", self.name, version, cur.version,
+                        time.perf_counter() - t0, cost)  # fmt: skip
+            self._write_hold()
+            return new
+
+    def _drop_staged(self, reason: str) -> None:
+        staged = self._staged
+        if staged is not None:
+            logger.info("dropped staged %s %s: %s", self.name, staged.version, reason)
+            self._staged = None
+            self._write_hold()
 
     def load_latest(self) -> Loaded[M]:
         with self._lock:
@@ -296,6 +371,7 @@ class ModelSlot(Generic[M]):
             if version != self.current.version:
                 self.load_version(version)
             self._pinned = version
+            self._drop_staged("pinned")
             self._write_hold()
             logger.info("pinned %s to %s", self.name, version)
             return version
@@ -317,8 +393,20 @@ class ModelSlot(Generic[M]):
     def _write_hold(self) -> None:
         serving = self._current.version if self._current is not None else None
         keep = {v for v in (serving, self._pinned, self.previous) if v}
+        # What a two-phase publisher waits for (loopserve/models/staging.py): whether this slot follows
+        # LATEST at all (a watch runs, nothing pinned), what it staged, and what it refused.
+        follows = self._wake is not None and self._pinned is None
+        refused = dict(list(self._failed.items())[-REFUSALS_RECORDED:])
         try:
-            self.store.hold(self.name, self._holder, keep)
+            self.store.hold(
+                self.name,
+                self._holder,
+                keep,
+                serving=serving,
+                staged=self.staged,
+                refused=refused,
+                follows_latest=follows,
+            )
             self._hold_written = time.monotonic()
         except OSError as exc:  # a read-only store still serves; prune just cannot see us
             if not self._hold_failed:
@@ -329,28 +417,43 @@ class ModelSlot(Generic[M]):
     # ---- the watch -----------------------------------------------------------------------------
 
     def poll_once(self) -> bool:
-        """Swap to the store's LATEST if it changed since the last poll and nothing is pinned.
-        Returns True on a swap. A refused version is not retried until LATEST changes again."""
+        """Swap to the store's LATEST if it changed since the last poll and nothing is pinned, else
+        stage the newest version above LATEST (a publish in its first phase). Returns True on a swap.
+        A refused version is not retried until LATEST changes again."""
         with self._lock:
             if self._current is not None and time.monotonic() - self._hold_written > HOLD_REFRESH_S:
                 self._write_hold()
             if self._pinned is not None:
                 return False
             latest = self.store.latest(self.name)
-            if latest is None or latest == self._seen_latest:
+            if latest is None:
                 return False
-            if latest in self._failed or (self._current is not None and self._current.version == latest):
+            if latest != self._seen_latest:
+                if latest in self._failed or (self._current is not None and self._current.version == latest):
+                    self._seen_latest = latest
+                    return False
+                try:
+                    self.load_version(latest)
+                except Unavailable:
+                    return False  # the retired copy is still in use: try again at the next poll
+                except LoopserveError:
+                    self._seen_latest = latest  # refused: counted and logged; the old version serves on
+                    return False
                 self._seen_latest = latest
-                return False
-            try:
-                self.load_version(latest)
-            except Unavailable:
-                return False  # the retired copy is still in use: try again at the next poll
-            except LoopserveError:
-                self._seen_latest = latest  # refused: counted and logged; the old version serves on
-                return False
-            self._seen_latest = latest
-            return True
+                return True
+            self._stage_candidate(latest)
+            return False
+
+    def _stage_candidate(self, latest: str) -> None:
+        candidate = self.store.candidate(self.name)
+        if self._staged is not None and self._staged.version != candidate:
+            self._drop_staged(f"withdrawn or superseded (newest above LATEST {latest}: {candidate or 'none'})")
+        if candidate is None or candidate in self._failed or self._current is None:
+            return
+        if version_number(candidate) <= version_number(self._current.version):
+            return  # e.g. LoadVersion pushed a version newer than LATEST: serving it already
+        with contextlib.suppress(Unavailable, LoopserveError):  # retried at the next poll / refused, recorded
+            self.stage(candidate)
 
     async def watch(self, interval_s: float, stop: asyncio.Event, *, events: bool = True) -> None:
         """Act on LATEST until `stop` is set: at once when a file-system event says LATEST was
@@ -359,6 +462,8 @@ class ModelSlot(Generic[M]):
         loop = asyncio.get_running_loop()
         self._wake = functools.partial(loop.call_soon_threadsafe, wake.set)
         listener = asyncio.create_task(self._listen(wake)) if events else None
+        if self._current is not None:
+            await self.call(self._write_hold)  # says "follows LATEST" to two-phase publishers
         try:
             while not stop.is_set():
                 wake.clear()  # an event during the poll below sets it again: nothing is missed
@@ -384,7 +489,9 @@ class ModelSlot(Generic[M]):
         folder = self.store.model_folder(self.name)
 
         def is_latest(change: watchfiles.Change, path: str) -> bool:
-            return os.path.basename(path) == LATEST
+            # LATEST replaced (switch), or a version renamed into place or away (stage, or drop it)
+            name = os.path.basename(path)
+            return name == LATEST or is_version_name(name)
 
         # watchfiles logs every batch of changes at INFO; the swap's own log line says what happened.
         logging.getLogger("watchfiles.main").setLevel(logging.WARNING)

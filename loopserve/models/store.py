@@ -73,6 +73,10 @@ def version_number(version: str) -> int:
     return int(m.group(1))
 
 
+def is_version_name(name: str) -> bool:
+    return _VERSION_RE.match(name) is not None
+
+
 def check_model_name(model: str) -> str:
     if not _MODEL_RE.match(model):
         raise InvalidArgument(f"bad model name {quote(model)}: use letters, digits, '_', '.', '-' (not first)")
@@ -346,6 +350,14 @@ class ModelStore:
             return None
         return version or None
 
+    def candidate(self, model: str) -> str | None:
+        """The newest version above LATEST (written, not yet published), or None."""
+        versions = self.list(model)
+        latest = self.latest(model)
+        if not versions or (latest is not None and version_number(versions[-1]) <= version_number(latest)):
+            return None
+        return versions[-1]
+
     def path(self, model: str, version: str) -> Path:
         version_number(version)
         p = self._model_dir(model) / version
@@ -492,21 +504,42 @@ class ModelStore:
 
     # ---- holds: what live services need kept --------------------------------------------------
 
-    def hold(self, model: str, holder: str, versions: Iterable[str]) -> None:
+    def hold(
+        self,
+        model: str,
+        holder: str,
+        versions: Iterable[str],
+        *,
+        serving: str | None = None,
+        staged: str | None = None,
+        refused: Mapping[str, str] | None = None,
+        follows_latest: bool = False,
+    ) -> None:
         """Record (replacing `holder`'s previous record) the versions a live service must keep:
-        the one it serves, its pin, its rollback target. `prune` never removes a held version."""
+        the one it serves, its pin, its rollback target. `prune` never removes a held version.
+        `serving`: the one it serves; `staged`: a version not yet LATEST that the service has loaded
+        and verified beside the serving one (it switches to it in one step when LATEST names it);
+        `refused`: versions it refused, with why; `follows_latest`: its watch switches when LATEST
+        moves (not pinned). A two-phase publisher (loopserve/models/staging.py) waits on those."""
         d = self._model_dir(model) / HOLDS
         d.mkdir(parents=True, exist_ok=True)
-        body = {"versions": sorted(set(versions)), "updated": time.time()}
+        body = {
+            "versions": sorted(set(versions) | ({staged} if staged else set())),
+            "serving": serving,
+            "staged": staged,
+            "refused": dict(refused or {}),
+            "follows_latest": follows_latest,
+            "updated": time.time(),
+        }
         _write_atomic(d / f"{holder}.json", json.dumps(body).encode())
 
     def release(self, model: str, holder: str) -> None:
         (self._model_dir(model) / HOLDS / f"{holder}.json").unlink(missing_ok=True)
 
-    def held(self, model: str) -> set[str]:
-        """Versions held by live services; the records of dead ones are removed."""
+    def holds(self, model: str) -> dict[str, dict[str, Any]]:
+        """The hold records of live services by holder; the records of dead ones are removed."""
         d = self._model_dir(model) / HOLDS
-        out: set[str] = set()
+        out: dict[str, dict[str, Any]] = {}
         if not d.is_dir():
             return out
         for f in d.glob("*.json"):
@@ -518,10 +551,36 @@ class ModelStore:
                 if not alive:
                     f.unlink(missing_ok=True)
                     continue
-                out.update(json.loads(f.read_text()).get("versions", []))
+                out[f.stem] = json.loads(f.read_text())
             except (FileNotFoundError, ValueError):
                 continue  # replaced or released while we looked
         return out
+
+    def held(self, model: str) -> set[str]:
+        """Versions held by live services."""
+        return {v for record in self.holds(model).values() for v in record.get("versions", [])}
+
+    def promote(self, model: str, version: str, *, if_latest: str | None = None) -> None:
+        """Point LATEST at `version`, a version already in the store (the second phase of a staged
+        publish); with `if_latest`, only while LATEST still names that version."""
+        model_dir = self._model_dir(model)
+        with self._publish_lock(model_dir):
+            if if_latest is not None and self.latest(model) != if_latest:
+                raise FailedPrecondition(f"{model}: LATEST moved from {if_latest} to {self.latest(model)}")
+            self.set_latest(model, version)
+
+    def discard(self, model: str, version: str) -> None:
+        """Delete a version that never became LATEST (a staged candidate the publisher withdrew).
+        Its number stays burnt: versions are never reused."""
+        model_dir = self._model_dir(model)
+        with self._publish_lock(model_dir):
+            if self.latest(model) == version:
+                raise FailedPrecondition(f"{model} {version} is LATEST; only a version never published is discarded")
+            victim = self.path(model, version)
+            trash = victim.with_name(f"{_TMP_PREFIX}rm-{version}{_owner_tag()}")
+            os.rename(victim, trash)  # atomic: readers see the version whole or not at all
+            shutil.rmtree(trash, ignore_errors=True)
+        logger.info("discarded %s %s (never published)", model, version)
 
     @staticmethod
     def holder_id() -> str:

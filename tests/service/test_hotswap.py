@@ -35,6 +35,7 @@ from loopserve.errors import Unavailable, VerificationError
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import HeadSpec, LabelSpec
 from loopserve.models.slot import ModelSlot
+from loopserve.models.staging import publish_staged
 from loopserve.models.store import MANIFEST, ModelStore
 from loopserve.models.verify import verify_folder
 from policy_service.app import PolicyApp
@@ -306,13 +307,20 @@ async def test_bad_versions_are_refused_while_the_old_version_keeps_answering(
         ),
     ]
     for what, folder, reason in cases:
+        if what == "corrupted weights":
+            # The file changes after publish (bit rot, a bad copy). Pinned meanwhile, so that the watch
+            # does not stage the version before it rots (a staged copy holds the bytes it verified).
+            await slot.call(slot.pin)
         version = await svc.publish("annotator", folder, set_latest=False)
-        if what == "corrupted weights":  # the file changes after publish: bit rot, a bad copy
+        if what == "corrupted weights":
             weights = svc.store.path("annotator", version) / "model.safetensors"
             data = bytearray(weights.read_bytes())
             data[len(data) // 2] ^= 0x01
             weights.write_bytes(bytes(data))
-        await asyncio.to_thread(svc.store.set_latest, "annotator", version)
+            await asyncio.to_thread(svc.store.set_latest, "annotator", version)
+            await slot.call(slot.unpin)
+        else:  # staged (and refused) as a candidate, or refused when LATEST names it: the same checks
+            await asyncio.to_thread(svc.store.set_latest, "annotator", version)
         deadline = time.monotonic() + 20
         while version not in slot.failed:
             assert time.monotonic() < deadline, f"{what}: {version} was neither refused nor served"
@@ -481,6 +489,54 @@ def test_the_publish_command_verifies_before_it_publishes(
     assert cli.main([*args, str(variant(v0, tmp_path / "bad", _wrong_shape))]) == 2
     assert "has shape (48, 32)" in capsys.readouterr().err
     assert store.list("annotator") == ["v0", "v1"]
+
+
+async def test_a_two_phase_publish_is_staged_beside_the_serving_version_then_switched_in_one_step(
+    service_factory: Callable[..., Awaitable[Service]],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.INFO, logger="loopserve.models.slot")
+    svc = await service_factory(watch_interval_s=3600.0)  # no polls: the new folder's event wakes the watch
+    slot = svc.app.runtime.annotator
+    v0 = svc.store.path("annotator", "v0")
+    load = Load(svc, annotate_call, 4)
+    load.start()
+    await load.wait_for("v0")
+
+    src = variant(v0, tmp_path / "a1", head_bias(0.9))
+    manifest, staging = await asyncio.to_thread(publish_staged, svc.store, "annotator", src, stage_wait_s=30)
+    v1 = manifest.version
+    assert staging is not None and len(staging.staged) == 1 and not staging.waiting, staging
+    await load.wait_for(v1)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith(f"staged annotator {v1} beside v0") for m in messages), messages
+    assert any(f"swapped annotator to {v1}" in m and "staged before LATEST moved" in m for m in messages), messages
+
+    # A candidate the service refuses while staging it is withdrawn: never LATEST, never served.
+    with pytest.raises(VerificationError, match=r"withdrawn: 1 service\(s\) refused it .*NaN or infinite"):
+        await asyncio.to_thread(
+            publish_staged, svc.store, "annotator", variant(v0, tmp_path / "nan", _nan_head), stage_wait_s=30
+        )
+    assert svc.store.latest("annotator") == v1 and svc.store.list("annotator") == ["v0", v1]
+    assert slot.current.version == v1
+
+    # The operator's command: `--stage-wait-s 0` publishes in one step, the default waits for the service.
+    args = ["models", "publish", "--data-dir", str(svc.app.cfg.data_dir), "--model", "annotator", "--from"]
+    one_step = [*args, str(variant(v0, tmp_path / "a3", head_bias(0.7))), "--stage-wait-s", "0"]
+    assert await asyncio.to_thread(cli.main, one_step) == 0
+    assert capsys.readouterr().out.strip() == f"published annotator v3 (parent {v1})"
+    await load.wait_for("v3")
+    assert await asyncio.to_thread(cli.main, [*args, str(variant(v0, tmp_path / "a4", head_bias(0.5)))]) == 0
+    assert re.fullmatch(
+        r"published annotator v4 \(parent v3; 1 service\(s\) staged it in [0-9.]+s\)\n", capsys.readouterr().out
+    )
+    await load.wait_for("v4")
+    await load.stop()
+    assert not load.errors, f"{len(load.errors)} failed requests, e.g. {load.errors[0]!r}"
+    assert {r.version for r in load.records} <= {"v0", v1, "v3", "v4"}
+    assert set(load.health) == {SERVING}
 
 
 # ---- push, verify once, load only what changed ---------------------------------------------------

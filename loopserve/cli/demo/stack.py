@@ -48,6 +48,16 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
+def _tail(path: Path, lines: int = 30) -> str:
+    """The last lines of a child's log (the processes log no user text, so it is safe to print)."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(f.seek(0, os.SEEK_END) - 16384, 0))
+            return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -166,7 +176,8 @@ class Stack:
     def check_alive(self) -> None:
         for name, p in self.procs.items():
             if p.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {p.returncode}; see {self.run / 'logs' / (name + '.log')}")
+                log = self.run / "logs" / f"{name}.log"
+                raise RuntimeError(f"{name} exited with code {p.returncode}; the end of {log}:\n{_tail(log)}")
 
     def wait_ready(self, timeout_s: float = 300.0) -> float:
         """Block until both services report SERVING on grpc.health.v1; returns the seconds waited."""
