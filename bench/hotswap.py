@@ -1,31 +1,39 @@
 """Hot-swap benchmark: how soon a published version answers, and latency and errors meanwhile.
 
-For the annotator (MiniLM + head) and the generator (SmolLM2-135M), each in turn, and for each watch:
-`push` (the service's store watch wakes on the file-system event that replaces LATEST, polling every
---watch-interval-s as the fallback) and `poll` (events off: the swap waits for the next poll, the
-path before issue 14), measured in the same run:
+For the annotator (MiniLM + head) and the generator (SmolLM2-135M), each in turn, for each way of
+publishing, measured in the same run:
+  - `one-step`: the version's files are written and LATEST replaced at once (`--stage-wait-s 0`); the
+    service then reads, checks and builds it while the old version answers;
+  - `two-phase` (loopserve/models/staging.py, the trainer's default): the files are written, the
+    service stages the version (loads and verifies it beside the serving one), the publisher waits for
+    that, then replaces LATEST and the service switches in one step;
+and for each watch: `push` (the store watch wakes on file-system events, polling every
+--watch-interval-s as the fallback) and, when asked for, `poll` (events off, the path before issue 14):
   1. the policy service runs in its own process; N closed-loop gRPC clients (grpc.aio, no retries)
      call it from this process;
   2. cycles of: a window without swaps, a window of the same length with a new version published
      every few seconds, and a cool-down that is not counted (so a swap's tail does not fall in the
      next window without swaps). Interleaving the windows keeps the other load on a shared machine
      from favouring one side;
-  3. per publish: the time to the first response that names the new version, the time to the
-     switch (from the service's log line) and the service's swap time (read-and-check in one pass,
-     load, checks);
+  3. per publish: LATEST replaced -> the first response that names the new version (the issue's
+     "publish -> first answer"), the publish call's own seconds (writing 90 MB / 538 MB, and in two
+     phases the wait for the service to stage it), call start -> first response, the time to the
+     switch (from the service's log line) and the service's load (read-and-check in one pass, build,
+     checks) whether it happened before LATEST moved (staged) or after;
   4. per kind of window: p50 / p90 / p99 latency, requests per second, errors by status code.
-New versions are real full versions (weights perturbed slightly, every file written anew, so the
-service reads and checks all of it) and are written to the store before the windows start; "publish"
-is the atomic replacement of LATEST, the moment a trainer's publish_version completes.
+New versions are real full versions (weights perturbed slightly, every file written anew by the
+publish, so the service reads and checks all of it; consecutive versions differ).
 
 Then the operator's command: `loopserve models publish` of a full annotator version (its own process,
-as an operator runs it) while the push-watching service answers --publish-clients callers: the
-command's seconds and LATEST -> the first answer on the new version.
+as an operator runs it), alternately with `--stage-wait-s 0` and the default two phases, while the
+push-watching service answers --publish-clients callers: the command's seconds and LATEST -> the
+first answer on the new version.
 
 Writes bench/results/hotswap.json (CPU model recorded) and hotswap.png (latency over time, publishes
 marked), and the service logs beside them.
 
-    .venv/bin/python bench/hotswap.py [--models annotator,generator] [--watches push,poll] [--cycles 2]
+    .venv/bin/python bench/hotswap.py [--models annotator,generator] [--publish one-step,two-phase]
+        [--watches push,poll] [--cycles 2]
 """
 
 from __future__ import annotations
@@ -54,17 +62,18 @@ from bench.common import machine  # noqa: E402
 from loopserve.auth import read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.models import provision  # noqa: E402
+from loopserve.models.staging import publish_staged  # noqa: E402
 from loopserve.models.store import MANIFEST, ModelStore  # noqa: E402
 
 WORDS = (
     "coffee tea flavor taste bought package price great love bitter sweet fresh stale amazon order box "
     "delicious product favorite smell texture value recommend again never always chocolate snack dog"
 ).split()
-SWAP_LINE = re.compile(
-    r"^(\S+ \S+) INFO loopserve.models.slot: swapped (\w+) to (v\d+) in ([\d.]+)s "
-    r"\(read and checked ([\d.]+) MB, reused (\d+) files, load ([\d.]+)s, checks ([\d.]+)s\)",
-    re.M,
+SWAP_LINE = re.compile(r"^(\S+ \S+) INFO loopserve.models.slot: swapped (\w+) to (v\d+) in ([\d.]+)s \((.*)\)$", re.M)
+STAGE_LINE = re.compile(
+    r"^(\S+ \S+) INFO loopserve.models.slot: staged (\w+) (v\d+) beside v\d+ in ([\d.]+)s \((.*)\)$", re.M
 )
+LOAD_COST = re.compile(r"read and checked ([\d.]+) MB, reused (\d+) files, load ([\d.]+)s, checks ([\d.]+)s")
 TARGETS = {  # issue 14: medians, push watch
     "annotator_publish_to_new_s": 0.25,
     "generator_publish_to_new_s": 0.5,
@@ -108,9 +117,9 @@ def perturbed(src: Path, dest: Path, model: str, k: int) -> Path:
     return dest
 
 
-def prepare_store(data: Path, model: str, versions: int) -> list[str]:
-    """v0 of what the service loads, from the real store, plus `versions` new versions of `model`
-    (not LATEST yet)."""
+def prepare_store(data: Path, model: str) -> list[Path]:
+    """v0 of what the service loads, from the real store, and two variant folders of `model` that
+    publishes alternate (so consecutive versions differ)."""
     real = ModelStore(REPO / ".loopserve" / "store")
     provision.pull(real, models=["annotator", "generator"])
     store = ModelStore(data / "store")
@@ -118,14 +127,20 @@ def prepare_store(data: Path, model: str, versions: int) -> list[str]:
         if store.latest(name) is None:
             store.publish_version(name, real.path(name, real.latest(name) or "v0"))
     base = store.path(model, store.latest(model) or "v0")
-    variants = [perturbed(base, data / f"variant-{model}-{k}", model, k) for k in range(2)]
-    out = []
-    for i in range(versions):
-        m = store.publish_version(model, variants[i % 2], parent=out[-1] if out else "v0", set_latest=False)
-        out.append(m.version)
-    for v in variants:
-        shutil.rmtree(v)
-    return out
+    return [perturbed(base, data / f"variant-{model}-{k}", model, k) for k in range(2)]
+
+
+def publish(store: ModelStore, model: str, src: Path, parent: str, mode: str, wait_s: float) -> dict[str, Any]:
+    """One publish as a trainer makes it; returns the version, when LATEST moved (monotonic and wall
+    clock) and how long the call took."""
+    t0 = time.monotonic()
+    if mode == "one-step":
+        version, waited = store.publish_version(model, src, parent=parent).version, None
+    else:
+        manifest, staging = publish_staged(store, model, src, stage_wait_s=wait_s, parent=parent)
+        version, waited = manifest.version, None if staging is None else staging.waited_s
+    t1, wall = time.monotonic(), time.time()
+    return {"version": version, "call_start": t0, "latest_at": t1, "latest_wall": wall, "stage_wait_s": waited}
 
 
 # ---- the service -----------------------------------------------------------------------------------
@@ -239,19 +254,18 @@ def plan_for(model: str, args: argparse.Namespace) -> Plan:
     return Plan(args.cycles, args.generator_window_s, args.generator_swap_every_s, cooldown_s=8.0)
 
 
-async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: str) -> dict[str, Any]:
+async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: str, mode: str) -> dict[str, Any]:
     """`watch`: "push" (file-system events, polling every --watch-interval-s as the fallback) or
-    "poll" (events off: the swap waits for the next poll, as before)."""
+    "poll" (events off: the swap waits for the next poll, as before); `mode`: one-step or two-phase."""
     plan = plan_for(model, args)
     clients = args.clients if model == "annotator" else args.generator_clients
-    n_swaps = plan.cycles * plan.per_window
     with tempfile.TemporaryDirectory(prefix=f"hotswap-{model}-") as tmp:
         data = Path(tmp)
-        print(f"[{model}, {watch}] preparing {n_swaps} versions", flush=True)
-        versions = prepare_store(data, model, n_swaps)
+        print(f"[{model}, {watch}, {mode}] preparing", flush=True)
+        variants = prepare_store(data, model)
         store = ModelStore(data / "store")
         port = free_port()
-        log = out / f"hotswap-{model}-{watch}-service{args.tag}.log"
+        log = out / f"hotswap-{model}-{watch}-{mode}-service{args.tag}.log"
         proc = start_service(
             data, port, model, args.watch_interval_s, log, events=watch == "push", device=(args.device, args.dtype)
         )
@@ -270,9 +284,8 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
             load_before = os.getloadavg()[0]
             steady_windows: list[tuple[float, float]] = []
             swap_windows: list[tuple[float, float]] = []
-            publishes: list[tuple[str, float]] = []
-            publish_wall: list[tuple[str, float]] = []
-            todo = list(versions)
+            publishes: list[dict[str, Any]] = []
+            parent = "v0"
             print(
                 f"[{model}] {plan.cycles} cycles: {plan.window_s:.0f}s without swaps, {plan.window_s:.0f}s with "
                 f"a publish every {plan.every_s:.0f}s, {plan.cooldown_s:.0f}s cool-down",
@@ -285,10 +298,10 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
                 w0 = time.monotonic()
                 for i in range(plan.per_window):
                     await asyncio.sleep(max(0.0, w0 + 0.5 + i * plan.every_s - time.monotonic()))
-                    v = todo.pop(0)
-                    await asyncio.to_thread(store.set_latest, model, v)  # the publish: LATEST replaced
-                    publishes.append((v, time.monotonic()))
-                    publish_wall.append((v, time.time()))
+                    src = variants[len(publishes) % 2]
+                    p = await asyncio.to_thread(publish, store, model, src, parent, mode, args.stage_wait_s)
+                    publishes.append(p)
+                    parent = p["version"]
                 await asyncio.sleep(max(0.0, w0 + plan.window_s - time.monotonic()))
                 swap_windows.append((w0, time.monotonic()))
                 await asyncio.sleep(plan.cooldown_s)
@@ -300,9 +313,10 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
     steady0, swap1 = steady_windows[0][0], swap_windows[-1][1]
     calls = load.calls
     swaps = []
-    for v, t in publishes:
+    for p in publishes:
+        v, t = p["version"], p["latest_at"]
         first = min((c.end for c in calls if c.version == v), default=None)
-        later = [vv for vv, tt in publishes if tt > t]
+        later = [q["version"] for q in publishes if q["latest_at"] > t]
         last_old = max(
             (c.end for c in calls if c.code == "OK" and c.version != v and c.version not in later and c.end > t),
             default=None,
@@ -310,27 +324,43 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
         swaps.append(
             {
                 "version": v,
-                "publish_to_first_response_s": None if first is None else first - t,
+                "publish_to_first_response_s": None if first is None else first - t,  # LATEST moved -> first
+                "call_to_first_response_s": None if first is None else first - p["call_start"],
+                "publish_call_s": round(t - p["call_start"], 3),
+                "stage_wait_s": p["stage_wait_s"],
                 "publish_to_last_old_response_s": None if last_old is None else last_old - t,
             }
         )
-    published_at = dict(publish_wall)
+    published_at = {p["version"]: p["latest_wall"] for p in publishes}
+    text = log.read_text()
+    costs = {m[3]: (m[5], float(m[4])) for m in STAGE_LINE.finditer(text) if m[2] == model}
     service_swaps = []
-    for m in SWAP_LINE.finditer(log.read_text()):
+    for m in SWAP_LINE.finditer(text):
         if m[2] != model or m[3] not in published_at:
             continue
         switched = dt.datetime.strptime(m[1], "%Y-%m-%d %H:%M:%S,%f").timestamp()  # the log's local time
+        staged = "staged before LATEST moved" in m[5]
+        cost = LOAD_COST.search(costs[m[3]][0] if staged and m[3] in costs else m[5])
         service_swaps.append(
             {
                 "version": m[3],
                 "publish_to_switch_s": round(switched - published_at[m[3]], 3),
                 "swap_s": float(m[4]),
-                "read_and_checked_mb": float(m[5]),
-                "reused_files": int(m[6]),
-                "load_s": float(m[7]),
-                "checks_s": float(m[8]),
+                "staged": staged,
+                "stage_s": costs[m[3]][1] if staged and m[3] in costs else None,
+                **(
+                    {}
+                    if cost is None
+                    else {
+                        "read_and_checked_mb": float(cost[1]),
+                        "reused_files": int(cost[2]),
+                        "load_s": float(cost[3]),
+                        "checks_s": float(cost[4]),
+                    }
+                ),
             }
         )
+    versions = [p["version"] for p in publishes]
     to_new = [s["publish_to_first_response_s"] for s in swaps if s["publish_to_first_response_s"] is not None]
     steady = window_stats(calls, steady_windows)
     swapping = window_stats(calls, swap_windows)
@@ -338,6 +368,7 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
     result = {
         "model": model,
         "watch": watch,
+        "publish": mode,
         "clients": clients,
         "request": "annotate, 1 review of 35-60 words"
         if model == "annotator"
@@ -356,22 +387,27 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
             "max": max(to_new, default=None),
             "n": len(to_new),
         },
+        "publish_call_s_median": pct([s["publish_call_s"] for s in swaps], 0.5),
+        "call_to_first_response_s_median": pct(
+            [s["call_to_first_response_s"] for s in swaps if s["call_to_first_response_s"] is not None], 0.5
+        ),
         "service_swap_seconds": service_swaps,
-        "versions_published": [v for v, _ in publishes],
+        "versions_published": versions,
         "every_response_names_a_published_version": served <= {"v0", *versions},
         "errors_total": sum(1 for c in calls if c.code != "OK"),
         "timeline": {
             "start": steady0,
             "steady_windows": steady_windows,
             "swap_windows": swap_windows,
-            "publishes": [t for _, t in publishes],
+            "publishes": [p["latest_at"] for p in publishes],
         },
         "_calls": [(c.start, c.end, c.version, c.code) for c in calls if steady0 - 1 <= c.start < swap1],
     }
     print(
-        f"[{model}, {watch}] steady p50 {steady['p50_ms']:.0f} ms p99 {steady['p99_ms']:.0f} ms | swapping p50 "
+        f"[{model}, {watch}, {mode}] steady p50 {steady['p50_ms']:.0f} ms p99 {steady['p99_ms']:.0f} ms | swapping p50 "
         f"{swapping['p50_ms']:.0f} ms p99 {swapping['p99_ms']:.0f} ms | publish->new median "
         f"{result['publish_to_first_response_s']['median']} max {result['publish_to_first_response_s']['max']} "
+        f"| publish call median {result['publish_call_s_median']} s "
         f"| errors {result['errors_total']}",
         flush=True,
     )
@@ -406,7 +442,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
                 r["swapping"]["p99_ms"], a - t0, b - t0, colors="tab:red", lw=1, label="p99, swaps" if i == 0 else None
             )
         for i, t in enumerate(tl["publishes"]):
-            ax.axvline(t - t0, c="tab:orange", ls="--", lw=1, label="publish" if i == 0 else None)
+            ax.axvline(t - t0, c="tab:orange", ls="--", lw=1, label="LATEST moved" if i == 0 else None)
             first = r["swaps"][i]["publish_to_first_response_s"]
             if first is not None:
                 ax.axvline(
@@ -417,7 +453,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("latency (ms)")
         to_new = r["publish_to_first_response_s"]["median"]
         ax.set_title(
-            f"{r['model']} ({r['watch']}): {r['clients']} clients; "
+            f"{r['model']} ({r['publish']}, {r['watch']}): {r['clients']} clients; "
             f"p50/p99 {r['steady']['p50_ms']:.0f}/{r['steady']['p99_ms']:.0f} ms "
             f"without swaps, {r['swapping']['p50_ms']:.0f}/{r['swapping']['p99_ms']:.0f} ms with a publish every "
             f"{r['swap_every_s']:.0f}s; publish->first response on it, median {to_new or float('nan'):.2f}s; "
@@ -436,7 +472,8 @@ async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[st
     replaced -> the first answer that names the new version."""
     with tempfile.TemporaryDirectory(prefix="hotswap-publish-") as tmp:
         data = Path(tmp)
-        prepare_store(data, "annotator", 0)
+        for v in prepare_store(data, "annotator"):
+            shutil.rmtree(v)
         store = ModelStore(data / "store")
         base = store.path("annotator", "v0")
         port = free_port()
@@ -450,7 +487,7 @@ async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[st
             device=(args.device, args.dtype),
         )
         target = f"127.0.0.1:{port}"
-        runs = []
+        runs: list[dict[str, Any]] = []
         try:
             deadline = time.monotonic() + 60
             while not (data / "tokens.json").exists():
@@ -464,10 +501,12 @@ async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[st
             await asyncio.sleep(args.warmup_s)
             for k in range(args.publishes):
                 src = perturbed(base, data / f"operator-{k}", "annotator", 10 + k)
+                mode = ("one-step", "two-phase")[k % 2]
+                wait = ["--stage-wait-s", "0"] if mode == "one-step" else []
                 t0 = time.monotonic()
                 cmd = await asyncio.create_subprocess_exec(
                     sys.executable, "-m", "loopserve", "models", "publish", "--model", "annotator",
-                    "--from", str(src), "--data-dir", str(data), "--log-level", "WARNING",
+                    "--from", str(src), "--data-dir", str(data), "--log-level", "WARNING", *wait,
                     cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                 )  # fmt: skip
                 _, stderr = await cmd.communicate()
@@ -483,6 +522,7 @@ async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[st
                     await asyncio.sleep(0.01)
                 runs.append(
                     {
+                        "publish": mode,
                         "version": version,
                         "publish_command_s": round(seconds, 3),
                         "latest_to_first_response_s": None if first is None else round(first - latest_at, 3),
@@ -495,21 +535,25 @@ async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[st
         finally:
             proc.terminate()
             proc.wait(60)
-    to_new = [r["latest_to_first_response_s"] for r in runs if r["latest_to_first_response_s"] is not None]
-    secs = [r["publish_command_s"] for r in runs]
-    return {
-        "clients": args.publish_clients,
-        "runs": runs,
-        "publish_command_s": {"median": pct(secs, 0.5), "max": max(secs, default=None)},
-        "latest_to_first_response_s": {"median": pct(to_new, 0.5), "max": max(to_new, default=None)},
-        "errors_total": sum(1 for c in load.calls if c.code != "OK"),
-    }
+    out_doc: dict[str, Any] = {"clients": args.publish_clients, "runs": runs}
+    for mode in ("one-step", "two-phase"):
+        mine = [r for r in runs if r["publish"] == mode]
+        to_new = [r["latest_to_first_response_s"] for r in mine if r["latest_to_first_response_s"] is not None]
+        secs = [r["publish_command_s"] for r in mine]
+        out_doc[mode] = {
+            "publish_command_s": {"median": pct(secs, 0.5), "max": max(secs, default=None)},
+            "latest_to_first_response_s": {"median": pct(to_new, 0.5), "max": max(to_new, default=None)},
+        }
+    out_doc["errors_total"] = sum(1 for c in load.calls if c.code != "OK")
+    return out_doc
 
 
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="annotator,generator")
-    ap.add_argument("--watches", default="push,poll", help="push (file events + polling) and/or poll (events off)")
+    ap.add_argument("--publish", default="one-step,two-phase", help="how versions are published (module doc)")
+    ap.add_argument("--stage-wait-s", type=float, default=30.0, help="two-phase: the publisher's wait bound")
+    ap.add_argument("--watches", default="push", help="push (file events + polling) and/or poll (events off)")
     ap.add_argument("--clients", type=int, default=16, help="annotator clients")
     ap.add_argument("--generator-clients", type=int, default=8)
     ap.add_argument("--cycles", type=int, default=2, help="(window without swaps, window with swaps) pairs")
@@ -520,7 +564,7 @@ async def main() -> None:
     ap.add_argument("--generator-swap-every-s", type=float, default=6.0)
     ap.add_argument("--watch-interval-s", type=float, default=0.25, help="the poll interval (both watches)")
     ap.add_argument("--max-new-tokens", type=int, default=8)
-    ap.add_argument("--publishes", type=int, default=3, help="`loopserve models publish` runs (0: skip)")
+    ap.add_argument("--publishes", type=int, default=4, help="`loopserve models publish` runs, alternating (0: skip)")
     ap.add_argument("--publish-clients", type=int, default=8)
     ap.add_argument("--device", default="auto", help="the service's --device")
     ap.add_argument("--dtype", default="auto", help="the service's --dtype")
@@ -531,11 +575,14 @@ async def main() -> None:
     results = []
     for model in args.models.split(","):
         for watch in args.watches.split(","):
-            results.append(await bench_model(model, args, args.out, watch))
+            for mode in args.publish.split(","):
+                results.append(await bench_model(model, args, args.out, watch, mode))
     operator = await bench_operator_publish(args, args.out) if args.publishes > 0 else None
     summary: dict[str, Any] = {
-        f"{r['model']}_{r['watch']}": {
+        f"{r['model']}_{r['watch']}_{r['publish']}": {
             "publish_to_first_response_s": r["publish_to_first_response_s"],
+            "publish_call_s_median": r["publish_call_s_median"],
+            "call_to_first_response_s_median": r["call_to_first_response_s_median"],
             "steady_p50_ms": r["steady"]["p50_ms"],
             "steady_p99_ms": r["steady"]["p99_ms"],
             "swapping_p50_ms": r["swapping"]["p50_ms"],
