@@ -11,9 +11,10 @@ published.
 
 The services say what they staged or refused in their hold records in the store (ModelStore.hold):
 the store is the one thing publishers and services share (a shared volume under Kubernetes), so no
-publisher needs the services' addresses or the admin role. Only holders whose watch follows LATEST
-are waited for (a pinned service, or one without a watch, switches on its own terms anyway), and the
-wait is bounded: when it runs out, LATEST moves and the services that were not ready load it as in a
+publisher needs the services' addresses or the admin role. Only live holders whose watch follows
+LATEST are waited for (a pinned service, or one without a watch, switches on its own terms anyway; a
+record not refreshed for two refresh periods belongs to a service that is gone), and the wait is
+bounded: when it runs out, LATEST moves and the services that were not ready load it as in a
 one-step publish.
 """
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopserve.errors import FailedPrecondition, VerificationError, quote
-from loopserve.models.store import Manifest, ModelStore
+from loopserve.models.store import HOLD_REFRESH_S, Manifest, ModelStore
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,14 @@ class Staging:
 
 
 def _followers(store: ModelStore, model: str) -> dict[str, dict[str, Any]]:
-    return {h: r for h, r in store.holds(model).items() if r.get("follows_latest")}
+    # A follower rewrites its record every HOLD_REFRESH_S; one silent for two of those is gone (a pod on
+    # another host whose liveness the store cannot check) and is not waited for.
+    fresh_after = time.time() - 2 * HOLD_REFRESH_S
+    return {
+        h: r
+        for h, r in store.holds(model).items()
+        if r.get("follows_latest") and float(r.get("updated", 0)) >= fresh_after
+    }
 
 
 def wait_staged(

@@ -6,6 +6,7 @@ written the way ModelSlot writes them."""
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -95,6 +96,8 @@ def test_the_wait_is_bounded_and_only_followers_of_latest_are_waited_for(store: 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     host = store.holder_id().split("~")[0]
     store.hold("m", f"{host}~{dead.stdout.strip()}~gone", ["v0"], serving="v0", follows_latest=True)  # dead
+    silent = store.model_folder("m") / ".holds" / "otherhost~1~pod.json"  # another host, not refreshed
+    silent.write_text(json.dumps({"versions": ["v0"], "follows_latest": True, "updated": time.time() - 3600}))
     t0 = time.monotonic()
     manifest, staging = publish_staged(store, "m", folder(tmp_path / "a", seed=1), stage_wait_s=0.3, parent="v0")
     assert staging is not None and staging.waiting == [stuck] and not staging.staged
