@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopserve.errors import FailedPrecondition, VerificationError, quote
-from loopserve.models.store import HOLD_REFRESH_S, Manifest, ModelStore
+from loopserve.models.store import HOLD_REFRESH_S, Manifest, ModelStore, version_number
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ class Staging:
     refused: dict[str, str] = field(default_factory=dict)
     waiting: list[str] = field(default_factory=list)
     waited_s: float = 0.0
+    superseded_by: str | None = None
 
     def as_metrics(self) -> dict[str, float]:
         return {
@@ -73,6 +74,12 @@ def wait_staged(
     t0 = time.monotonic()
     while True:
         out = Staging(version)
+        if (newest := store.candidate(model)) is not None and version_number(newest) > version_number(version):
+            # Another publisher's newer version is above ours: services stage only the newest, so ours
+            # would never be staged; it is loaded after LATEST moves, as in one step.
+            out.superseded_by = newest
+            out.waited_s = time.monotonic() - t0
+            return out
         for holder, record in _followers(store, model).items():
             if version in record.get("refused", {}):
                 out.refused[holder] = str(record["refused"][version])
@@ -118,7 +125,9 @@ def publish_staged(
     except FailedPrecondition:
         store.discard(model, version)
         raise
-    if staging.waiting:
+    if staging.superseded_by:
+        logger.info("published %s %s without waiting: %s is already above it", model, version, staging.superseded_by)
+    elif staging.waiting:
         logger.warning(
             "published %s %s after waiting %.1fs for %d of %d services to stage it; the rest load it now",
             model, version, staging.waited_s, len(staging.waiting), len(staging.waiting) + len(staging.staged),

@@ -153,3 +153,11 @@ def test_the_trainers_stage_wait_flag_decides_how_a_round_publishes(
     else:
         assert result.metrics["unstaged_services"] == 1.0 and result.metrics["stage_wait_s"] >= 0.3
         assert stuck
+
+
+def test_a_version_superseded_by_a_newer_candidate_is_not_waited_for(store: ModelStore, tmp_path: Path) -> None:
+    follower(store)  # never stages anything: a wait would run to its bound
+    store.publish_version("m", folder(tmp_path / "a", seed=1), set_latest=False)  # v1, another publisher's
+    newer = store.publish_version("m", folder(tmp_path / "b", seed=2), set_latest=False).version
+    staging = wait_staged(store, "m", "v1", 3600)  # returns at once (a hang would meet the test timeout)
+    assert staging.superseded_by == newer and staging.waiting == []
