@@ -22,10 +22,15 @@ BATCH_SIZE = Histogram(
 )
 QUEUE_DEPTH = Gauge("loopserve_queue_depth", "Items waiting in a queue.", ["queue"])
 MODEL_VERSION = Gauge("loopserve_model_version", "Version number being served (v<N> -> N).", ["model"])
-SWAPS = Counter("loopserve_swaps", "Model swaps attempted, by result.", ["model", "result"])
+SWAPS = Counter(
+    "loopserve_swaps",
+    "Model swaps by result: ok (switched), failed (refused, the old version serves on), staged (a candidate "
+    "loaded and verified beside the serving version before LATEST moved).",
+    ["model", "result"],
+)
 SWAP_SECONDS = Histogram(
     "loopserve_swap_seconds",
-    "Time to load, verify and switch to a new version.",
+    "Time to load, verify and switch to a new version (near zero when it was staged before LATEST moved).",
     ["model"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
 )

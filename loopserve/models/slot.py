@@ -284,13 +284,13 @@ class ModelSlot(Generic[M]):
             cur = self._current
             if cur is not None and cur.version == version:
                 return cur
-            t0 = time.perf_counter()
             staged, self._staged = self._staged, None
             if staged is not None and staged.version == version and self._staged_against == _name(cur):
+                t0 = time.perf_counter()
                 new, cost = staged, "staged before LATEST moved"
             else:
                 del staged  # staged against another version, or another one: let it go before loading
-                self.store.path(self.name, version)  # NOT_FOUND for an unknown version
+                self.store.path(self.name, version)  # NOT_FOUND (not a refusal) for an unknown version
                 self._wait_for_retired()
                 t0 = time.perf_counter()
                 new, cost = self._prepare(version, cur)
@@ -330,6 +330,7 @@ class ModelSlot(Generic[M]):
                 self._write_hold()  # the publisher waiting on this version learns of the refusal
                 raise
             self._staged, self._staged_against = new, cur.version
+            metrics.SWAPS.labels(self.name, "staged").inc()
             logger.info("staged %s %s beside %s in %.3fs (%s)", self.name, version, cur.version,
                         time.perf_counter() - t0, cost)  # fmt: skip
             self._write_hold()

@@ -505,6 +505,7 @@ async def test_a_two_phase_publish_is_staged_beside_the_serving_version_then_swi
     load.start()
     await load.wait_for("v0")
 
+    staged_before = swaps("annotator", "staged")
     src = variant(v0, tmp_path / "a1", head_bias(0.9))
     manifest, staging = await asyncio.to_thread(publish_staged, svc.store, "annotator", src, stage_wait_s=30)
     v1 = manifest.version
@@ -513,6 +514,7 @@ async def test_a_two_phase_publish_is_staged_beside_the_serving_version_then_swi
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith(f"staged annotator {v1} beside v0") for m in messages), messages
     assert any(f"swapped annotator to {v1}" in m and "staged before LATEST moved" in m for m in messages), messages
+    assert swaps("annotator", "staged") - staged_before == 1
 
     # A candidate the service refuses while staging it is withdrawn: never LATEST, never served.
     with pytest.raises(VerificationError, match=r"withdrawn: 1 service\(s\) refused it .*NaN or infinite"):
