@@ -218,8 +218,11 @@ def test_ctrl_c_stops_every_process_and_leaves_log_and_store_whole(tmp_path: Pat
         runs = sorted((data_dir / "runs").glob("*")) if (data_dir / "runs").is_dir() else []
         if not runs or not (runs[0] / "feedback.sqlite3").exists():
             return None
-        with sqlite3.connect(runs[0] / "feedback.sqlite3") as db:
-            return runs[0] if db.execute("select count(*) from records").fetchone()[0] > 0 else None
+        try:
+            with sqlite3.connect(runs[0] / "feedback.sqlite3", timeout=5.0) as db:
+                return runs[0] if db.execute("select count(*) from records").fetchone()[0] > 0 else None
+        except sqlite3.OperationalError:  # the log's file exists, its schema is still being created
+            return None
 
     wait_until(streaming_run, 300, "the demo to start streaming", interval_s=0.5)
     run = streaming_run()
