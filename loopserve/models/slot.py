@@ -55,6 +55,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import watchfiles
@@ -100,10 +101,6 @@ Loader = Callable[[VersionReader, "Loaded[M] | None"], M]
 Check = Callable[["Loaded[M]", "Loaded[M] | None"], None]
 
 
-def _name(loaded: Loaded[Any] | None) -> str | None:
-    return loaded.version if loaded is not None else None
-
-
 def _weak(loaded: Loaded[Any]) -> weakref.ref[Any]:
     try:
         return weakref.ref(loaded.model)
@@ -144,8 +141,10 @@ class ModelSlot(Generic[M]):
         self._pinned: str | None = None
         self._seen_latest: str | None = None  # the LATEST the watch last acted on
         self._failed: dict[str, str] = {}  # version -> why it was refused (the watch does not retry it)
-        self._staged: Loaded[M] | None = None  # a candidate above LATEST, loaded and verified (`stage`)
-        self._staged_against: str | None = None  # the version it was checked against
+        # A candidate above LATEST, loaded and verified against the serving version (`stage`). Every
+        # switch goes through load_version, which takes it or lets it go, so it is always checked
+        # against the version serving now.
+        self._staged: Loaded[M] | None = None
         self._retiring: weakref.ref[Any] | None = None
         self._retiring_version = ""
         self._lock = threading.RLock()  # one load or state change at a time
@@ -240,9 +239,9 @@ class ModelSlot(Generic[M]):
     def _serving_name(self) -> str:
         return self._current.version if self._current is not None else "nothing"
 
-    def _prepare(self, version: str, cur: Loaded[M] | None) -> tuple[Loaded[M], str]:
-        """Load and verify `version` beside `cur` (no switch); returns it and what the load cost."""
-        self.store.path(self.name, version)  # NOT_FOUND for an unknown version
+    def _prepare(self, version: str, folder: Path, cur: Loaded[M] | None) -> tuple[Loaded[M], str]:
+        """Load and verify `version` (in `folder`) beside `cur` (no switch); returns it and what the
+        load cost."""
         t0 = time.perf_counter()
         try:
             # One pass over the files: the loader reads the weights through `reader`, which hashes
@@ -263,7 +262,7 @@ class ModelSlot(Generic[M]):
             if self.check is not None:
                 self.check(new, cur)
             if cur is not None and not declares(manifest.meta, LABEL_SET_CHANGE, ARCHITECTURE_CHANGE):
-                folder, old_folder = self.store.path(self.name, version), self.store.path(self.name, cur.version)
+                old_folder = self.store.path(self.name, cur.version)
                 compare_tensors(folder, old_folder, new_name=version, old_name=cur.version)
         except NotFoundError as exc:  # pruned or renamed while we loaded it
             raise self._refuse(version, exc.message) from exc
@@ -285,15 +284,15 @@ class ModelSlot(Generic[M]):
             if cur is not None and cur.version == version:
                 return cur
             staged, self._staged = self._staged, None
-            if staged is not None and staged.version == version and self._staged_against == _name(cur):
+            if staged is not None and staged.version == version:
                 t0 = time.perf_counter()
                 new, cost = staged, "staged before LATEST moved"
             else:
-                del staged  # staged against another version, or another one: let it go before loading
-                self.store.path(self.name, version)  # NOT_FOUND (not a refusal) for an unknown version
+                del staged  # another version: let it go before loading
+                folder = self.store.path(self.name, version)  # NOT_FOUND (not a refusal) for an unknown version
                 self._wait_for_retired()
                 t0 = time.perf_counter()
-                new, cost = self._prepare(version, cur)
+                new, cost = self._prepare(version, folder, cur)
             t3 = time.perf_counter()
             if cur is not None:
                 if record_history:
@@ -319,17 +318,18 @@ class ModelSlot(Generic[M]):
             if self._pinned is not None or cur is None or cur.version == version:
                 return None
             staged = self._staged
-            if staged is not None and staged.version == version and self._staged_against == cur.version:
+            if staged is not None and staged.version == version:
                 return staged
             self._staged = staged = None  # at most one staged copy: an older candidate goes first
+            folder = self.store.path(self.name, version)  # NOT_FOUND: withdrawn before we got to it
             self._wait_for_retired()
             t0 = time.perf_counter()
             try:
-                new, cost = self._prepare(version, cur)
+                new, cost = self._prepare(version, folder, cur)
             except LoopserveError:
                 self._write_hold()  # the publisher waiting on this version learns of the refusal
                 raise
-            self._staged, self._staged_against = new, cur.version
+            self._staged = new
             metrics.SWAPS.labels(self.name, "staged").inc()
             logger.info("staged %s %s beside %s in %.3fs (%s)", self.name, version, cur.version,
                         time.perf_counter() - t0, cost)  # fmt: skip

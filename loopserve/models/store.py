@@ -130,6 +130,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def _remove_version(folder: Path) -> None:
+    """Delete a version folder (call under the publish lock)."""
+    trash = folder.with_name(f"{_TMP_PREFIX}rm-{folder.name}{_owner_tag()}")
+    os.rename(folder, trash)  # atomic: readers see the version whole or not at all
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _process_alive(host: str, pid: str) -> bool | None:
     """True / False for a process on this host; None when it runs elsewhere (cannot tell)."""
     if host != socket.gethostname() or not pid.isdigit():
@@ -576,10 +583,7 @@ class ModelStore:
         with self._publish_lock(model_dir):
             if self.latest(model) == version:
                 raise FailedPrecondition(f"{model} {version} is LATEST; only a version never published is discarded")
-            victim = self.path(model, version)
-            trash = victim.with_name(f"{_TMP_PREFIX}rm-{version}{_owner_tag()}")
-            os.rename(victim, trash)  # atomic: readers see the version whole or not at all
-            shutil.rmtree(trash, ignore_errors=True)
+            _remove_version(self.path(model, version))
         logger.info("discarded %s %s (never published)", model, version)
 
     @staticmethod
@@ -602,10 +606,7 @@ class ModelStore:
             for v in versions:
                 if v in keepers:
                     continue
-                victim = model_dir / v
-                trash = victim.with_name(f"{_TMP_PREFIX}rm-{v}{_owner_tag()}")
-                os.rename(victim, trash)  # atomic: readers see the version whole or not at all
-                shutil.rmtree(trash, ignore_errors=True)
+                _remove_version(model_dir / v)
                 removed.append(v)
         if removed:
             logger.info("pruned %s: removed %d versions (%s)", model, len(removed), ", ".join(removed))
