@@ -11,11 +11,14 @@ For each seed, two replays of the same data in one process, with the trainer's o
   only), the backlog re-annotated by each newly served version; a simulated annotator (the demo's pool,
   `--error-rate`) labels the picks; at each round point the trainer's round
   (trainer.annotation_round: cross-fitted from the base while labels are few, held-out after) makes a
-  candidate, and the gate decides whether it serves. Unchecked versions flag every item, so nothing is
-  auto-labelled on their word; items nobody reviewed wait in the backlog.
+  candidate, and the gate decides whether it serves. A held-out round (from `--cv-max-items` labels)
+  self-trains on the streamed items nobody labelled (trainer.pseudo_labels, `--pseudo-label-ratio`).
+  Unchecked versions flag every item, so nothing is auto-labelled on their word; items nobody reviewed
+  wait in the backlog.
 - passive: the same number of labels for items drawn at random, from the same annotator pool, trained
   with the same recipe at the budgets (from the base while labels are few, continued after), served
-  without a gate, as the demo's offline passive baseline is.
+  without a gate, as the demo's offline passive baseline is; its held-out rounds self-train on the items
+  it did not buy labels for (as many as the loop has streamed by then).
 - tfidf: TF-IDF (1-2 grams) + logistic regression on the passive labels and on the loop's labels.
 
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
@@ -56,6 +59,7 @@ from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import AnnotatorCandidate, cross_fit_round, held_out_round
 from trainer.examples import LabelExample, heldout
 from trainer.gate import GateConfig
+from trainer.pseudo_labels import pseudo_labels
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,6 +79,9 @@ class Replay:
         self.rounds: list[dict[str, Any]] = []
         self.version = 0
         """Counts the serving versions (a newly served one re-annotates the backlog)."""
+        self.ablation_test: list[Example] = []
+        """When set (`--pseudo-ablation`), each held-out round with pseudo-labels also trains its twin
+        without them, and both are scored on these items."""
 
     def load_base(self) -> AnnotatorModel:
         model = encoder_heads.load(self.base)
@@ -95,9 +102,11 @@ class Replay:
         n = len(self.labelled) + 1
         self.labelled.append(LabelExample(text, label, f"e{n}", n))
 
-    def round(self, gated: bool = True) -> AnnotatorCandidate | None:
+    def round(self, gated: bool = True, pool: list[str] | None = None) -> AnnotatorCandidate | None:
         """The trainer's round; `gated=False` (the passive baseline, as the demo's offline one) trains the
-        candidate the same way and serves it without the gate's cross-fitting."""
+        candidate the same way and serves it without the gate's cross-fitting. `pool`: the items streamed
+        that nobody labelled, which a held-out round self-trains on (trainer.pseudo_labels), as the
+        trainer does with the items it has read from the log."""
         t0 = time.monotonic()
         n = len(self.labelled)
         if not gated and n < self.gate.cv_max_items:
@@ -118,7 +127,20 @@ class Replay:
             train = [x for x in self.labelled if not heldout(x.text, self.frac)]
             evals = [x for x in self.labelled if heldout(x.text, self.frac)]
             model = copy.deepcopy(self.serving)
-            cand = held_out_round(model, self.tokenizer, train, [], evals, self.cfg, self.gate, generator=self.gen)
+            unlabelled = [t for t in pool or [] if not heldout(t, self.frac)]
+            pseudo = pseudo_labels(self.serving, self.tokenizer, unlabelled, train, self.cfg) if self.checked else []
+            ablation: dict[str, float] = {}
+            if pseudo and self.ablation_test:  # the same round without pseudo-labels, from the same weights
+                twin, gen = copy.deepcopy(self.serving), torch.Generator()
+                gen.set_state(self.gen.get_state())
+                held_out_round(twin, self.tokenizer, train, [], evals, self.cfg, self.gate, generator=gen)
+                ablation["test_accuracy_without_pseudo"] = self.accuracy(twin, self.ablation_test)
+            cand = held_out_round(
+                model, self.tokenizer, train, [], evals, self.cfg, self.gate, generator=self.gen, pseudo=pseudo
+            )
+            if ablation:
+                ablation["test_accuracy_with_pseudo"] = self.accuracy(cand.model, self.ablation_test)
+                print(f"    pseudo-label ablation: {ablation}", flush=True)
         if cand.decision.publish or not gated:
             self.serving, self.checked, self.cursor = cand.model, cand.decision.checked or not gated, n
             self.infer = self._inference_copy(cand.model)
@@ -131,6 +153,8 @@ class Replay:
                 "checked": cand.decision.checked and cand.decision.publish,
                 "reasons": cand.decision.reasons,
                 "accuracy_evidence": cand.metrics.get("accuracy"),
+                "pseudo_labels": cand.metrics.get("n_pseudo", 0.0),
+                **(ablation if cand.regime == "held-out" else {}),
                 "seconds": round(time.monotonic() - t0, 1),
             }
         )
@@ -139,6 +163,14 @@ class Replay:
             flush=True,
         )
         return cand
+
+    def accuracy(self, model: AnnotatorModel, test: list[Example]) -> float:
+        names = model.spec.label_names
+        labels = torch.tensor([names.index(e.label) for e in test])
+        logits = annotation_policy.predict_logits(
+            self._inference_copy(model), self.tokenizer, [e.text for e in test], self.cfg
+        )
+        return float((logits.argmax(-1) == labels).float().mean())
 
     def test_metrics(self, test: list[Example], prior_shift: np.ndarray | None = None) -> dict[str, float]:
         """Accuracy and macro-F1 of the serving version on `test`; with `prior_shift` (L,) also of its logits
@@ -172,6 +204,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     """The loop's routing and training over a stream; metrics at each budget."""
     cfg, gate = make_configs(args)
     rp = Replay(base, cfg, gate, args.heldout_fraction, seed)
+    rp.ablation_test = test if args.pseudo_ablation else []
     pool = AnnotatorPool(label_set(train + test), error_rate=args.error_rate, double_review=0.0, seed=seed)
     rng = random.Random(seed + 1)
     budgets = sorted(args.budgets)
@@ -220,7 +253,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
         backlog.update({start + i: probs[i] for i in range(len(part)) if needs[i] and (start + i) not in human})
         seen += len(part)
         if len(human) in points and (not rp.rounds or rp.rounds[-1]["labels"] != len(human)):
-            rp.round()
+            rp.round(pool=[stream[j].text for j in range(seen) if j not in human])
             if len(human) in budgets:
                 b = len(human)
                 streamed = stream[:seen]
@@ -258,6 +291,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
 def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test: list[Example], seed: int) -> dict:
     cfg, gate = make_configs(args)
     rp = Replay(base, cfg, gate, args.heldout_fraction, seed)
+    rp.ablation_test = test if args.pseudo_ablation else []
     pool = AnnotatorPool(label_set(train + test), error_rate=args.error_rate, double_review=0.0, seed=seed + 1000)
     order = random.Random(seed + 7919).sample(range(len(train)), len(train))
     budgets = sorted(args.budgets)
@@ -266,7 +300,8 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
         while len(rp.labelled) < p:
             e = train[order[len(rp.labelled)]]
             rp.add(e.text, pool.noisy_label(e.label))
-        rp.round(gated=False)
+        # Its unlabelled pool: as many items as the loop has streamed by p labels, less the labelled ones.
+        rp.round(gated=False, pool=[train[j].text for j in order[p : int(p / args.fraction)]])
         if p in budgets:
             m = rp.test_metrics(test)
             m["tfidf_accuracy"] = tfidf_accuracy([(x.text, x.label) for x in rp.labelled], test)
@@ -277,7 +312,7 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
 
 def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, GateConfig]:
     # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data).
-    cfg = AnnotationPolicyConfig(epochs=0.0, max_length=args.max_length)
+    cfg = AnnotationPolicyConfig(epochs=0.0, max_length=args.max_length, pseudo_label_ratio=args.pseudo_label_ratio)
     gate = GateConfig(min_eval_items=30, min_lift_z=args.min_lift_z, cv_max_items=args.cv_max_items)
     return cfg, gate
 
@@ -372,6 +407,17 @@ def main() -> None:
     ap.add_argument("--audit-fraction", type=float, default=0.05)
     ap.add_argument("--review-threshold", type=float, default=0.8)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument(
+        "--pseudo-ablation",
+        action="store_true",
+        help="each held-out round with pseudo-labels also trains its twin without them (both scored on the test items)",
+    )
+    ap.add_argument(
+        "--pseudo-label-ratio",
+        type=float,
+        default=AnnotationPolicyConfig.pseudo_label_ratio,
+        help="self-training in held-out rounds: pseudo-labels per human label (0: off)",
+    )
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)
     ap.add_argument("--min-lift-z", type=float, default=0.0, help="held-out regime (the demo's setting)")

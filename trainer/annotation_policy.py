@@ -64,6 +64,13 @@ class AnnotationPolicyConfig:
     (`auto_epochs`: many passes over a few dozen labels, fewer over hundreds)."""
     max_steps: int = 0
     """Cap on optimizer steps per round; 0 means no cap."""
+    pseudo_label_ratio: float = 1.5
+    """Self-training (trainer.pseudo_labels): pseudo-labels from the checked serving version per human label
+    in a held-out round; 0 turns it off."""
+    pseudo_label_max: int = 600
+    """Cap on pseudo-labels per round (each one costs a training step's share, like a human label)."""
+    pseudo_pool_max: int = 2000
+    """Unlabelled items (the most recent) the serving version scores for them; 0: all the trainer holds."""
     bandit_coef: float = 1.0
     """Weight of the REINFORCE term for rejects relative to the cross-entropy."""
     max_importance_weight: float = 5.0

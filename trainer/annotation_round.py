@@ -119,21 +119,32 @@ def held_out_round(
     optimizer: torch.optim.Optimizer | None = None,
     generator: torch.Generator | None = None,
     guard: LossGuard | None = None,
+    pseudo: Sequence[LabelExample] = (),
 ) -> AnnotatorCandidate:
-    """The many-labels round: `model` (the serving weights) is trained in place on `train` and `rejects`,
-    then judged against its own starting point on the held-out `evals`, paired. With `epochs` 0 (scaled
-    with the data) it makes one pass: it continues from weights that already fit most of the buffer."""
+    """The many-labels round: `model` (the serving weights) is trained in place on `train`, `pseudo` (the
+    serving version's own confident labels on unlabelled items: trainer.pseudo_labels) and `rejects`, then
+    judged against its own starting point on the held-out `evals` (human labels only), paired. With
+    `epochs` 0 (scaled with the data) it makes one pass: it continues from weights that already fit most
+    of the buffer."""
     if not cfg.epochs:
         cfg = dataclasses.replace(cfg, epochs=1.0)
     serving_metrics, serving_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
     train_metrics = annotation_policy.train_annotation_policy(
-        model, tokenizer, train, rejects, cfg, baseline=baseline, optimizer=optimizer, guard=guard, generator=generator
+        model,
+        tokenizer,
+        [*train, *pseudo],
+        rejects,
+        cfg,
+        baseline=baseline,
+        optimizer=optimizer,
+        guard=guard,
+        generator=generator,
     )
     cand, cand_correct = annotation_policy.evaluate_with_correct(model, tokenizer, evals, cfg)
     cand.update(paired_counts(serving_correct, cand_correct))  # for the gate's paired regression test
     temperature = annotation_policy.calibrate(model, tokenizer, evals, cfg)
     calibrated = annotation_policy.evaluate_annotation_policy(model, tokenizer, evals, cfg)
     cand.update(ece_calibrated=calibrated["ece"], nll_calibrated=calibrated["nll"], temperature=temperature)
-    cand.update(n_train=float(len(train)), n_rejects=float(len(rejects)))
+    cand.update(n_train=float(len(train)), n_pseudo=float(len(pseudo)), n_rejects=float(len(rejects)))
     decision = gate_annotator(cand, serving_metrics, gate)
     return AnnotatorCandidate(model, "held-out", cand, serving_metrics, decision, train_metrics)

@@ -5,7 +5,7 @@ Layout under `<data-dir>/trainer/`:
     CHECKPOINT                    the name of the current checkpoint (replaced atomically)
     ckpt-00000042/
         state.json                cursor, round, counts, baselines, RNG states, optimizer tags
-        examples.jsonl            every training example and RL prompt (JSON lines, no pickle)
+        examples.jsonl            every training example, RL prompt and pooled item (JSON lines, no pickle)
         optim/<objective>.*       optimizer state (safetensors + JSON), tagged with its model version
     .tmp-ckpt-...                 a checkpoint being written (removed on the next start)
     LOCK                          held by the running trainer (one trainer per data dir)
@@ -197,6 +197,8 @@ def save_checkpoint(
                 out.write(json.dumps(example_to_dict(ex)) + "\n")
             for prompt, seq in state.prompts.items():
                 out.write(json.dumps({"type": "prompt", "prompt": prompt, "seq": seq}) + "\n")
+            for text, seq in state.items.items():
+                out.write(json.dumps({"type": "item", "text": text, "seq": seq}) + "\n")
         (tmp / STATE_FILE).write_text(json.dumps(_state_json(state), indent=1))
         for f in tmp.rglob("*"):
             if f.is_file():
@@ -271,6 +273,9 @@ def load_checkpoint(root: Path) -> tuple[TrainerState, Path | None]:
             row = json.loads(line)
             if row["type"] == "prompt":
                 state.prompts[row["prompt"]] = int(row["seq"])
+                continue
+            if row["type"] == "item":  # the unlabelled-item pool (self-training)
+                state.items[row["text"]] = int(row["seq"])
                 continue
             ex = example_from_dict(row)
             if isinstance(ex, LabelExample):

@@ -9,7 +9,7 @@ What each record becomes:
 | record                                   | becomes                                                  |
 | ---------------------------------------- | -------------------------------------------------------- |
 | generation decision                      | a prompt in the RL prompt pool                           |
-| label decision                           | nothing (counted): the item is unlabelled until feedback |
+| label decision                           | its text in the unlabelled-item pool (self-training)     |
 | accept / correction on a label           | a `LabelExample` in the replay buffer (latest per event) |
 | reject on a label                        | a `BanditExample` (reward 0, with the logged propensity) |
 | accept / reject on a generation          | a `PointwiseExample` (1 / 0) for the reward model        |
@@ -56,6 +56,11 @@ COMPLETION_BUFFER = 4096
 """Served completions kept for off-policy evaluation: only the latest few hundred of the serving version
 are ever read, and every generation decision would otherwise stay in the checkpoint."""
 """The annotator's online tier: head-only updates on cached embeddings (trainer.annotation_head)."""
+ITEM_BUFFER = 4096
+"""Texts of served items kept for self-training (trainer.pseudo_labels scores the latest 2,000 by default)."""
+MAX_POOLED_CHARS = 10_000
+"""Longer items are not pooled: the annotator reads a few hundred tokens of an item, and a pool of
+ITEM_BUFFER texts rides along in every checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,9 @@ class TrainerState:
     """Responses people wrote (edits, imported demonstrations): the generator's SFT data."""
     prompts: dict[str, int] = field(default_factory=dict)
     """RL prompt pool: prompt -> seq of the first generation decision that served it."""
+    items: dict[str, int] = field(default_factory=dict)
+    """Items the annotator labelled for the app, text -> seq of the latest decision on it (latest last):
+    the pool a held-out round pseudo-labels the unlabelled ones of (trainer.pseudo_labels)."""
     label_accepts: int = 0
     """Served top labels accepted (r = 1) ..."""
     label_rejects: int = 0
@@ -179,12 +187,15 @@ def ingest(
             if rec.decision.client_id and rec.decision.client_id in exclude_clients:
                 state.consumed[f"decision:{rec.decision.kind}:excluded_client"] += 1
             else:
-                _fold_decision(state, rec.decision, rec.seq)
+                _fold_decision(state, rec.decision, rec.seq, labels.task)
         elif rec.feedback is not None:
             if _fold_feedback(state, rec, rec.feedback, labels, stats):
                 stats.used += 1
         state.cursor = rec.seq
     _trim(state.completions, COMPLETION_BUFFER)
+    if len(state.items) > ITEM_BUFFER:
+        for key in list(state.items)[: len(state.items) - ITEM_BUFFER]:
+            del state.items[key]
     for buffer in (state.bandit, state.pairs, state.ratings, state.pointwise, state.demonstrations):
         _trim(buffer, max_buffer)
     for table in (state.labels, state.outcomes, state.prompts):
@@ -196,8 +207,12 @@ def ingest(
     return stats
 
 
-def _fold_decision(state: TrainerState, d: Decision, seq: int) -> None:
+def _fold_decision(state: TrainerState, d: Decision, seq: int, task: str) -> None:
     state.consumed[f"decision:{d.kind}"] += 1
+    if d.kind == "label" and d.task == task and 0 < len(d.input_text) <= MAX_POOLED_CHARS:
+        state.items.pop(d.input_text, None)  # re-served (a backlog re-annotation): now among the latest
+        state.items[d.input_text] = seq
+        return
     if d.kind == "generation" and d.model == DEMONSTRATION_MODEL:
         if d.input_text and isinstance(d.output, str) and d.output:
             state.demonstrations.append(Demonstration(d.input_text, d.output, seq, source="import"))

@@ -55,6 +55,7 @@ from trainer.gate import (
     gate_sft,
     paired_counts,
 )
+from trainer.pseudo_labels import pseudo_labels
 from trainer.rounds import Context, Publication, Skip, prefixed, resume_optimizer
 
 PROBE_PAIR = ("Is the reward service up?", "Yes.")
@@ -152,14 +153,27 @@ class AnnotatorLearner:
         if self.few:
             self.cand = self._cross_fit(ctx, serving)
         else:
+            pseudo = self._pseudo_labels(ctx, state, serving)  # before the round trains the serving weights
             self.opt = annotation_policy.make_optimizer(self.serving_model, cfg)
             resume_optimizer(ctx, state, ANNOTATOR, self.opt, serving)
             self.cand = annotation_round.held_out_round(
                 self.serving_model, self.tokenizer, self.train_items, self.rejects, self.evals, cfg, args.gate,
                 baseline=state.baseline, optimizer=self.opt, generator=ctx.gen, guard=ctx.guard(ANNOTATOR),
+                pseudo=pseudo,
             )  # fmt: skip
         TRAINER_LOSS.labels(objective=ANNOTATOR).set(self.cand.train_metrics.get("loss", float("nan")))
         return prefixed("train_", self.cand.train_metrics)
+
+    def _pseudo_labels(self, ctx: Context, state: TrainerState, serving: str) -> list[LabelExample]:
+        """Self-training labels from the serving version, if the gate checked it, on the pooled items that
+        nobody labelled and that are not held out (trainer.pseudo_labels says why only then)."""
+        cfg = ctx.args.annotator
+        if cfg.pseudo_label_ratio <= 0 or not ctx.store.get(ANNOTATOR, serving).meta.get("checked"):
+            return []
+        answered = {x.text for x in self.items} | {x.text for x in state.bandit}  # a reject says "not that"
+        frac = ctx.args.heldout_fraction
+        pool = [t for t in state.items if t not in answered and not heldout(t, frac)]
+        return pseudo_labels(self.serving_model, self.tokenizer, pool, self.train_items, cfg)
 
     def _cross_fit(self, ctx: Context, serving: str) -> AnnotatorCandidate:
         base_folder = ctx.store.path(ANNOTATOR, ctx.store.list(ANNOTATOR)[0])

@@ -257,3 +257,11 @@ def test_passive_baseline_trains_offline_and_evaluates_in_the_served_dtype(tiny_
     cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16)
     res = passive.train_offline(base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, eval_dtype=dtype)
     assert 0.0 <= res["accuracy"] <= 1.0 and res["steps"] > 0 and res["labels"] == 40
+    # From cv_max_items on, a round continues the last one's weights and self-trains on the pool, as the
+    # trainer's held-out rounds do (the base never pseudo-labels).
+    pool = [f"unlabelled {i} {'good' if i % 2 else 'bad'}" for i in range(30)]
+    said: list[str] = []
+    passive.train_offline(
+        base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, cv_max_items=30, pool=pool, progress=said.append
+    )
+    assert said[0].endswith(" 0 pseudo-labels") and not said[1].endswith(" 0 pseudo-labels"), said

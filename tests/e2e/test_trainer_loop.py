@@ -209,6 +209,7 @@ def fingerprint(state: TrainerState) -> dict:
         "cursor": state.cursor,
         "examples": sorted(json.dumps(example_to_dict(x), sort_keys=True) for x in state.examples()),
         "prompts": dict(state.prompts),
+        "items": list(state.items.items()),  # the self-training pool, in its order (latest last)
         "consumed": dict(state.consumed),
         "skipped": dict(state.skipped),
         "baseline": (state.label_accepts, state.label_rejects),

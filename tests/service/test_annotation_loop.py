@@ -22,9 +22,11 @@ from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
     base_store,
     data_dir,
     label_decision,
+    review,
     small_args,
     write_label_stream,
 )
+from trainer.checkpoint import load_checkpoint
 from trainer.gate import GateConfig, gate_annotator_cv
 from trainer.loop import read_rounds, run_trainer
 from trainer.oof_evidence import loo_calibrated_probs, signal_test
@@ -52,6 +54,40 @@ def test_a_few_dozen_labels_publish_a_checked_version_with_no_held_out_slice(dat
     manifest = ModelStore(data_dir / "store").get("annotator", row["version"])
     assert manifest.meta["checked"] is True and manifest.meta["evidence"] == "cross-fit"
     assert manifest.meta["cursor"] > 0  # later labels are the ones this version never saw
+
+
+def test_a_checked_version_self_trains_on_the_items_nobody_labelled(data_dir: Path) -> None:  # noqa: F811
+    """Held-out rounds (trainer.pseudo_labels): the unchecked base never pseudo-labels; a checked version
+    labels the pooled items nobody labelled, class-balanced, held-out items left out; ratio 0 turns it off."""
+    rng = random.Random(7)
+
+    def unlabelled(n: int, start: int) -> list:  # served labels nobody answered
+        return [label_decision(f"U{i}", review(rng, rng.random() < 0.5), "great") for i in range(start, start + n)]
+
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, rng, 200)
+        log.append_decisions(unlabelled(300, 0))
+    args = small_args(data_dir, models="annotator")
+    state = run_trainer(args)
+    [first] = read_rounds(args)
+    assert first["result"] == "published" and first["metrics"]["n_pseudo"] == 0  # v0 is unchecked
+    assert ModelStore(data_dir / "store").get("annotator", "v1").meta["checked"] is True
+    assert len(state.items) == 500  # every served item is pooled, labelled or not
+    assert list(load_checkpoint(data_dir / "trainer")[0].items) == list(state.items)
+
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, rng, 60, start=1000)
+        log.append_decisions(unlabelled(100, 1000))
+    run_trainer(args)
+    second = read_rounds(args)[-1]["metrics"]
+    cap = 1.5 * second["n_train"]
+    assert cap / 2 <= second["n_pseudo"] <= cap, second  # ~300 of the 400 unlabelled items are not held out
+
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, rng, 40, start=2000)
+    args.annotator.pseudo_label_ratio = 0.0  # `--annotator.pseudo-label-ratio 0`
+    run_trainer(args)
+    assert read_rounds(args)[-1]["metrics"]["n_pseudo"] == 0
 
 
 def test_random_labels_are_refused_by_the_few_labels_gate(data_dir: Path) -> None:  # noqa: F811

@@ -630,6 +630,7 @@ class AnnotationDemo:
             heldout_fraction=opts.heldout_fraction,
             cv_max_items=opts.cv_max_items,
             eval_dtype=dtype,
+            pool=[e.text for e in st.train[: st.items_seen]],  # what the loop streamed
         )
         st.passive = res
         console.print(f"passive: accuracy {res['accuracy']:.3f} with {budget} labels in {res['seconds']:.0f}s")

@@ -4,7 +4,9 @@
   model chooses them), from the same simulated annotator pool, trained on the same schedule as the
   loop's rounds and in the trainer's two regimes (trainer.annotation_round): while a round has fewer
   than `cv_max_items` labels it trains from the base on all of them; from then on it continues from
-  the previous round's weights on the labels outside the held-out share. Same AnnotationPolicyConfig.
+  the previous round's weights on the labels outside the held-out share, self-training on the items it
+  did not buy labels for as the trainer does (trainer.pseudo_labels; the previous round's weights label
+  them, as the trainer's checked serving version does). Same AnnotationPolicyConfig.
   What differs is only which items got human labels: that is the comparison "a loop beats random
   sampling at the same budget" asks for.
 - Ceiling (`--measure-ceiling`): every train label, `epochs` passes, same config otherwise.
@@ -27,6 +29,7 @@ from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import LabelExample, heldout
+from trainer.pseudo_labels import pseudo_labels
 
 logger = logging.getLogger(__name__)
 
@@ -52,9 +55,11 @@ def train_offline(
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
     eval_dtype: torch.dtype = torch.float32,
+    pool: Sequence[str] = (),
 ) -> dict[str, float]:
     """Train the base annotator on `labelled[:n]` for each n in `schedule` in turn; test accuracy with
-    the weights cast to `eval_dtype` (the dtype the loop's versions were served and evaluated in)."""
+    the weights cast to `eval_dtype` (the dtype the loop's versions were served and evaluated in).
+    `pool`: items without a bought label, for the held-out rounds' self-training."""
     t0 = time.monotonic()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -75,9 +80,16 @@ def train_offline(
             for i, (text, label) in enumerate(labelled[:n])
             if label in known and (few or not heldout(text, heldout_fraction))
         ]
+        pseudo: list[LabelExample] = []
+        if not few and k > 1:  # weights a round trained (never the base) label the items nobody bought
+            bought = {text for text, _ in labelled[:n]}
+            unlabelled = [t for t in pool if t not in bought and not heldout(t, heldout_fraction)]
+            pseudo = pseudo_labels(model, tokenizer, unlabelled, items, cfg)
         if progress:
-            progress(f"round {k}/{len(schedule)}: {len(items)} labels")
-        m = annotation_policy.train_annotation_policy(model, tokenizer, items, [], cfg, optimizer=opt, generator=gen)
+            progress(f"round {k}/{len(schedule)}: {len(items)} labels, {len(pseudo)} pseudo-labels")
+        m = annotation_policy.train_annotation_policy(
+            model, tokenizer, [*items, *pseudo], [], cfg, optimizer=opt, generator=gen
+        )
         steps += m.get("steps", 0.0)
     model.encoder.to(eval_dtype)  # as the services load it: the encoder in eval_dtype, the head in fp32
     acc = accuracy_on(model, tokenizer, test, cfg)

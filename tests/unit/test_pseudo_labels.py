@@ -1,0 +1,41 @@
+"""Self-training's choice of pseudo-labels (trainer.pseudo_labels): class-balanced to the human labels,
+most confident first, capped."""
+
+from __future__ import annotations
+
+import torch
+
+from trainer.examples import LabelExample
+from trainer.pseudo_labels import PSEUDO_SOURCE, pick_pseudo_labels
+
+NAMES = ["great", "other"]
+
+
+def human(great: int, other: int) -> list[LabelExample]:
+    labels = ["great"] * great + ["other"] * other
+    return [LabelExample(f"h{i}", y, f"e{i}", i + 1) for i, y in enumerate(labels)]
+
+
+def test_pseudo_labels_follow_the_human_label_shares_most_confident_first() -> None:
+    # The model predicts "great" for 8 items and "other" for 4; the people said half are "other".
+    p_great = torch.tensor([0.99, 0.6, 0.95, 0.7, 0.9, 0.8, 0.65, 0.97, 0.2, 0.4, 0.05, 0.3])
+    probs = torch.stack([p_great, 1 - p_great], -1)  # (12, 2)
+    texts = [f"t{i}" for i in range(12)]
+    picked = pick_pseudo_labels(probs, texts, NAMES, human(20, 20), cap=8)
+    by_label = {y: [x.text for x in picked if x.label == y] for y in NAMES}
+    # 4 of each, most confident first; not the 8 most confident items overall (6 "great", 2 "other").
+    assert by_label == {"great": ["t0", "t7", "t2", "t4"], "other": ["t10", "t8", "t11", "t9"]}
+    assert all(x.source == PSEUDO_SOURCE for x in picked)
+
+
+def test_no_pseudo_labels_without_a_cap_people_or_items() -> None:
+    probs = torch.tensor([[0.9, 0.1]])
+    assert pick_pseudo_labels(probs, ["t"], NAMES, human(3, 1), cap=0) == []
+    assert pick_pseudo_labels(probs, ["t"], NAMES, [], cap=5) == []
+    assert pick_pseudo_labels(torch.zeros(0, 2), [], NAMES, human(3, 1), cap=5) == []
+
+
+def test_a_class_the_model_never_predicts_gets_no_pseudo_labels_and_takes_none_of_the_others_share() -> None:
+    probs = torch.tensor([[0.9, 0.1]] * 10)
+    picked = pick_pseudo_labels(probs, [f"t{i}" for i in range(10)], NAMES, human(5, 5), cap=8)
+    assert [x.label for x in picked] == ["great"] * 4

@@ -1,0 +1,69 @@
+"""Self-training for the annotator: the serving version's most confident labels on items nobody labelled.
+
+Where labels are few, the items people never saw are most of the data. Classic self-training (Yarowsky,
+1995; "pseudo-labelling", Lee, 2013) adds the confident predictions of a trusted model on those items to
+the next round's training set. Measured on Fine Food with the trainer's recipe, 3 seeds, random noisy
+labels (`bench/learning.py`, and the note of the stop that added this): a candidate trained with 1.5
+pseudo-labels per human label gained +0.035 to +0.042 test accuracy at 300 labels on every seed.
+
+Rules that keep it honest:
+- Only a **checked** version pseudo-labels (an unchecked one's labels are guesses) and only in the
+  held-out regime: the held-out slice (by content hash) is never pseudo-labelled and no version ever
+  trained on it, so the gate still judges the candidate on labels no model has seen, directly or through
+  another model's labels. In the cross-fit regime the serving version was trained on every fold, so its
+  labels would carry each fold's answers into the fold models that are meant not to have seen them.
+- Class-balanced to the human labels' shares, most confident first, so the pseudo-labels do not pull the
+  model towards whatever class it already over-predicts (confirmation bias).
+- A pseudo-label is never kept: each round labels the pool again with the version then serving.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from loopserve.models.encoder_heads import AnnotatorModel
+from trainer import annotation_policy
+from trainer.annotation_policy import AnnotationPolicyConfig
+from trainer.examples import LabelExample
+
+PSEUDO_SOURCE = "pseudo"
+
+
+def pick_pseudo_labels(
+    probs: torch.Tensor, texts: Sequence[str], label_names: Sequence[str], human: Sequence[LabelExample], cap: int
+) -> list[LabelExample]:
+    """Up to `cap` examples from `texts` (N) with `probs` (N, L): each label's share of the cap is its share
+    of the `human` labels, filled with the items predicted as that label, most confident first."""
+    if cap <= 0 or not human or not len(texts):
+        return []
+    conf, pred = probs.max(-1)  # (N,), (N,)
+    order = torch.argsort(conf, descending=True).tolist()
+    shares = Counter(x.label for x in human)
+    out: list[LabelExample] = []
+    for k, name in enumerate(label_names):
+        quota = round(cap * shares[name] / len(human))
+        picked = [i for i in order if pred[i] == k][:quota]
+        out += [LabelExample(texts[i], name, f"pseudo-{i}", 0, source=PSEUDO_SOURCE) for i in picked]
+    return out
+
+
+def pseudo_labels(
+    model: AnnotatorModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pool: Sequence[str],
+    human: Sequence[LabelExample],
+    cfg: AnnotationPolicyConfig,
+) -> list[LabelExample]:
+    """`cfg.pseudo_label_ratio` pseudo-labels per human label (at most `cfg.pseudo_label_max`) from
+    `model` on `pool` (the items nobody labelled, held-out ones already left out by the caller); at most
+    `cfg.pseudo_pool_max` items of the pool (its last ones: the most recent) are scored."""
+    cap = min(int(cfg.pseudo_label_ratio * len(human)), cfg.pseudo_label_max)
+    if cap <= 0 or not pool:
+        return []
+    texts = list(pool[-cfg.pseudo_pool_max :]) if cfg.pseudo_pool_max else list(pool)
+    probs = torch.softmax(annotation_policy.predict_logits(model, tokenizer, texts, cfg), -1)  # (N, L)
+    return pick_pseudo_labels(probs, texts, model.spec.label_names, human, cap)
