@@ -115,6 +115,7 @@ class Replay:
                 model, self.tokenizer, self.labelled, [], self.cfg, generator=self.gen
             )
             self.serving, self.infer = model, self._inference_copy(model)
+            self.checked = True  # served ungated, as if checked: the passive baseline trusts its own rounds
             self.version += 1
             self.rounds.append({"labels": n, "regime": "ungated", "seconds": round(time.monotonic() - t0, 1)})
             return None
