@@ -12,13 +12,14 @@ For each seed, two replays of the same data in one process, with the trainer's o
   `--error-rate`) labels the picks; at each round point the trainer's round
   (trainer.annotation_round: cross-fitted from the base while labels are few, held-out after) makes a
   candidate, and the gate decides whether it serves. A held-out round (from `--cv-max-items` labels)
-  self-trains on the streamed items nobody labelled (trainer.pseudo_labels, `--pseudo-label-ratio`).
+  can self-train on the streamed items nobody labelled (trainer.pseudo_labels, `--pseudo-label-ratio`,
+  off by default).
   Unchecked versions flag every item, so nothing is auto-labelled on their word; items nobody reviewed
   wait in the backlog.
 - passive: the same number of labels for items drawn at random, from the same annotator pool, trained
   with the same recipe at the budgets (from the base while labels are few, continued after), served
-  without a gate, as the demo's offline passive baseline is; its held-out rounds self-train on the items
-  it did not buy labels for (as many as the loop has streamed by then).
+  without a gate, as the demo's offline passive baseline is; its held-out rounds self-train (when on) on
+  the items it did not buy labels for (as many as the loop has streamed by then).
 - tfidf: TF-IDF (1-2 grams) + logistic regression on the passive labels and on the loop's labels.
 
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy

@@ -4,7 +4,8 @@ Where labels are few, the items people never saw are most of the data. Classic s
 1995; "pseudo-labelling", Lee, 2013) adds the confident predictions of a trusted model on those items to
 the next round's training set. What it buys is measured by `bench/learning.py --pseudo-ablation` (each
 held-out round also trains its twin without pseudo-labels, from the same weights; results in
-bench/results/learning-self-training.json).
+bench/results/learning-self-training*.json): on Fine Food, nothing, so it is off by default
+(AnnotationPolicyConfig.pseudo_label_ratio).
 
 Rules that keep it honest:
 - Only a **checked** version pseudo-labels (an unchecked one's labels are guesses) and only in the

@@ -261,6 +261,7 @@ def test_passive_baseline_trains_offline_and_evaluates_in_the_served_dtype(tiny_
     # trainer's held-out rounds do (the base never pseudo-labels).
     pool = [f"unlabelled {i} {'good' if i % 2 else 'bad'}" for i in range(30)]
     said: list[str] = []
+    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16, pseudo_label_ratio=1.5)  # off by default
     passive.train_offline(
         base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, cv_max_items=30, pool=pool, progress=said.append
     )

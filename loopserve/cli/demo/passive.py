@@ -4,9 +4,10 @@
   model chooses them), from the same simulated annotator pool, trained on the same schedule as the
   loop's rounds and in the trainer's two regimes (trainer.annotation_round): while a round has fewer
   than `cv_max_items` labels it trains from the base on all of them; from then on it continues from
-  the previous round's weights on the labels outside the held-out share, self-training on the items it
-  did not buy labels for as the trainer does (trainer.pseudo_labels; the previous round's weights label
-  them, as the trainer's checked serving version does). Same AnnotationPolicyConfig.
+  the previous round's weights on the labels outside the held-out share, self-training (when the config
+  turns it on) on the items it did not buy labels for as the trainer does (trainer.pseudo_labels; the
+  previous round's weights label them, as the trainer's checked serving version does). Same
+  AnnotationPolicyConfig.
   What differs is only which items got human labels: that is the comparison "a loop beats random
   sampling at the same budget" asks for.
 - Ceiling (`--measure-ceiling`): every train label, `epochs` passes, same config otherwise.
