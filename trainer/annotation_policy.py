@@ -68,7 +68,8 @@ class AnnotationPolicyConfig:
     """Self-training (trainer.pseudo_labels): pseudo-labels from the checked serving version per human label
     in a held-out round; 0 (the default) turns it off. Off because it measured no gain: paired against
     the same round without it (bench/learning.py --pseudo-ablation, Fine Food, 3 seeds), 1.5 moved test
-    accuracy by +0.000 at 300 labels and +0.003 at 500 for passive sampling, and -0.002 +- 0.014 at 300 for the loop (+0.004, -0.028, +0.019 by seed)."""
+    accuracy by +0.000 at 300 labels and +0.003 at 500 for passive sampling, and by -0.002 +- 0.014 at
+    300 for the loop (+0.004, -0.028, +0.019 by seed)."""
     pseudo_label_max: int = 600
     """Cap on pseudo-labels per round (each one costs a training step's share, like a human label)."""
     pseudo_pool_max: int = 2000
