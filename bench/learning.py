@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import cpu_model
 from loopserve.annotation.routing import pick_for_review
 from loopserve.cli.demo.annotators import AnnotatorPool
+from loopserve.cli.demo.passive import accuracy_on
 from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
@@ -110,6 +111,7 @@ class Replay:
         trainer does with the items it has read from the log."""
         t0 = time.monotonic()
         n = len(self.labelled)
+        ablation: dict[str, float] = {}  # --pseudo-ablation: test accuracy with and without pseudo-labels
         if not gated and n < self.gate.cv_max_items:
             model = self.load_base()
             annotation_policy.train_annotation_policy(
@@ -131,7 +133,6 @@ class Replay:
             model = copy.deepcopy(self.serving)
             unlabelled = [t for t in pool or [] if not heldout(t, self.frac)]
             pseudo = pseudo_labels(self.serving, self.tokenizer, unlabelled, train, self.cfg) if self.checked else []
-            ablation: dict[str, float] = {}
             if pseudo and self.ablation_test:  # the same round without pseudo-labels, from the same weights
                 twin, gen = copy.deepcopy(self.serving), torch.Generator()
                 gen.set_state(self.gen.get_state())
@@ -156,7 +157,7 @@ class Replay:
                 "reasons": cand.decision.reasons,
                 "accuracy_evidence": cand.metrics.get("accuracy"),
                 "pseudo_labels": cand.metrics.get("n_pseudo", 0.0),
-                **(ablation if cand.regime == "held-out" else {}),
+                **ablation,
                 "seconds": round(time.monotonic() - t0, 1),
             }
         )
@@ -167,12 +168,7 @@ class Replay:
         return cand
 
     def accuracy(self, model: AnnotatorModel, test: list[Example]) -> float:
-        names = model.spec.label_names
-        labels = torch.tensor([names.index(e.label) for e in test])
-        logits = annotation_policy.predict_logits(
-            self._inference_copy(model), self.tokenizer, [e.text for e in test], self.cfg
-        )
-        return float((logits.argmax(-1) == labels).float().mean())
+        return accuracy_on(self._inference_copy(model), self.tokenizer, test, self.cfg)  # as served: bf16
 
     def test_metrics(self, test: list[Example], prior_shift: np.ndarray | None = None) -> dict[str, float]:
         """Accuracy and macro-F1 of the serving version on `test`; with `prior_shift` (L,) also of its logits

@@ -9,7 +9,7 @@ What each record becomes:
 | record                                   | becomes                                                  |
 | ---------------------------------------- | -------------------------------------------------------- |
 | generation decision                      | a prompt in the RL prompt pool                           |
-| label decision                           | its text in the unlabelled-item pool (self-training)     |
+| label decision                           | its text in the item pool, if self-training is on        |
 | accept / correction on a label           | a `LabelExample` in the replay buffer (latest per event) |
 | reject on a label                        | a `BanditExample` (reward 0, with the logged propensity) |
 | accept / reject on a generation          | a `PointwiseExample` (1 / 0) for the reward model        |
@@ -57,7 +57,8 @@ COMPLETION_BUFFER = 4096
 are ever read, and every generation decision would otherwise stay in the checkpoint."""
 """The annotator's online tier: head-only updates on cached embeddings (trainer.annotation_head)."""
 ITEM_BUFFER = 4096
-"""Texts of served items kept for self-training (trainer.pseudo_labels scores the latest 2,000 by default)."""
+"""Texts of served items kept for self-training when it is on (trainer.pseudo_labels scores the latest
+2,000 by default); none are kept when it is off."""
 MAX_POOLED_CHARS = 10_000
 """Longer items are not pooled: the annotator reads a few hundred tokens of an item, and a pool of
 ITEM_BUFFER texts rides along in every checkpoint."""
@@ -166,6 +167,12 @@ def _trim(buffer: list[Any], max_size: int) -> None:
         del buffer[: len(buffer) - max_size]  # oldest first
 
 
+def _trim_table(table: dict[str, Any], max_size: int) -> None:
+    if max_size and len(table) > max_size:
+        for key in list(table)[: len(table) - max_size]:  # oldest first
+            del table[key]
+
+
 def ingest(
     state: TrainerState,
     records: Sequence[LogRecord],
@@ -173,11 +180,13 @@ def ingest(
     *,
     max_buffer: int = 0,
     exclude_clients: frozenset[str] = frozenset(),
+    pool_items: int = 0,
 ) -> IngestStats:
     """Fold `records` (seq order, each seq > state.cursor) into `state`; returns what happened.
 
     Generation decisions of `exclude_clients` (evaluation, canary, load-test traffic, by x-client-id)
-    never enter the RL prompt pool: training on the prompts a model is evaluated on would flatter it."""
+    never enter the RL prompt pool: training on the prompts a model is evaluated on would flatter it.
+    `pool_items`: how many label decisions' texts to keep for self-training (0: none)."""
     stats = IngestStats()
     for rec in records:
         if rec.seq <= state.cursor:
@@ -187,29 +196,28 @@ def ingest(
             if rec.decision.client_id and rec.decision.client_id in exclude_clients:
                 state.consumed[f"decision:{rec.decision.kind}:excluded_client"] += 1
             else:
-                _fold_decision(state, rec.decision, rec.seq, labels.task)
+                _fold_decision(state, rec.decision, rec.seq, labels.task if pool_items else None)
         elif rec.feedback is not None:
             if _fold_feedback(state, rec, rec.feedback, labels, stats):
                 stats.used += 1
         state.cursor = rec.seq
     _trim(state.completions, COMPLETION_BUFFER)
-    if len(state.items) > ITEM_BUFFER:
-        for key in list(state.items)[: len(state.items) - ITEM_BUFFER]:
-            del state.items[key]
     for buffer in (state.bandit, state.pairs, state.ratings, state.pointwise, state.demonstrations):
         _trim(buffer, max_buffer)
     for table in (state.labels, state.outcomes, state.prompts):
-        if max_buffer and len(table) > max_buffer:
-            for key in list(table)[: len(table) - max_buffer]:
-                del table[key]
+        _trim_table(table, max_buffer)
+    _trim_table(state.items, pool_items)  # 0: none kept (self-training is off)
+    if not pool_items:
+        state.items.clear()
     if stats.skipped:
         logger.info("ingested %d records, skipped %s", stats.records, dict(stats.skipped))
     return stats
 
 
-def _fold_decision(state: TrainerState, d: Decision, seq: int, task: str) -> None:
+def _fold_decision(state: TrainerState, d: Decision, seq: int, pool_task: str | None) -> None:
+    """`pool_task`: the annotator's task, whose label decisions' texts are pooled (None: pool nothing)."""
     state.consumed[f"decision:{d.kind}"] += 1
-    if d.kind == "label" and d.task == task and 0 < len(d.input_text) <= MAX_POOLED_CHARS:
+    if d.kind == "label" and d.task == pool_task and 0 < len(d.input_text) <= MAX_POOLED_CHARS:
         state.items.pop(d.input_text, None)  # re-served (a backlog re-annotation): now among the latest
         state.items[d.input_text] = seq
         return

@@ -41,7 +41,16 @@ from loopserve.models.encoder_heads import HeadSpec
 from loopserve.models.store import ModelStore
 from trainer import checkpoint
 from trainer.config import TrainerArgs
-from trainer.consumer import ANNOTATOR, ANNOTATOR_HEAD, GENERATOR, REWARD, LabelSpace, TrainerState, ingest
+from trainer.consumer import (
+    ANNOTATOR,
+    ANNOTATOR_HEAD,
+    GENERATOR,
+    ITEM_BUFFER,
+    REWARD,
+    LabelSpace,
+    TrainerState,
+    ingest,
+)
 from trainer.gate import RoundAborted, RoundInterrupted
 from trainer.generation_rl import RewardFn, RewardUnavailable
 from trainer.learners import AnnotatorHeadLearner, AnnotatorLearner, GeneratorLearner, RewardLearner
@@ -229,6 +238,8 @@ def run_trainer(
                     label_space(store),
                     max_buffer=args.max_buffer,
                     exclude_clients=args.excluded_clients(),
+                    # Items are pooled only for self-training, so an off switch costs no memory or checkpoint.
+                    pool_items=ITEM_BUFFER if args.annotator.pseudo_label_ratio > 0 else 0,
                 )
                 dirty = True
             TRAINER_LAG.set(max(log.max_seq() - state.cursor, 0))
