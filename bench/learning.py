@@ -131,8 +131,11 @@ class Replay:
             train = [x for x in self.labelled if not heldout(x.text, self.frac)]
             evals = [x for x in self.labelled if heldout(x.text, self.frac)]
             model = copy.deepcopy(self.serving)
-            unlabelled = [t for t in pool or [] if not heldout(t, self.frac)]
-            pseudo = pseudo_labels(self.serving, self.tokenizer, unlabelled, train, self.cfg) if self.checked else []
+            pseudo = (
+                pseudo_labels(self.serving, self.tokenizer, pool or [], train, self.cfg, heldout_fraction=self.frac)
+                if self.checked
+                else []
+            )
             if pseudo and self.ablation_test:  # the same round without pseudo-labels, from the same weights
                 twin, gen = copy.deepcopy(self.serving), torch.Generator()
                 gen.set_state(self.gen.get_state())

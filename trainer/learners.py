@@ -170,10 +170,10 @@ class AnnotatorLearner:
         cfg = ctx.args.annotator
         if cfg.pseudo_label_ratio <= 0 or not ctx.store.get(ANNOTATOR, serving).meta.get("checked"):
             return []
-        answered = {x.text for x in self.items} | {x.text for x in state.bandit}  # a reject says "not that"
-        frac = ctx.args.heldout_fraction
-        pool = [t for t in state.items if t not in answered and not heldout(t, frac)]
-        return pseudo_labels(self.serving_model, self.tokenizer, pool, self.train_items, cfg)
+        return pseudo_labels(
+            self.serving_model, self.tokenizer, list(state.items), self.train_items, cfg,
+            heldout_fraction=ctx.args.heldout_fraction, answered={x.text for x in state.bandit},
+        )  # fmt: skip
 
     def _cross_fit(self, ctx: Context, serving: str) -> AnnotatorCandidate:
         base_folder = ctx.store.path(ANNOTATOR, ctx.store.list(ANNOTATOR)[0])

@@ -21,7 +21,7 @@ Rules that keep it honest:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
 from trainer.annotation_policy import AnnotationPolicyConfig
-from trainer.examples import LabelExample
+from trainer.examples import LabelExample, heldout
 
 PSEUDO_SOURCE = "pseudo"
 
@@ -58,13 +58,23 @@ def pseudo_labels(
     pool: Sequence[str],
     human: Sequence[LabelExample],
     cfg: AnnotationPolicyConfig,
+    *,
+    heldout_fraction: float,
+    answered: Collection[str] = (),
 ) -> list[LabelExample]:
     """`cfg.pseudo_label_ratio` pseudo-labels per human label (at most `cfg.pseudo_label_max`) from
-    `model` on `pool` (the items nobody labelled, held-out ones already left out by the caller); at most
-    `cfg.pseudo_pool_max` items of the pool (its last ones: the most recent) are scored."""
+    `model` on the items of `pool` that nobody labelled: neither the `human` labels' texts nor `answered`
+    (other texts a person judged, e.g. rejects: "not that" is no label to guess over), and none of the
+    held-out slice (`heldout_fraction`, by content hash, as the round splits it). At most
+    `cfg.pseudo_pool_max` of those items (the last ones: the most recent) are scored."""
     cap = min(int(cfg.pseudo_label_ratio * len(human)), cfg.pseudo_label_max)
     if cap <= 0 or not pool:
         return []
-    texts = list(pool[-cfg.pseudo_pool_max :]) if cfg.pseudo_pool_max else list(pool)
+    skip = {x.text for x in human}.union(answered)
+    texts = [t for t in pool if t not in skip and not heldout(t, heldout_fraction)]
+    if cfg.pseudo_pool_max:
+        texts = texts[-cfg.pseudo_pool_max :]
+    if not texts:
+        return []
     probs = torch.softmax(annotation_policy.predict_logits(model, tokenizer, texts, cfg), -1)  # (N, L)
     return pick_pseudo_labels(probs, texts, model.spec.label_names, human, cap)

@@ -3,10 +3,16 @@ most confident first, capped."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from trainer.examples import LabelExample
-from trainer.pseudo_labels import PSEUDO_SOURCE, pick_pseudo_labels
+from loopserve.models import encoder_heads
+from loopserve.models.encoder_heads import AnnotatorModel
+from tests.support import tiny_models
+from trainer.annotation_policy import AnnotationPolicyConfig
+from trainer.examples import LabelExample, heldout
+from trainer.pseudo_labels import PSEUDO_SOURCE, pick_pseudo_labels, pseudo_labels
 
 NAMES = ["great", "other"]
 
@@ -39,3 +45,26 @@ def test_a_class_the_model_never_predicts_gets_no_pseudo_labels_and_takes_none_o
     probs = torch.tensor([[0.9, 0.1]] * 10)
     picked = pick_pseudo_labels(probs, [f"t{i}" for i in range(10)], NAMES, human(5, 5), cap=8)
     assert [x.label for x in picked] == ["great"] * 4
+
+
+def test_only_the_items_nobody_labelled_and_not_held_out_are_pseudo_labelled(tmp_path: Path) -> None:
+    """pseudo_labels filters the pool itself (the trainer, the demo's passive baseline and the bench all
+    call it): a human label's text, an `answered` text (a reject) and a held-out item are never scored."""
+    model = encoder_heads.load(tiny_models.tiny_annotator(tmp_path / "annotator"))
+    assert isinstance(model, AnnotatorModel)
+    tokenizer = encoder_heads.load_tokenizer(tmp_path / "annotator")
+    pool = [f"item number {i}" for i in range(200)]
+    frac = 0.3
+    people = [LabelExample(t, NAMES[i % 2], f"e{i}", i + 1) for i, t in enumerate(pool[:20]) if not heldout(t, frac)]
+    rejected = pool[20:30]
+    cfg = AnnotationPolicyConfig(pseudo_label_ratio=10.0, pseudo_label_max=1000, pseudo_pool_max=0, max_length=16)
+    picked = pseudo_labels(model, tokenizer, pool, people, cfg, heldout_fraction=frac, answered=rejected)
+    eligible = [t for t in pool[30:] if not heldout(t, frac)]
+    assert 0 < len(eligible) < 170  # the hash holds some out
+    assert picked and {x.text for x in picked} <= set(eligible)
+    cfg.pseudo_pool_max = 5  # only the latest eligible items are scored
+    assert {x.text for x in pseudo_labels(model, tokenizer, pool, people, cfg, heldout_fraction=frac)} <= set(
+        eligible[-5:]
+    )
+    cfg.pseudo_label_ratio = 0.0  # off: nothing scored
+    assert pseudo_labels(model, tokenizer, pool, people, cfg, heldout_fraction=frac) == []

@@ -83,9 +83,7 @@ def train_offline(
         ]
         pseudo: list[LabelExample] = []
         if not few and k > 1:  # weights a round trained (never the base) label the items nobody bought
-            bought = {text for text, _ in labelled[:n]}
-            unlabelled = [t for t in pool if t not in bought and not heldout(t, heldout_fraction)]
-            pseudo = pseudo_labels(model, tokenizer, unlabelled, items, cfg)
+            pseudo = pseudo_labels(model, tokenizer, pool, items, cfg, heldout_fraction=heldout_fraction)
         if progress:
             progress(f"round {k}/{len(schedule)}: {len(items)} labels, {len(pseudo)} pseudo-labels")
         m = annotation_policy.train_annotation_policy(
