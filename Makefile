@@ -93,6 +93,7 @@ bench: setup postgres models
 	$(PY) bench/swap_load.py
 	$(PY) bench/online_latency.py
 	$(PY) bench/learning.py   # learning curves, 3 seeds: over an hour on 2 cores
+	$(PY) bench/recipe.py     # the round recipe's schedules, shuffle by shuffle: about 40 min
 
 demo: setup models
 	$(PY) -m loopserve demo --data-dir $(DATA_DIR)

@@ -31,10 +31,11 @@ T * T', written to head.json, so that `needs_review` thresholds are probabilitie
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,12 @@ class AnnotationPolicyConfig:
     (`auto_epochs`: many passes over a few dozen labels, fewer over hundreds)."""
     max_steps: int = 0
     """Cap on optimizer steps per round; 0 means no cap."""
+    warmup_ratio: float = 0.1
+    """Share of a round's steps over which the learning rates ramp up from 0 (then they stay flat)."""
+    decay_ratio: float = 0.3
+    """Share of a round's steps, its last, over which the learning rates fall linearly towards 0; 0 with
+    `warmup_ratio` 0 gives flat rates. Why decay: with flat rates the last few batches decide where the
+    decision boundary ends up (see bench/results/recipe-stability.json)."""
     pseudo_label_ratio: float = 0.0
     """Self-training (trainer.pseudo_labels): pseudo-labels from the checked serving version per human label
     in a held-out round; 0 (the default) turns it off. Off because it measured no gain: paired against
@@ -107,6 +114,31 @@ def round_steps(n_items: int, cfg: AnnotationPolicyConfig) -> int:
 
 def make_optimizer(model: AnnotatorModel, cfg: AnnotationPolicyConfig) -> torch.optim.Optimizer:
     return encoder_optimizer(model, cfg.encoder_lr, cfg.head_lr, cfg.weight_decay)
+
+
+def lr_factor(step: int, steps: int, cfg: AnnotationPolicyConfig) -> float:
+    """The multiplier of every group's learning rate at `step` (0-based) of a round of `steps`: a linear
+    warmup over the first `warmup_ratio` of the steps, flat, a linear decay over the last `decay_ratio`
+    (a trapezoid; the warmup-stable-decay schedule)."""
+    warmup = round(cfg.warmup_ratio * steps)
+    decay = round(cfg.decay_ratio * steps)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if step >= steps - decay:
+        return (steps - step) / (decay + 1)
+    return 1.0
+
+
+@contextlib.contextmanager
+def _round_rates(optimizer: torch.optim.Optimizer) -> Iterator[list[float]]:
+    """The groups' configured rates, put back when the round ends however it ends: the schedule scales them
+    for one round, and the optimizer (kept across held-out rounds, checkpointed) holds them between."""
+    base = [group["lr"] for group in optimizer.param_groups]
+    try:
+        yield base
+    finally:
+        for group, lr in zip(optimizer.param_groups, base, strict=True):
+            group["lr"] = lr
 
 
 def label_logits(
@@ -170,37 +202,41 @@ def train_annotation_policy(
     order: list[list[int]] = []
     totals = {"loss": 0.0, "ce": 0.0, "importance_weight": 0.0}
     n_ce = n_bandit = 0
-    for step in range(steps):
-        if not order:  # a new pass: shuffle, group by length within windows of 8 batches, shuffle the batches
-            perm = torch.randperm(len(items), generator=generator).tolist()
-            window = cfg.batch_size * 8
-            grouped = [
-                sorted(perm[i : i + window], key=lambda j: len(items[j].text)) for i in range(0, len(perm), window)
-            ]
-            batches = [g[i : i + cfg.batch_size] for g in grouped for i in range(0, len(g), cfg.batch_size)]
-            order = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
-        batch_ids = order.pop(0)
-        batch = [items[j] for j in batch_ids]
-        logits = label_logits(model, tokenizer, [x.text for x in batch], cfg.max_length)  # (B, L)
-        is_bandit = torch.tensor([isinstance(x, BanditExample) for x in batch], device=logits.device)  # (B,)
-        actions = torch.tensor([index[x.label] for x in batch], device=logits.device)  # (B,)
-        propensity = torch.tensor(
-            [x.propensity if isinstance(x, BanditExample) else 1.0 for x in batch],
-            dtype=logits.dtype,
-            device=logits.device,
-        )  # (B,)
-        per_item, ce, w = annotation_loss(logits, is_bandit, actions, propensity, baseline, cfg)
-        loss = per_item.mean()
-        guard.check(step, loss.item())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        totals["loss"] += loss.item()
-        totals["ce"] += ce[~is_bandit].sum().item()
-        totals["importance_weight"] += w[is_bandit].sum().item()
-        n_ce += int((~is_bandit).sum())
-        n_bandit += int(is_bandit.sum())
+    with _round_rates(optimizer) as base_lrs:
+        for step in range(steps):
+            if not order:  # a new pass: shuffle, group by length within windows of 8 batches, shuffle the batches
+                perm = torch.randperm(len(items), generator=generator).tolist()
+                window = cfg.batch_size * 8
+                grouped = [
+                    sorted(perm[i : i + window], key=lambda j: len(items[j].text)) for i in range(0, len(perm), window)
+                ]
+                batches = [g[i : i + cfg.batch_size] for g in grouped for i in range(0, len(g), cfg.batch_size)]
+                order = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+            batch_ids = order.pop(0)
+            batch = [items[j] for j in batch_ids]
+            logits = label_logits(model, tokenizer, [x.text for x in batch], cfg.max_length)  # (B, L)
+            is_bandit = torch.tensor([isinstance(x, BanditExample) for x in batch], device=logits.device)  # (B,)
+            actions = torch.tensor([index[x.label] for x in batch], device=logits.device)  # (B,)
+            propensity = torch.tensor(
+                [x.propensity if isinstance(x, BanditExample) else 1.0 for x in batch],
+                dtype=logits.dtype,
+                device=logits.device,
+            )  # (B,)
+            per_item, ce, w = annotation_loss(logits, is_bandit, actions, propensity, baseline, cfg)
+            loss = per_item.mean()
+            guard.check(step, loss.item())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            factor = lr_factor(step, steps, cfg)
+            for group, lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = lr * factor
+            optimizer.step()
+            totals["loss"] += loss.item()
+            totals["ce"] += ce[~is_bandit].sum().item()
+            totals["importance_weight"] += w[is_bandit].sum().item()
+            n_ce += int((~is_bandit).sum())
+            n_bandit += int(is_bandit.sum())
     model.eval()
     return {
         "loss": totals["loss"] / steps,

@@ -7,6 +7,7 @@ Encoders: a 2-layer BERT (hidden 32) with the real MiniLM tokenizer. Generator: 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import random
 
@@ -304,6 +305,55 @@ def test_a_diverging_annotator_round_is_aborted(bert_tokenizer):
         model.head.weight.fill_(float("nan"))
     with pytest.raises(RoundAborted):
         ap.train_annotation_policy(model, bert_tokenizer, labelled(16, random.Random(0)), [], ANNOTATOR_CFG)
+
+
+def rates_per_step(model: AnnotatorModel, tokenizer, cfg: ap.AnnotationPolicyConfig, opt) -> list[float]:
+    """The encoder group's learning rate at each optimizer step of one round."""
+    seen: list[float] = []
+    step = opt.step
+
+    def recording_step(*a, **k):
+        seen.append(opt.param_groups[0]["lr"])
+        return step(*a, **k)
+
+    opt.step = recording_step
+    ap.train_annotation_policy(model, tokenizer, labelled(40, random.Random(3)), [], cfg, optimizer=opt)
+    return seen
+
+
+@pytest.mark.parametrize("flags", [[], ["--annotator.warmup-ratio", "0", "--annotator.decay-ratio", "0"]])
+def test_the_round_lr_schedule_is_the_one_the_flags_name_and_the_optimizer_keeps_its_rates(bert_tokenizer, flags):
+    """`--annotator.warmup-ratio` and `--annotator.decay-ratio` as the trainer process reads them: by default
+    the rates ramp up over the first tenth of the round's steps, stay flat, and fall over the last 30%;
+    both 0 keep them flat. Either way the optimizer, which the trainer keeps across rounds and
+    checkpoints, holds the configured rates after the round."""
+    from trainer.__main__ import read_args
+
+    cfg = dataclasses.replace(read_args(flags, environ={}).annotator, epochs=5.0, max_length=16)
+    model = tiny_annotator(bert_tokenizer)
+    opt = ap.make_optimizer(model, cfg)
+    seen = rates_per_step(model, bert_tokenizer, cfg, opt)
+    steps = ap.round_steps(40, cfg)
+    assert len(seen) == steps == 15  # 3 batches of 16, 5 passes
+    lr = cfg.encoder_lr
+    if not flags:  # 2 warmup steps (a tenth of 15, rounded), 9 flat, 4 decaying (30%, rounded)
+        ramp = [lr / 3, 2 * lr / 3]
+        assert seen == pytest.approx(ramp + [lr] * 9 + [lr * k / 5 for k in (4, 3, 2, 1)])
+    else:
+        assert seen == [lr] * steps
+    assert [g["lr"] for g in opt.param_groups] == [lr] * 2 + [cfg.head_lr] * 2
+
+
+def test_a_round_that_aborts_leaves_the_optimizer_its_rates(bert_tokenizer):
+    model = tiny_annotator(bert_tokenizer)
+    opt = ap.make_optimizer(model, ANNOTATOR_CFG)
+    with torch.no_grad():
+        model.head.weight.fill_(float("nan"))
+    with pytest.raises(RoundAborted):
+        ap.train_annotation_policy(
+            model, bert_tokenizer, labelled(16, random.Random(0)), [], ANNOTATOR_CFG, optimizer=opt
+        )
+    assert [g["lr"] for g in opt.param_groups] == [ANNOTATOR_CFG.encoder_lr] * 2 + [ANNOTATOR_CFG.head_lr] * 2
 
 
 # ---- generator: GRPO and DPO ---------------------------------------------------------------------

@@ -1,0 +1,176 @@
+"""How much the annotator's round recipe depends on the order it sees its labels, per learning-rate schedule.
+
+    python bench/recipe.py [--budgets 300,500] [--seeds 2] [--shuffles 3] [--recipes flat=0,0 trapezoid=0.1,0.3]
+
+For each seed, `--budgets` random items of the train split get labels from the demo's simulated
+annotators (`--error-rate`, as bench/learning.py's passive learner). For each budget, each shuffle (the
+generator that orders the batches) and each recipe, a model is trained from the zero-shot base on those
+labels with the trainer's own round (trainer.annotation_policy.train_annotation_policy, epochs scaled to
+the data) and scored on the test split as the services serve it (bf16 encoder). Same labels, same
+shuffle, only the schedule differs, so the recipes are compared pair by pair. A recipe is
+`name=WARMUP,DECAY`: the shares of the round's steps over which the rates ramp up and fall off
+(AnnotationPolicyConfig.warmup_ratio / decay_ratio; 0,0 is flat).
+
+Writes bench/results/recipe-stability.json (CPU model recorded) and a plot of every run. Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import cpu_model
+from loopserve.cli.demo.annotators import AnnotatorPool
+from loopserve.datasets import label_set, load_dataset, pull_finefoods
+from loopserve.models import encoder_heads
+from loopserve.models.encoder_heads import AnnotatorModel
+from trainer.annotation_policy import AnnotationPolicyConfig, predict_logits, train_annotation_policy
+from trainer.examples import LabelExample
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_recipe(text: str) -> tuple[str, float, float]:
+    name, _, ratios = text.partition("=")
+    warmup, decay = (float(x) for x in ratios.split(","))
+    return name, warmup, decay
+
+
+def summarise(runs: list[dict[str, Any]], recipes: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for budget in sorted({r["budget"] for r in runs}):
+        rows = [r for r in runs if r["budget"] == budget]
+        entry: dict[str, Any] = {}
+        for name in recipes:
+            accs = [r[name]["accuracy"] for r in rows if name in r]
+            if accs:
+                entry[name] = {
+                    "mean": statistics.fmean(accs),
+                    "sd": statistics.stdev(accs) if len(accs) > 1 else float("nan"),
+                    "min": min(accs),
+                    "max": max(accs),
+                    "n": len(accs),
+                }
+        first = recipes[0]
+        for name in recipes[1:]:
+            diffs = [r[name]["accuracy"] - r[first]["accuracy"] for r in rows if name in r and first in r]
+            if len(diffs) > 1:
+                entry[f"{name}_minus_{first}"] = {
+                    "mean": statistics.fmean(diffs),
+                    "se": statistics.stdev(diffs) / len(diffs) ** 0.5,
+                    "n": len(diffs),
+                }
+        out[str(budget)] = entry
+    return out
+
+
+def plot(runs: list[dict[str, Any]], recipes: list[str], out: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    budgets = sorted({r["budget"] for r in runs})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    width = 0.8 / len(recipes)
+    for k, name in enumerate(recipes):
+        for j, budget in enumerate(budgets):
+            accs = [r[name]["accuracy"] for r in runs if r["budget"] == budget and name in r]
+            xs = [j + (k - (len(recipes) - 1) / 2) * width] * len(accs)
+            ax.scatter(xs, accs, color=f"C{k}", alpha=0.7, label=name if j == 0 else None)
+            if accs:
+                ax.hlines(statistics.fmean(accs), xs[0] - width / 3, xs[0] + width / 3, color=f"C{k}")
+    ax.set_xticks(range(len(budgets)), [f"{b} labels" for b in budgets])
+    ax.set_ylabel("test accuracy (each run; bar: mean)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", type=Path, default=None, help="JSONL/CSV (text, label[, split]); default Fine Food")
+    ap.add_argument("--data-dir", type=Path, default=Path(".loopserve"), help="holds the store with the base annotator")
+    ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[300, 500])
+    ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1], help="label draws")
+    ap.add_argument("--shuffles", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
+    ap.add_argument("--recipes", nargs="+", type=parse_recipe, default=[("flat", 0.0, 0.0), ("trapezoid", 0.1, 0.3)])
+    ap.add_argument("--error-rate", type=float, default=0.05)
+    ap.add_argument("--max-length", type=int, default=128, help="tokens per item (the demo's setting)")
+    ap.add_argument("--test-items", type=int, default=1000, help="0: the whole test split")
+    ap.add_argument("--out", type=Path, default=RESULTS / "recipe-stability.json")
+    args = ap.parse_args()
+    path = args.dataset or pull_finefoods(args.data_dir / "data")
+    train, test = load_dataset(path)
+    if args.test_items:
+        test = random.Random(1).sample(test, min(args.test_items, len(test)))
+    labels = label_set(train + test)
+    base = args.data_dir / "store" / "models" / "annotator" / "v0"
+    tokenizer = encoder_heads.load_tokenizer(base)
+    names = [name for name, _, _ in args.recipes]
+    # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data).
+    cfg0 = AnnotationPolicyConfig(epochs=0.0, max_length=args.max_length)
+    results: dict[str, Any] = {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "dataset": str(path),
+        "test_items": len(test),
+        "majority_rate": max(sum(e.label == y for e in test) for y in labels) / len(test),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "runs": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    for seed in args.seeds:
+        order = list(train)
+        random.Random(seed).shuffle(order)  # as bench/learning.py orders the stream
+        pool = AnnotatorPool(labels, error_rate=args.error_rate, double_review=0.0, seed=seed + 1000)
+        noisy = [pool.noisy_label(e.label) for e in order[: max(args.budgets)]]
+        for budget in args.budgets:
+            items = [
+                LabelExample(e.text, y, f"e{i}", i + 1)
+                for i, (e, y) in enumerate(zip(order[:budget], noisy[:budget], strict=True))
+            ]
+            for shuffle in args.shuffles:
+                run: dict[str, Any] = {"seed": seed, "budget": budget, "shuffle": shuffle}
+                for name, warmup, decay in args.recipes:
+                    cfg = dataclasses.replace(cfg0, warmup_ratio=warmup, decay_ratio=decay)
+                    model = encoder_heads.load(base)
+                    assert isinstance(model, AnnotatorModel)
+                    t = time.monotonic()
+                    gen = torch.Generator().manual_seed(1000 * seed + shuffle)
+                    train_annotation_policy(model, tokenizer, items, [], cfg, generator=gen)
+                    seconds = time.monotonic() - t
+                    model.encoder.to(torch.bfloat16)  # as the services serve it
+                    pred = predict_logits(model, tokenizer, [e.text for e in test], cfg).argmax(-1)  # (T,)
+                    label_names = model.spec.label_names
+                    truth = torch.tensor([label_names.index(e.label) for e in test])
+                    run[name] = {
+                        "accuracy": float((pred == truth).float().mean()),
+                        "predicted_share": {y: float((pred == i).float().mean()) for i, y in enumerate(label_names)},
+                        "train_seconds": round(seconds, 1),
+                    }
+                print(json.dumps(run), flush=True)
+                results["runs"].append(run)
+                results["summary"] = summarise(results["runs"], names)
+                results["seconds"] = round(time.monotonic() - t0, 1)
+                args.out.write_text(json.dumps(results, indent=1))
+    plot(results["runs"], names, args.out.with_suffix(".png"), f"{path.name}: round recipe, from the base")
+    print(json.dumps(results["summary"], indent=1))
+
+
+if __name__ == "__main__":
+    main()
