@@ -7,7 +7,8 @@ annotators (`--error-rate`, as bench/learning.py's passive learner). For each bu
 generator that orders the batches) and each recipe, a model is trained from the zero-shot base on those
 labels with the trainer's own round (trainer.annotation_policy.train_annotation_policy, epochs scaled to
 the data) and scored on the test split as the services serve it (bf16 encoder). Same labels, same
-shuffle, only the schedule differs, so the recipes are compared pair by pair. A recipe is
+shuffle, only the schedule differs, so the recipes are compared pair by pair (dropout draws from torch's
+global generator, so the pairs share labels and batch order, not dropout masks). A recipe is
 `name=WARMUP,DECAY`: the shares of the round's steps over which the rates ramp up and fall off
 (AnnotationPolicyConfig.warmup_ratio / decay_ratio; 0,0 is flat).
 

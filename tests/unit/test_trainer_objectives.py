@@ -321,12 +321,12 @@ def rates_per_step(model: AnnotatorModel, tokenizer, cfg: ap.AnnotationPolicyCon
     return seen
 
 
-@pytest.mark.parametrize("flags", [[], ["--annotator.warmup-ratio", "0", "--annotator.decay-ratio", "0"]])
+@pytest.mark.parametrize("flags", [["--annotator.warmup-ratio", "0.1", "--annotator.decay-ratio", "0.3"], []])
 def test_the_round_lr_schedule_is_the_one_the_flags_name_and_the_optimizer_keeps_its_rates(bert_tokenizer, flags):
-    """`--annotator.warmup-ratio` and `--annotator.decay-ratio` as the trainer process reads them: by default
-    the rates ramp up over the first tenth of the round's steps, stay flat, and fall over the last 30%;
-    both 0 keep them flat. Either way the optimizer, which the trainer keeps across rounds and
-    checkpoints, holds the configured rates after the round."""
+    """`--annotator.warmup-ratio` and `--annotator.decay-ratio` as the trainer process reads them: 0.1 and 0.3
+    ramp the rates up over the first tenth of the round's steps, keep them flat, and lower them over the
+    last 30%; unset (0 and 0) they stay flat. Either way the optimizer, which the trainer keeps across
+    rounds and checkpoints, holds the configured rates after the round."""
     from trainer.__main__ import read_args
 
     cfg = dataclasses.replace(read_args(flags, environ={}).annotator, epochs=5.0, max_length=16)
@@ -336,7 +336,7 @@ def test_the_round_lr_schedule_is_the_one_the_flags_name_and_the_optimizer_keeps
     steps = ap.round_steps(40, cfg)
     assert len(seen) == steps == 15  # 3 batches of 16, 5 passes
     lr = cfg.encoder_lr
-    if not flags:  # 2 warmup steps (a tenth of 15, rounded), 9 flat, 4 decaying (30%, rounded)
+    if flags:  # 2 warmup steps (a tenth of 15, rounded), 9 flat, 4 decaying (30%, rounded)
         ramp = [lr / 3, 2 * lr / 3]
         assert seen == pytest.approx(ramp + [lr] * 9 + [lr * k / 5 for k in (4, 3, 2, 1)])
     else:
