@@ -1,9 +1,12 @@
-"""What every benchmark records and needs: the machine it ran on, free ports, a service process."""
+"""What every benchmark records and needs: the machine it ran on, free ports, a service process; the
+annotator benches' data and plots."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import random
 import socket
 import subprocess
 import sys
@@ -64,3 +67,29 @@ def start_policy(data_dir: Path, port: int, metrics_port: int, flags: Sequence[s
         *flags,
     ]
     return subprocess.Popen(argv, cwd=REPO)
+
+
+def add_annotation_data_args(ap: argparse.ArgumentParser, *, test_items: int) -> None:
+    """--dataset, --data-dir and --test-items, as the annotator's learning benches take them."""
+    ap.add_argument("--dataset", type=Path, default=None, help="JSONL/CSV (text, label[, split]); default Fine Food")
+    ap.add_argument("--data-dir", type=Path, default=Path(".loopserve"), help="holds the store with the base annotator")
+    ap.add_argument("--test-items", type=int, default=test_items, help="0: the whole test split")
+
+
+def load_annotation_data(args: argparse.Namespace) -> tuple[Path, list[Any], list[Any], Path]:
+    """The data set's path, its train and test splits (the test split sampled down to --test-items, the same
+    items every run) and the base annotator's folder."""
+    from loopserve.datasets import load_dataset, pull_finefoods
+
+    path = args.dataset or pull_finefoods(args.data_dir / "data")
+    train, test = load_dataset(path)
+    if args.test_items:
+        test = random.Random(1).sample(test, min(args.test_items, len(test)))
+    return path, train, test, args.data_dir / "store" / "models" / "annotator" / "v0"
+
+
+def save_plot(fig: Any, ax: Any, out: Path, title: str) -> None:
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)

@@ -49,11 +49,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cpu_model
+from bench.common import add_annotation_data_args, cpu_model, load_annotation_data, save_plot
 from loopserve.annotation.routing import pick_for_review
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.passive import accuracy_on
-from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
+from loopserve.datasets import Example, label_set
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
@@ -373,17 +373,13 @@ def plot(summary: dict[str, Any], out: Path, title: str) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("human interactions")
     ax.set_ylabel("test accuracy (mean +- s.e. over seeds)")
-    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_plot(fig, ax, out, title)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", type=Path, default=None, help="JSONL/CSV (text, label[, split]); default Fine Food")
-    ap.add_argument("--data-dir", type=Path, default=Path(".loopserve"), help="holds the store with the base annotator")
+    add_annotation_data_args(ap, test_items=0)
     ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[50, 100, 200, 300, 500, 1000])
     ap.add_argument("--early-rounds", type=lambda s: [int(x) for x in s.split(",") if x], default=[25])
     ap.add_argument("--seeds", type=int, default=3)
@@ -422,16 +418,11 @@ def main() -> None:
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)
     ap.add_argument("--min-lift-z", type=float, default=0.0, help="held-out regime (the demo's setting)")
-    ap.add_argument("--test-items", type=int, default=0, help="0: the whole test split")
     ap.add_argument("--out", type=Path, default=RESULTS / "learning.json")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    path = args.dataset or pull_finefoods(args.data_dir / "data")
-    train, test = load_dataset(path)
-    if args.test_items:
-        test = random.Random(1).sample(test, min(args.test_items, len(test)))
+    path, train, test, base = load_annotation_data(args)
     labels = label_set(train + test)
-    base = args.data_dir / "store" / "models" / "annotator" / "v0"
     if (
         json.loads((base / "head.json").read_text())["labels"]
         and sorted(x["name"] for x in json.loads((base / "head.json").read_text())["labels"]) != labels

@@ -31,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cpu_model
+from bench.common import add_annotation_data_args, cpu_model, load_annotation_data, save_plot
 from loopserve.cli.demo.annotators import AnnotatorPool
-from loopserve.datasets import label_set, load_dataset, pull_finefoods
+from loopserve.datasets import label_set
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer.annotation_policy import AnnotationPolicyConfig, predict_logits, train_annotation_policy
@@ -94,32 +94,23 @@ def plot(runs: list[dict[str, Any]], recipes: list[str], out: Path, title: str) 
                 ax.hlines(statistics.fmean(accs), xs[0] - width / 3, xs[0] + width / 3, color=f"C{k}")
     ax.set_xticks(range(len(budgets)), [f"{b} labels" for b in budgets])
     ax.set_ylabel("test accuracy (each run; bar: mean)")
-    ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    save_plot(fig, ax, out, title)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--dataset", type=Path, default=None, help="JSONL/CSV (text, label[, split]); default Fine Food")
-    ap.add_argument("--data-dir", type=Path, default=Path(".loopserve"), help="holds the store with the base annotator")
+    add_annotation_data_args(ap, test_items=1000)
     ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[300, 500])
     ap.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1], help="label draws")
     ap.add_argument("--shuffles", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2])
     ap.add_argument("--recipes", nargs="+", type=parse_recipe, default=[("flat", 0.0, 0.0), ("trapezoid", 0.1, 0.3)])
     ap.add_argument("--error-rate", type=float, default=0.05)
     ap.add_argument("--max-length", type=int, default=128, help="tokens per item (the demo's setting)")
-    ap.add_argument("--test-items", type=int, default=1000, help="0: the whole test split")
     ap.add_argument("--out", type=Path, default=RESULTS / "recipe-stability.json")
     args = ap.parse_args()
-    path = args.dataset or pull_finefoods(args.data_dir / "data")
-    train, test = load_dataset(path)
-    if args.test_items:
-        test = random.Random(1).sample(test, min(args.test_items, len(test)))
+    path, train, test, base = load_annotation_data(args)
     labels = label_set(train + test)
-    base = args.data_dir / "store" / "models" / "annotator" / "v0"
     tokenizer = encoder_heads.load_tokenizer(base)
     names = [name for name, _, _ in args.recipes]
     # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data).
