@@ -172,7 +172,15 @@ def test_quick_generation_demo_raises_the_reward(tmp_path: Path) -> None:
     ]
     assert s["final_version"] != "v0", rounds  # a GRPO candidate passed the gate and was swapped in
     assert s["reward_final"] > s["reward_base"], s
-    assert 0 < s["kl_final"] <= 0.5 and s["rm_pairwise_accuracy"] > 0.5, s
+    assert 0 < s["kl_final"] <= 0.5, s
+    # The reward model ranks held-out pairs better than chance. The trainer's held-out slice alone is ~23 pairs
+    # in a quick run, a coin flip of a test (CI once read 11 of 23 from a model that, paired against the
+    # base, fixed 11 and broke none); pooled with the disjoint pairs of the evaluation prompts' base samples
+    # (~30) it is a question of ~50 pairs.
+    rm = [r for r in rounds if r["model"] == "reward" and r["result"] == "published"][-1]["metrics"]
+    eval_agree = (s["rm_pairwise_accuracy_eval_prompts"] or 0.0) * s["rm_eval_pairs"]
+    agree = rm["pairwise_accuracy"] * rm["n_pairs"] + eval_agree
+    assert agree / (rm["n_pairs"] + s["rm_eval_pairs"]) > 0.5, (rm, s)
     assert (run / "report.md").stat().st_size > 0
     assert list(run.glob("*.png"))
 

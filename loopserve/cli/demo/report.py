@@ -421,6 +421,7 @@ def write_generation_report(st: GenerationRun) -> dict[str, Any]:
         "kl_final": kl_final,
         "rm_pairwise_accuracy": rm_acc,
         "rm_pairwise_accuracy_eval_prompts": s.get("rm_pairwise_accuracy_eval_prompts"),
+        "rm_eval_pairs": s.get("rm_eval_pairs", 0),
         "positivity_base": s.get("positivity_base"),
         "positivity_final": s.get("positivity_final"),
         "final_version": st.serving,
