@@ -93,3 +93,21 @@ def save_plot(fig: Any, ax: Any, out: Path, title: str) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+
+
+def annotation_results_header(
+    args: argparse.Namespace, path: Path, train: list[Any], test: list[Any]
+) -> dict[str, Any]:
+    """What an annotator learning bench's JSON starts with: the machine, the data, the arguments."""
+    import torch
+
+    labels = {e.label for e in train + test}
+    return {
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+        "dataset": str(path),
+        "train_items": len(train),
+        "test_items": len(test),
+        "majority_rate": max(sum(e.label == y for e in test) for y in labels) / len(test),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }

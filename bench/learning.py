@@ -49,7 +49,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_annotation_data_args, cpu_model, load_annotation_data, save_plot
+from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
 from loopserve.annotation.routing import pick_for_review
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.passive import accuracy_on
@@ -428,16 +428,7 @@ def main() -> None:
         and sorted(x["name"] for x in json.loads((base / "head.json").read_text())["labels"]) != labels
     ):
         raise SystemExit(f"the base annotator's labels are not {labels}: pass a --data-dir whose store has them")
-    results: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "dataset": str(path),
-        "train_items": len(train),
-        "test_items": len(test),
-        "majority_rate": max(sum(e.label == y for e in test) for y in labels) / len(test),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "seeds": [],
-    }
+    results: dict[str, Any] = {**annotation_results_header(args, path, train, test), "seeds": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     earlier: dict[int, dict[str, Any]] = {}  # seed -> learner -> result, from runs with the same data and budgets

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_annotation_data_args, cpu_model, load_annotation_data, save_plot
+from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.datasets import label_set
 from loopserve.models import encoder_heads
@@ -115,15 +115,7 @@ def main() -> None:
     names = [name for name, _, _ in args.recipes]
     # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data).
     cfg0 = AnnotationPolicyConfig(epochs=0.0, max_length=args.max_length)
-    results: dict[str, Any] = {
-        "cpu": cpu_model(),
-        "threads": torch.get_num_threads(),
-        "dataset": str(path),
-        "test_items": len(test),
-        "majority_rate": max(sum(e.label == y for e in test) for y in labels) / len(test),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "runs": [],
-    }
+    results: dict[str, Any] = {**annotation_results_header(args, path, train, test), "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     for seed in args.seeds:
