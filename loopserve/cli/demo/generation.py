@@ -129,7 +129,9 @@ class GenerationDemoOptions:
     """grpo or ppo (online RL against the reward service), or dpo (straight from the logged pairs)."""
     seed: int = 0
     rounds: int = 3
-    """Rounds of (generate, prefer, train)."""
+    """Rounds of (generate, prefer, train): at most this many with `until_served`."""
+    until_served: bool = False
+    """End after the first round whose generator candidate passes the gate and is served."""
     prompts_per_round: int = 48
     """New prompts the app sends per round (4 completions each, up to 6 preference pairs each)."""
     max_new_tokens: int = 32
@@ -150,10 +152,14 @@ class GenerationDemoOptions:
     round_timeout_s: float = 1200.0
 
     def apply_quick(self) -> None:
-        self.rounds, self.prompts_per_round, self.max_new_tokens, self.eval_prompts = 1, 24, 24, 8
-        # One round only, so its GRPO run must move the policy clearly past the noise of 6 held-out
-        # prompts: at 6 steps the candidate was refused in 2 of 4 runs (reward -0.05 to +0.8 over
-        # serving); at 10 steps it passed 3 of 3 by +0.9 to +2.7 (about 20 s more).
+        self.prompts_per_round, self.max_new_tokens, self.eval_prompts = 24, 24, 8
+        # Its GRPO run must move the policy clearly past the noise of 6 held-out prompts: at 6 steps the
+        # candidate was refused in 2 of 4 runs (reward -0.05 to +0.8 over serving); at 10 steps it passed
+        # most runs by +0.9 to +2.7 (about 20 s more), but clean-clone CI still met a refusal (candidate
+        # 0.72 against serving 0.82, from a reward model at 0.89 / 0.79 pairwise accuracy). So a second
+        # round, on 24 new prompts, only when the first candidate is refused: one refusal in a few runs
+        # becomes one in tens, and the usual run still ends after one round.
+        self.rounds, self.until_served = 2, True
         self.grpo_steps = 10
 
 
@@ -185,6 +191,7 @@ class GenerationRun:
     status: str = "starting"
     prompts_sent: int = 0
     pairs_sent: int = 0
+    rounds_run: int = 0
     serving: str = "v0"
     reward_serving: str = "v0"
     rounds: list[dict[str, Any]] = field(default_factory=list)
@@ -364,16 +371,21 @@ class GenerationDemo:
                     st.status = f"services ready in {ready:.0f}s; sampling the base version"
                     view.refresh()
                     st.samples_base = self._evaluate(st, evaluator, labeller)
-                    seen = 0
+                    seen, base = 0, st.serving
                     for k in range(opts.rounds):
+                        if opts.until_served and st.serving != base:
+                            break
                         part = prompts[k * opts.prompts_per_round : (k + 1) * opts.prompts_per_round]
                         st.status = f"round {k + 1}: generating 4 completions for {len(part)} prompts"
                         view.refresh()
-                        resps = self._generate(app, part, 4, seed=None)
+                        # Seeded per round and prompt, apart from the evaluation's seeds: `--seed` repeats
+                        # the app's samples as far as batching lets bf16 kernels repeat.
+                        resps = self._generate(app, part, 4, seed=opts.seed + 10_000 * (k + 1))
                         events = self._preferences(run.name, resps, labeller)
                         people.submit(events)
                         st.prompts_sent += len(part)
                         st.pairs_sent += len(events)
+                        st.rounds_run += 1
                         st.status = f"round {k + 1}: trainer (reward model, then {opts.objective})"
                         view.refresh()
                         seen = self._wait_rounds(st, stack, app, seen, view.refresh)

@@ -416,6 +416,7 @@ def write_generation_report(st: GenerationRun) -> dict[str, Any]:
         "run_folder": str(out),
         "prompts": st.prompts_sent,
         "preference_pairs": st.pairs_sent,
+        "rounds_run": st.rounds_run,
         "reward_base": s.get("reward_base"),
         "reward_final": s.get("reward_final"),
         "kl_final": kl_final,
@@ -482,7 +483,9 @@ def write_generation_report(st: GenerationRun) -> dict[str, Any]:
         "",
         "## How it ran",
         "",
-        f"- {opts.rounds} round(s): the app sent {opts.prompts_per_round} new prompts, 4 completions each "
+        f"- {st.rounds_run} round(s)"
+        f"{f' (at most {opts.rounds}, ending once a candidate was served)' if opts.until_served else ''}: "
+        f"each, the app sent {opts.prompts_per_round} new prompts, 4 completions each "
         f"(max {opts.max_new_tokens} new tokens, temperature {opts.temperature:g}, served in bf16); of every two "
         f"completions of a prompt whose positivity differs by at least {opts.pair_margin:g} the labeller "
         "preferred the more positive; the trainer then ran a reward-model round (Bradley-Terry) and a "
