@@ -313,7 +313,13 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
 
 def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, GateConfig]:
     # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data).
-    cfg = AnnotationPolicyConfig(epochs=0.0, max_length=args.max_length, pseudo_label_ratio=args.pseudo_label_ratio)
+    cfg = AnnotationPolicyConfig(
+        epochs=0.0,
+        max_length=args.max_length,
+        pseudo_label_ratio=args.pseudo_label_ratio,
+        warmup_ratio=args.warmup_ratio,
+        decay_ratio=args.decay_ratio,
+    )
     gate = GateConfig(min_eval_items=30, min_lift_z=args.min_lift_z, cv_max_items=args.cv_max_items)
     return cfg, gate
 
@@ -415,6 +421,10 @@ def main() -> None:
         default=AnnotationPolicyConfig.pseudo_label_ratio,
         help="self-training in held-out rounds: pseudo-labels per human label (0: off)",
     )
+    ap.add_argument(
+        "--warmup-ratio", type=float, default=AnnotationPolicyConfig.warmup_ratio, help="see bench/recipe.py"
+    )
+    ap.add_argument("--decay-ratio", type=float, default=AnnotationPolicyConfig.decay_ratio)
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)
     ap.add_argument("--min-lift-z", type=float, default=0.0, help="held-out regime (the demo's setting)")
@@ -432,8 +442,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     earlier: dict[int, dict[str, Any]] = {}  # seed -> learner -> result, from runs with the same data and budgets
+    results["merged"] = []  # where the merged seeds ran: a learner's threads and seconds are its own run's
     for f in args.merge:
-        for s in json.loads(f.read_text())["seeds"]:
+        merged = json.loads(f.read_text())
+        results["merged"].append(
+            {"file": f.name, **{k: merged.get(k) for k in ("cpu", "threads", "seconds")}, "args": merged.get("args")}
+        )
+        for s in merged["seeds"]:
             for learner in ("loop", "passive"):
                 if learner in s:  # JSON made the budgets strings
                     s[learner]["budgets"] = {int(b): m for b, m in s[learner]["budgets"].items()}
