@@ -72,7 +72,7 @@ class AnnotationPolicyConfig:
     default) keep the rates flat. Why flat: warmup 0.1 and decay 0.3, against flat rates on the same labels
     and batch orders from the base (`bench/recipe.py`, Fine Food, 2 label draws x 3 shuffles), steadied
     the rounds at 500 labels (sd 0.004 against 0.014; mean +0.006 +- 0.005) but cost 0.010 +- 0.004 at
-    300, and rounds train from the base only below 300 labels (gate.cv_max_items)."""
+    300; the loop's curve with cross-fitted rounds up to 600 labels (gate.cv_max_items) was measured flat."""
     pseudo_label_ratio: float = 0.0
     """Self-training (trainer.pseudo_labels): pseudo-labels from the checked serving version per human label
     in a held-out round; 0 (the default) turns it off. Off because it measured no gain: paired against
