@@ -96,6 +96,13 @@ class AnnotationPolicyConfig:
     ece_bins: int = 15
     """Equal-width confidence bins for the expected calibration error."""
 
+    def __post_init__(self) -> None:
+        w, d = self.warmup_ratio, self.decay_ratio
+        if not (0.0 <= w <= 1.0 and 0.0 <= d <= 1.0 and w + d <= 1.0):
+            raise ValueError(
+                f"annotator warmup_ratio {w:g} and decay_ratio {d:g} must be in [0, 1] and add up to at most 1"
+            )
+
 
 def auto_epochs(n: int) -> float:
     """Passes over n labels when `epochs` is 0: 8 * sqrt(50 / n), within [1, 8].

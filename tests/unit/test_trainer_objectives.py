@@ -344,6 +344,26 @@ def test_the_round_lr_schedule_is_the_one_the_flags_name_and_the_optimizer_keeps
     assert [g["lr"] for g in opt.param_groups] == [lr] * 2 + [cfg.head_lr] * 2
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--annotator.warmup-ratio", "-0.1"],
+        ["--annotator.decay-ratio", "1.5"],
+        ["--annotator.warmup-ratio", "0.6", "--annotator.decay-ratio", "0.5"],
+    ],
+)
+def test_a_schedule_outside_the_round_is_refused_where_the_trainer_reads_its_flags(flags):
+    """A negative share, or warmup and decay longer than the round together, would scale rates by factors
+    outside [0, 1]: the trainer refuses the flags instead of training with them."""
+    from trainer.__main__ import read_args
+
+    with pytest.raises((ValueError, SystemExit)):
+        read_args(flags, environ={})
+    with pytest.raises(ValueError, match="warmup_ratio"):
+        ap.AnnotationPolicyConfig(warmup_ratio=0.6, decay_ratio=0.5)
+    assert read_args(["--annotator.warmup-ratio", "0.1", "--annotator.decay-ratio", "0.3"], environ={})
+
+
 def test_a_seeded_round_repeats_down_to_its_dropout_masks_and_leaves_the_global_rng_alone(bert_tokenizer):
     """The batch order and the dropout masks both come from the round's generator: two rounds from the same
     weights with generators of one seed end in the same weights whatever torch's global generator held
