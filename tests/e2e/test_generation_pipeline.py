@@ -376,3 +376,13 @@ def test_the_demos_objective_flag_reaches_the_trainer_with_ppo_settings(tmp_path
         args.grpo.prompts_per_step * args.grpo.group_size,
     )  # the same rollout budget as GRPO
     assert args.ppo.update_epochs == opts.ppo_epochs > 1 and args.ppo.max_new_tokens == opts.max_new_tokens
+
+
+def test_the_quick_demo_runs_a_second_round_only_while_the_base_still_serves():
+    """--quick: up to 2 rounds, the second only when the first candidate was refused (v0 still serves)."""
+    opts = GenerationDemoOptions(quick=True)
+    opts.apply_quick()
+    assert (opts.rounds, opts.until_served) == (2, True)
+    assert opts.another_round("v0", "v0") and not opts.another_round("v0", "v1")
+    full = GenerationDemoOptions()
+    assert not full.until_served and full.another_round("v0", "v1")  # the full demo runs every round

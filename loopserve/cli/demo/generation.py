@@ -151,6 +151,11 @@ class GenerationDemoOptions:
     """The label the simulated labeller prefers (its probability is the 'positivity')."""
     round_timeout_s: float = 1200.0
 
+    def another_round(self, base: str, serving: str) -> bool:
+        """Whether the next round runs (within `rounds`): always, unless `until_served` and a version other
+        than the run's `base` already serves."""
+        return not (self.until_served and serving != base)
+
     def apply_quick(self) -> None:
         self.prompts_per_round, self.max_new_tokens, self.eval_prompts = 24, 24, 8
         # Its GRPO run must move the policy clearly past the noise of 6 held-out prompts: at 6 steps the
@@ -373,7 +378,7 @@ class GenerationDemo:
                     st.samples_base = self._evaluate(st, evaluator, labeller)
                     seen, base = 0, st.serving
                     for k in range(opts.rounds):
-                        if opts.until_served and st.serving != base:
+                        if not opts.another_round(base, st.serving):
                             break
                         part = prompts[k * opts.prompts_per_round : (k + 1) * opts.prompts_per_round]
                         st.status = f"round {k + 1}: generating 4 completions for {len(part)} prompts"
