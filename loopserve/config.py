@@ -176,6 +176,9 @@ class PolicyConfig(ServerConfig):
     """decisions buffered before RESOURCE_EXHAUSTED"""
     log_decisions: bool = True
     """log every served answer (off: no feedback can join it; benchmarks only)"""
+    ingest_process: bool = True
+    """commit feedback in a child process, on a core of its own (off: on a thread of the service, sharing
+    its interpreter lock with serving)"""
 
 
 @dataclass

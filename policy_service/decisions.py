@@ -13,6 +13,7 @@ from loopserve import metrics
 from loopserve.config import PolicyConfig
 from loopserve.errors import ResourceExhausted
 from loopserve.feedback_log import Decision, DecisionWriter, FeedbackCommitter, open_feedback_log
+from loopserve.feedback_log.commit_process import ProcessCommitter
 from loopserve.serving.feedback import FeedbackIngest, FeedbackServicer
 from policy_service.types import AnnotateCall, AnnotateResult, GenerateCall, GenerateResult
 
@@ -86,7 +87,11 @@ class PolicyLog:
     def __init__(self, cfg: PolicyConfig, label_set: Callable[[], Collection[str]]) -> None:
         self.log = open_feedback_log(cfg.feedback_log_url)
         self.writer = DecisionWriter(self.log, capacity=cfg.decision_buffer)
-        self.committer = FeedbackCommitter(self.log, decisions=self.writer)
+        self.committer = (
+            ProcessCommitter(cfg.feedback_log_url, decisions=self.writer)
+            if cfg.ingest_process
+            else FeedbackCommitter(self.log, decisions=self.writer)
+        )
         self.decisions = LoggedDecisions(self.writer, cfg.task) if cfg.log_decisions else None
         self.servicer = FeedbackServicer(FeedbackIngest(self.committer, lambda: {cfg.task: label_set()}))
         # Read at scrape time: the writer drains its buffer off the request path, so a value set when

@@ -125,8 +125,7 @@ class Feedback:
     @property
     def event_ids(self) -> tuple[str, ...]:
         """The decisions this event refers to: (event_id,) or (chosen, rejected); empty ids left out."""
-        ids = (self.event_id, self.chosen_event_id, self.rejected_event_id)
-        return tuple(i for i in ids if i)
+        return tuple(filter(None, (self.event_id, self.chosen_event_id, self.rejected_event_id)))
 
     def to_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in _FEEDBACK_FIELDS}

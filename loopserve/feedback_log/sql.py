@@ -134,7 +134,8 @@ def decision_row(seq: int, d: Decision) -> Row:
     )
 
 
-def feedback_row(seq: int, fb: Feedback) -> Row:
+def feedback_row(seq: int, fb: Feedback, body: str | None = None) -> Row:
+    """The row of `fb` at `seq`; `body` is its JSON when already made (`prepare_feedback`)."""
     return (
         seq,
         "feedback",
@@ -149,8 +150,28 @@ def feedback_row(seq: int, fb: Feedback) -> Row:
         None,
         None,
         fb.created,
-        feedback_json(fb),
+        feedback_json(fb) if body is None else body,
     )
+
+
+Prepared = tuple[int, Feedback, str]
+"""An event that passed `check_feedback_shape`: its index in the batch, the event, its JSON body."""
+
+
+def prepare_feedback(events: Sequence[Feedback]) -> tuple[list[FeedbackResult], list[Prepared]]:
+    """The part of an append that needs no database: each event's shape checked and its body made.
+    Returns the rejections and the events to append (`SqlFeedbackLog.append_prepared`), both by index.
+    A process that commits elsewhere (`commit_process`) does this half itself, on its own core."""
+    rejected: list[FeedbackResult] = []
+    prepared: list[Prepared] = []
+    for i, fb in enumerate(events):
+        try:
+            check_feedback_shape(fb)
+        except LoopserveError as err:
+            rejected.append(_rejected(i, fb, err))
+        else:
+            prepared.append((i, fb, feedback_json(fb)))
+    return rejected, prepared
 
 
 def _rejected(index: int, fb: Feedback, err: LoopserveError) -> FeedbackResult:
@@ -235,65 +256,71 @@ class SqlFeedbackLog(FeedbackLog):
         return len(new)
 
     def append_feedback(self, events: Sequence[Feedback], label_sets: LabelSets) -> list[FeedbackResult]:
+        rejected, prepared = prepare_feedback(events)
         results: list[FeedbackResult | None] = [None] * len(events)
-        candidates: list[tuple[int, Feedback]] = []
-        for i, fb in enumerate(events):
-            try:
-                check_feedback_shape(fb)
-            except LoopserveError as err:
-                results[i] = _rejected(i, fb, err)
-            else:
-                candidates.append((i, fb))
-        if candidates:
-            with self._write_tx() as cur:
-                self._append_candidates(cur, candidates, label_sets, results)
+        for r in rejected:
+            results[r.index] = r
+        for r in self.append_prepared(prepared, label_sets):
+            results[r.index] = r
         # Only now, after the commit, is an accepted result true.
         return [r for r in results if r is not None]
+
+    def append_prepared(self, prepared: Sequence[Prepared], label_sets: LabelSets) -> list[FeedbackResult]:
+        """The database half of `append_feedback` for events `prepare_feedback` let through: one result
+        per event (by its index, in no particular order), accepted ones durable on return."""
+        if not prepared:
+            return []
+        results: list[FeedbackResult] = []
+        with self._write_tx() as cur:
+            self._append_candidates(cur, prepared, label_sets, results)
+        return results
 
     def _append_candidates(
         self,
         cur: Any,
-        candidates: list[tuple[int, Feedback]],
+        candidates: Sequence[Prepared],
         label_sets: LabelSets,
-        results: list[FeedbackResult | None],
+        results: list[FeedbackResult],
     ) -> None:
-        keys = list({fb.idempotency_key: None for _, fb in candidates})
+        keys = list({fb.idempotency_key: None for _, fb, _ in candidates})
         cur.execute(self.SELECT_KEY_SEQS, (self._list_param(keys),))
         stored: dict[str, int] = {}
         stored_body: dict[str, str] = {}
         for key, seq, body in cur.fetchall():
             stored[key] = int(seq)
             stored_body[key] = body
-        ids = {eid for _, fb in candidates if fb.idempotency_key not in stored for eid in fb.event_ids}
+        ids = {eid for _, fb, _ in candidates if fb.idempotency_key not in stored for eid in fb.event_ids}
         decisions = self._select_decisions(cur, ids)
 
-        new: dict[str, tuple[int, Feedback]] = {}  # key -> (index, normalised event), in batch order
+        new: dict[str, tuple[int, Feedback, str]] = {}  # key -> (index, normalised event, body), in batch order
         repeats: list[tuple[int, Feedback]] = []  # a key repeated within this batch
-        for i, fb in candidates:
+        for i, fb, body in candidates:
             key = fb.idempotency_key
             if key in stored:
                 first = Feedback.from_dict(json.loads(stored_body[key]))
-                results[i] = _duplicate(i, key, stored[key], conflict=not same_event(first, fb))
+                results.append(_duplicate(i, key, stored[key], conflict=not same_event(first, fb)))
             elif key in new:
                 repeats.append((i, fb))
             else:
                 try:
-                    new[key] = (i, check_feedback_references(fb, decisions, label_sets))
+                    checked = check_feedback_references(fb, decisions, label_sets)
                 except LoopserveError as err:
-                    results[i] = _rejected(i, fb, err)
+                    results.append(_rejected(i, fb, err))
+                else:  # normalised (an accept's label filled in): its body is made again
+                    new[key] = (i, checked, body if checked is fb else feedback_json(checked))
         if not new:
             return
         seqs = self._next_seqs(cur, len(new))
-        rows = [feedback_row(s, fb) for s, (_, fb) in zip(seqs, new.values(), strict=True)]
+        rows = [feedback_row(s, fb, body) for s, (_, fb, body) in zip(seqs, new.values(), strict=True)]
         self._insert_rows(cur, rows)
         self._after_append(cur)
         seq_of = {}
-        for s, (key, (i, _)) in zip(seqs, new.items(), strict=True):
-            results[i] = FeedbackResult(i, key, accepted=True, seq=s)
+        for s, (key, (i, _, _)) in zip(seqs, new.items(), strict=True):
+            results.append(FeedbackResult(i, key, accepted=True, seq=s))
             seq_of[key] = s
         for i, fb in repeats:
             key = fb.idempotency_key
-            results[i] = _duplicate(i, key, seq_of[key], conflict=not same_event(new[key][1], fb))
+            results.append(_duplicate(i, key, seq_of[key], conflict=not same_event(new[key][1], fb)))
 
     # ---- reads ---------------------------------------------------------------------------------
 

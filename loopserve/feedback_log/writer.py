@@ -22,7 +22,6 @@ import concurrent.futures
 import dataclasses
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Sequence
 
 from loopserve.errors import DeadlineExceeded, LoopserveError, ResourceExhausted, Unavailable
@@ -319,18 +318,13 @@ class FeedbackCommitter:
                 self._cond.wait_for(lambda: self._queue or self._closing)
                 if not self._queue:
                     return
-                batch, label_sets = self._take_batch()
-            try:
-                if batch:
-                    self._commit(batch, label_sets)
-            finally:
-                with self._cond:
-                    self._inflight_events = 0
-                    self._cond.notify_all()
+                batch, label_sets, total = self._take_batch()
+            self._dispatch(batch, label_sets, total)
 
-    def _take_batch(self) -> tuple[list[_Request], dict[str, frozenset[str]]]:
+    def _take_batch(self) -> tuple[list[_Request], dict[str, frozenset[str]], int]:
         """Pop requests for one transaction (called with the lock held): up to `max_batch` events (at
-        least one request), stopping early at a request whose label sets conflict with the batch's."""
+        least one request), stopping early at a request whose label sets conflict with the batch's.
+        Returns them, their merged label sets and the events they announced (in flight until `_release`)."""
         batch: list[_Request] = []
         merged: dict[str, frozenset[str]] = {}
         seen: set[int] = set()  # ids of label-set mappings already merged (usually one shared object)
@@ -350,43 +344,58 @@ class FeedbackCommitter:
             if req.future.set_running_or_notify_cancel():  # False: the caller gave up; drop it
                 batch.append(req)
                 total += req.count
-        self._inflight_events = total
-        return batch, merged
+        self._inflight_events += total
+        return batch, merged, total
 
-    def _commit(self, batch: list[_Request], label_sets: dict[str, frozenset[str]]) -> None:
-        batch = [req for req in batch if self._made(req)]
-        if not batch:
-            return
-        events = [e for req in batch for e in req.events]
-        started = time.monotonic()
+    def _release(self, events: int) -> None:
+        """`events` taken by `_take_batch` are answered (stored, rejected or failed)."""
+        with self._cond:
+            self._inflight_events -= events
+            self._cond.notify_all()
+
+    def _dispatch(self, batch: list[_Request], label_sets: dict[str, frozenset[str]], total: int) -> None:
+        """Commit one batch and answer its callers (here: on this thread, before the next batch)."""
         try:
-            self._wait_for_decisions(events)
-            results = self._log.append_feedback(events, label_sets)
-        except Exception as err:
-            logger.warning(
-                "feedback commit of %d events from %d calls failed: %s",
-                len(events),
-                len(batch),
-                describe_error(err),
-            )
-            failure = (
-                err
-                if isinstance(err, LoopserveError)
-                else Unavailable(
-                    "the feedback log could not store this batch; retry with the same idempotency keys "
-                    "(a retry is never stored twice)"
-                )
-            )
-            for req in batch:
-                req.future.set_exception(failure)
-            return
-        self.batches += 1
-        logger.debug(
-            "committed %d feedback events from %d calls in %.4fs",
-            len(events),
+            ready = self._ready(batch)
+            if ready:
+                events = [e for req in ready for e in req.events]
+                try:
+                    results = self._log.append_feedback(events, label_sets)
+                except Exception as err:
+                    self._fail(ready, err)
+                else:
+                    self._answer(ready, results)
+        finally:
+            self._release(total)
+
+    def _ready(self, batch: list[_Request]) -> list[_Request]:
+        """The requests whose events could be built, once the decisions they refer to are written."""
+        batch = [req for req in batch if self._made(req)]
+        self._wait_for_decisions([e for req in batch for e in req.events])
+        return batch
+
+    def _fail(self, batch: list[_Request], err: BaseException) -> None:
+        """A write that failed fails every call in its batch: nothing of it was acknowledged."""
+        logger.warning(
+            "feedback commit of %d events from %d calls failed: %s",
+            sum(req.count for req in batch),
             len(batch),
-            time.monotonic() - started,
+            describe_error(err),
         )
+        failure = (
+            err
+            if isinstance(err, LoopserveError)
+            else Unavailable(
+                "the feedback log could not store this batch; retry with the same idempotency keys "
+                "(a retry is never stored twice)"
+            )
+        )
+        for req in batch:
+            req.future.set_exception(failure)
+
+    def _answer(self, batch: list[_Request], results: Sequence[FeedbackResult]) -> None:
+        """Hand each caller its slice of `results` (one per event of the batch, in order), re-indexed."""
+        self.batches += 1
         offset = 0
         for req in batch:
             n = req.count
@@ -398,7 +407,7 @@ class FeedbackCommitter:
                     )
                     for r in mine
                 ]
-            req.future.set_result(mine)
+            req.future.set_result(list(mine))  # a list of its own, whatever `results` is
             offset += n
 
     @staticmethod
@@ -418,7 +427,9 @@ class FeedbackCommitter:
         return True
 
     def _wait_for_decisions(self, events: list[Feedback]) -> None:
-        if self._decisions is None:
+        # Nothing queued: every decision a client can name is durable (it was queued before its answer
+        # went out), so the ids need not be collected at all.
+        if self._decisions is None or not self._decisions.pending:
             return
         ids = {eid for e in events for eid in e.event_ids}
         if self._decisions.has_pending(ids) and not self._decisions.flush(self._decision_wait_s):

@@ -479,3 +479,35 @@ async def test_submit_chunks_cuts_long_texts_into_messages_the_server_takes(svc:
     assert (s.accepted, s.rejected) == (24, 1)
     assert s.rejections[0].index == 24 and s.rejections[0].code == "INVALID_ARGUMENT"
     assert svc.app.feedback_log.log.stats().feedback == 24
+
+
+def _writer_processes() -> list[int]:
+    import psutil
+
+    return [
+        p.pid
+        for p in psutil.Process().children()
+        if p.status() != psutil.STATUS_ZOMBIE and "loopserve.feedback_log.commit_process" in " ".join(p.cmdline())
+    ]
+
+
+@pytest.mark.parametrize("ingest_process", [True, False], ids=["ingest-process", "no-ingest-process"])
+async def test_ingest_process_decides_where_feedback_commits(tiny_data_dir: Path, ingest_process: bool) -> None:
+    """`--ingest-process` (the default) commits in a writer process of the service's own; off, on a
+    thread of the service. Either way an acknowledged event is stored, and nothing outlives the service."""
+    before = set(_writer_processes())
+    cfg = PolicyConfig(data_dir=tiny_data_dir, port=0, metrics_port=-1, ingest_process=ingest_process)
+    app = PolicyApp(cfg)
+    await app.start(watch=False)
+    try:
+        writers = set(_writer_processes()) - before
+        assert len(writers) == (1 if ingest_process else 0)
+        svc = Svc(app)
+        async with svc.client("client") as c, svc.client("annotator") as a:
+            served = (await c.annotate([("item-1", "the tea was fine")])).annotations[0]
+            summary = await a.submit_chunks([correction(served.event_id, "great") for _ in range(3)], chunk_events=2)
+        assert summary.accepted == 3
+        assert sum(r.type == "feedback" for r in app.feedback_log.log.read(0, 100)) == 3
+    finally:
+        await app.stop(1)
+    wait_until(lambda: not (set(_writer_processes()) & writers), 10, "the writer process to exit with the service")

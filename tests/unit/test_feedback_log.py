@@ -37,6 +37,7 @@ from loopserve.feedback_log import (
     open_feedback_log,
     validate_decision,
 )
+from loopserve.feedback_log.commit_process import ProcessCommitter
 from tests.support.pg_server import create_database, create_schema, postgres_server
 from tests.support.waiting import wait_until
 
@@ -785,3 +786,129 @@ def test_fast_feedback_body_is_the_json_the_general_encoder_writes() -> None:
         assert Feedback.from_dict(json.loads(body)) == fb
     with pytest.raises(ValueError):  # non-finite numbers are refused by both, never written as NaN
         feedback_json(Feedback(kind="rating", idempotency_key="n", event_id="e", value=float("nan")))
+
+
+# ---- the commit on a second core (ProcessCommitter) -------------------------------------------
+
+
+def _every_outcome() -> list[Feedback]:
+    """One batch that meets every branch of an append: stored, normalised, refused by shape, by
+    reference, by label, by kind, repeated in the batch, and repeated with another body."""
+    return [
+        Feedback("accept", "k1", event_id="d1"),  # stored with the served label filled in
+        Feedback("correction", "k2", event_id="d2", label="great", annotator_id="ann"),
+        Feedback("correction", "", event_id="d1", label="great"),  # no key: INVALID_ARGUMENT
+        Feedback("correction", "k3", event_id="nope", label="great"),  # NOT_FOUND
+        Feedback("correction", "k4", event_id="d1", label="meh"),  # not in the label set
+        Feedback("preference", "k5", chosen_event_id="g1", rejected_event_id="g2"),
+        Feedback("accept", "k1", event_id="d1"),  # the same event again: a duplicate
+        Feedback("reject", "k2", event_id="d2"),  # the same key, another body: ALREADY_EXISTS
+        Feedback("edit", "k6", event_id="d1", text="better"),  # FAILED_PRECONDITION
+        Feedback("rating", "k7", event_id="g1", value=4, scale_min=1, scale_max=5),
+    ]
+
+
+def test_the_writer_process_answers_and_stores_as_the_log_itself_does(new_log_url):
+    decisions = [label_decision("d1"), label_decision("d2", top="other"), generation("g1"), generation("g2")]
+    events = _every_outcome()
+    in_process, via_child = new_log_url(), new_log_url()
+    with open_feedback_log(in_process) as log:
+        log.append_decisions(decisions)
+        expected = log.append_feedback(events, LABELS)
+        expected_rows = [(r.seq, r.type, r.record) for r in log.read(0, 100)]
+    with open_feedback_log(via_child) as log:
+        log.append_decisions(decisions)
+    committer = ProcessCommitter(via_child)
+    try:
+        pid = committer.child_pid
+        assert pid is not None and pid != os.getpid()
+        # Two callers: each gets its results in its own indices, whether they share a transaction or not.
+        first, second = committer.submit(events[:4], LABELS), committer.submit(events[4:], LABELS)
+        got = first.result(30) + [dataclasses.replace(r, index=r.index + 4) for r in second.result(30)]
+    finally:
+        committer.close()
+    assert got == expected
+    refused = {r.index: r.code for r in got if r.code}
+    assert refused == {
+        2: "INVALID_ARGUMENT",
+        3: "NOT_FOUND",
+        4: "INVALID_ARGUMENT",
+        7: "ALREADY_EXISTS",
+        8: "FAILED_PRECONDITION",
+    }
+    with open_feedback_log(via_child) as log:
+        assert [(r.seq, r.type, r.record) for r in log.read(0, 100)] == expected_rows
+    wait_until(lambda: not _alive(pid), 10, "the writer process to exit on close")
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_writer_that_dies_fails_its_batch_alone_and_the_next_batch_starts_another(tmp_path):
+    import sqlite3
+
+    url = str(tmp_path / "feedback.sqlite")
+    with open_feedback_log(url) as log:
+        log.append_decisions([label_decision("d1")])
+    committer = ProcessCommitter(url)
+    blocker = sqlite3.connect(url, isolation_level=None)
+    try:
+        first_pid = committer.child_pid
+        assert first_pid is not None
+        blocker.execute("BEGIN IMMEDIATE")  # the writer waits for the lock: its batch stays unanswered
+        stuck = committer.submit([Feedback("accept", "k1", event_id="d1")], LABELS)
+        wait_until(lambda: committer.unanswered == 1, 10, "the batch to reach the writer process")
+        os.kill(first_pid, signal.SIGKILL)
+        with pytest.raises(Unavailable, match="retry with the same idempotency keys"):
+            stuck.result(30)
+        blocker.execute("ROLLBACK")
+        # Nothing of the failed batch was stored, so its retry is new; the writer is started again for it.
+        [retry] = committer.commit([Feedback("accept", "k1", event_id="d1")], LABELS, timeout=60)
+        assert retry.accepted and not retry.duplicate
+        assert committer.restarts == 1 and committer.child_pid not in (None, first_pid)
+    finally:
+        blocker.close()
+        committer.close()
+
+
+_SERVICE_WITH_WRITER = textwrap.dedent(
+    """
+    import sys, time
+    from loopserve.feedback_log.commit_process import ProcessCommitter
+
+    committer = ProcessCommitter(sys.argv[1])
+    print(committer.child_pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def test_the_writer_process_never_outlives_its_service(tmp_path):
+    url = str(tmp_path / "feedback.sqlite")
+    service = subprocess.Popen(
+        [sys.executable, "-c", _SERVICE_WITH_WRITER, url],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert service.stdout is not None
+        writer = int(service.stdout.readline())
+        assert _alive(writer)
+        service.kill()  # SIGKILL: no chance to close anything
+        service.wait(30)
+        wait_until(lambda: not _alive(writer), 30, "the writer process to exit after its service")
+    finally:
+        service.kill()
+
+
+def test_a_log_the_writer_cannot_open_fails_at_start_with_the_reason(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(Unavailable, match=r"could not open the log: (FileExistsError|NotADirectoryError)"):
+        ProcessCommitter(str(tmp_path / "a-file" / "feedback.sqlite"))
