@@ -36,6 +36,9 @@ SWAP_SECONDS = Histogram(
 )
 FEEDBACK_EVENTS = Counter("loopserve_feedback_events", "Feedback events acknowledged (durable), by kind.", ["kind"])
 FEEDBACK_REJECTED = Counter("loopserve_feedback_rejected", "Feedback events rejected, by status code.", ["code"])
+FEEDBACK_WRITER_RESTARTS = Counter(
+    "loopserve_feedback_writer_restarts", "Feedback writer processes started again after one exited unasked."
+)
 MODEL_FAULTS = Counter(
     "loopserve_model_faults", "Requests failed because a served model gave non-finite outputs.", ["model"]
 )

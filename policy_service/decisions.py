@@ -96,8 +96,9 @@ class PolicyLog:
         self.servicer = FeedbackServicer(FeedbackIngest(self.committer, lambda: {cfg.task: label_set()}))
         # Read at scrape time: the writer drains its buffer off the request path, so a value set when
         # a request queued decisions would stay stale (at 1) once the stack is idle.
-        writer = self.writer
+        writer, committer = self.writer, self.committer
         metrics.QUEUE_DEPTH.labels("decisions").set_function(lambda: writer.pending)
+        metrics.QUEUE_DEPTH.labels("feedback").set_function(lambda: committer.pending)
 
     def close(self) -> None:
         """Everything acknowledged is already durable; this writes the decisions still buffered."""

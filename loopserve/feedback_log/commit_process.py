@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
+from loopserve import metrics
 from loopserve.errors import LoopserveError, Unavailable
 from loopserve.feedback_log.base import LabelSets
 from loopserve.feedback_log.records import _FEEDBACK_FIELDS, Feedback, FeedbackResult
@@ -245,6 +246,7 @@ class ProcessCommitter(FeedbackCommitter):
             code = child.stop(1.0)
             logger.error("feedback writer process exited (code %s); starting another", code)
             self.restarts += 1
+            metrics.FEEDBACK_WRITER_RESTARTS.inc()
         self._child = None
         self._child = self._start_child()
         return self._child

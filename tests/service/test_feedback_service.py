@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc import aio
+from prometheus_client import REGISTRY
 
 from loopserve.auth import ensure_token_file, read_token
 from loopserve.client import AsyncClient, ChunkedSubmission, Client, RetryPolicy, wait_until_serving
@@ -508,6 +509,7 @@ async def test_ingest_process_decides_where_feedback_commits(tiny_data_dir: Path
             summary = await a.submit_chunks([correction(served.event_id, "great") for _ in range(3)], chunk_events=2)
         assert summary.accepted == 3
         assert sum(r.type == "feedback" for r in app.feedback_log.log.read(0, 100)) == 3
+        assert REGISTRY.get_sample_value("loopserve_queue_depth", {"queue": "feedback"}) == 0
     finally:
         await app.stop(1)
     wait_until(lambda: not (set(_writer_processes()) & writers), 10, "the writer process to exit with the service")

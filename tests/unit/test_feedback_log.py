@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from loopserve.errors import InvalidArgument, ResourceExhausted, Unavailable
 from loopserve.feedback_log import (
@@ -858,6 +859,7 @@ def test_a_writer_that_dies_fails_its_batch_alone_and_the_next_batch_starts_anot
         log.append_decisions([label_decision("d1")])
     committer = ProcessCommitter(url)
     blocker = sqlite3.connect(url, isolation_level=None)
+    restarts = REGISTRY.get_sample_value("loopserve_feedback_writer_restarts_total") or 0.0
     try:
         first_pid = committer.child_pid
         assert first_pid is not None
@@ -872,6 +874,7 @@ def test_a_writer_that_dies_fails_its_batch_alone_and_the_next_batch_starts_anot
         [retry] = committer.commit([Feedback("accept", "k1", event_id="d1")], LABELS, timeout=60)
         assert retry.accepted and not retry.duplicate
         assert committer.restarts == 1 and committer.child_pid not in (None, first_pid)
+        assert REGISTRY.get_sample_value("loopserve_feedback_writer_restarts_total") == restarts + 1
     finally:
         blocker.close()
         committer.close()
