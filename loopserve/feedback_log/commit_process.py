@@ -69,6 +69,7 @@ class _Child:
         self._lock = threading.Lock()
         self._waiting: collections.deque[Callable[[Reply | None], None]] = collections.deque()
         self._room = threading.Semaphore(depth)
+        self._receiver: threading.Thread | None = None
         self.alive = True
         try:
             self.conn.send_bytes(log_url.encode())
@@ -136,6 +137,10 @@ class _Child:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             code = self.proc.wait()
+        if self._receiver is not None:
+            # The child's last answers may still sit in the socket: read them (EOF follows) before closing,
+            # or their callers would be told UNAVAILABLE about events that are committed.
+            self._receiver.join(timeout_s)
         self.conn.close()
         return code
 

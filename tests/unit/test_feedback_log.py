@@ -880,6 +880,21 @@ def test_a_writer_that_dies_fails_its_batch_alone_and_the_next_batch_starts_anot
         committer.close()
 
 
+def test_closing_answers_every_batch_the_writer_took(tmp_path):
+    """close() lets the writer finish and reads every answer before it lets go of the socket: no caller
+    is told UNAVAILABLE about events that were committed."""
+    url = str(tmp_path / "feedback.sqlite")
+    with open_feedback_log(url) as log:
+        log.append_decisions([label_decision("d1")])
+    committer = ProcessCommitter(url, max_batch=10)
+    futures = [
+        committer.submit([Feedback("accept", f"k{i}-{j}", event_id="d1") for j in range(10)], LABELS) for i in range(40)
+    ]
+    committer.close()
+    assert all(f.done() for f in futures)
+    assert sum(r.accepted and not r.duplicate for f in futures for r in f.result(0)) == 400
+
+
 _SERVICE_WITH_WRITER = textwrap.dedent(
     """
     import sys, time
