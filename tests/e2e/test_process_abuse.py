@@ -3,7 +3,8 @@
 - `loopserve up` hands every flag to the processes it starts: with `--tls-cert/--tls-key`, a limit
   (`--max-text-chars 50`) and `--no-auth`, both services serve TLS only (a plaintext client fails),
   answer a caller without a token, and refuse a 60-character text with INVALID_ARGUMENT naming the
-  limit; /metrics listens on the gRPC host (127.0.0.1), not every interface; SIGTERM stops it all.
+  limit; /metrics listens on the gRPC host (127.0.0.1), not every interface; SIGTERM stops it all
+  (the policy service's feedback writer process included).
 - kill -9 of the policy service in the middle of a SubmitStream loses no acknowledged event and
   doubles none: after a restart, re-sending the whole stream acknowledges every event (those stored
   before the kill as duplicates), and the log holds each key exactly once.
@@ -106,9 +107,20 @@ def test_up_hands_tls_limits_and_no_auth_to_both_services(tiny_data_dir: Path, t
         root = psutil.Process(up.pid)
         assert _listening_hosts(root, metrics_port) == {"127.0.0.1"}
         assert _listening_hosts(root, reward_metrics_port) == {"127.0.0.1"}
+        started = root.children(recursive=True)
+        # The policy service's feedback writer runs in a session of its own: SIGTERM must end it too.
+        assert any("loopserve.feedback_log.commit_process" in " ".join(p.cmdline()) for p in started)
     finally:
         code = _stop(up)
     assert code == 0, (tmp_path / "up.log").read_text()[-3000:]
+    wait_until(lambda: not any(_running(p) for p in started), 30, "every process `up` started to exit")
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 # ---- kill -9 in the middle of a SubmitStream ------------------------------------------------------------
