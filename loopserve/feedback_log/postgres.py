@@ -30,7 +30,8 @@ import psycopg
 
 from loopserve.errors import FailedPrecondition
 from loopserve.feedback_log.base import AppendWaiter
-from loopserve.feedback_log.sql import COLUMNS, SCHEMA_VERSION, Row, SqlFeedbackLog
+from loopserve.feedback_log.records import RecordType
+from loopserve.feedback_log.sql import COLUMNS_OF, SCHEMA_VERSION, Row, SqlFeedbackLog
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class PostgresFeedbackLog(SqlFeedbackLog):
         "SELECT body FROM records WHERE type = 'feedback' AND "
         "(event_id = ANY(%s) OR chosen_event_id = ANY(%s) OR rejected_event_id = ANY(%s)) ORDER BY seq"
     )
-    COPY = f"COPY records ({', '.join(COLUMNS)}) FROM STDIN"
+    COPY = {t: f"COPY records ({', '.join(c)}) FROM STDIN" for t, c in COLUMNS_OF.items()}
 
     def __init__(self, url: str, *, connect_timeout_s: float = 10.0) -> None:
         self._url = url
@@ -197,8 +198,8 @@ class PostgresFeedbackLog(SqlFeedbackLog):
         cur.execute("SELECT nextval('records_seq') FROM generate_series(1, %s)", (n,))
         return sorted(int(row[0]) for row in cur.fetchall())
 
-    def _insert_rows(self, cur: Any, rows: list[Row]) -> None:
-        with cur.copy(self.COPY) as copy:
+    def _insert_rows(self, cur: Any, record_type: RecordType, rows: list[Row]) -> None:
+        with cur.copy(self.COPY[record_type]) as copy:
             for row in rows:
                 copy.write_row(row)
 

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from loopserve.errors import FailedPrecondition
-from loopserve.feedback_log.sql import COLUMNS, SCHEMA_VERSION, Row, SqlFeedbackLog
+from loopserve.feedback_log.records import RecordType
+from loopserve.feedback_log.sql import COLUMNS_OF, SCHEMA_VERSION, Row, SqlFeedbackLog
 
 _IN = "IN (SELECT value FROM json_each(?))"
 
@@ -77,7 +78,10 @@ class SqliteFeedbackLog(SqlFeedbackLog):
         "SELECT body FROM records WHERE type = 'feedback' AND "
         f"(event_id {_IN} OR chosen_event_id {_IN} OR rejected_event_id {_IN}) ORDER BY seq"
     )
-    INSERT = f"INSERT INTO records ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+    INSERT = {
+        record_type: f"INSERT INTO records ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
+        for record_type, cols in COLUMNS_OF.items()
+    }
 
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 30.0) -> None:
         self.path = Path(path)
@@ -148,8 +152,8 @@ class SqliteFeedbackLog(SqlFeedbackLog):
         (top,) = cur.execute("SELECT coalesce(max(seq), 0) FROM records").fetchone()
         return list(range(top + 1, top + 1 + n))
 
-    def _insert_rows(self, cur: Any, rows: list[Row]) -> None:
-        cur.executemany(self.INSERT, rows)
+    def _insert_rows(self, cur: Any, record_type: RecordType, rows: list[Row]) -> None:
+        cur.executemany(self.INSERT[record_type], rows)
 
     def _list_param(self, values: Sequence[str]) -> Any:
         return json.dumps(list(values))
