@@ -60,9 +60,12 @@ class _Child:
                 [sys.executable, "-m", __name__, "--fd", str(theirs.fileno()), "--log-level", log_level],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
-                # Its own process group: a Ctrl-C at the terminal reaches the service, which closes it in order.
+                # Its own session: a Ctrl-C at the terminal reaches the service, which closes it in order.
                 start_new_session=True,
             )
+        except BaseException:
+            ours.close()
+            raise
         finally:
             theirs.close()
         self.conn = Connection(ours.detach())
@@ -226,20 +229,26 @@ class ProcessCommitter(FeedbackCommitter):
         def done(reply: Reply | None) -> None:
             try:
                 self._reply(ready, events, rejected, reply)
+            except Exception as err:  # a bug here must not leave callers waiting for an answer
+                self._fail([req for req in ready if not req.future.done()], err)
             finally:
                 self._release(total)
 
-        payload = pickle.dumps(
-            ([(i, _values(fb), body) for i, fb, body in prepared], {t: sorted(ls) for t, ls in label_sets.items()}),
-            protocol=pickle.HIGHEST_PROTOCOL,
-        )
         try:
+            payload = pickle.dumps(
+                (
+                    [(i, _values(fb), body) for i, fb, body in prepared],
+                    {t: sorted(ls) for t, ls in label_sets.items()},
+                ),
+                protocol=pickle.HIGHEST_PROTOCOL,
+            )
             child = self._live_child()
-        except LoopserveError as err:
+            sent = child.send(payload, done)
+        except BaseException as err:  # no writer could be started (or the batch not sent): this batch fails
             self._fail(ready, err)
             self._release(total)
             return
-        if not child.send(payload, done):  # died since `_live_child`: the next batch starts another
+        if not sent:  # died since `_live_child`: the next batch starts another
             self._fail(ready, _child_gone())
             self._release(total)
 

@@ -880,6 +880,39 @@ def test_a_writer_that_dies_fails_its_batch_alone_and_the_next_batch_starts_anot
         committer.close()
 
 
+def test_a_writer_that_cannot_start_again_fails_its_batch_and_the_committer_carries_on(tmp_path, monkeypatch):
+    from loopserve.feedback_log import commit_process
+
+    home = tmp_path / "logs"
+    url = str(home / "feedback.sqlite")
+    with open_feedback_log(url) as log:
+        log.append_decisions([label_decision("d1")])
+    committer = ProcessCommitter(url)
+    try:
+        first_pid = committer.child_pid
+        assert first_pid is not None
+        os.kill(first_pid, signal.SIGKILL)
+        wait_until(lambda: committer.child_pid is None, 10, "the committer to see its writer gone")
+        home.rename(tmp_path / "moved")
+        home.write_text("")  # the log's directory is now a file: a new writer cannot open the log
+        with pytest.raises(Unavailable, match="could not open the log"):
+            committer.commit([Feedback("accept", "k1", event_id="d1")], LABELS, timeout=60)
+        home.unlink()
+        (tmp_path / "moved").rename(home)
+
+        def no_process(*args: object, **kw: object) -> None:
+            raise OSError(24, "Too many open files")  # what the service sees when out of descriptors
+
+        with monkeypatch.context() as m:
+            m.setattr(commit_process.subprocess, "Popen", no_process)
+            with pytest.raises(Unavailable, match="could not store this batch"):
+                committer.commit([Feedback("accept", "k1", event_id="d1")], LABELS, timeout=60)
+        [retry] = committer.commit([Feedback("accept", "k1", event_id="d1")], LABELS, timeout=60)
+        assert retry.accepted and not retry.duplicate
+    finally:
+        committer.close()
+
+
 def test_closing_answers_every_batch_the_writer_took(tmp_path):
     """close() lets the writer finish and reads every answer before it lets go of the socket: no caller
     is told UNAVAILABLE about events that were committed."""
