@@ -23,6 +23,7 @@ from loopserve.models import encoder_heads, generator, verify
 from loopserve.models.encoder_heads import AnnotatorModel
 from loopserve.models.slot import Loaded, ModelSlot
 from loopserve.models.store import ModelStore, VersionReader
+from loopserve.models.tokenizers import unshared
 from policy_service import sampling
 from policy_service.continuous import DecodeBatch
 from policy_service.exploration import ExplorationRule, Explorer, rule_of
@@ -125,7 +126,7 @@ class PolicyRuntime:
         if not isinstance(model, AnnotatorModel):
             raise VerificationError(f"{folder.name} is not an annotator (head kind {model.spec.kind!r})")
         if serving is not None and reader.unchanged_besides_weights(serving.manifest, ignore=[encoder_heads.HEAD_FILE]):
-            tokenizer = serving.model.tokenizer  # built from the same files: nothing to load
+            tokenizer = unshared(serving.model.tokenizer)  # the same files: copied, not read again
         else:
             tokenizer = encoder_heads.load_tokenizer(folder)
         return AnnotatorBundle(model, tokenizer, bool(manifest.meta.get("checked")))
@@ -137,7 +138,7 @@ class PolicyRuntime:
     def _load_generator(self, reader: VersionReader, serving: Loaded[GeneratorBundle] | None) -> GeneratorBundle:
         model = generator.load(reader.folder, self.opts.device, self.opts.dtype, reader=reader)
         if serving is not None and reader.unchanged_besides_weights(serving.manifest):
-            tokenizer = serving.model.tokenizer  # built from the same files: nothing to load
+            tokenizer = unshared(serving.model.tokenizer)  # the same files: copied, not read again
         else:
             tokenizer = generator.load_tokenizer(reader.folder)
         return GeneratorBundle(model, tokenizer)

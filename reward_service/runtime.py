@@ -30,6 +30,7 @@ from loopserve.models.encoder_heads import RewardModel
 from loopserve.models.reward_format import BUILTIN_REFERENCE_PAIRS, RewardStats, encode_pairs
 from loopserve.models.slot import Loaded, ModelSlot
 from loopserve.models.store import ModelStore, VersionReader
+from loopserve.models.tokenizers import unshared
 from reward_service.types import CompareCall, CompareResult
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ class RewardRuntime:
             kind = encoder_heads.HeadSpec.read(folder).kind
             raise VerificationError(f"{folder.name} is not a reward model (head kind {kind!r})")
         if serving is not None and reader.unchanged_besides_weights(serving.manifest, ignore=[encoder_heads.HEAD_FILE]):
-            tokenizer = serving.model.tokenizer  # built from the same files: nothing to load
+            tokenizer = unshared(serving.model.tokenizer)  # the same files: copied, not read again
         else:
             tokenizer = encoder_heads.load_tokenizer(folder)
         bundle = RewardBundle(model, tokenizer)

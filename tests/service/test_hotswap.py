@@ -504,6 +504,7 @@ async def test_a_two_phase_publish_is_staged_beside_the_serving_version_then_swi
     load = Load(svc, annotate_call, 4)
     load.start()
     await load.wait_for("v0")
+    v0_tokenizer = slot.current.model.tokenizer
 
     staged_before = swaps("annotator", "staged")
     src = variant(v0, tmp_path / "a1", head_bias(0.9))
@@ -515,6 +516,10 @@ async def test_a_two_phase_publish_is_staged_beside_the_serving_version_then_swi
     assert any(m.startswith(f"staged annotator {v1} beside v0") for m in messages), messages
     assert any(f"swapped annotator to {v1}" in m and "staged before LATEST moved" in m for m in messages), messages
     assert swaps("annotator", "staged") - staged_before == 1
+    # v1 kept v0's tokenizer files: it gets a copy of v0's tokenizer, never the object itself, which the
+    # serving thread kept using while the loader smoke-tested v1 with other settings (a CI flake).
+    assert slot.current.model.tokenizer is not v0_tokenizer
+    assert slot.current.model.tokenizer("tea, fine")["input_ids"] == v0_tokenizer("tea, fine")["input_ids"]
 
     # A candidate the service refuses while staging it is withdrawn: never LATEST, never served.
     with pytest.raises(VerificationError, match=r"withdrawn: 1 service\(s\) refused it .*NaN or infinite"):
@@ -629,7 +634,9 @@ async def test_a_head_only_version_reuses_the_serving_encoder_and_answers_with_i
     now = slot.current
     assert now.version == version
     assert now.model.model.encoder is serving.model.model.encoder  # reused, not read again
-    assert now.model.tokenizer is serving.model.tokenizer
+    # The tokenizer is copied, not shared: the serving thread and the loader call it with other settings.
+    assert now.model.tokenizer is not serving.model.tokenizer
+    assert now.model.tokenizer(TEXTS[0])["input_ids"] == serving.model.tokenizer(TEXTS[0])["input_ids"]
     # Its answers are the new head's: the same as a full, independent load of that version gives.
     full = encoder_heads.load(svc.store.path("annotator", version))
     tok = encoder_heads.load_tokenizer(svc.store.path("annotator", version))
