@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
+import json
 import logging
 import operator
-import pickle
 import signal
 import socket
 import subprocess
@@ -44,17 +43,17 @@ from loopserve.feedback_log.writer import DecisionWriter, FeedbackCommitter, _Re
 logger = logging.getLogger(__name__)
 
 _values = operator.attrgetter(*_FEEDBACK_FIELDS)
-"""A `Feedback` as the tuple of its fields: about ten times cheaper to pickle than the object."""
+"""A `Feedback` as the tuple of its fields (rebuilt by the writer with `Feedback(*values)`)."""
 
 
 def _dumps(obj: object) -> bytes:
-    """Pickle without the memo: a batch is tuples of strings and numbers, never self-referential, and
-    memoising each of its ~20,000 objects made pickling 8x slower (2.5 against 0.3 us an event)."""
-    out = io.BytesIO()
-    pickler = pickle.Pickler(out, protocol=pickle.HIGHEST_PROTOCOL)
-    pickler.fast = True  # documented as deprecated since Python 2, and still the only switch for this
-    pickler.dump(obj)
-    return out.getvalue()
+    """The wire format between the service and its writer: JSON, never pickle (what the writer reads must
+    not be able to run code). A batch is lists of strings and numbers; floats round-trip exactly."""
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _loads(data: bytes) -> Any:
+    return json.loads(data)
 
 
 Reply = tuple[Any, ...]
@@ -90,7 +89,7 @@ class _Child:
             self.conn.send_bytes(log_url.encode())
             if not self.conn.poll(start_timeout_s):
                 raise Unavailable(f"the feedback writer process did not start within {start_timeout_s:.0f}s")
-            hello = pickle.loads(self.conn.recv_bytes())
+            hello = _loads(self.conn.recv_bytes())
             if hello[0] != "ready":
                 raise Unavailable(f"the feedback writer process could not open the log: {hello[1]}")
         except (EOFError, OSError):
@@ -125,7 +124,7 @@ class _Child:
     def _receive(self) -> None:
         while True:
             try:
-                reply = pickle.loads(self.conn.recv_bytes())
+                reply = _loads(self.conn.recv_bytes())
             except (EOFError, OSError):
                 break
             with self._lock:
@@ -287,15 +286,13 @@ class ProcessCommitter(FeedbackCommitter):
         if reply[0] != "ok":
             self._fail(batch, RuntimeError(reply[1]))  # logged by class name; callers get UNAVAILABLE
             return
-        merged: list[tuple[int, bool, bool, str, str, int]] = reply[1]
+        merged: list[list[Any]] = reply[1]  # [index, accepted, duplicate, code, reason, seq], JSON lists
         if rejected:
-            merged += [(r.index, False, False, r.code, r.reason, 0) for r in rejected]
+            merged += [[r.index, False, False, r.code, r.reason, 0] for r in rejected]
             merged.sort()
         self._answer_rows(batch, events, merged)
 
-    def _answer_rows(
-        self, batch: list[_Request], events: Sequence[Feedback], rows: list[tuple[int, bool, bool, str, str, int]]
-    ) -> None:
+    def _answer_rows(self, batch: list[_Request], events: Sequence[Feedback], rows: list[list[Any]]) -> None:
         """`_answer` from the child's result rows (one per event, in batch order): each caller's results
         are built once, already in its own indices."""
         self.batches += 1
@@ -337,12 +334,12 @@ def _serve(conn: Connection) -> None:
         if not isinstance(log, SqlFeedbackLog):
             raise TypeError(f"{type(log).__name__} cannot append prepared feedback")
     except Exception as err:
-        conn.send_bytes(pickle.dumps(("error", describe_error(err))))
+        conn.send_bytes(_dumps(("error", describe_error(err))))
         return
-    conn.send_bytes(pickle.dumps(("ready",)))
+    conn.send_bytes(_dumps(("ready",)))
     try:
         while data := conn.recv_bytes():  # b"": the parent is closing
-            wire, label_sets = pickle.loads(data)
+            wire, label_sets = _loads(data)
             conn.send_bytes(_dumps(_append(log, wire, label_sets)))
     except (EOFError, OSError):
         pass  # the parent is gone: nothing is waiting for an answer

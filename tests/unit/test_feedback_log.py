@@ -930,12 +930,12 @@ def test_closing_answers_every_batch_the_writer_took(tmp_path):
 
 _SERVICE_WITH_WRITER = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from loopserve.feedback_log.commit_process import ProcessCommitter
 
     committer = ProcessCommitter(sys.argv[1])
     print(committer.child_pid, flush=True)
-    time.sleep(600)
+    sys.stdin.read()  # serves until its stdin closes; the test kills it before then
     """
 )
 
@@ -944,6 +944,7 @@ def test_the_writer_process_never_outlives_its_service(tmp_path):
     url = str(tmp_path / "feedback.sqlite")
     service = subprocess.Popen(
         [sys.executable, "-c", _SERVICE_WITH_WRITER, url],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
         cwd=Path(__file__).resolve().parents[2],
