@@ -7,7 +7,8 @@
         ...
 
 See DESIGN.md, "Feedback log". The gRPC servicer converts protos to `Feedback`, calls a
-`FeedbackCommitter` and converts each `FeedbackResult` back.
+`GroupCommitter` (`FeedbackCommitter` in process, or `commit_process.ProcessCommitter`) and converts
+each `FeedbackResult` back.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from loopserve.feedback_log.validation import (
     validate_decision,
     validate_feedback,
 )
-from loopserve.feedback_log.writer import DecisionWriter, FeedbackCommitter
+from loopserve.feedback_log.writer import DecisionWriter, FeedbackCommitter, GroupCommitter
 
 _POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 _SQLITE_SCHEME = "sqlite://"
@@ -51,6 +52,7 @@ __all__ = [
     "FeedbackCommitter",
     "FeedbackLog",
     "FeedbackResult",
+    "GroupCommitter",
     "ImportResult",
     "LabelSets",
     "LogRecord",

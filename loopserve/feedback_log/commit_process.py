@@ -1,6 +1,6 @@
 """Feedback commits on a second core: the database half of each group commit runs in a child process.
 
-One `FeedbackCommitter` thread converts, checks and writes every event, and under the GIL that thread
+One committer thread (`writer.FeedbackCommitter`) converts, checks and writes every event, and under the GIL that thread
 is the whole ingest path: SubmitChunks reached about half of the log's own append rate on 2 cores with
 the other core idle (27 us of committer CPU an event against 17 us for the append alone). Split here:
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import logging
 import operator
 import signal
@@ -32,13 +31,16 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Unpack
+
+import msgpack
 
 from loopserve import metrics
 from loopserve.errors import LoopserveError, Unavailable
 from loopserve.feedback_log.base import LabelSets
 from loopserve.feedback_log.records import _FEEDBACK_FIELDS, Feedback, FeedbackResult
-from loopserve.feedback_log.writer import DecisionWriter, FeedbackCommitter, _Request, describe_error
+from loopserve.feedback_log.sql import prepare_feedback
+from loopserve.feedback_log.writer import CommitterOptions, GroupCommitter, _Request, describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +49,16 @@ _values = operator.attrgetter(*_FEEDBACK_FIELDS)
 
 
 def _dumps(obj: object) -> bytes:
-    """The wire format between the service and its writer: JSON, never pickle (what the writer reads must
-    not be able to run code). A batch is lists of strings and numbers; floats round-trip exactly."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+    """The wire format between the service and its writer: MessagePack, never pickle (what the writer reads
+    must not be able to run code). A batch is lists of strings and numbers, so nothing richer is needed, and
+    it packs and unpacks at pickle's speed: 0.35 + 0.5 us an event for a batch of corrections, where JSON
+    took 2.1 + 2.3 us (6.7 + 6.3 us for text preferences, whose long texts it escapes), which was a quarter
+    of the service's CPU per event."""
+    return msgpack.packb(obj, use_bin_type=True)
 
 
 def _loads(data: bytes) -> Any:
-    return json.loads(data)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 Reply = tuple[Any, ...]
@@ -159,26 +164,22 @@ class _Child:
         return code
 
 
-class ProcessCommitter(FeedbackCommitter):
-    """`FeedbackCommitter` whose transactions run in a child process (see the module docstring).
+class ProcessCommitter(GroupCommitter):
+    """A `GroupCommitter` whose transactions run in a child process (see the module docstring).
 
     Same contract: `submit` / `submit_deferred` / `commit` resolve once the events are durable, merged
     into group commits; a batch that fails fails its callers alone; back-pressure by `capacity`.
-    `max_batch` is smaller than the in-process committer's: the two processes overlap batch by batch, and
-    through the service 1,000-event batches ingested faster than 2,000 or 5,000 (bench/ingest.py).
+    `max_batch` defaults lower than the in-process committer's: the two processes overlap batch by batch,
+    and through the service 1,000-event batches ingested faster than 2,000 or 5,000 (bench/ingest.py).
     `depth`: batches sent and not yet answered (2: one committing, the next waiting in the socket)."""
 
     def __init__(
         self,
         log_url: str,
         *,
-        capacity: int = 100_000,
-        max_batch: int = 1000,
-        decisions: DecisionWriter | None = None,
-        decision_wait_s: float = 5.0,
         depth: int = 2,
         start_timeout_s: float = 60.0,
-        name: str = "feedback-committer",
+        **options: Unpack[CommitterOptions],
     ) -> None:
         if depth < 1:
             raise ValueError("depth must be positive")
@@ -188,14 +189,8 @@ class ProcessCommitter(FeedbackCommitter):
         self._log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
         self._child: _Child | None = None
         self.restarts = 0
-        super().__init__(
-            None,  # type: ignore[arg-type]  # this committer never appends in process
-            capacity=capacity,
-            max_batch=max_batch,
-            decisions=decisions,
-            decision_wait_s=decision_wait_s,
-            name=name,
-        )
+        options.setdefault("max_batch", 1000)
+        super().__init__(**options)
         # Started now (no request can be queued before this returns), so that a log the child cannot
         # open fails the service at start, not a client later.
         try:
@@ -222,8 +217,6 @@ class ProcessCommitter(FeedbackCommitter):
         return child.proc.pid if child is not None and child.alive else None
 
     def _dispatch(self, batch: list[_Request], label_sets: dict[str, frozenset[str]], total: int) -> None:
-        from loopserve.feedback_log.sql import prepare_feedback
-
         try:
             ready = self._ready(batch)
             events = [e for req in ready for e in req.events]
@@ -286,7 +279,7 @@ class ProcessCommitter(FeedbackCommitter):
         if reply[0] != "ok":
             self._fail(batch, RuntimeError(reply[1]))  # logged by class name; callers get UNAVAILABLE
             return
-        merged: list[list[Any]] = reply[1]  # [index, accepted, duplicate, code, reason, seq], JSON lists
+        merged: list[list[Any]] = reply[1]  # [index, accepted, duplicate, code, reason, seq] as lists
         if rejected:
             merged += [[r.index, False, False, r.code, r.reason, 0] for r in rejected]
             merged.sort()

@@ -7,8 +7,10 @@ a busy one batches more).
 
 - `DecisionWriter` takes served answers off the request path: `submit` queues and returns; the
   response does not wait for the row. Rows are retried until they are written, never dropped.
-- `FeedbackCommitter` is for acknowledgements: `commit` returns only once the events are durable, but
-  concurrent callers share one transaction, so a client stream can reach 20k+ events/s.
+- `GroupCommitter` is for acknowledgements: `commit` returns only once the events are durable, but
+  concurrent callers share one transaction, so a client stream can reach 20k+ events/s. Where the
+  transaction runs is its subclass's: `FeedbackCommitter` on its own thread in this process,
+  `commit_process.ProcessCommitter` in a writer process on another core.
 
 Both are bounded: when full they raise ResourceExhausted at once rather than queue without limit
 (back-pressure the client sees as RESOURCE_EXHAUSTED). Log lines carry counts, ids and error class
@@ -17,12 +19,14 @@ names, never text: an exception message from a driver can quote a row.
 
 from __future__ import annotations
 
+import abc
 import collections
 import concurrent.futures
 import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypedDict, Unpack
 
 from loopserve.errors import DeadlineExceeded, LoopserveError, ResourceExhausted, Unavailable
 from loopserve.feedback_log.base import FeedbackLog, LabelSets
@@ -207,8 +211,19 @@ class _Request:
     """Builds `events` on the committer thread (see `FeedbackCommitter.submit_deferred`)."""
 
 
-class FeedbackCommitter:
-    """Merges concurrent `commit` calls into one `append_feedback` transaction.
+class CommitterOptions(TypedDict, total=False):
+    """What every `GroupCommitter` takes besides where it writes (see its constructor)."""
+
+    capacity: int
+    max_batch: int
+    decisions: DecisionWriter | None
+    decision_wait_s: float
+    name: str
+
+
+class GroupCommitter(abc.ABC):
+    """Merges concurrent `commit` calls into one feedback transaction; `_dispatch` (the subclass's)
+    writes each batch and answers its callers.
 
     Each caller's results come back with indices relative to its own events; a key repeated by two
     callers in one batch is stored once and the second sees `duplicate=True`. A write that fails
@@ -220,7 +235,6 @@ class FeedbackCommitter:
 
     def __init__(
         self,
-        log: FeedbackLog,
         *,
         capacity: int = 100_000,
         max_batch: int = 5000,
@@ -230,7 +244,6 @@ class FeedbackCommitter:
     ) -> None:
         if capacity < 1 or max_batch < 1:
             raise ValueError("capacity and max_batch must be positive")
-        self._log = log
         self._capacity = capacity
         self._max_batch = max_batch
         self._decisions = decisions
@@ -353,20 +366,10 @@ class FeedbackCommitter:
             self._inflight_events -= events
             self._cond.notify_all()
 
+    @abc.abstractmethod
     def _dispatch(self, batch: list[_Request], label_sets: dict[str, frozenset[str]], total: int) -> None:
-        """Commit one batch and answer its callers (here: on this thread, before the next batch)."""
-        try:
-            ready = self._ready(batch)
-            if ready:
-                events = [e for req in ready for e in req.events]
-                try:
-                    results = self._log.append_feedback(events, label_sets)
-                except Exception as err:
-                    self._fail(ready, err)
-                else:
-                    self._answer(ready, results)
-        finally:
-            self._release(total)
+        """Write one batch taken by `_take_batch` and answer its callers (`_answer` / `_fail`), then
+        `_release(total)`, now or later (from another thread), but always exactly once."""
 
     def _ready(self, batch: list[_Request]) -> list[_Request]:
         """The requests whose events could be built, once the decisions they refer to are written."""
@@ -438,3 +441,26 @@ class FeedbackCommitter:
                 self._decision_wait_s,
                 len(events),
             )
+
+
+class FeedbackCommitter(GroupCommitter):
+    """A `GroupCommitter` that writes each batch on its own thread, in this process
+    (`log.append_feedback`), and answers before it takes the next."""
+
+    def __init__(self, log: FeedbackLog, **options: Unpack[CommitterOptions]) -> None:
+        self._log = log
+        super().__init__(**options)
+
+    def _dispatch(self, batch: list[_Request], label_sets: dict[str, frozenset[str]], total: int) -> None:
+        try:
+            ready = self._ready(batch)
+            if ready:
+                events = [e for req in ready for e in req.events]
+                try:
+                    results = self._log.append_feedback(events, label_sets)
+                except Exception as err:
+                    self._fail(ready, err)
+                else:
+                    self._answer(ready, results)
+        finally:
+            self._release(total)

@@ -23,7 +23,7 @@ from loopserve import metrics
 from loopserve.errors import InvalidArgument, LoopserveError, quote
 from loopserve.feedback.v1 import feedback_pb2 as pb
 from loopserve.feedback.v1 import feedback_pb2_grpc
-from loopserve.feedback_log import FeedbackCommitter, LabelSets
+from loopserve.feedback_log import GroupCommitter, LabelSets
 from loopserve.feedback_log.records import CONFLICT_CODE, FeedbackResult
 from loopserve.serving.feedback_wire import NO_KIND, feedback_from_pb, rejected, result_to_pb
 
@@ -43,7 +43,7 @@ def _error(code: str, reason: str) -> LoopserveError:
 class FeedbackIngest:
     """Plain async logic (no grpc): convert, commit through the group committer, count."""
 
-    def __init__(self, committer: FeedbackCommitter, label_sets: Callable[[], LabelSets]) -> None:
+    def __init__(self, committer: GroupCommitter, label_sets: Callable[[], LabelSets]) -> None:
         self.committer = committer
         self.label_sets = label_sets
 
