@@ -188,9 +188,13 @@ class LogRecord:
         return self.joined_decisions[0] if self.joined_decisions else None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class FeedbackResult:
-    """The fate of one submitted event; mirrors `feedback.v1.EventResult`."""
+    """The fate of one submitted event; mirrors `feedback.v1.EventResult`.
+
+    Not frozen, unlike the records: it is made once or twice for every event ingested (by the writer, then
+    in its caller's indices), and a frozen dataclass's `__init__` sets each field through
+    `object.__setattr__`, 0.9 us against 0.2 us for these seven fields."""
 
     index: int
     """Position of the event in the submitted batch."""
