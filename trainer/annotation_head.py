@@ -28,8 +28,8 @@ from transformers import PreTrainedTokenizerBase
 
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer.examples import LabelExample
-from trainer.gate import GateConfig, GateDecision, gate_annotator_cv, paired_counts
-from trainer.oof_evidence import oof_metrics
+from trainer.gate import GateConfig, GateDecision, gate_annotator_cv, paired_counts, refuse_over_a_check
+from trainer.oof_evidence import fresh_evidence, oof_metrics
 
 
 @dataclass
@@ -137,12 +137,10 @@ def head_round(
     serving_correct = serving_logits.argmax(-1) == labels
     serving_metrics: dict[str, float] = {"n_fresh": float(fresh.sum())}
     if fresh.any():
-        serving_metrics["accuracy"] = float(serving_correct[fresh].float().mean())
+        serving_metrics.update(fresh_evidence(serving_logits[fresh], labels[fresh]))
         metrics.update(paired_counts(serving_correct[fresh], correct[fresh]))
     decision = gate_annotator_cv(metrics, gate)
-    if decision.publish and not decision.checked and serving_checked:
-        decision.publish = False
-        decision.reasons.append("not checked, and would replace a checked version")
+    refuse_over_a_check(decision, serving_checked, serving_metrics, gate)
     w, b = fit_head(emb, labels, w0, b0, cfg)
     metrics.update(n_train=float(len(items)), folds=float(k))
     return HeadCandidate(w, b, temperature, metrics, serving_metrics, decision)

@@ -34,8 +34,16 @@ from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import BanditExample, LabelExample
-from trainer.gate import GateConfig, GateDecision, LossGuard, gate_annotator, gate_annotator_cv, paired_counts
-from trainer.oof_evidence import oof_metrics
+from trainer.gate import (
+    GateConfig,
+    GateDecision,
+    LossGuard,
+    gate_annotator,
+    gate_annotator_cv,
+    paired_counts,
+    refuse_over_a_check,
+)
+from trainer.oof_evidence import fresh_evidence, oof_metrics
 
 
 @dataclass
@@ -86,15 +94,12 @@ def cross_fit_round(
     fresh = [i for i, x in enumerate(items) if x.seq > serving_cursor]
     serving_metrics: dict[str, float] = {"n_fresh": float(len(fresh))}
     if fresh:
-        fresh_items = [items[i] for i in fresh]
-        s_metrics, s_correct = annotation_policy.evaluate_with_correct(serving, tokenizer, fresh_items, cfg)
-        serving_metrics.update(s_metrics)
-        metrics.update(paired_counts(s_correct, cand_correct[fresh]))
+        s_logits = annotation_policy.predict_logits(serving, tokenizer, [items[i].text for i in fresh], cfg)
+        serving_metrics.update(fresh_evidence(s_logits, labels[fresh], cfg.ece_bins))
+        metrics.update(paired_counts(correct_of(s_logits, labels[fresh]), cand_correct[fresh]))
         metrics["fresh_accuracy"] = float(cand_correct[fresh].float().mean())
     decision = gate_annotator_cv(metrics, gate)
-    if decision.publish and not decision.checked and serving_checked:
-        decision.publish = False
-        decision.reasons.append("not checked, and would replace a checked version")
+    refuse_over_a_check(decision, serving_checked, serving_metrics, gate)
     model = load_base()
     train_metrics: dict[str, float] = {}
     if decision.publish:  # the candidate: every verified label, from the base, calibrated out of fold

@@ -256,6 +256,39 @@ def gate_annotator_cv(oof: Mapping[str, float], cfg: GateConfig) -> GateDecision
     return GateDecision(not reasons, reasons, checked=checked and not reasons)
 
 
+def keeps_its_check(serving_fresh: Mapping[str, float], cfg: GateConfig) -> bool:
+    """Whether a checked serving version still holds its place against a candidate that is serve-worthy but
+    not checked. `serving_fresh`: its own answers on the labels that arrived after its training (`n_fresh`,
+    and `signal_z`, the permutation test of `trainer.oof_evidence` on them).
+
+    A check is evidence from the labels of its day. At tens of labels it is a noisy one: on bench/learning.py
+    seed 3 (Fine Food) a version trained on 25 labels passed (out-of-fold z 2.4) and then served at 0.663
+    test accuracy, the majority rate, through the rounds at 50 and 100 labels, each refused as "not checked,
+    and would replace a checked version", while its answers on the 75 labels it had not seen carried no
+    signal (z 0.67, accuracy 0.51) and passive sampling reached 0.76. So the check stands while the new
+    labels do not refute it: with fewer than `min_cv_items` of them it stands; with more, only while its
+    answers on them carry signal above `cv_serve_z`, the bar a candidate must clear to serve at all. A
+    candidate that replaces a refuted version serves unchecked: it flags every item until a round checks
+    one, so the refuted version stops auto-labelling too."""
+    if serving_fresh.get("n_fresh", 0.0) < cfg.min_cv_items:
+        return True
+    return serving_fresh.get("signal_z", math.inf) > cfg.cv_serve_z
+
+
+def refuse_over_a_check(
+    decision: GateDecision, serving_checked: bool, serving_fresh: dict[str, float], gate: GateConfig
+) -> None:
+    """A candidate that passed unchecked does not replace a checked version whose check still stands
+    (`gate.keeps_its_check`); one that replaces a refuted check says so in `serving_fresh`."""
+    if not (decision.publish and not decision.checked and serving_checked):
+        return
+    if keeps_its_check(serving_fresh, gate):
+        decision.publish = False
+        decision.reasons.append("not checked, and would replace a checked version")
+    else:
+        serving_fresh["check_refuted"] = 1.0
+
+
 def gate_reward_model(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:
     """`cand` / `serving`: evaluate_reward_model metrics (pairwise_accuracy, n_pairs, ...)."""
     reasons = []

@@ -85,6 +85,14 @@ def brier_gain(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]
     return mean, (mean / (sd / math.sqrt(n)) if sd > 0 else 0.0)
 
 
+def fresh_evidence(logits: torch.Tensor, labels: torch.Tensor, ece_bins: int = 15) -> dict[str, float]:
+    """What the serving version's answers (`logits` (N, L), as served) say on the labels it never saw: its
+    metrics there, and `signal_z`, whether they carry signal about those labels (one model: one fold)."""
+    out = annotation_policy.classification_metrics(logits, labels, ece_bins)
+    out["signal_z"] = signal_test(logits, labels, torch.zeros_like(labels))[0]
+    return out
+
+
 def oof_metrics(
     logits: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor, ece_bins: int = 15
 ) -> dict[str, float]:

@@ -16,6 +16,8 @@ import torch
 from loopserve.annotation.routing import pick_for_review
 from loopserve.feedback_log import Feedback, open_feedback_log
 from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
+from loopserve.models import encoder_heads
+from loopserve.models.encoder_heads import AnnotatorModel
 from loopserve.models.store import ModelStore
 from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
     LOG_LABEL_SETS,
@@ -26,10 +28,12 @@ from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
     small_args,
     write_label_stream,
 )
+from trainer.annotation_head import HeadConfig, fit_head, head_round
 from trainer.checkpoint import load_checkpoint
-from trainer.gate import GateConfig, gate_annotator_cv
+from trainer.examples import LabelExample
+from trainer.gate import GateConfig, gate_annotator_cv, refuse_over_a_check
 from trainer.loop import read_rounds, run_trainer
-from trainer.oof_evidence import loo_calibrated_probs, signal_test
+from trainer.oof_evidence import fresh_evidence, loo_calibrated_probs, signal_test
 
 
 def few_label_args(data_dir: Path, **kw):  # type: ignore[no-untyped-def]  # noqa: F811
@@ -238,7 +242,8 @@ async def test_the_online_tier_publishes_a_head_only_version_that_the_service_sw
 
 def test_weak_evidence_serves_unchecked_and_never_displaces_a_checked_version() -> None:
     """Between the serve bar and the checking bar a candidate may replace an unchecked version (better
-    suggestions, still no auto-labels), but never a checked one."""
+    suggestions, still no auto-labels), but never a checked one whose check the new labels left standing
+    (the next test)."""
     weak = {"n": 60, "accuracy": 0.7, "majority_rate": 0.65, "brier_gain": 0.03, "signal_z": 1.8}
     d = gate_annotator_cv(weak, GateConfig())
     assert d.publish and not d.checked
@@ -249,6 +254,63 @@ def test_weak_evidence_serves_unchecked_and_never_displaces_a_checked_version() 
     assert miscalibrated.publish and not miscalibrated.checked
     noise = gate_annotator_cv({**weak, "signal_z": 0.4}, GateConfig())
     assert not noise.publish and not noise.checked
+
+
+def test_a_check_the_new_labels_refute_gives_way_to_a_serve_worthy_candidate() -> None:
+    """A checked version keeps its place against an unchecked candidate only while its own answers on the
+    labels it never saw carry signal; answers that do not (here: every item answered alike) lose it."""
+    gen = torch.Generator().manual_seed(3)
+    labels = (torch.rand(40, generator=gen) < 0.4).long()
+    score = (labels.float() * 2 - 1) + torch.randn(40, generator=gen)  # AUC ~0.9
+    informative = torch.stack([torch.zeros(40), score], 1)
+    alike = torch.tensor([[0.4, 0.0]]).repeat(40, 1)
+    unchecked = {"n": 60, "accuracy": 0.7, "majority_rate": 0.6, "brier_gain": 0.03, "signal_z": 1.8}
+    cfg = GateConfig()
+
+    def judged(serving_logits: torch.Tensor, n_fresh: int, serving_checked: bool = True):  # type: ignore[no-untyped-def]
+        fresh = {"n_fresh": float(n_fresh), **fresh_evidence(serving_logits[:n_fresh], labels[:n_fresh])}
+        d = gate_annotator_cv(unchecked, cfg)
+        refuse_over_a_check(d, serving_checked, fresh, cfg)
+        return d, fresh
+
+    d, fresh = judged(informative, 40)
+    assert fresh["signal_z"] > cfg.cv_serve_z
+    assert not d.publish and d.reasons == ["not checked, and would replace a checked version"]
+    d, fresh = judged(alike, 40)
+    assert fresh["signal_z"] == 0.0 and d.publish and not d.checked and fresh["check_refuted"] == 1.0
+    d, _ = judged(alike, cfg.min_cv_items - 1)  # too few new labels to refute anything
+    assert not d.publish
+    d, fresh = judged(alike, 40, serving_checked=False)
+    assert d.publish and "check_refuted" not in fresh
+
+
+def test_the_online_tier_replaces_a_refuted_check_and_keeps_a_standing_one(base_store: Path) -> None:  # noqa: F811
+    """The same rule in the online tier's head round, on a real (tiny) annotator: with checking out of
+    reach, a serve-worthy head replaces a checked head that answers every new item alike, and does not
+    replace one whose answers on those items carry signal."""
+    model = encoder_heads.load(ModelStore(base_store).path("annotator", "v0"))
+    assert isinstance(model, AnnotatorModel)
+    gen = torch.Generator().manual_seed(5)
+    n, dim = 80, model.head.weight.shape[1]
+    labels = (torch.rand(n, generator=gen) < 0.4).long()
+    emb = torch.randn(n, dim, generator=gen)
+    emb[:, 0] += (labels.float() * 2 - 1) * 1.5  # the signal a head can find
+    items = [LabelExample(f"item {i}", model.spec.label_names[int(y)], f"e{i}", i + 1) for i, y in enumerate(labels)]
+    gate = GateConfig(cv_lift_z=1e9)  # nothing is checked: every candidate that passes serves unchecked
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    refuted = head_round(model, emb, items, 0, HeadConfig(), gate, serving_checked=True)
+    assert refuted.decision.publish and not refuted.decision.checked
+    assert refuted.serving_metrics["signal_z"] == 0.0 and refuted.serving_metrics["check_refuted"] == 1.0
+    w, b = fit_head(emb, labels, model.head.weight.detach().clone(), model.head.bias.detach().clone(), HeadConfig())
+    with torch.no_grad():
+        model.head.weight.copy_(w)
+        model.head.bias.copy_(b)
+    standing = head_round(model, emb, items, 0, HeadConfig(), gate, serving_checked=True)
+    assert standing.serving_metrics["signal_z"] > gate.cv_serve_z
+    assert not standing.decision.publish
+    assert standing.decision.reasons == ["not checked, and would replace a checked version"]
 
 
 def test_the_signal_test_holds_its_false_positive_rate_and_finds_a_weak_real_signal() -> None:
