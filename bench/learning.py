@@ -11,7 +11,10 @@ For each seed, two replays of the same data in one process, with the trainer's o
   only), the backlog re-annotated by each newly served version; a simulated annotator (the demo's pool,
   `--error-rate`) labels the picks; at each round point the trainer's round
   (trainer.annotation_round: cross-fitted from the base while labels are few, held-out after) makes a
-  candidate, and the gate decides whether it serves. A held-out round (from `--cv-max-items` labels)
+  candidate, and the gate decides whether it serves. Between them, after every chunk, the trainer's
+  online tier (trainer.annotation_head, as the demo's second trainer runs it; `--no-online-tier` leaves
+  it out) refits the serving version's head on its encoder's embeddings of every label, cross-validated
+  and gated the same way, and a head that passes serves at once. A held-out round (from `--cv-max-items` labels)
   can self-train on the streamed items nobody labelled (trainer.pseudo_labels, `--pseudo-label-ratio`,
   off by default).
   Unchecked versions flag every item, so nothing is auto-labelled on their word; items nobody reviewed
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -57,6 +61,7 @@ from loopserve.datasets import Example, label_set
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
+from trainer.annotation_head import EmbeddingCache, HeadConfig, head_round
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import AnnotatorCandidate, cross_fit_round, held_out_round
 from trainer.examples import LabelExample, heldout
@@ -81,6 +86,12 @@ class Replay:
         self.rounds: list[dict[str, Any]] = []
         self.version = 0
         """Counts the serving versions (a newly served one re-annotates the backlog)."""
+        self.encoder_version = 0
+        """Counts the encoders served (a head-only version keeps its parent's, and its cached embeddings)."""
+        self.embeddings = EmbeddingCache()
+        self.head_cfg = HeadConfig()
+        self.head_at = 0
+        """Labels at the last head round (one per label count)."""
         self.ablation_test: list[Example] = []
         """When set (`--pseudo-ablation`), each held-out round with pseudo-labels also trains its twin
         without them, and both are scored on these items."""
@@ -103,6 +114,43 @@ class Replay:
     def add(self, text: str, label: str) -> None:
         n = len(self.labelled) + 1
         self.labelled.append(LabelExample(text, label, f"e{n}", n))
+
+    def head_round(self) -> None:
+        """The trainer's online tier (trainer.learners.AnnotatorHeadLearner): a new head for the serving
+        encoder from its embeddings of every verified label, cross-validated and gated, served if it passes."""
+        n = len(self.labelled)
+        if n < self.gate.min_cv_items or n == self.head_at:
+            return
+        self.head_at = n
+        t0 = time.monotonic()
+        texts = [x.text for x in self.labelled]
+        emb = self.embeddings.embed(
+            self.serving, self.tokenizer, texts, str(self.encoder_version), self.head_cfg, self.cfg.max_length
+        )
+        cand = head_round(
+            self.serving, emb, self.labelled, self.cursor, self.head_cfg, self.gate, serving_checked=self.checked
+        )
+        if cand.decision.publish:
+            model = copy.deepcopy(self.serving)
+            with torch.no_grad():
+                model.head.weight.copy_(cand.weight)
+                model.head.bias.copy_(cand.bias)
+            model.spec = dataclasses.replace(model.spec, temperature=cand.temperature)
+            self.serving, self.checked, self.cursor = model, cand.decision.checked, n
+            self.infer = self._inference_copy(model)
+            self.version += 1
+        self.rounds.append(
+            {
+                "labels": n,
+                "regime": "head",
+                "published": cand.decision.publish,
+                "checked": cand.decision.checked and cand.decision.publish,
+                "reasons": cand.decision.reasons,
+                "accuracy_evidence": cand.metrics.get("accuracy"),
+                "seconds": round(time.monotonic() - t0, 1),
+            }
+        )
+        print(f"    head at {n} labels: {cand.decision.summary()} ({self.rounds[-1]['seconds']}s)", flush=True)
 
     def round(self, gated: bool = True, pool: list[str] | None = None) -> AnnotatorCandidate | None:
         """The trainer's round; `gated=False` (the passive baseline, as the demo's offline one) trains the
@@ -151,6 +199,7 @@ class Replay:
             self.serving, self.checked, self.cursor = cand.model, cand.decision.checked or not gated, n
             self.infer = self._inference_copy(cand.model)
             self.version += 1
+            self.encoder_version += 1
         self.rounds.append(
             {
                 "labels": n,
@@ -215,6 +264,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     human: dict[int, str] = {}
     out: dict[int, dict[str, float]] = {}
     seen = 0
+    last_round = -1  # labels at the last full round (one per round point)
     auto_items = 0
     backlog: dict[int, np.ndarray] = {}  # stream index -> probabilities of the version that flagged it
     backlog_version = rp.version
@@ -253,7 +303,10 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
         auto_items += sum(1 for i in range(len(part)) if not needs[i] and (start + i) not in human)
         backlog.update({start + i: probs[i] for i in range(len(part)) if needs[i] and (start + i) not in human})
         seen += len(part)
-        if len(human) in points and (not rp.rounds or rp.rounds[-1]["labels"] != len(human)):
+        if args.online_tier:
+            rp.head_round()
+        if len(human) in points and len(human) != last_round:
+            last_round = len(human)
             rp.round(pool=[stream[j].text for j in range(seen) if j not in human])
             if len(human) in budgets:
                 b = len(human)
@@ -319,6 +372,7 @@ def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, Gate
         pseudo_label_ratio=args.pseudo_label_ratio,
         warmup_ratio=args.warmup_ratio,
         decay_ratio=args.decay_ratio,
+        class_balance=args.class_balance,
     )
     gate = GateConfig(min_eval_items=30, min_lift_z=args.min_lift_z, cv_max_items=args.cv_max_items)
     return cfg, gate
@@ -425,6 +479,18 @@ def main() -> None:
         "--warmup-ratio", type=float, default=AnnotationPolicyConfig.warmup_ratio, help="see bench/recipe.py"
     )
     ap.add_argument("--decay-ratio", type=float, default=AnnotationPolicyConfig.decay_ratio)
+    ap.add_argument(
+        "--online-tier",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the loop's online tier: a head refit after every chunk (the demo runs it in a second trainer)",
+    )
+    ap.add_argument(
+        "--class-balance",
+        action=argparse.BooleanOptionalAction,
+        default=AnnotationPolicyConfig.class_balance,
+        help="weigh each label's cross-entropy by n / (L * n_label) (AnnotationPolicyConfig.class_balance)",
+    )
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)
     ap.add_argument("--min-lift-z", type=float, default=0.0, help="held-out regime (the demo's setting)")

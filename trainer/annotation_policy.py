@@ -65,6 +65,9 @@ class AnnotationPolicyConfig:
     (`auto_epochs`: many passes over a few dozen labels, fewer over hundreds)."""
     max_steps: int = 0
     """Cap on optimizer steps per round; 0 means no cap."""
+    class_balance: bool = False
+    """Weigh each verified label's cross-entropy by n / (L * n_label), so every label counts alike in the
+    round whatever its share of the buffer (bandit rows keep weight 1)."""
     warmup_ratio: float = 0.0
     """Share of a round's steps over which the learning rates ramp up from 0 (then they stay flat)."""
     decay_ratio: float = 0.0
@@ -223,6 +226,7 @@ def train_annotation_policy(
     optimizer = optimizer or make_optimizer(model, cfg)
     guard = guard or LossGuard("annotator")
     steps = round_steps(len(items), cfg)
+    label_weight = _label_weights(labelled, model.spec.label_names, cfg)  # (L,)
     model.train()
     order: list[list[int]] = []
     totals = {"loss": 0.0, "ce": 0.0, "importance_weight": 0.0}
@@ -248,6 +252,8 @@ def train_annotation_policy(
                 device=logits.device,
             )  # (B,)
             per_item, ce, w = annotation_loss(logits, is_bandit, actions, propensity, baseline, cfg)
+            if label_weight is not None:
+                per_item = torch.where(is_bandit, per_item, per_item * label_weight.to(logits.device)[actions])
             loss = per_item.mean()
             guard.check(step, loss.item())
             optimizer.zero_grad(set_to_none=True)
@@ -269,6 +275,20 @@ def train_annotation_policy(
         "importance_weight": totals["importance_weight"] / max(n_bandit, 1),
         "steps": float(steps),
     }
+
+
+def _label_weights(
+    labelled: Sequence[LabelExample], names: Sequence[str], cfg: AnnotationPolicyConfig
+) -> torch.Tensor | None:
+    """(L,) `class_balance` weights n / (L * n_label) of the verified labels (a label absent: 0, unused);
+    None when balancing is off or there is nothing to balance."""
+    if not cfg.class_balance or not labelled:
+        return None
+    counts = torch.bincount(torch.tensor([names.index(x.label) for x in labelled]), minlength=len(names)).float()
+    present = counts > 0
+    weights = torch.zeros(len(names))
+    weights[present] = len(labelled) / (int(present.sum()) * counts[present])
+    return weights
 
 
 @torch.no_grad()
