@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import math
 import random
@@ -132,10 +131,7 @@ class Replay:
         )
         if cand.decision.publish:
             model = copy.deepcopy(self.serving)
-            with torch.no_grad():
-                model.head.weight.copy_(cand.weight)
-                model.head.bias.copy_(cand.bias)
-            model.spec = dataclasses.replace(model.spec, temperature=cand.temperature)
+            model.head, model.spec = cand.head_and_spec(model.head, model.spec)
             self.serving, self.checked, self.cursor = model, cand.decision.checked, n
             self.infer = self._inference_copy(model)
             self.version += 1

@@ -18,6 +18,8 @@ head in head.safetensors; it is published only if LATEST is still the version it
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
-from loopserve.models.encoder_heads import AnnotatorModel
+from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec
 from trainer.examples import LabelExample
 from trainer.gate import GateConfig, GateDecision, gate_annotator_cv, paired_counts, refuse_over_a_check
 from trainer.oof_evidence import fresh_evidence, oof_metrics
@@ -105,6 +107,15 @@ class HeadCandidate:
     metrics: dict[str, float]
     serving_metrics: dict[str, float]
     decision: GateDecision
+
+    def head_and_spec(self, head: torch.nn.Linear, spec: HeadSpec) -> tuple[torch.nn.Linear, HeadSpec]:
+        """A copy of the serving `head` carrying this candidate's weights, and `spec` with its temperature:
+        what the head-only version serves with (the trainer saves them; bench/learning.py serves them)."""
+        new = copy.deepcopy(head)
+        with torch.no_grad():
+            new.weight.copy_(self.weight)
+            new.bias.copy_(self.bias)
+        return new, dataclasses.replace(spec, temperature=self.temperature)
 
 
 def head_round(

@@ -16,7 +16,6 @@ Each learner holds its round's data and models between steps; the math is in the
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from pathlib import Path
@@ -282,10 +281,7 @@ class AnnotatorHeadLearner:
     def publication(self, ctx: Context) -> Publication:
         cand = self.cand
         assert cand is not None
-        head = copy.deepcopy(self.encoder.head)
-        head.weight.data.copy_(cand.weight)
-        head.bias.data.copy_(cand.bias)
-        spec = dataclasses.replace(self.spec, temperature=cand.temperature)
+        head, spec = cand.head_and_spec(self.encoder.head, self.spec)
         folder = self.folder
 
         def save(dest: Path) -> list[str]:

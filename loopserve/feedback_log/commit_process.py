@@ -1,8 +1,8 @@
 """Feedback commits on a second core: the database half of each group commit runs in a child process.
 
-One committer thread (`writer.FeedbackCommitter`) converts, checks and writes every event, and under the GIL that thread
-is the whole ingest path: SubmitChunks reached about half of the log's own append rate on 2 cores with
-the other core idle (27 us of committer CPU an event against 17 us for the append alone). Split here:
+One committer thread (`writer.FeedbackCommitter`) converts, checks and writes every event, and under the
+GIL that thread is the whole ingest path: SubmitChunks reached about half of the log's own append rate
+on 2 cores with the other core idle (27 us of committer CPU an event against 17 us for the append alone). Split here:
 
 - this process (`ProcessCommitter`, the committer's thread): builds the events from the wire, checks
   their shape and makes each row's JSON body (`sql.prepare_feedback`), then sends the batch on;
