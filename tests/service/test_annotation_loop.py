@@ -29,6 +29,8 @@ from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
     write_label_stream,
 )
 from trainer.annotation_head import HeadConfig, fit_head, head_round
+from trainer.annotation_policy import AnnotationPolicyConfig
+from trainer.annotation_round import cross_fit_round
 from trainer.checkpoint import load_checkpoint
 from trainer.examples import LabelExample
 from trainer.gate import GateConfig, gate_annotator_cv, refuse_over_a_check
@@ -310,6 +312,49 @@ def test_the_online_tier_replaces_a_refuted_check_and_keeps_a_standing_one(base_
     standing = head_round(model, emb, items, 0, HeadConfig(), gate, serving_checked=True)
     assert standing.serving_metrics["signal_z"] > gate.cv_serve_z
     assert not standing.decision.publish
+    assert standing.decision.reasons == ["not checked, and would replace a checked version"]
+
+
+def test_the_cross_fitted_round_replaces_a_refuted_check_and_keeps_a_standing_one(base_store: Path) -> None:  # noqa: F811
+    """The rule inside `cross_fit_round` itself, as the trainer calls it (three real fine-tunes of the tiny
+    annotator a round): with checking out of reach, the round's serve-worthy candidate replaces a checked
+    version that answers every new item alike, and its own weights, which answer those items with signal,
+    keep their place against the next round's unchecked candidate."""
+    folder = ModelStore(base_store).path("annotator", "v0")
+    tokenizer = encoder_heads.load_tokenizer(folder)
+
+    def load_base() -> AnnotatorModel:
+        model = encoder_heads.load(folder)
+        assert isinstance(model, AnnotatorModel)
+        return model
+
+    rng = random.Random(11)
+
+    def labelled(i: int) -> LabelExample:
+        positive = rng.random() < 0.5
+        return LabelExample(review(rng, positive), "great" if positive else "other", f"e{i}", i + 1)
+
+    items = [labelled(i) for i in range(64)]
+    cfg = AnnotationPolicyConfig(encoder_lr=1e-3, head_lr=1e-2, epochs=0.0, max_length=32)
+    gate = GateConfig(cv_folds=2, min_cv_items=12, cv_lift_z=1e9)  # every candidate that passes serves unchecked
+    alike = load_base()
+    with torch.no_grad():
+        alike.head.weight.zero_()
+        alike.head.bias.zero_()
+    refuted = cross_fit_round(
+        load_base, alike, tokenizer, items, 0, cfg, gate, serving_checked=True,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert refuted.metrics["signal_z"] > gate.cv_serve_z, refuted.metrics  # the candidate is serve-worthy
+    assert refuted.decision.publish and not refuted.decision.checked
+    assert refuted.serving_metrics["n_fresh"] == 64 and refuted.serving_metrics["check_refuted"] == 1.0
+    more = items + [labelled(i) for i in range(64, 128)]  # the serving weights never saw these 64
+    standing = cross_fit_round(
+        load_base, refuted.model, tokenizer, more, 64, cfg, gate, serving_checked=True,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    assert standing.serving_metrics["n_fresh"] == 64 and standing.serving_metrics["signal_z"] > gate.cv_serve_z
+    assert not standing.decision.publish and "check_refuted" not in standing.serving_metrics
     assert standing.decision.reasons == ["not checked, and would replace a checked version"]
 
 
