@@ -64,7 +64,7 @@ from trainer.annotation_head import EmbeddingCache, HeadConfig, head_round
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import AnnotatorCandidate, cross_fit_round, held_out_round
 from trainer.examples import LabelExample, heldout
-from trainer.gate import GateConfig
+from trainer.gate import GateConfig, GateDecision
 from trainer.pseudo_labels import pseudo_labels
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,17 +135,7 @@ class Replay:
             self.serving, self.checked, self.cursor = model, cand.decision.checked, n
             self.infer = self._inference_copy(model)
             self.version += 1
-        self.rounds.append(
-            {
-                "labels": n,
-                "regime": "head",
-                "published": cand.decision.publish,
-                "checked": cand.decision.checked and cand.decision.publish,
-                "reasons": cand.decision.reasons,
-                "accuracy_evidence": cand.metrics.get("accuracy"),
-                "seconds": round(time.monotonic() - t0, 1),
-            }
-        )
+        self.rounds.append(round_record(n, "head", cand.decision, cand.metrics, t0))
         print(f"    head at {n} labels: {cand.decision.summary()} ({self.rounds[-1]['seconds']}s)", flush=True)
 
     def round(self, gated: bool = True, pool: list[str] | None = None) -> AnnotatorCandidate | None:
@@ -197,17 +187,15 @@ class Replay:
             self.version += 1
             self.encoder_version += 1
         self.rounds.append(
-            {
-                "labels": n,
-                "regime": cand.regime,
-                "published": cand.decision.publish,
-                "checked": cand.decision.checked and cand.decision.publish,
-                "reasons": cand.decision.reasons,
-                "accuracy_evidence": cand.metrics.get("accuracy"),
-                "pseudo_labels": cand.metrics.get("n_pseudo", 0.0),
+            round_record(
+                n,
+                cand.regime,
+                cand.decision,
+                cand.metrics,
+                t0,
+                pseudo_labels=cand.metrics.get("n_pseudo", 0.0),
                 **ablation,
-                "seconds": round(time.monotonic() - t0, 1),
-            }
+            )
         )
         print(
             f"    round at {n} labels: {cand.regime} {cand.decision.summary()} ({self.rounds[-1]['seconds']}s)",
@@ -230,6 +218,25 @@ class Replay:
             shifted = annotation_policy.classification_metrics(logits + torch.from_numpy(prior_shift).float(), labels)
             out.update(accuracy_prior_shifted=shifted["accuracy"], macro_f1_prior_shifted=shifted["macro_f1"])
         return out
+
+
+def round_record(
+    n: int, regime: str, decision: GateDecision, metrics: dict[str, float], t0: float, **extra: float
+) -> dict[str, Any]:
+    """What a result file keeps of a round: its decision, the evidence it rested on (out-of-fold accuracy;
+    `fixed` / `broken`: the candidate against the serving version on the labels that version never saw) and
+    its time."""
+    return {
+        "labels": n,
+        "regime": regime,
+        "published": decision.publish,
+        "checked": decision.checked and decision.publish,
+        "reasons": decision.reasons,
+        "accuracy_evidence": metrics.get("accuracy"),
+        **{k: metrics[k] for k in ("signal_z", "fixed", "broken") if k in metrics},
+        **extra,
+        "seconds": round(time.monotonic() - t0, 1),
+    }
 
 
 def tfidf_accuracy(labelled: list[tuple[str, str]], test: list[Example]) -> float:

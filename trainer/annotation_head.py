@@ -150,7 +150,7 @@ def head_round(
     if fresh.any():
         serving_metrics.update(fresh_evidence(serving_logits[fresh], labels[fresh]))
         metrics.update(paired_counts(serving_correct[fresh], correct[fresh]))
-    decision = gate_annotator_cv(metrics, gate)
+    decision = gate_annotator_cv(metrics, gate, serving_checked=serving_checked)
     refuse_over_a_check(decision, serving_checked, serving_metrics, gate)
     w, b = fit_head(emb, labels, w0, b0, cfg)
     metrics.update(n_train=float(len(items)), folds=float(k))

@@ -98,7 +98,7 @@ def cross_fit_round(
         serving_metrics.update(fresh_evidence(s_logits, labels[fresh], cfg.ece_bins))
         metrics.update(paired_counts(correct_of(s_logits, labels[fresh]), cand_correct[fresh]))
         metrics["fresh_accuracy"] = float(cand_correct[fresh].float().mean())
-    decision = gate_annotator_cv(metrics, gate)
+    decision = gate_annotator_cv(metrics, gate, serving_checked=serving_checked)
     refuse_over_a_check(decision, serving_checked, serving_metrics, gate)
     model = load_base()
     train_metrics: dict[str, float] = {}

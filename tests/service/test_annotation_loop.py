@@ -258,6 +258,19 @@ def test_weak_evidence_serves_unchecked_and_never_displaces_a_checked_version() 
     assert not noise.publish and not noise.checked
 
 
+def test_a_candidate_clearly_better_than_an_unchecked_version_serves_it_unchecked() -> None:
+    """Out-of-fold answers too weak for the permutation test still replace an unchecked version (the
+    zero-shot base, which reads under the majority rate) when, paired on the labels that version never saw,
+    the candidate is right where it was wrong far more often than the reverse; never a checked one."""
+    weak = {"n": 50, "accuracy": 0.74, "majority_rate": 0.74, "brier_gain": -0.06, "signal_z": 0.35}
+    cfg = GateConfig()
+    d = gate_annotator_cv({**weak, "fixed": 16, "broken": 3}, cfg, serving_checked=False)  # paired z 2.98
+    assert d.publish and not d.checked and not d.reasons
+    assert not gate_annotator_cv({**weak, "fixed": 16, "broken": 3}, cfg, serving_checked=True).publish
+    assert not gate_annotator_cv({**weak, "fixed": 12, "broken": 6}, cfg, serving_checked=False).publish  # z 1.41
+    assert not gate_annotator_cv(weak, cfg, serving_checked=False).publish  # the two never disagree
+
+
 def test_a_check_the_new_labels_refute_gives_way_to_a_serve_worthy_candidate() -> None:
     """A checked version keeps its place against an unchecked candidate only while its own answers on the
     labels it never saw carry signal; answers that do not (here: every item answered alike) lose it."""
