@@ -440,7 +440,7 @@ def plot(summary: dict[str, Any], out: Path, title: str) -> None:
     save_plot(fig, ax, out, title)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_annotation_data_args(ap, test_items=0)
     ap.add_argument("--budgets", type=lambda s: [int(x) for x in s.split(",")], default=[50, 100, 200, 300, 500, 1000])
@@ -498,7 +498,11 @@ def main() -> None:
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)
     ap.add_argument("--min-lift-z", type=float, default=0.0, help="held-out regime (the demo's setting)")
     ap.add_argument("--out", type=Path, default=RESULTS / "learning.json")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = parser().parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path, train, test, base = load_annotation_data(args)
     labels = label_set(train + test)
