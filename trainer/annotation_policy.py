@@ -108,13 +108,18 @@ class AnnotationPolicyConfig:
 
 
 def auto_epochs(n: int) -> float:
-    """Passes over n labels when `epochs` is 0: 8 * sqrt(50 / n), within [1, 8].
+    """Passes over n labels when `epochs` is 0: 8 * sqrt(50 / n), but at least 800 / n (800 label
+    presentations, 50 steps of 16), within [1, 8]. So 8 passes up to 100 labels, 800 / n from there to 200,
+    the square root beyond.
 
     Small-data fine-tuning needs many passes (SetFit and the few-shot fine-tuning literature train
     tens of labels for 10+ epochs), while hundreds of labels overfit with as many; the square root keeps
-    the optimizer steps growing with the data (n=50: 25 steps of 16, n=300: 62, n=1000: 112) without
-    the cost of a round growing linearly."""
-    return min(8.0, max(1.0, 8.0 * math.sqrt(50.0 / max(n, 1))))
+    the optimizer steps growing with the data (n=50: 32 steps of 16, n=300: 62, n=1000: 112) without
+    the cost of a round growing linearly. The floor: the square root alone gave 100 labels 5.66 passes, 40
+    steps, barely more than 50 labels' 32, and passive random sampling on Fine Food read 0.735 +- 0.023 at
+    100 labels with it against 0.755 +- 0.017 with 8 passes (7 seeds, paired +0.019 +- 0.009). Above 200
+    labels the rule is the one every earlier figure was measured with."""
+    return min(8.0, max(1.0, 800.0 / max(n, 1), 8.0 * math.sqrt(50.0 / max(n, 1))))
 
 
 def round_steps(n_items: int, cfg: AnnotationPolicyConfig) -> int:

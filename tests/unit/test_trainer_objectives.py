@@ -321,6 +321,18 @@ def rates_per_step(model: AnnotatorModel, tokenizer, cfg: ap.AnnotationPolicyCon
     return seen
 
 
+def test_passes_scale_with_the_labels_and_never_drop_below_fifty_steps_before_the_square_root_takes_over() -> None:
+    """`epochs` 0 (the trainer's default): 8 passes up to 100 labels, then 800 / n (50 steps of 16) up to
+    200, then 8 * sqrt(50 / n), the rule every figure above 200 labels was measured with; never under 1."""
+    assert [ap.auto_epochs(n) for n in (1, 25, 50, 100)] == [8.0] * 4
+    assert ap.auto_epochs(160) == pytest.approx(5.0) and ap.auto_epochs(200) == pytest.approx(4.0)
+    assert ap.auto_epochs(800) == pytest.approx(2.0) and ap.auto_epochs(10**6) == 1.0
+    cfg = ap.AnnotationPolicyConfig(epochs=0.0)
+    assert [ap.round_steps(n, cfg) for n in (50, 100, 160, 200)] == [32, 56, 50, 52]
+    assert ap.round_steps(100, dataclasses.replace(cfg, epochs=2.0)) == 14  # set epochs win
+    assert ap.round_steps(100, dataclasses.replace(cfg, max_steps=20)) == 20
+
+
 @pytest.mark.parametrize("flags", [["--annotator.warmup-ratio", "0.1", "--annotator.decay-ratio", "0.3"], []])
 def test_the_round_lr_schedule_is_the_one_the_flags_name_and_the_optimizer_keeps_its_rates(bert_tokenizer, flags):
     """`--annotator.warmup-ratio` and `--annotator.decay-ratio` as the trainer process reads them: 0.1 and 0.3
