@@ -26,10 +26,10 @@ from loopserve.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from loopserve.feedback_log import open_feedback_log
 from loopserve.models.store import ModelStore
 from loopserve.policy.v1 import policy_pb2, policy_pb2_grpc
+from loopserve.ports import free_ports
 from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
 from loopserve.serving.ray import METRICS_PORT_STRIDE
 from tests.support import tiny_models
-from tests.support.ports import free_ports
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(300)]

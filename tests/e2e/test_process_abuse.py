@@ -31,9 +31,9 @@ from loopserve.client import Client, RetryPolicy, wait_until_serving
 from loopserve.config import POLICY_SERVICE, REWARD_SERVICE
 from loopserve.feedback.v1 import feedback_pb2 as fb
 from loopserve.feedback_log import open_feedback_log
+from loopserve.ports import free_ports
 from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
 from tests.service.test_tls import issue, make_ca
-from tests.support.ports import free_ports
 from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]

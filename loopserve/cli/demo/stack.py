@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loopserve.auth import ensure_token_file, read_token
 from loopserve.config import POLICY_SERVICE, REWARD_SERVICE
 from loopserve.models.store import ModelStore
+from loopserve.ports import free_ports
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,6 @@ def _tail(path: Path, lines: int = 30) -> str:
             return "\n".join(f.read().decode(errors="replace").splitlines()[-lines:])
     except OSError as exc:
         return f"(unreadable: {exc})"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def new_run_folder(data_dir: Path, kind: str) -> Path:
@@ -131,7 +125,7 @@ class Stack:
 
     def start(self) -> None:
         ensure_token_file(self.tokens)
-        self.policy_port, self.reward_port = free_port(), free_port()
+        self.policy_port, self.reward_port = free_ports(2)
         exe = [sys.executable, "-m", "loopserve"]
         common = ["--data-dir", str(self.run), "--device", "cpu", "--log-level", "INFO"]
         server = ["--host", "127.0.0.1", "--metrics-port", "-1", "--grace-s", "5", "--threads", "1"]

@@ -1,10 +1,12 @@
-"""Free loopback ports for servers a test starts, picked outside the kernel's ephemeral range.
+"""Free loopback ports for servers a process starts (the demo's services, the tests'), picked outside the
+kernel's ephemeral range.
 
 A port found by binding to 0 comes from the ephemeral range, which every outgoing connection and every
-other bind(0) also draws from: between the test releasing it and a server binding it, another process
-(Ray starts dozens) may take it ("Failed to bind to address", seen in a clean-clone run). Ports between
-20000 and the ephemeral range's start are never handed out by the kernel, and lie above Ray's worker
-ports (10002-19999), so only a server told to use one binds it."""
+other bind(0) also draws from: between the caller releasing it and a server binding it, another process
+(Ray starts dozens) may take it ("Failed to bind to address", seen in clean-clone runs of the tests, and
+once in the generation demo's policy service). Ports between 20000 and the ephemeral range's start are
+never handed out by the kernel, and lie above Ray's worker ports (10002-19999), so only a server told to
+use one binds it."""
 
 from __future__ import annotations
 
