@@ -24,12 +24,15 @@ def _ephemeral_start() -> int:
         return 32768
 
 
-def free_ports(n: int) -> list[int]:
-    """`n` distinct ports that bind on 127.0.0.1 now, from [20000, start of the ephemeral range)."""
+def free_ports(n: int, *, tries: int = 10_000) -> list[int]:
+    """`n` distinct ports that bind on 127.0.0.1 now, from [20000, start of the ephemeral range). Raises
+    OSError after `tries` candidates that did not bind (a loopback with that range taken up)."""
     high = max(_ephemeral_start(), _LOW + 1000)
     rng = random.SystemRandom()
     out: list[int] = []
-    while len(out) < n:
+    for _ in range(tries):
+        if len(out) == n:
+            return out
         port = rng.randrange(_LOW, high)
         if port in out:
             continue
@@ -39,4 +42,6 @@ def free_ports(n: int) -> list[int]:
             except OSError:
                 continue
         out.append(port)
-    return out
+    if len(out) == n:
+        return out
+    raise OSError(f"found {len(out)} of {n} free ports in [{_LOW}, {high}) after {tries} tries")

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec
 from trainer.examples import LabelExample
-from trainer.gate import GateConfig, GateDecision, gate_annotator_cv, paired_counts, refuse_over_a_check
+from trainer.gate import GateConfig, GateDecision, gate_against_serving, paired_counts
 from trainer.oof_evidence import fresh_evidence, oof_metrics
 
 
@@ -150,8 +150,7 @@ def head_round(
     if fresh.any():
         serving_metrics.update(fresh_evidence(serving_logits[fresh], labels[fresh]))
         metrics.update(paired_counts(serving_correct[fresh], correct[fresh]))
-    decision = gate_annotator_cv(metrics, gate, serving_checked=serving_checked)
-    refuse_over_a_check(decision, serving_checked, serving_metrics, gate)
+    decision = gate_against_serving(metrics, serving_metrics, gate, serving_checked=serving_checked)
     w, b = fit_head(emb, labels, w0, b0, cfg)
     metrics.update(n_train=float(len(items)), folds=float(k))
     return HeadCandidate(w, b, temperature, metrics, serving_metrics, decision)

@@ -38,10 +38,9 @@ from trainer.gate import (
     GateConfig,
     GateDecision,
     LossGuard,
+    gate_against_serving,
     gate_annotator,
-    gate_annotator_cv,
     paired_counts,
-    refuse_over_a_check,
 )
 from trainer.oof_evidence import fresh_evidence, oof_metrics
 
@@ -98,8 +97,7 @@ def cross_fit_round(
         serving_metrics.update(fresh_evidence(s_logits, labels[fresh], cfg.ece_bins))
         metrics.update(paired_counts(correct_of(s_logits, labels[fresh]), cand_correct[fresh]))
         metrics["fresh_accuracy"] = float(cand_correct[fresh].float().mean())
-    decision = gate_annotator_cv(metrics, gate, serving_checked=serving_checked)
-    refuse_over_a_check(decision, serving_checked, serving_metrics, gate)
+    decision = gate_against_serving(metrics, serving_metrics, gate, serving_checked=serving_checked)
     model = load_base()
     train_metrics: dict[str, float] = {}
     if decision.publish:  # the candidate: every verified label, from the base, calibrated out of fold

@@ -289,18 +289,22 @@ def keeps_its_check(serving_fresh: Mapping[str, float], cfg: GateConfig) -> bool
     return serving_fresh.get("signal_z", math.inf) > cfg.cv_serve_z
 
 
-def refuse_over_a_check(
-    decision: GateDecision, serving_checked: bool, serving_fresh: dict[str, float], gate: GateConfig
-) -> None:
-    """A candidate that passed unchecked does not replace a checked version whose check still stands
-    (`gate.keeps_its_check`); one that replaces a refuted check says so in `serving_fresh`."""
+def gate_against_serving(
+    oof: Mapping[str, float], serving_fresh: dict[str, float], cfg: GateConfig, *, serving_checked: bool
+) -> GateDecision:
+    """The annotator rounds' one decision (the cross-fitted round and the online tier's head): the
+    candidate's own evidence (`gate_annotator_cv`), and then a candidate that passed unchecked does not
+    replace a checked version whose check still stands (`keeps_its_check`); one that replaces a refuted
+    check says so in `serving_fresh` (`check_refuted`)."""
+    decision = gate_annotator_cv(oof, cfg, serving_checked=serving_checked)
     if not (decision.publish and not decision.checked and serving_checked):
-        return
-    if keeps_its_check(serving_fresh, gate):
+        return decision
+    if keeps_its_check(serving_fresh, cfg):
         decision.publish = False
         decision.reasons.append("not checked, and would replace a checked version")
     else:
         serving_fresh["check_refuted"] = 1.0
+    return decision
 
 
 def gate_reward_model(cand: Mapping[str, float], serving: Mapping[str, float], cfg: GateConfig) -> GateDecision:

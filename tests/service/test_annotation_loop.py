@@ -33,7 +33,7 @@ from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import cross_fit_round
 from trainer.checkpoint import load_checkpoint
 from trainer.examples import LabelExample
-from trainer.gate import GateConfig, gate_annotator_cv, refuse_over_a_check
+from trainer.gate import GateConfig, gate_against_serving, gate_annotator_cv
 from trainer.loop import read_rounds, run_trainer
 from trainer.oof_evidence import fresh_evidence, loo_calibrated_probs, signal_test
 
@@ -284,8 +284,7 @@ def test_a_check_the_new_labels_refute_gives_way_to_a_serve_worthy_candidate() -
 
     def judged(serving_logits: torch.Tensor, n_fresh: int, serving_checked: bool = True):  # type: ignore[no-untyped-def]
         fresh = {"n_fresh": float(n_fresh), **fresh_evidence(serving_logits[:n_fresh], labels[:n_fresh])}
-        d = gate_annotator_cv(unchecked, cfg)
-        refuse_over_a_check(d, serving_checked, fresh, cfg)
+        d = gate_against_serving(unchecked, fresh, cfg, serving_checked=serving_checked)
         return d, fresh
 
     d, fresh = judged(informative, 40)
