@@ -7,7 +7,6 @@ import argparse
 import os
 import platform
 import random
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -15,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from loopserve.ports import free_ports  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -42,9 +44,9 @@ def machine(**extra: Any) -> dict[str, Any]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port outside the ephemeral range (loopserve.ports: a bind(0) port can be taken before
+    the service binds it)."""
+    return free_ports(1)[0]
 
 
 def start_policy(data_dir: Path, port: int, metrics_port: int, flags: Sequence[str]) -> subprocess.Popen[bytes]:
