@@ -47,7 +47,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
-import gc
 import logging
 import os
 import threading
@@ -60,7 +59,7 @@ from typing import Any, Generic, TypeVar
 
 import watchfiles
 
-from loopserve import metrics
+from loopserve import heap, metrics
 from loopserve.errors import FailedPrecondition, LoopserveError, NotFoundError, Unavailable, VerificationError
 from loopserve.models.store import (
     HOLD_REFRESH_S,
@@ -221,7 +220,7 @@ class ModelSlot(Generic[M]):
                     f"{self.retire_timeout_s:.0f}s; loading another copy would hold three; retry later"
                 )
             if not collected and waited > 1.0:
-                gc.collect()  # a reference cycle (e.g. a traceback) may be all that keeps it alive
+                heap.collect_all()  # a reference cycle (e.g. a traceback) may be all that keeps it alive
                 collected = True
             time.sleep(0.002)
         self._retiring = None

@@ -20,7 +20,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loopserve import auth
+from loopserve import auth, heap
 from loopserve.config import ServerConfig
 from loopserve.serving.interceptors import AuthInterceptor, StatusInterceptor
 
@@ -154,6 +154,8 @@ async def serve_until_signalled(cfg: ServerConfig, make_app: Callable[[], Servic
     install_signal_handlers(stop)
     app = make_app()
     await app.start()
+    frozen = heap.freeze_startup_objects()  # full collections no longer walk them (loopserve.heap)
+    logger.debug("froze %d startup objects", frozen)
     await stop.wait()
     await app.stop()
 

@@ -7,6 +7,7 @@ head-only versions that reuse the serving encoder."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import logging
 import re
@@ -27,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 from safetensors.torch import load_file, save_file
 
+from loopserve import heap
 from loopserve.auth import read_token
 from loopserve.cli import command as cli
 from loopserve.client import AsyncClient, RetryPolicy
@@ -410,6 +412,28 @@ def test_a_swap_waits_for_the_retired_copy_so_at_most_two_copies_live(
     assert fake_slot.current.version == "v2"
     assert most == 2
     assert len(Weights.alive(store)) <= 2
+
+
+def test_a_retired_copy_that_only_a_frozen_cycle_holds_is_freed_by_the_swap(
+    fake_slot: ModelSlot[Weights], tmp_path: Path
+) -> None:
+    """The services freeze their startup objects (loopserve.heap), the first model version among them;
+    a cycle holding that version is then invisible to ordinary collections, and the swap that waits for
+    it must still find it rather than time out."""
+    store = fake_slot.store
+    cycle: list[object] = [fake_slot.current]  # a request's state on v0 caught in a reference cycle
+    cycle.append(cycle)
+    store.publish_version("m", fake_version(tmp_path / "w1", 1.0))
+    assert fake_slot.poll_once() and fake_slot.current.version == "v1"
+    try:
+        heap.freeze_startup_objects()
+        del cycle  # v0 is now garbage that only a full collection over frozen objects finds
+        store.publish_version("m", fake_version(tmp_path / "w2", 2.0))
+        assert fake_slot.poll_once() and fake_slot.current.version == "v2"
+        assert "v0" not in Weights.alive(store)
+        assert gc.get_freeze_count() > 0  # frozen again after that collection
+    finally:
+        gc.unfreeze()
 
 
 def test_a_retired_copy_held_too_long_defers_the_swap_and_the_watch_retries(tmp_path: Path) -> None:
