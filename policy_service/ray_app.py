@@ -25,6 +25,7 @@ from typing import Any
 
 from ray import serve
 
+from loopserve import heap
 from loopserve.config import FEEDBACK_SERVICE, POLICY_SERVICE, PolicyConfig
 from loopserve.device import configure_threads
 from loopserve.errors import FailedPrecondition
@@ -94,6 +95,7 @@ class PolicyDeployment(AdminAndHealthMethods):
         self.health = ReplicaHealth(runtime.healthy)
         self.metrics = ReplicaMetrics.start(cfg.metrics_port, cfg.metrics_address)
         self._closed = False
+        heap.freeze_startup_objects()  # as the grpc.aio services do (loopserve.heap)
         logger.info("policy replica ready (annotator %s)", runtime.annotator.current.version)
 
     async def __call__(self, request: Any) -> Any:  # Ray's HTTP proxy: no HTTP API here, say so

@@ -21,6 +21,7 @@ from typing import Any
 
 from ray import serve
 
+from loopserve import heap
 from loopserve.config import REWARD_SERVICE, RewardConfig
 from loopserve.device import configure_threads
 from loopserve.models.slot import Loaded
@@ -76,6 +77,7 @@ class RewardDeployment(AdminAndHealthMethods):
         self.health = ReplicaHealth(runtime.healthy)
         self.metrics = ReplicaMetrics.start(cfg.metrics_port, cfg.metrics_address)
         self._closed = False
+        heap.freeze_startup_objects()  # as the grpc.aio services do (loopserve.heap)
         logger.info("reward replica ready (reward %s)", runtime.reward.current.version)
 
     async def __call__(self, request: Any) -> Any:  # Ray's HTTP proxy: no HTTP API here, say so
