@@ -31,7 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port, machine, start_policy  # noqa: E402
+from bench.common import free_ports, machine, start_policy  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving  # noqa: E402
 from loopserve.models import provision  # noqa: E402
@@ -131,7 +131,7 @@ async def head_of_line(target: str, token: str, long_n: int, long_tokens: int, s
 async def run_service(
     data: Path, batching: str, args: argparse.Namespace, levels: list[int], hol: bool
 ) -> dict[str, Any]:
-    port, mport = free_port(), free_port()
+    port, mport = free_ports(2)
     ensure_token_file(data / "tokens.json")
     flags = [
         "--gen-batching",

@@ -46,7 +46,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -58,7 +57,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import machine  # noqa: E402
+from bench.common import free_port, machine  # noqa: E402
 from loopserve.auth import read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.models import provision  # noqa: E402
@@ -85,12 +84,6 @@ TARGETS = {  # issue 14: medians, push watch
 
 def review(rng: random.Random) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(35, 60))) + "."
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pct(xs: list[float], q: float) -> float | None:

@@ -37,8 +37,8 @@ sys.path.insert(0, str(REPO))
 
 from grpc import aio  # noqa: E402
 
-from bench.common import cpu_model  # noqa: E402
-from bench.serving import free_port, load, start_service, wait_ready  # noqa: E402
+from bench.common import cpu_model, free_port, free_ports  # noqa: E402
+from bench.serving import load, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2 as fb  # noqa: E402
@@ -185,7 +185,7 @@ def raw_rate(log_url: str, n: int, workload: str = "corrections") -> dict:
 
 
 async def through_service(data_dir: Path, log_url: str, n: int, n_pref: int, flags: tuple[str, ...] = ()) -> dict:
-    port, mport = free_port(), free_port()
+    port, mport = free_ports(2)
     proc = start(data_dir, port, mport, log_url, flags=flags)
     target = f"127.0.0.1:{port}"
     out: dict = {"events": n, "pref_events": n_pref, "flags": list(flags)}
@@ -241,7 +241,7 @@ async def through_service(data_dir: Path, log_url: str, n: int, n_pref: int, fla
 async def logging_cost(data_dir: Path, seconds: float) -> dict:
     out = {}
     for on in (False, True, False, True):  # interleaved, so drift in machine load hits both
-        port, mport = free_port(), free_port()
+        port, mport = free_ports(2)
         proc = start(data_dir, port, mport, str(data_dir / f"cost-{uuid.uuid4().hex[:6]}.sqlite3"), on)
         target = f"127.0.0.1:{port}"
         try:

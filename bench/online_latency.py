@@ -21,7 +21,6 @@ import argparse
 import json
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cpu_model
+from bench.common import cpu_model, free_port
 from loopserve.auth import ensure_token_file, read_token
 from loopserve.client import Client
 from loopserve.datasets import load_dataset, pull_finefoods
@@ -40,12 +39,6 @@ from loopserve.models.store import ModelStore
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def feedback(event_id: str, served: str, truth: str, key: str) -> feedback_pb2.FeedbackEvent:

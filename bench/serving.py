@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port, machine, start_policy  # noqa: E402
+from bench.common import free_ports, machine, start_policy  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving  # noqa: E402
 from loopserve.models import provision  # noqa: E402
@@ -146,7 +146,7 @@ async def measure_levels(
 async def run_service(
     data_dir: Path, batch: int, dtype: str, seconds: float, levels: list[int], device: str = "cpu"
 ) -> list[dict]:
-    port, mport = free_port(), free_port()
+    port, mport = free_ports(2)
     ensure_token_file(data_dir / "tokens.json")  # before the service starts: we read it at once
     proc = start_service(data_dir, port, mport, batch, dtype, extra=("--device", device))
     token = read_token(data_dir / "tokens.json", "client")

@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serving  # bench/serving.py: its load generator and helpers
-from common import machine
+from common import free_ports, machine
 
 from loopserve.auth import ensure_token_file, read_token
 from loopserve.cli.serve import build_apps, deploy, start_serve, stop_serve
@@ -47,7 +47,7 @@ RUN_KEYS = {
 
 
 def run_ray(data: Path, args: argparse.Namespace, levels: list[int], batching: str, ingress: str) -> list[dict]:
-    grpc_port, mport = serving.free_port(), serving.free_port()
+    grpc_port, mport, http_port = free_ports(3)
     policy_args = {
         "data_dir": str(data),
         "generator": False,
@@ -68,7 +68,7 @@ def run_ray(data: Path, args: argparse.Namespace, levels: list[int], batching: s
     try:
         start_serve(
             grpc_port=grpc_port,
-            http_port=serving.free_port(),
+            http_port=http_port,
             num_cpus=cores_available(),
             temp_dir=Path(tempfile.mkdtemp(prefix="ray", dir=data)),
             log_to_driver=False,

@@ -34,8 +34,8 @@ from grpc import aio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import cpu_model  # noqa: E402
-from bench.serving import free_port, load, review, start_service, wait_ready  # noqa: E402
+from bench.common import cpu_model, free_ports  # noqa: E402
+from bench.serving import load, review, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.config import FEEDBACK_SERVICE, POLICY_SERVICE  # noqa: E402
@@ -189,7 +189,7 @@ async def main() -> None:
         (data / "store" / "models" / "generator").mkdir(parents=True)
         ensure_token_file(data / "tokens.json")
         tokens = {r: read_token(data / "tokens.json", r) for r in ("client", "annotator")}
-        port, mport = free_port(), free_port()
+        port, mport = free_ports(2)
         proc = start_service(data, port, mport, 64, args.dtype)
         target = f"127.0.0.1:{port}"
         try:

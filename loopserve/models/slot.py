@@ -211,17 +211,20 @@ class ModelSlot(Generic[M]):
         if ref is None:
             return
         start = time.monotonic()
-        collected = False
+        collected = start
         while ref() is not None:
-            waited = time.monotonic() - start
-            if waited > self.retire_timeout_s:
+            now = time.monotonic()
+            if now - start > self.retire_timeout_s:
                 raise Unavailable(
                     f"{self.name} {self._retiring_version} still has requests in flight after "
                     f"{self.retire_timeout_s:.0f}s; loading another copy would hold three; retry later"
                 )
-            if not collected and waited > 1.0:
-                heap.collect_all()  # a reference cycle (e.g. a traceback) may be all that keeps it alive
-                collected = True
+            # A reference cycle (e.g. a traceback) may be all that keeps it alive, frozen with the startup
+            # objects if it is the first version (loopserve.heap). Every second, not once: a collection
+            # returns at once, collecting nothing, while another thread's collection is under way.
+            if now - collected > 1.0:
+                heap.collect_all()
+                collected = now
             time.sleep(0.002)
         self._retiring = None
         if time.monotonic() - start > 0.05:

@@ -436,6 +436,29 @@ def test_a_retired_copy_that_only_a_frozen_cycle_holds_is_freed_by_the_swap(
         gc.unfreeze()
 
 
+def test_a_retired_version_is_freed_by_reference_counting_alone(tmp_path: Path, tiny_data_dir: Path) -> None:
+    """The services freeze their startup objects (loopserve.heap), the first versions among them: once
+    retired, an annotator or generator bundle must go away without the cyclic collector (no reference
+    cycle inside it), or it would stay in memory until the next swap's full collection."""
+    store = ModelStore(tiny_data_dir / "store")
+    runtime = PolicyRuntime(store, RuntimeOptions(torch.device("cpu"), torch.float32))
+    runtime.load()
+    assert runtime.generator is not None
+    first = [weakref.ref(runtime.annotator.current.model), weakref.ref(runtime.generator.current.model)]
+    a1 = store.publish_version("annotator", variant(store.path("annotator", "v0"), tmp_path / "a1", head_bias(0.3)))
+    g1 = store.publish_version("generator", store.path("generator", "v0"))
+    gc.disable()
+    try:
+        assert [ref() is None for ref in first] == [False, False]
+        runtime.annotator.load_version(a1.version)
+        runtime.generator.load_version(g1.version)
+        assert [ref() is None for ref in first] == [True, True]
+    finally:
+        gc.enable()
+        runtime.annotator.close()
+        runtime.generator.close()
+
+
 def test_a_retired_copy_held_too_long_defers_the_swap_and_the_watch_retries(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "store")
     store.publish_version("m", fake_version(tmp_path / "w0", 0.0))

@@ -25,16 +25,31 @@ def test_free_ports_are_distinct_outside_the_ephemeral_range_and_bind() -> None:
 
 
 def test_a_port_in_use_is_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the range narrowed to 1,000 ports of which one is held, that one never comes back."""
-    monkeypatch.setattr(ports, "_ephemeral_start", lambda: 0)  # the range becomes [20000, 21000)
+    """The held port is the first candidate offered: it is skipped, and the next ones are returned."""
     taken = ports.free_ports(1)[0]
+    offered = iter([taken, taken + 1, taken + 2, taken + 3])
+
+    class Draws:
+        def randrange(self, low: int, high: int) -> int:
+            return next(offered)
+
+    monkeypatch.setattr(ports.random, "SystemRandom", Draws)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", taken))
-        for _ in range(20):
-            assert taken not in ports.free_ports(50)
+        got = ports.free_ports(2)
+    assert taken not in got and len(got) == 2
 
 
-def test_the_search_is_bounded() -> None:
+def test_the_search_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every bind refused, it gives up after exactly `tries` candidates."""
+    binds = []
+
+    def refuse(self: socket.socket, address: object) -> None:
+        binds.append(address)
+        raise OSError("address in use")
+
     assert ports.free_ports(0) == []
+    monkeypatch.setattr(socket.socket, "bind", refuse)
     with pytest.raises(OSError, match="0 of 1 free ports"):
-        ports.free_ports(1, tries=0)
+        ports.free_ports(1, tries=50)
+    assert len(binds) == 50
