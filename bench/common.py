@@ -14,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from loopserve.ports import free_ports  # noqa: E402
 
 
 def cpu_model() -> str:
@@ -41,12 +38,6 @@ def machine(**extra: Any) -> dict[str, Any]:
     except ImportError:
         pass
     return {**out, **extra}
-
-
-def free_port() -> int:
-    """A loopback port outside the ephemeral range (loopserve.ports: a bind(0) port can be taken before
-    the service binds it)."""
-    return free_ports(1)[0]
 
 
 def start_policy(data_dir: Path, port: int, metrics_port: int, flags: Sequence[str]) -> subprocess.Popen[bytes]:

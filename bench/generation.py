@@ -31,11 +31,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_ports, machine, start_policy  # noqa: E402
+from bench.common import machine, start_policy  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving  # noqa: E402
 from loopserve.models import provision  # noqa: E402
 from loopserve.models.store import ModelStore  # noqa: E402
+from loopserve.ports import free_ports  # noqa: E402
 
 PROMPTS = [
     "Once upon a time, in a village by the sea,",

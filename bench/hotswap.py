@@ -57,12 +57,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_port, machine  # noqa: E402
+from bench.common import machine  # noqa: E402
 from loopserve.auth import read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
 from loopserve.models import provision  # noqa: E402
 from loopserve.models.staging import publish_staged  # noqa: E402
 from loopserve.models.store import MANIFEST, ModelStore  # noqa: E402
+from loopserve.ports import free_port  # noqa: E402
 
 WORDS = (
     "coffee tea flavor taste bought package price great love bitter sweet fresh stale amazon order box "

@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from grpc import aio  # noqa: E402
 
-from bench.common import cpu_model, free_port, free_ports  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 from bench.serving import load, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
@@ -46,6 +46,7 @@ from loopserve.feedback.v1 import feedback_pb2_grpc  # noqa: E402
 from loopserve.feedback_log import Decision, Feedback, open_feedback_log  # noqa: E402
 from loopserve.models import provision  # noqa: E402
 from loopserve.models.store import ModelStore  # noqa: E402
+from loopserve.ports import free_port, free_ports  # noqa: E402
 from tests.support.pg_server import create_schema, postgres_server  # noqa: E402
 
 TASK = "sentiment"

@@ -30,12 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import cpu_model, free_port
+from bench.common import cpu_model
 from loopserve.auth import ensure_token_file, read_token
 from loopserve.client import Client
 from loopserve.datasets import load_dataset, pull_finefoods
 from loopserve.feedback.v1 import feedback_pb2
 from loopserve.models.store import ModelStore
+from loopserve.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"

@@ -29,11 +29,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import free_ports, machine, start_policy  # noqa: E402
+from bench.common import machine, start_policy  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy, wait_until_serving  # noqa: E402
 from loopserve.models import provision  # noqa: E402
 from loopserve.models.store import ModelStore  # noqa: E402
+from loopserve.ports import free_ports  # noqa: E402
 
 WORDS = (
     "coffee tea flavor taste bought package price great love bitter sweet fresh stale amazon order box "

@@ -30,13 +30,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serving  # bench/serving.py: its load generator and helpers
-from common import free_ports, machine
+from common import machine
 
 from loopserve.auth import ensure_token_file, read_token
 from loopserve.cli.serve import build_apps, deploy, start_serve, stop_serve
 from loopserve.device import cores_available
 from loopserve.models import provision
 from loopserve.models.store import ModelStore
+from loopserve.ports import free_ports
 
 RUN_KEYS = {
     ("loopserve", "proxy"): "ray",

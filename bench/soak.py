@@ -34,7 +34,7 @@ from grpc import aio
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import cpu_model, free_ports  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 from bench.serving import load, review, start_service, wait_ready  # noqa: E402
 from loopserve.auth import ensure_token_file, read_token  # noqa: E402
 from loopserve.client import AsyncClient, RetryPolicy  # noqa: E402
@@ -42,6 +42,7 @@ from loopserve.config import FEEDBACK_SERVICE, POLICY_SERVICE  # noqa: E402
 from loopserve.feedback.v1 import feedback_pb2 as fb  # noqa: E402
 from loopserve.models import provision  # noqa: E402
 from loopserve.models.store import ModelStore  # noqa: E402
+from loopserve.ports import free_ports  # noqa: E402
 
 NO_RETRY = RetryPolicy(attempts=1)
 # What each abusive call must get; anything else is counted as an unexpected status.

@@ -26,13 +26,13 @@ def _ephemeral_start() -> int:
 
 def free_ports(n: int, *, tries: int = 10_000) -> list[int]:
     """`n` distinct ports that bind on 127.0.0.1 now, from [20000, start of the ephemeral range). Raises
-    OSError after `tries` candidates that did not bind (a loopback with that range taken up)."""
+    OSError after `tries` candidates without `n` that bind (a loopback with that range taken up)."""
     high = max(_ephemeral_start(), _LOW + 1000)
     rng = random.SystemRandom()
     out: list[int] = []
     for _ in range(tries):
         if len(out) == n:
-            return out
+            break
         port = rng.randrange(_LOW, high)
         if port in out:
             continue
@@ -42,6 +42,11 @@ def free_ports(n: int, *, tries: int = 10_000) -> list[int]:
             except OSError:
                 continue
         out.append(port)
-    if len(out) == n:
-        return out
-    raise OSError(f"found {len(out)} of {n} free ports in [{_LOW}, {high}) after {tries} tries")
+    if len(out) < n:
+        raise OSError(f"found {len(out)} of {n} free ports in [{_LOW}, {high}) after {tries} tries")
+    return out
+
+
+def free_port() -> int:
+    """One port, as `free_ports`."""
+    return free_ports(1)[0]

@@ -211,20 +211,22 @@ class ModelSlot(Generic[M]):
         if ref is None:
             return
         start = time.monotonic()
-        collected = start
+        next_collect = 1.0
         while ref() is not None:
-            now = time.monotonic()
-            if now - start > self.retire_timeout_s:
+            waited = time.monotonic() - start
+            if waited > self.retire_timeout_s:
                 raise Unavailable(
                     f"{self.name} {self._retiring_version} still has requests in flight after "
                     f"{self.retire_timeout_s:.0f}s; loading another copy would hold three; retry later"
                 )
             # A reference cycle (e.g. a traceback) may be all that keeps it alive, frozen with the startup
-            # objects if it is the first version (loopserve.heap). Every second, not once: a collection
-            # returns at once, collecting nothing, while another thread's collection is under way.
-            if now - collected > 1.0:
+            # objects if it is the first version (loopserve.heap). Collected after 1, 2, 4, ... s, not
+            # once (a collection returns at once, collecting nothing, while another thread's is under way)
+            # and not every second (each one holds the GIL ~0.2 s while a long request legitimately keeps
+            # the old copy in use).
+            if waited > next_collect:
                 heap.collect_all()
-                collected = now
+                next_collect *= 2
             time.sleep(0.002)
         self._retiring = None
         if time.monotonic() - start > 0.05:

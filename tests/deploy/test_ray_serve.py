@@ -26,7 +26,7 @@ from loopserve.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from loopserve.feedback_log import open_feedback_log
 from loopserve.models.store import ModelStore
 from loopserve.policy.v1 import policy_pb2, policy_pb2_grpc
-from loopserve.ports import free_ports
+from loopserve.ports import free_port
 from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
 from loopserve.serving.ray import METRICS_PORT_STRIDE
 from tests.support import tiny_models
@@ -44,10 +44,6 @@ REWARD = (("application", "reward"), ("authorization", f"Bearer {CLIENT_TOKEN}")
 REWARD_ADMIN = (("application", "reward"), ("authorization", f"Bearer {ADMIN_TOKEN}"))
 POLICY_ADMIN = (("application", "policy"), ("authorization", f"Bearer {ADMIN_TOKEN}"))
 REVIEWS = ["Great coffee, will buy again.", "Stale and bitter, the box arrived crushed."]
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
 
 
 def annotator_version(metrics_port: int) -> float | None:

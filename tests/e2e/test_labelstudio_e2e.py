@@ -34,7 +34,8 @@ from loopserve.labelstudio.labeling_config import parse_labeling_config
 from loopserve.labelstudio.labelstudio_api import LabelStudioAPI, StoredTask
 from loopserve.labelstudio.project import ConnectedProject, connect
 from loopserve.models.store import ModelStore
-from tests.support.label_studio_server import LabelStudioServer, free_port, start_label_studio, stop, wait_healthy
+from loopserve.ports import free_port
+from tests.support.label_studio_server import LabelStudioServer, start_label_studio, stop, wait_healthy
 from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.slow

@@ -6,7 +6,6 @@ import asyncio
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ from loopserve.client import AsyncClient, ChunkedSubmission, Client, RetryPolicy
 from loopserve.config import PolicyConfig
 from loopserve.feedback.v1 import feedback_pb2 as fb
 from loopserve.feedback_log import open_feedback_log
+from loopserve.ports import free_port
 from policy_service.app import PolicyApp
 from tests.support.pg_server import create_schema, postgres_server
 from tests.support.waiting import wait_until
@@ -224,12 +224,6 @@ async def test_full_decision_buffer_is_resource_exhausted(tiny_data_dir: Path) -
 # ---- durability: kill -9 -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
@@ -260,7 +254,7 @@ def _wait_ready(target: str, token: str) -> None:
 
 @pytest.mark.slow
 def test_acknowledged_feedback_survives_kill_9(tiny_data_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
     ensure_token_file(tiny_data_dir / "tokens.json")
     proc = _start(tiny_data_dir, port)
@@ -314,7 +308,7 @@ def test_acknowledged_feedback_survives_kill_9(tiny_data_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_submit_chunks_acknowledged_survive_kill_9_and_the_tail_is_resent_once(tiny_data_dir: Path) -> None:
-    port = _free_port()
+    port = free_port()
     target = f"127.0.0.1:{port}"
     ensure_token_file(tiny_data_dir / "tokens.json")
     tokens = tiny_data_dir / "tokens.json"

@@ -239,7 +239,7 @@ async def test_ml_backend_command_flags_reach_the_adapter(tiny_data_dir: Path, t
     import subprocess
     import sys
 
-    from tests.support.label_studio_server import free_port
+    from loopserve.ports import free_port
 
     policy = await start_policy(policy_config(tiny_data_dir))
     elsewhere = tmp_path / "elsewhere"

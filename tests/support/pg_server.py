@@ -27,7 +27,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import urllib.parse
@@ -36,17 +35,13 @@ from pathlib import Path
 
 import pytest
 
+from loopserve.ports import free_port
+
 PG_VERSION = 15
 # An explicit folder wins (e.g. a CI image with PostgreSQL elsewhere).
 BINDIR = Path(os.environ.get("LOOPSERVE_PG_BINDIR", f"/usr/lib/postgresql/{PG_VERSION}/bin"))
 _OS_USER = "postgres"
 _START_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _as_server_user(cmd: list[str]) -> list[str]:
@@ -122,7 +117,7 @@ def postgres_server(database: str = "loopserve") -> Iterator[str]:
             ),
             cwd=root,
         )
-        port = _free_port()
+        port = free_port()
         options = " ".join(
             [
                 "-c listen_addresses=127.0.0.1",
