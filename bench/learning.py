@@ -376,8 +376,12 @@ def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, Gate
         warmup_ratio=args.warmup_ratio,
         decay_ratio=args.decay_ratio,
         class_balance=args.class_balance,
+        contrastive_coef=args.contrastive_coef,
+        head_refit=args.head_refit,
     )
-    gate = GateConfig(min_eval_items=30, min_lift_z=args.min_lift_z, cv_max_items=args.cv_max_items)
+    gate = GateConfig(
+        min_eval_items=30, min_lift_z=args.min_lift_z, cv_max_items=args.cv_max_items, cv_folds=args.cv_folds
+    )
     return cfg, gate
 
 
@@ -494,8 +498,23 @@ def parser() -> argparse.ArgumentParser:
         default=AnnotationPolicyConfig.class_balance,
         help="weigh each label's cross-entropy by n / (L * n_label) (AnnotationPolicyConfig.class_balance)",
     )
+    ap.add_argument(
+        "--contrastive-coef",
+        type=float,
+        default=AnnotationPolicyConfig.contrastive_coef,
+        help="weight of the SetFit-style pair loss in fine-tuning (AnnotationPolicyConfig.contrastive_coef; 0: off)",
+    )
+    ap.add_argument(
+        "--head-refit",
+        action=argparse.BooleanOptionalAction,
+        default=AnnotationPolicyConfig.head_refit,
+        help="refit the head on the fine-tuned encoder's embeddings (AnnotationPolicyConfig.head_refit)",
+    )
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)
+    ap.add_argument(
+        "--cv-folds", type=int, default=GateConfig.cv_folds, help="folds of the cross-fitted rounds (GateConfig)"
+    )
     ap.add_argument("--min-lift-z", type=float, default=0.0, help="held-out regime (the demo's setting)")
     ap.add_argument("--out", type=Path, default=RESULTS / "learning.json")
     return ap

@@ -2,15 +2,10 @@
 
 Full rounds (trainer.annotation_round) fine-tune the encoder and take minutes on a CPU; between them a
 correction should reach the served weights in seconds. The head is a linear map of the L2-normalised
-mean-pooled embedding (Sentence-BERT), so with the encoder frozen the head's fit is multinomial logistic
-regression on cached embeddings (the SetFit recipe's second stage):
-
-    W*, b* = argmin  1/N sum_i CE(W e_i + b, y_i)  +  lambda/2 ||W - W_0||^2
-
-with W_0 the serving head (the zero-shot prior, or the head the last full round trained): with a few
-labels the fit stays near what the encoder already knows instead of swinging to whatever the last
-dozen items say. LBFGS on a (N, 384) matrix takes milliseconds, so the gate can cross-validate the fit
-itself (k folds, out-of-fold logits) at no cost in labels, and the temperature is fitted out of fold.
+mean-pooled embedding (Sentence-BERT), so with the encoder frozen the head's fit is regularised
+logistic regression on cached embeddings (trainer.head_fit), pulled towards the serving head. It takes
+milliseconds, so the gate can cross-validate the fit itself (k folds, out-of-fold logits) at no cost in
+labels, and the temperature is fitted out of fold.
 
 The version it publishes shares the encoder's weights file with its parent (hard link) and carries the
 head in head.safetensors; it is published only if LATEST is still the version it was computed on.
@@ -25,12 +20,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec
 from trainer.examples import LabelExample
 from trainer.gate import GateConfig, GateDecision, gate_against_serving, paired_counts
+from trainer.head_fit import fit_head
 from trainer.oof_evidence import fresh_evidence, oof_metrics
 
 
@@ -77,24 +72,6 @@ class EmbeddingCache:
         return torch.stack([self.vectors[t] for t in texts])
 
 
-def fit_head(
-    emb: torch.Tensor, labels: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, cfg: HeadConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """emb (N, C), labels (N,), prior w0 (L, C), b0 (L,) -> (W, b) of the regularised logistic regression."""
-    w = w0.clone().requires_grad_(True)
-    b = b0.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=cfg.max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        opt.zero_grad()
-        loss = F.cross_entropy(emb @ w.T + b, labels) + 0.5 * cfg.l2 * (w - w0).pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach(), b.detach()
-
-
 def fold_of(text: str, k: int) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") % k
 
@@ -138,7 +115,7 @@ def head_round(
     for f in range(k):
         test = folds == f
         if test.any() and (~test).any():
-            w, b = fit_head(emb[~test], labels[~test], w0, b0, cfg)
+            w, b = fit_head(emb[~test], labels[~test], w0, b0, l2=cfg.l2, max_iter=cfg.max_iter)
             oof[test] = emb[test] @ w.T + b
     metrics = oof_metrics(oof, labels, folds)
     temperature = metrics["temperature"]
@@ -151,6 +128,6 @@ def head_round(
         serving_metrics.update(fresh_evidence(serving_logits[fresh], labels[fresh]))
         metrics.update(paired_counts(serving_correct[fresh], correct[fresh]))
     decision = gate_against_serving(metrics, serving_metrics, gate, serving_checked=serving_checked)
-    w, b = fit_head(emb, labels, w0, b0, cfg)
+    w, b = fit_head(emb, labels, w0, b0, l2=cfg.l2, max_iter=cfg.max_iter)
     metrics.update(n_train=float(len(items)), folds=float(k))
     return HeadCandidate(w, b, temperature, metrics, serving_metrics, decision)

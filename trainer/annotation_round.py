@@ -60,11 +60,6 @@ def correct_of(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return logits.argmax(-1) == labels  # (N,) bool
 
 
-def label_tensor(model: AnnotatorModel, items: Sequence[LabelExample]) -> torch.Tensor:
-    index = {name: i for i, name in enumerate(model.spec.label_names)}
-    return torch.tensor([index[x.label] for x in items], dtype=torch.long)  # (N,)
-
-
 def cross_fit_round(
     load_base: Callable[[], AnnotatorModel],
     serving: AnnotatorModel,
@@ -81,7 +76,7 @@ def cross_fit_round(
     """The few-labels round (module docstring). `serving_cursor`: the log position the serving version was
     trained up to (0 for the base): items with a later seq are ones it never saw. A candidate whose
     evidence makes it serve-worthy but not checked never replaces a `serving_checked` version."""
-    labels = label_tensor(serving, items)  # (N,)
+    labels = annotation_policy.label_tensor(serving, items)  # (N,)
     n_labels = len(serving.spec.label_names)
     oof = annotation_policy.cross_fit_logits(
         load_base, tokenizer, items, cfg, folds=gate.cv_folds, n_labels=n_labels, generator=generator, guard=guard

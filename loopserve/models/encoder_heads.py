@@ -116,7 +116,11 @@ class AnnotatorModel(EncoderWithHead):
         self.head.float()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
-        return super().forward(input_ids, attention_mask, **kw) / self.spec.temperature  # (B, L)
+        return self.logits_of(self.embed(input_ids, attention_mask, **kw))  # (B, L)
+
+    def logits_of(self, emb: torch.Tensor) -> torch.Tensor:
+        """(B, C) embeddings -> (B, L) served logits: the head in fp32, divided by the temperature."""
+        return self.head(emb.float()) / self.spec.temperature
 
 
 class RewardModel(EncoderWithHead):

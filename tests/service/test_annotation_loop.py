@@ -28,12 +28,13 @@ from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
     small_args,
     write_label_stream,
 )
-from trainer.annotation_head import HeadConfig, fit_head, head_round
+from trainer.annotation_head import HeadConfig, head_round
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import cross_fit_round
 from trainer.checkpoint import load_checkpoint
 from trainer.examples import LabelExample
 from trainer.gate import GateConfig, gate_against_serving, gate_annotator_cv
+from trainer.head_fit import fit_head
 from trainer.loop import read_rounds, run_trainer
 from trainer.oof_evidence import fresh_evidence, loo_calibrated_probs, signal_test
 
@@ -317,7 +318,9 @@ def test_the_online_tier_replaces_a_refuted_check_and_keeps_a_standing_one(base_
     refuted = head_round(model, emb, items, 0, HeadConfig(), gate, serving_checked=True)
     assert refuted.decision.publish and not refuted.decision.checked
     assert refuted.serving_metrics["signal_z"] == 0.0 and refuted.serving_metrics["check_refuted"] == 1.0
-    w, b = fit_head(emb, labels, model.head.weight.detach().clone(), model.head.bias.detach().clone(), HeadConfig())
+    cfg = HeadConfig()
+    w0, b0 = model.head.weight.detach().clone(), model.head.bias.detach().clone()
+    w, b = fit_head(emb, labels, w0, b0, l2=cfg.l2, max_iter=cfg.max_iter)
     with torch.no_grad():
         model.head.weight.copy_(w)
         model.head.bias.copy_(b)

@@ -530,6 +530,70 @@ def test_dpo_increases_the_chosen_vs_rejected_margin(lm_tokenizer):
     assert after["dpo_loss"] < before["dpo_loss"] and metrics["steps"] == 12  # ceil(28 / 8) x 3 epochs
 
 
+def _round(cfg: ap.AnnotationPolicyConfig, tokenizer, items: list[LabelExample]) -> AnnotatorModel:
+    model = tiny_annotator(tokenizer)
+    ap.train_annotation_policy(model, tokenizer, items, [], cfg, generator=torch.Generator().manual_seed(0))
+    return model
+
+
+def _embeddings(model: AnnotatorModel, tokenizer, items: list[LabelExample]) -> torch.Tensor:
+    with torch.no_grad():
+        return ap.batch_embeddings(model, tokenizer, [x.text for x in items], 32).float()  # (N, C)
+
+
+@pytest.mark.parametrize("flags", [["--annotator.contrastive-coef", "0"], []])
+def test_the_pair_loss_pulls_same_label_embeddings_together_where_the_trainer_reads_its_flag(bert_tokenizer, flags):
+    """`--annotator.contrastive-coef` as the trainer process reads it (default 1): the round with the pair
+    loss ends with the training items' embeddings nearer the SetFit targets (cosine 1 within a label, 0
+    across) than the same round without it (same weights, batches and dropout masks), and the flag at 0
+    turns it off."""
+    from trainer.__main__ import read_args
+
+    cfg = dataclasses.replace(
+        read_args(flags, environ={}).annotator, encoder_lr=1e-3, head_lr=1e-2, epochs=4.0, max_length=32,
+        head_refit=False,
+    )  # fmt: skip
+    assert cfg.contrastive_coef == (0.0 if flags else 1.0)
+    items = labelled(48, random.Random(5))
+    labels = ap.label_tensor(tiny_annotator(bert_tokenizer), items)
+    other = dataclasses.replace(cfg, contrastive_coef=1.0 - cfg.contrastive_coef)
+
+    def pair_loss(c: ap.AnnotationPolicyConfig) -> float:
+        return float(ap.pair_cosine_loss(_embeddings(_round(c, bert_tokenizer, items), bert_tokenizer, items), labels))
+
+    with_flag, without = pair_loss(cfg), pair_loss(other)
+    assert (with_flag < without - 0.01) == (not flags), (with_flag, without)
+
+
+@pytest.mark.parametrize("flags", [["--annotator.no-head-refit"], []])
+def test_the_head_is_refitted_on_the_trained_encoder_where_the_trainer_reads_its_flag(bert_tokenizer, flags):
+    """`--annotator.head-refit` (default on) as the trainer process reads it: after the round's steps the
+    head is refitted by regularised logistic regression on the trained encoder's embeddings (SetFit's
+    second stage). The encoder is exactly the one the same round trains without the refit, and the
+    refitted head fits the training labels on it better (lower cross-entropy) than the head as trained."""
+    from trainer.__main__ import read_args
+
+    cfg = dataclasses.replace(
+        read_args(flags, environ={}).annotator, encoder_lr=1e-3, head_lr=1e-2, epochs=2.0, max_length=32
+    )
+    assert cfg.head_refit == (not flags)
+    items = labelled(48, random.Random(6))
+    labels = ap.label_tensor(tiny_annotator(bert_tokenizer), items)
+    refit = _round(dataclasses.replace(cfg, head_refit=True), bert_tokenizer, items)
+    plain = _round(dataclasses.replace(cfg, head_refit=False), bert_tokenizer, items)
+    flagged = _round(cfg, bert_tokenizer, items)
+    for name, value in plain.encoder.state_dict().items():
+        assert torch.equal(value, refit.encoder.state_dict()[name]), name
+    emb = _embeddings(plain, bert_tokenizer, items)
+
+    def train_ce(model: AnnotatorModel) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model.logits_of(emb), labels))
+
+    assert train_ce(refit) < train_ce(plain) - 0.01, (train_ce(refit), train_ce(plain))
+    assert torch.equal(flagged.head.weight, (plain if flags else refit).head.weight)
+
+
 @pytest.mark.parametrize("flags", [["--annotator.class-balance"], []])
 def test_class_balance_weighs_each_label_alike_where_the_trainer_reads_its_flag(bert_tokenizer, flags):
     """`--annotator.class-balance` as the trainer process reads it: 18 labels of one class and 2 of the
