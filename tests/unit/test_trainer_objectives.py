@@ -594,6 +594,24 @@ def test_the_head_is_refitted_on_the_trained_encoder_where_the_trainer_reads_its
     assert torch.equal(flagged.head.weight, (plain if flags else refit).head.weight)
 
 
+def test_the_refit_pull_towards_the_trained_head_is_read_from_its_flag(bert_tokenizer):
+    """`--annotator.head-refit-l2` as the trainer process reads it: with a pull of 1e6 the refitted head's
+    weights stay where training left them; with the default pull they move."""
+    from trainer.__main__ import read_args
+
+    cfg = dataclasses.replace(
+        read_args(["--annotator.head-refit-l2", "1e6"], environ={}).annotator,
+        encoder_lr=1e-3, head_lr=1e-2, epochs=2.0, max_length=32,
+    )  # fmt: skip
+    assert cfg.head_refit_l2 == 1e6 and cfg.head_refit
+    items = labelled(48, random.Random(6))
+    trained = _round(dataclasses.replace(cfg, head_refit=False), bert_tokenizer, items).head.weight
+    pulled = _round(cfg, bert_tokenizer, items).head.weight
+    free = _round(dataclasses.replace(cfg, head_refit_l2=1e-2), bert_tokenizer, items).head.weight
+    assert torch.allclose(pulled, trained, atol=1e-3)
+    assert not torch.allclose(free, trained, atol=1e-3)
+
+
 @pytest.mark.parametrize("flags", [["--annotator.class-balance"], []])
 def test_class_balance_weighs_each_label_alike_where_the_trainer_reads_its_flag(bert_tokenizer, flags):
     """`--annotator.class-balance` as the trainer process reads it: 18 labels of one class and 2 of the
