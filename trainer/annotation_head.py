@@ -23,6 +23,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec
+from trainer.annotation_policy import embed_texts
 from trainer.examples import LabelExample
 from trainer.gate import GateConfig, GateDecision, gate_against_serving, paired_counts
 from trainer.head_fit import fit_head
@@ -60,15 +61,8 @@ class EmbeddingCache:
         """(N, C) float32 embeddings of `texts`, computing only those not cached for `encoder_key`."""
         if encoder_key != self.encoder_key:
             self.encoder_key, self.vectors = encoder_key, {}
-        todo = sorted({t for t in texts if t not in self.vectors}, key=len)
-        device = next(model.parameters()).device
-        with torch.inference_mode():
-            for i in range(0, len(todo), cfg.batch_size):
-                part = todo[i : i + cfg.batch_size]
-                batch = tokenizer(part, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
-                e = model.embed(batch["input_ids"].to(device), batch["attention_mask"].to(device)).float().cpu()
-                for t, v in zip(part, e, strict=True):
-                    self.vectors[t] = v
+        todo = sorted({t for t in texts if t not in self.vectors}, key=len)  # like lengths pad alike
+        self.vectors.update(zip(todo, embed_texts(model, tokenizer, todo, cfg.batch_size, max_length), strict=True))
         return torch.stack([self.vectors[t] for t in texts])
 
 
@@ -95,6 +89,20 @@ class HeadCandidate:
         return new, dataclasses.replace(spec, temperature=self.temperature)
 
 
+def head_oof_logits(
+    emb: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor, w0: torch.Tensor, b0: torch.Tensor, cfg: HeadConfig
+) -> torch.Tensor:
+    """(N, L) out-of-fold logits of the head's fit: each fold answered by the head fitted on the others'
+    embeddings `emb` (N, C), pulled towards `w0` (L, C), `b0` (L,); zeros for a fold with no other."""
+    oof = torch.zeros(labels.numel(), w0.shape[0])
+    for f in torch.unique(folds).tolist():
+        test = folds == f
+        if (~test).any():
+            w, b = fit_head(emb[~test], labels[~test], w0, b0, l2=cfg.l2, max_iter=cfg.max_iter)
+            oof[test] = emb[test] @ w.T + b
+    return oof
+
+
 def head_round(
     serving: AnnotatorModel,
     emb: torch.Tensor,
@@ -111,12 +119,7 @@ def head_round(
     b0 = serving.head.bias.detach().float().cpu()  # (L,)
     k = max(2, min(cfg.folds, len(items)))
     folds = torch.tensor([fold_of(x.text, k) for x in items])
-    oof = torch.zeros(len(items), len(index))  # out-of-fold logits
-    for f in range(k):
-        test = folds == f
-        if test.any() and (~test).any():
-            w, b = fit_head(emb[~test], labels[~test], w0, b0, l2=cfg.l2, max_iter=cfg.max_iter)
-            oof[test] = emb[test] @ w.T + b
+    oof = head_oof_logits(emb, labels, folds, w0, b0, cfg)
     metrics = oof_metrics(oof, labels, folds)
     temperature = metrics["temperature"]
     correct = oof.argmax(-1) == labels

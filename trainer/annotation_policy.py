@@ -216,11 +216,17 @@ def batch_embeddings(
     return model.embed(**batch)  # (B, C)
 
 
-def label_logits(
-    model: AnnotatorModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
+@torch.no_grad()
+def embed_texts(
+    model: AnnotatorModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int, max_length: int
 ) -> torch.Tensor:
-    """Served logits (already divided by the model's temperature): (B, L)."""
-    return model.logits_of(batch_embeddings(model, tokenizer, texts, max_length))  # (B, L)
+    """(N, C) float32 embeddings of `texts` on the CPU, in eval mode, `batch_size` texts per forward."""
+    model.eval()
+    parts = [
+        batch_embeddings(model, tokenizer, texts[i : i + batch_size], max_length).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, model.head.in_features)
 
 
 def pair_cosine_loss(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -244,15 +250,7 @@ def refit_head(
     """`head_refit`: the head becomes the regularised logistic regression of the labels on the encoder's
     embeddings, pulled towards the head as trained. The model divides the head's logits by its
     temperature, so the fit is made on that scale and stored multiplied back."""
-    model.eval()
-    emb = torch.cat(
-        [
-            batch_embeddings(model, tokenizer, [x.text for x in labelled[i : i + cfg.eval_batch_size]], cfg.max_length)
-            .float()
-            .cpu()
-            for i in range(0, len(labelled), cfg.eval_batch_size)
-        ]
-    )  # (N, C)
+    emb = embed_texts(model, tokenizer, [x.text for x in labelled], cfg.eval_batch_size, cfg.max_length)  # (N, C)
     labels = label_tensor(model, labelled)  # (N,)
     t = model.spec.temperature
     w0, b0 = model.head.weight.float().cpu() / t, model.head.bias.float().cpu() / t
@@ -391,12 +389,9 @@ def predict_logits(
     cfg: AnnotationPolicyConfig,
 ) -> torch.Tensor:
     """(N, L) served logits, in eval mode, batched."""
-    model.eval()
-    chunks = [
-        label_logits(model, tokenizer, texts[i : i + cfg.eval_batch_size], cfg.max_length).float().cpu()
-        for i in range(0, len(texts), cfg.eval_batch_size)
-    ]
-    return torch.cat(chunks) if chunks else torch.zeros(0, len(model.spec.labels))
+    emb = embed_texts(model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length)  # (N, C)
+    with torch.no_grad():
+        return model.logits_of(emb.to(next(model.parameters()).device)).float().cpu()
 
 
 def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = 15) -> float:

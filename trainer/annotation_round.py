@@ -32,9 +32,11 @@ from transformers import PreTrainedTokenizerBase
 
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
+from trainer.annotation_head import HeadConfig, head_oof_logits
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import BanditExample, LabelExample
 from trainer.gate import (
+    HELD_BY_CHECK,
     GateConfig,
     GateDecision,
     LossGuard,
@@ -93,6 +95,16 @@ def cross_fit_round(
         metrics.update(paired_counts(correct_of(s_logits, labels[fresh]), cand_correct[fresh]))
         metrics["fresh_accuracy"] = float(cand_correct[fresh].float().mean())
     decision = gate_against_serving(metrics, serving_metrics, gate, serving_checked=serving_checked)
+    if decision.reasons == [HELD_BY_CHECK]:  # the checked version's recipe, on the same folds, paired
+        recipe = recipe_oof_logits(serving, tokenizer, items, labels, folds, cfg)
+        recipe_correct = correct_of(recipe, labels)
+        counts = paired_counts(recipe_correct, cand_correct)
+        metrics.update(
+            recipe_accuracy=float(recipe_correct.float().mean()),
+            recipe_broken=counts["broken"],
+            recipe_fixed=counts["fixed"],
+        )
+        decision = gate_against_serving(metrics, serving_metrics, gate, serving_checked=serving_checked, recipe=counts)
     model = load_base()
     train_metrics: dict[str, float] = {}
     if decision.publish:  # the candidate: every verified label, from the base, calibrated out of fold
@@ -102,6 +114,24 @@ def cross_fit_round(
         model.spec.temperature = model.spec.temperature * temperature
     metrics.update(temperature=model.spec.temperature, n_train=float(len(items)), folds=float(gate.cv_folds))
     return AnnotatorCandidate(model, "cross-fit", metrics, serving_metrics, decision, train_metrics)
+
+
+def recipe_oof_logits(
+    serving: AnnotatorModel,
+    tokenizer: PreTrainedTokenizerBase,
+    items: Sequence[LabelExample],
+    labels: torch.Tensor,
+    folds: torch.Tensor,
+    cfg: AnnotationPolicyConfig,
+) -> torch.Tensor:
+    """(N, L) out-of-fold logits of the online tier's recipe for the serving version on `folds`: a head
+    on the serving encoder's embeddings, fitted per fold on the others (trainer.annotation_head). Where
+    that encoder was fine-tuned on some of the items its answers there are in-sample, which only makes
+    the recipe harder to beat."""
+    texts = [x.text for x in items]
+    emb = annotation_policy.embed_texts(serving, tokenizer, texts, cfg.eval_batch_size, cfg.max_length)  # (N, C)
+    w0, b0 = serving.head.weight.detach().float().cpu(), serving.head.bias.detach().float().cpu()
+    return head_oof_logits(emb, labels, folds, w0, b0, HeadConfig())
 
 
 def held_out_round(
