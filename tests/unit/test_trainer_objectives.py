@@ -612,6 +612,31 @@ def test_the_refit_pull_towards_the_trained_head_is_read_from_its_flag(bert_toke
     assert not torch.allclose(free, trained, atol=1e-3)
 
 
+def test_the_refit_iterations_are_read_from_their_flag(bert_tokenizer):
+    """`--annotator.head-refit-iters` as the trainer process reads it: one LBFGS iteration leaves the head
+    short of the fit the default iterations reach on the same encoder (a higher training cross-entropy)."""
+    from trainer.__main__ import read_args
+
+    cfg = dataclasses.replace(
+        read_args(["--annotator.head-refit-iters", "1"], environ={}).annotator,
+        encoder_lr=1e-3, head_lr=1e-2, epochs=2.0, max_length=32,
+    )  # fmt: skip
+    assert cfg.head_refit_iters == 1 and cfg.head_refit
+    items = labelled(48, random.Random(6))
+    labels = ap.label_tensor(tiny_annotator(bert_tokenizer), items)
+    short = _round(cfg, bert_tokenizer, items)
+    full = _round(
+        dataclasses.replace(cfg, head_refit_iters=ap.AnnotationPolicyConfig.head_refit_iters), bert_tokenizer, items
+    )
+    emb = _embeddings(full, bert_tokenizer, items)  # the encoders are the same: the refit leaves them alone
+
+    def train_ce(model: AnnotatorModel) -> float:
+        with torch.no_grad():
+            return float(torch.nn.functional.cross_entropy(model.logits_of(emb), labels))
+
+    assert train_ce(short) > train_ce(full) + 1e-3, (train_ce(short), train_ce(full))
+
+
 @pytest.mark.parametrize("flags", [["--annotator.class-balance"], []])
 def test_class_balance_weighs_each_label_alike_where_the_trainer_reads_its_flag(bert_tokenizer, flags):
     """`--annotator.class-balance` as the trainer process reads it: 18 labels of one class and 2 of the
