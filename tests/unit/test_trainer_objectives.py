@@ -565,6 +565,16 @@ def test_the_pair_loss_pulls_same_label_embeddings_together_where_the_trainer_re
     assert (with_flag < without - 0.01) == (not flags), (with_flag, without)
 
 
+def _short_round_cfg(cfg: ap.AnnotationPolicyConfig) -> ap.AnnotationPolicyConfig:
+    """The trainer's parsed annotator config, with rates and lengths for a quick round of the tiny model."""
+    return dataclasses.replace(cfg, encoder_lr=1e-3, head_lr=1e-2, epochs=2.0, max_length=32)
+
+
+def _train_ce(model: AnnotatorModel, emb: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(torch.nn.functional.cross_entropy(model.logits_of(emb), labels))
+
+
 @pytest.mark.parametrize("flags", [["--annotator.no-head-refit"], []])
 def test_the_head_is_refitted_on_the_trained_encoder_where_the_trainer_reads_its_flag(bert_tokenizer, flags):
     """`--annotator.head-refit` (default on) as the trainer process reads it: after the round's steps the
@@ -573,9 +583,7 @@ def test_the_head_is_refitted_on_the_trained_encoder_where_the_trainer_reads_its
     refitted head fits the training labels on it better (lower cross-entropy) than the head as trained."""
     from trainer.__main__ import read_args
 
-    cfg = dataclasses.replace(
-        read_args(flags, environ={}).annotator, encoder_lr=1e-3, head_lr=1e-2, epochs=2.0, max_length=32
-    )
+    cfg = _short_round_cfg(read_args(flags, environ={}).annotator)
     assert cfg.head_refit == (not flags)
     items = labelled(48, random.Random(6))
     labels = ap.label_tensor(tiny_annotator(bert_tokenizer), items)
@@ -585,12 +593,8 @@ def test_the_head_is_refitted_on_the_trained_encoder_where_the_trainer_reads_its
     for name, value in plain.encoder.state_dict().items():
         assert torch.equal(value, refit.encoder.state_dict()[name]), name
     emb = _embeddings(plain, bert_tokenizer, items)
-
-    def train_ce(model: AnnotatorModel) -> float:
-        with torch.no_grad():
-            return float(torch.nn.functional.cross_entropy(model.logits_of(emb), labels))
-
-    assert train_ce(refit) < train_ce(plain) - 0.01, (train_ce(refit), train_ce(plain))
+    ce_refit, ce_plain = _train_ce(refit, emb, labels), _train_ce(plain, emb, labels)
+    assert ce_refit < ce_plain - 0.01, (ce_refit, ce_plain)
     assert torch.equal(flagged.head.weight, (plain if flags else refit).head.weight)
 
 
@@ -599,10 +603,7 @@ def test_the_refit_pull_towards_the_trained_head_is_read_from_its_flag(bert_toke
     weights stay where training left them; with the default pull they move."""
     from trainer.__main__ import read_args
 
-    cfg = dataclasses.replace(
-        read_args(["--annotator.head-refit-l2", "1e6"], environ={}).annotator,
-        encoder_lr=1e-3, head_lr=1e-2, epochs=2.0, max_length=32,
-    )  # fmt: skip
+    cfg = _short_round_cfg(read_args(["--annotator.head-refit-l2", "1e6"], environ={}).annotator)
     assert cfg.head_refit_l2 == 1e6 and cfg.head_refit
     items = labelled(48, random.Random(6))
     trained = _round(dataclasses.replace(cfg, head_refit=False), bert_tokenizer, items).head.weight
@@ -617,10 +618,7 @@ def test_the_refit_iterations_are_read_from_their_flag(bert_tokenizer):
     short of the fit the default iterations reach on the same encoder (a higher training cross-entropy)."""
     from trainer.__main__ import read_args
 
-    cfg = dataclasses.replace(
-        read_args(["--annotator.head-refit-iters", "1"], environ={}).annotator,
-        encoder_lr=1e-3, head_lr=1e-2, epochs=2.0, max_length=32,
-    )  # fmt: skip
+    cfg = _short_round_cfg(read_args(["--annotator.head-refit-iters", "1"], environ={}).annotator)
     assert cfg.head_refit_iters == 1 and cfg.head_refit
     items = labelled(48, random.Random(6))
     labels = ap.label_tensor(tiny_annotator(bert_tokenizer), items)
@@ -629,12 +627,8 @@ def test_the_refit_iterations_are_read_from_their_flag(bert_tokenizer):
         dataclasses.replace(cfg, head_refit_iters=ap.AnnotationPolicyConfig.head_refit_iters), bert_tokenizer, items
     )
     emb = _embeddings(full, bert_tokenizer, items)  # the encoders are the same: the refit leaves them alone
-
-    def train_ce(model: AnnotatorModel) -> float:
-        with torch.no_grad():
-            return float(torch.nn.functional.cross_entropy(model.logits_of(emb), labels))
-
-    assert train_ce(short) > train_ce(full) + 1e-3, (train_ce(short), train_ce(full))
+    ce_short, ce_full = _train_ce(short, emb, labels), _train_ce(full, emb, labels)
+    assert ce_short > ce_full + 1e-3, (ce_short, ce_full)
 
 
 @pytest.mark.parametrize("flags", [["--annotator.class-balance"], []])
