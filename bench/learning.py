@@ -224,7 +224,8 @@ def round_record(
     n: int, regime: str, decision: GateDecision, metrics: dict[str, float], t0: float, **extra: float
 ) -> dict[str, Any]:
     """What a result file keeps of a round: its decision, the evidence it rested on (out-of-fold accuracy;
-    `fixed` / `broken`: the candidate against the serving version on the labels that version never saw) and
+    `fixed` / `broken`: the candidate against the serving version on the labels that version never saw;
+    `recipe_*`: against a checked serving version's head recipe on the same folds, where that decided) and
     its time."""
     return {
         "labels": n,
@@ -233,7 +234,7 @@ def round_record(
         "checked": decision.checked and decision.publish,
         "reasons": decision.reasons,
         "accuracy_evidence": metrics.get("accuracy"),
-        **{k: metrics[k] for k in ("signal_z", "fixed", "broken") if k in metrics},
+        **{k: metrics[k] for k in ("signal_z", "fixed", "broken", "recipe_fixed", "recipe_broken") if k in metrics},
         **extra,
         "seconds": round(time.monotonic() - t0, 1),
     }
