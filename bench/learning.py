@@ -159,7 +159,7 @@ class Replay:
         if n < self.gate.cv_max_items:
             cand = cross_fit_round(
                 self.load_base, self.serving, self.tokenizer, self.labelled, self.cursor, self.cfg, self.gate,
-                serving_checked=self.checked, generator=self.gen,
+                serving_checked=self.checked, generator=self.gen, head_cfg=self.head_cfg,
             )  # fmt: skip
         else:
             train = [x for x in self.labelled if not heldout(x.text, self.frac)]

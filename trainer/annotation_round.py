@@ -74,10 +74,13 @@ def cross_fit_round(
     serving_checked: bool = False,
     generator: torch.Generator | None = None,
     guard: LossGuard | None = None,
+    head_cfg: HeadConfig | None = None,
 ) -> AnnotatorCandidate:
     """The few-labels round (module docstring). `serving_cursor`: the log position the serving version was
     trained up to (0 for the base): items with a later seq are ones it never saw. A candidate whose
-    evidence makes it serve-worthy but not checked never replaces a `serving_checked` version."""
+    evidence makes it serve-worthy but not checked replaces a `serving_checked` version only where the new
+    labels refute its check or the candidate beats its recipe (the online tier's head fit, `head_cfg`) on
+    the same folds (trainer.gate.gate_against_serving)."""
     labels = annotation_policy.label_tensor(serving, items)  # (N,)
     n_labels = len(serving.spec.label_names)
     oof = annotation_policy.cross_fit_logits(
@@ -96,7 +99,7 @@ def cross_fit_round(
         metrics["fresh_accuracy"] = float(cand_correct[fresh].float().mean())
     decision = gate_against_serving(metrics, serving_metrics, gate, serving_checked=serving_checked)
     if decision.reasons == [HELD_BY_CHECK]:  # the checked version's recipe, on the same folds, paired
-        recipe = recipe_oof_logits(serving, tokenizer, items, labels, folds, cfg)
+        recipe = recipe_oof_logits(serving, tokenizer, items, labels, folds, cfg, head_cfg or HeadConfig())
         recipe_correct = correct_of(recipe, labels)
         counts = paired_counts(recipe_correct, cand_correct)
         metrics.update(
@@ -123,6 +126,7 @@ def recipe_oof_logits(
     labels: torch.Tensor,
     folds: torch.Tensor,
     cfg: AnnotationPolicyConfig,
+    head_cfg: HeadConfig,
 ) -> torch.Tensor:
     """(N, L) out-of-fold logits of the online tier's recipe for the serving version on `folds`: a head
     on the serving encoder's embeddings, fitted per fold on the others (trainer.annotation_head). Where
@@ -131,7 +135,7 @@ def recipe_oof_logits(
     texts = [x.text for x in items]
     emb = annotation_policy.embed_texts(serving, tokenizer, texts, cfg.eval_batch_size, cfg.max_length)  # (N, C)
     w0, b0 = serving.head.weight.detach().float().cpu(), serving.head.bias.detach().float().cpu()
-    return head_oof_logits(emb, labels, folds, w0, b0, HeadConfig())
+    return head_oof_logits(emb, labels, folds, w0, b0, head_cfg)
 
 
 def held_out_round(

@@ -190,6 +190,7 @@ class AnnotatorLearner:
             serving_checked=bool(meta.get("checked")),
             generator=ctx.gen,
             guard=ctx.guard(ANNOTATOR),
+            head_cfg=ctx.args.head,
         )
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -393,6 +393,13 @@ def test_the_cross_fitted_round_replaces_a_refuted_or_outdone_check_and_keeps_a_
     )
     assert outdone.decision.publish and not outdone.decision.checked
     assert outdone.serving_metrics["check_outdone"] == 1.0
+    # The recipe is the online tier's fit as configured (`head_cfg`): its weights pinned to the serving
+    # head's zeros, only the bias fits, so each fold answers one label: about a coin toss here.
+    pinned = cross_fit_round(
+        load_base, alike, tokenizer, items, 60, cfg, gate, serving_checked=True,
+        generator=torch.Generator().manual_seed(0), head_cfg=HeadConfig(l2=1e6),
+    )  # fmt: skip
+    assert pinned.metrics["recipe_accuracy"] < outdone.metrics["recipe_accuracy"] - 0.2, pinned.metrics
 
 
 def test_the_signal_test_holds_its_false_positive_rate_and_finds_a_weak_real_signal() -> None:
