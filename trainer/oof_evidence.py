@@ -41,10 +41,13 @@ def signal_test(
 
     The statistic: the mean `fold_ranks` of each item's own label. z = (observed - mean of the null) / sd
     of the null; p = (1 + #null >= observed) / (1 + permutations).
-    z is 0 when the null has no spread (one label, or a model that answers every item alike)."""
+    z is 0 when the null has no spread (one label, or a model that answers every item alike), NaN when any
+    logit is not finite."""
     n = labels.numel()
     if n < 2:
         return 0.0, 1.0
+    if not bool(torch.isfinite(logits).all()):
+        return math.nan, 1.0  # ranks would order a NaN somewhere; the gate refuses non-finite evidence
     gen = torch.Generator().manual_seed(seed)
     probs = fold_ranks(torch.softmax(logits.double(), -1), folds)
     observed = float(probs.gather(1, labels[:, None]).sum()) / n

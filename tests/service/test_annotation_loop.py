@@ -6,6 +6,7 @@ the statistics of the gate; bench/learning.py measures the learning on real data
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -447,6 +448,8 @@ def test_a_few_confident_mistakes_do_not_hide_a_model_that_orders_the_items_well
         rescaled = torch.stack([torch.zeros(100), torch.where(folds == 1, other * 5 + 1, other)], 1)
         assert signal_test(rescaled, labels, folds)[0] == z
     assert hits >= 14
+    logits[3, 1] = math.nan  # a diverged fold model: no evidence, whatever the ranks would say
+    assert math.isnan(signal_test(logits, labels, folds)[0])
 
 
 def test_leave_one_out_calibration_never_reads_an_items_own_label() -> None:
