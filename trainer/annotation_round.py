@@ -36,7 +36,6 @@ from trainer.annotation_head import HeadConfig, head_oof_logits
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import BanditExample, LabelExample
 from trainer.gate import (
-    HELD_BY_CHECK,
     GateConfig,
     GateDecision,
     LossGuard,
@@ -97,8 +96,8 @@ def cross_fit_round(
         serving_metrics.update(fresh_evidence(s_logits, labels[fresh], cfg.ece_bins))
         metrics.update(paired_counts(correct_of(s_logits, labels[fresh]), cand_correct[fresh]))
         metrics["fresh_accuracy"] = float(cand_correct[fresh].float().mean())
-    decision = gate_against_serving(metrics, serving_metrics, gate, serving_checked=serving_checked)
-    if decision.reasons == [HELD_BY_CHECK]:  # the checked version's recipe, on the same folds, paired
+
+    def against_recipe() -> dict[str, float]:  # the checked version's recipe, on the same folds, paired
         recipe = recipe_oof_logits(serving, tokenizer, items, labels, folds, cfg, head_cfg or HeadConfig())
         recipe_correct = correct_of(recipe, labels)
         counts = paired_counts(recipe_correct, cand_correct)
@@ -107,7 +106,11 @@ def cross_fit_round(
             recipe_broken=counts["broken"],
             recipe_fixed=counts["fixed"],
         )
-        decision = gate_against_serving(metrics, serving_metrics, gate, serving_checked=serving_checked, recipe=counts)
+        return counts
+
+    decision = gate_against_serving(
+        metrics, serving_metrics, gate, serving_checked=serving_checked, recipe=against_recipe
+    )
     model = load_base()
     train_metrics: dict[str, float] = {}
     if decision.publish:  # the candidate: every verified label, from the base, calibrated out of fold

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -289,13 +289,13 @@ def keeps_its_check(serving_fresh: Mapping[str, float], cfg: GateConfig) -> bool
     return serving_fresh.get("signal_z", math.inf) > cfg.cv_serve_z
 
 
-HELD_BY_CHECK = "not checked, and would replace a checked version"
+_HELD_BY_CHECK = "not checked, and would replace a checked version"
 
 
-def outdoes_the_checked_recipe(recipe: Mapping[str, float] | None, cfg: GateConfig) -> bool:
+def outdoes_the_checked_recipe(recipe: Callable[[], Mapping[str, float]] | None, cfg: GateConfig) -> bool:
     """Whether an unchecked candidate's out-of-fold answers beat, paired on the same items, those of the
-    checked serving version's own recipe cross-fitted on the same folds (`recipe`: `broken` / `fixed` of
-    the candidate against it; None when not computed).
+    checked serving version's own recipe cross-fitted on the same folds (`recipe()`: `broken` / `fixed` of
+    the candidate against it, computed only when asked; None: no such comparison).
 
     The wall it opens: the online tier checks a head on the serving encoder every few labels, so a round's
     candidate often meets a version checked at its own label count, with no fresh label to refute it
@@ -307,7 +307,8 @@ def outdoes_the_checked_recipe(recipe: Mapping[str, float] | None, cfg: GateConf
     real recipe only by chance (one time in twenty, after its own one in twenty to be serve-worthy)."""
     if recipe is None:
         return False
-    return -mcnemar_z(recipe.get("broken", 0.0), recipe.get("fixed", 0.0)) > cfg.cv_serve_z
+    counts = recipe()
+    return -mcnemar_z(counts.get("broken", 0.0), counts.get("fixed", 0.0)) > cfg.cv_serve_z
 
 
 def gate_against_serving(
@@ -316,12 +317,12 @@ def gate_against_serving(
     cfg: GateConfig,
     *,
     serving_checked: bool,
-    recipe: Mapping[str, float] | None = None,
+    recipe: Callable[[], Mapping[str, float]] | None = None,
 ) -> GateDecision:
     """The annotator rounds' one decision (the cross-fitted round and the online tier's head): the
     candidate's own evidence (`gate_annotator_cv`), and then a candidate that passed unchecked does not
     replace a checked version whose check still stands (`keeps_its_check`) unless it outdoes that
-    version's recipe on the same folds (`outdoes_the_checked_recipe`, `recipe`); one that replaces a
+    version's recipe on the same folds (`outdoes_the_checked_recipe`: `recipe` is called only then); one that replaces a
     refuted check says so in `serving_fresh` (`check_refuted`), one that outdid it (`check_outdone`). It
     serves unchecked either way."""
     decision = gate_annotator_cv(oof, cfg, serving_checked=serving_checked)
@@ -333,7 +334,7 @@ def gate_against_serving(
         serving_fresh["check_outdone"] = 1.0
     else:
         decision.publish = False
-        decision.reasons.append(HELD_BY_CHECK)
+        decision.reasons.append(_HELD_BY_CHECK)
     return decision
 
 

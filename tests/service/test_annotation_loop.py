@@ -301,10 +301,10 @@ def test_a_check_the_new_labels_refute_gives_way_to_a_serve_worthy_candidate() -
     # A standing check gives way to a candidate that beats the checked version's recipe on the same folds,
     # paired, past cv_serve_z (17 fixed, 5 broken: z 2.56); not to one level with it (12 to 9: z 0.65).
     fresh = {"n_fresh": 0.0}
-    d = gate_against_serving(unchecked, fresh, cfg, serving_checked=True, recipe={"broken": 5.0, "fixed": 17.0})
+    d = gate_against_serving(unchecked, fresh, cfg, serving_checked=True, recipe=lambda: {"broken": 5.0, "fixed": 17.0})
     assert d.publish and not d.checked and fresh["check_outdone"] == 1.0
     fresh = {"n_fresh": 0.0}
-    d = gate_against_serving(unchecked, fresh, cfg, serving_checked=True, recipe={"broken": 9.0, "fixed": 12.0})
+    d = gate_against_serving(unchecked, fresh, cfg, serving_checked=True, recipe=lambda: {"broken": 9.0, "fixed": 12.0})
     assert not d.publish and "check_outdone" not in fresh
 
 
