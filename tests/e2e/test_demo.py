@@ -274,3 +274,13 @@ def test_passive_baseline_trains_offline_and_evaluates_in_the_served_dtype(tiny_
         base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, cv_max_items=30, pool=pool, progress=said.append
     )
     assert said[0].endswith(" 0 pseudo-labels") and not said[1].endswith(" 0 pseudo-labels"), said
+    # Rounds under cv_max_items each start from the base, so only the last of a run of them is trained:
+    # the same weights (same seed) as a schedule that starts there.
+    said = []
+    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16)
+    early = passive.train_offline(
+        base, labelled, [10, 20, 30], test, cfg, heldout_fraction=0.2, cv_max_items=100, progress=said.append
+    )
+    direct = passive.train_offline(base, labelled, [30], test, cfg, heldout_fraction=0.2, cv_max_items=100)
+    assert said == ["round 3/3: 30 labels, 0 pseudo-labels"]
+    assert (early["steps"], early["accuracy"]) == (direct["steps"], direct["accuracy"])
