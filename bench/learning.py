@@ -88,7 +88,7 @@ class Replay:
         self.encoder_version = 0
         """Counts the encoders served (a head-only version keeps its parent's, and its cached embeddings)."""
         self.embeddings = EmbeddingCache()
-        self.head_cfg = HeadConfig()
+        self.head_cfg = HeadConfig(dtype="bfloat16")
         self.head_at = 0
         """Labels at the last head round (one per label count)."""
         self.ablation_test: list[Example] = []
@@ -123,8 +123,8 @@ class Replay:
         self.head_at = n
         t0 = time.monotonic()
         texts = [x.text for x in self.labelled]
-        emb = self.embeddings.embed(
-            self.serving, self.tokenizer, texts, str(self.encoder_version), self.head_cfg, self.cfg.max_length
+        emb = self.embeddings.embed(  # as the trainer's online tier with --head.dtype bfloat16: as served
+            self.infer, self.tokenizer, texts, str(self.encoder_version), self.head_cfg, self.cfg.max_length
         )
         cand = head_round(
             self.serving, emb, self.labelled, self.cursor, self.head_cfg, self.gate, serving_checked=self.checked

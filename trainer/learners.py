@@ -17,12 +17,14 @@ Each learner holds its round's data and models between steps; the math is in the
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from loopserve.device import pick_dtype
 from loopserve.errors import VerificationError
 from loopserve.metrics import TRAINER_LOSS
 from loopserve.models import encoder_heads, generator
@@ -56,6 +58,8 @@ from trainer.gate import (
 )
 from trainer.pseudo_labels import pseudo_labels
 from trainer.rounds import Context, Publication, Skip, prefixed, resume_optimizer
+
+logger = logging.getLogger(__name__)
 
 PROBE_PAIR = ("Is the reward service up?", "Yes.")
 
@@ -244,6 +248,8 @@ class AnnotatorHeadLearner:
         """The serving encoder (kept between rounds while it serves) and the labels' cached embeddings."""
         if ctx.head_model is None or ctx.head_model[0] != serving:
             model = _annotator(self.folder, ctx.device, serving)
+            model.encoder.to(pick_dtype(ctx.args.head.dtype, ctx.device))  # as served: the head stays fp32
+            logger.info("online tier: %s embeds labels in %s", serving, next(model.encoder.parameters()).dtype)
             ctx.head_model = (serving, model, encoder_heads.load_tokenizer(self.folder))
         _, self.encoder, tokenizer = ctx.head_model
         # The encoder weights' digest keys the cache: a head-only version shares it with its parent.

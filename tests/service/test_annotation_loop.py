@@ -179,15 +179,19 @@ def test_the_labelled_data_set_takes_people_first_then_the_latest_version(tmp_pa
 
 async def test_the_online_tier_publishes_a_head_only_version_that_the_service_swaps_in(
     data_dir: Path,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Corrections through FeedbackService -> a head round on cached embeddings -> a version that shares the
-    encoder's weights file with its parent -> the running policy service answers with it."""
+    encoder's weights file with its parent -> the running policy service answers with it. The trainer embeds
+    the labels in the dtype `--head.dtype` names (bf16 here, as the demo's policy serves)."""
     import asyncio
+    import logging
 
     from loopserve.feedback.v1 import feedback_pb2
     from loopserve.models.encoder_heads import HEAD_WEIGHTS_FILE, WEIGHTS_FILE
     from tests.e2e.test_trainer_loop import review
     from tests.support.policy_harness import policy_config, start_policy
+    from trainer.__main__ import read_args
 
     running = await start_policy(policy_config(data_dir, generator=False))
     try:
@@ -217,7 +221,10 @@ async def test_the_online_tier_publishes_a_head_only_version_that_the_service_sw
             assert all(x.accepted for x in ack.results)
             args = small_args(data_dir, models="annotator_head", trainer_subdir="trainer-online")
             args.gate = GateConfig(min_cv_items=12)
+            args.head = read_args(["--head.dtype", "bfloat16"], environ={}).head
+            caplog.set_level(logging.INFO, logger="trainer.learners")
             await asyncio.to_thread(run_trainer, args)
+            assert "online tier: v0 embeds labels in torch.bfloat16" in caplog.text
             [row] = read_rounds(args)
             assert row["model"] == "annotator_head" and row["result"] == "published", row
             store = ModelStore(data_dir / "store")

@@ -265,6 +265,7 @@ def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
             "min_lift_z": opts.min_lift_z,
             "cv_max_items": opts.cv_max_items,
         },
+        "head": {"dtype": opts.serve_dtype},  # the online tier fits heads on embeddings as the policy serves them
     }
     path = run / "objectives.json"
     path.write_text(json.dumps(objectives, indent=2))
