@@ -88,7 +88,7 @@ class Replay:
         self.encoder_version = 0
         """Counts the encoders served (a head-only version keeps its parent's, and its cached embeddings)."""
         self.embeddings = EmbeddingCache()
-        self.head_cfg = HeadConfig(dtype="bfloat16")
+        self.head_cfg = HeadConfig()
         self.head_at = 0
         """Labels at the last head round (one per label count)."""
         self.ablation_test: list[Example] = []
@@ -123,9 +123,10 @@ class Replay:
         self.head_at = n
         t0 = time.monotonic()
         texts = [x.text for x in self.labelled]
-        emb = self.embeddings.embed(  # as the trainer's online tier with --head.dtype bfloat16: as served
-            self.infer, self.tokenizer, texts, str(self.encoder_version), self.head_cfg, self.cfg.max_length
-        )
+        emb = self.embeddings.embed(
+            self.serving, self.tokenizer, texts, str(self.encoder_version), self.head_cfg, self.cfg.max_length,
+            annotation_policy.eval_dtype(self.serving, self.cfg),
+        )  # fmt: skip
         cand = head_round(
             self.serving, emb, self.labelled, self.cursor, self.head_cfg, self.gate, serving_checked=self.checked
         )
@@ -379,6 +380,7 @@ def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, Gate
         class_balance=args.class_balance,
         contrastive_coef=args.contrastive_coef,
         head_refit=args.head_refit,
+        eval_dtype="bfloat16",  # as `loopserve demo` sets it: the replay serves bf16 (Replay.infer)
     )
     gate = GateConfig(
         min_eval_items=30, min_lift_z=args.min_lift_z, cv_max_items=args.cv_max_items, cv_folds=args.cv_folds

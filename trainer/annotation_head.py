@@ -40,12 +40,6 @@ class HeadConfig:
     """LBFGS iterations per fit."""
     batch_size: int = 64
     """Items per encoder forward when embedding new labels."""
-    dtype: str = "auto"
-    """The encoder's dtype when embedding labels (auto | float32 | bfloat16): set it to the services' serving
-    dtype (the policy service's --dtype), so the head is fitted on the embeddings it is applied to. The
-    demo serves bf16; there, on a 2-core AMD EPYC with avx512_bf16, bf16 embeds Fine Food reviews about 3x
-    as fast as fp32, and after every full round the online tier re-embeds all the labels (the head is
-    fp32 either way, as served)."""
 
 
 class EmbeddingCache:
@@ -63,12 +57,15 @@ class EmbeddingCache:
         encoder_key: str,
         cfg: HeadConfig,
         max_length: int,
+        dtype: torch.dtype = torch.float32,
     ) -> torch.Tensor:
-        """(N, C) float32 embeddings of `texts`, computing only those not cached for `encoder_key`."""
-        if encoder_key != self.encoder_key:
-            self.encoder_key, self.vectors = encoder_key, {}
+        """(N, C) float32 embeddings of `texts` (forward passes in `dtype`: trainer.annotation_policy.embed_texts),
+        computing only those not cached for `encoder_key` and `dtype`."""
+        if f"{encoder_key}/{dtype}" != self.encoder_key:
+            self.encoder_key, self.vectors = f"{encoder_key}/{dtype}", {}
         todo = sorted({t for t in texts if t not in self.vectors}, key=len)  # like lengths pad alike
-        self.vectors.update(zip(todo, embed_texts(model, tokenizer, todo, cfg.batch_size, max_length), strict=True))
+        fresh = embed_texts(model, tokenizer, todo, cfg.batch_size, max_length, dtype)
+        self.vectors.update(zip(todo, fresh, strict=True))
         return torch.stack([self.vectors[t] for t in texts])
 
 

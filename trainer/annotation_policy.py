@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedTokenizerBase
 
+from loopserve.device import pick_dtype
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer.examples import BanditExample, LabelExample
 from trainer.gate import LossGuard
@@ -122,10 +123,19 @@ class AnnotationPolicyConfig:
     """Max global gradient norm."""
     eval_batch_size: int = 64
     """Items per forward pass in evaluation."""
+    eval_dtype: str = "auto"
+    """auto | float32 | bfloat16: the encoder's precision in every forward pass outside training (the gate's
+    evaluations, the calibration, the head refit, the online tier's embeddings), as the services serve it
+    (set it to the policy service's --dtype; auto is that flag's default rule: bf16 on CUDA, else fp32).
+    bf16 runs under autocast: the head is refitted and judged on the embeddings it is applied to, and on
+    a 2-core AMD EPYC with avx512_bf16 it embeds Fine Food reviews 3.1x as fast as fp32 (73.9 against
+    23.6 reviews/s, one thread; minimum cosine to fp32's embeddings 0.99997), which every round pays for
+    every label it refits on."""
     ece_bins: int = 15
     """Equal-width confidence bins for the expected calibration error."""
 
     def __post_init__(self) -> None:
+        pick_dtype(self.eval_dtype, torch.device("cpu"))  # an unknown name fails here, not mid-round
         w, d = self.warmup_ratio, self.decay_ratio
         if not (0.0 <= w <= 1.0 and 0.0 <= d <= 1.0 and w + d <= 1.0):
             raise ValueError(
@@ -218,15 +228,28 @@ def batch_embeddings(
 
 @torch.no_grad()
 def embed_texts(
-    model: AnnotatorModel, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], batch_size: int, max_length: int
+    model: AnnotatorModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    batch_size: int,
+    max_length: int,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(N, C) float32 embeddings of `texts` on the CPU, in eval mode, `batch_size` texts per forward."""
+    """(N, C) float32 embeddings of `texts` on the CPU, in eval mode, `batch_size` texts per forward; the
+    forward passes under bf16 autocast when `dtype` is bfloat16 (`AnnotationPolicyConfig.eval_dtype`)."""
     model.eval()
-    parts = [
-        batch_embeddings(model, tokenizer, texts[i : i + batch_size], max_length).float().cpu()
-        for i in range(0, len(texts), batch_size)
-    ]
+    device = next(model.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        parts = [
+            batch_embeddings(model, tokenizer, texts[i : i + batch_size], max_length).float().cpu()
+            for i in range(0, len(texts), batch_size)
+        ]
     return torch.cat(parts) if parts else torch.zeros(0, model.head.in_features)
+
+
+def eval_dtype(model: AnnotatorModel, cfg: AnnotationPolicyConfig) -> torch.dtype:
+    """The precision `cfg.eval_dtype` names on the device `model` is on."""
+    return pick_dtype(cfg.eval_dtype, next(model.parameters()).device)
 
 
 def pair_cosine_loss(emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -250,7 +273,8 @@ def refit_head(
     """`head_refit`: the head becomes the regularised logistic regression of the labels on the encoder's
     embeddings, pulled towards the head as trained. The model divides the head's logits by its
     temperature, so the fit is made on that scale and stored multiplied back."""
-    emb = embed_texts(model, tokenizer, [x.text for x in labelled], cfg.eval_batch_size, cfg.max_length)  # (N, C)
+    texts = [x.text for x in labelled]
+    emb = embed_texts(model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length, eval_dtype(model, cfg))  # (N, C)
     labels = label_tensor(model, labelled)  # (N,)
     t = model.spec.temperature
     w0, b0 = model.head.weight.float().cpu() / t, model.head.bias.float().cpu() / t
@@ -389,7 +413,7 @@ def predict_logits(
     cfg: AnnotationPolicyConfig,
 ) -> torch.Tensor:
     """(N, L) served logits, in eval mode, batched."""
-    emb = embed_texts(model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length)  # (N, C)
+    emb = embed_texts(model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length, eval_dtype(model, cfg))  # (N, C)
     with torch.no_grad():
         return model.logits_of(emb.to(next(model.parameters()).device)).float().cpu()
 

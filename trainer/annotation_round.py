@@ -136,7 +136,8 @@ def recipe_oof_logits(
     that encoder was fine-tuned on some of the items its answers there are in-sample, which only makes
     the recipe harder to beat."""
     texts = [x.text for x in items]
-    emb = annotation_policy.embed_texts(serving, tokenizer, texts, cfg.eval_batch_size, cfg.max_length)  # (N, C)
+    dtype = annotation_policy.eval_dtype(serving, cfg)
+    emb = annotation_policy.embed_texts(serving, tokenizer, texts, cfg.eval_batch_size, cfg.max_length, dtype)  # (N, C)
     w0, b0 = serving.head.weight.detach().float().cpu(), serving.head.bias.detach().float().cpu()
     return head_oof_logits(emb, labels, folds, w0, b0, head_cfg)
 

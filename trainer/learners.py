@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from loopserve.device import pick_dtype
 from loopserve.errors import VerificationError
 from loopserve.metrics import TRAINER_LOSS
 from loopserve.models import encoder_heads, generator
@@ -248,15 +247,17 @@ class AnnotatorHeadLearner:
         """The serving encoder (kept between rounds while it serves) and the labels' cached embeddings."""
         if ctx.head_model is None or ctx.head_model[0] != serving:
             model = _annotator(self.folder, ctx.device, serving)
-            model.encoder.to(pick_dtype(ctx.args.head.dtype, ctx.device))  # as served: the head stays fp32
-            logger.info("online tier: %s embeds labels in %s", serving, next(model.encoder.parameters()).dtype)
             ctx.head_model = (serving, model, encoder_heads.load_tokenizer(self.folder))
         _, self.encoder, tokenizer = ctx.head_model
         # The encoder weights' digest keys the cache: a head-only version shares it with its parent.
         key = self.manifest.files.get(encoder_heads.WEIGHTS_FILE, serving)
         texts = [x.text for x in self.items]
         args = ctx.args
-        self.emb = ctx.embeddings.embed(self.encoder, tokenizer, texts, key, args.head, args.annotator.max_length)
+        dtype = annotation_policy.eval_dtype(self.encoder, args.annotator)  # as the services serve it
+        logger.info("online tier: %s embeds %d labels in %s", serving, len(texts), dtype)
+        self.emb = ctx.embeddings.embed(
+            self.encoder, tokenizer, texts, key, args.head, args.annotator.max_length, dtype
+        )
 
     def evaluate(self, ctx: Context) -> dict[str, float]:
         """Both versions are cross-validated on the same folds inside `train`: nothing before it."""

@@ -160,8 +160,8 @@ def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
     for f in ("report.md", "accuracy_vs_labels.png", "review_and_auto_labels.png"):
         assert (run / f).stat().st_size > 0
     assert "simulated" in (run / "report.md").read_text()
-    # The online tier fits its heads on embeddings in the dtype the demo's policy serves (bf16).
-    assert "embeds labels in torch.bfloat16" in (run / "logs" / "trainer-online.log").read_text()
+    # The online tier fits its heads on embeddings in the precision the demo's policy serves (bf16).
+    assert "labels in torch.bfloat16" in (run / "logs" / "trainer-online.log").read_text()
 
 
 @pytest.mark.slow

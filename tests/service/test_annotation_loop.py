@@ -183,8 +183,9 @@ async def test_the_online_tier_publishes_a_head_only_version_that_the_service_sw
 ) -> None:
     """Corrections through FeedbackService -> a head round on cached embeddings -> a version that shares the
     encoder's weights file with its parent -> the running policy service answers with it. The trainer embeds
-    the labels in the dtype `--head.dtype` names (bf16 here, as the demo's policy serves)."""
+    the labels in the precision `--annotator.eval-dtype` names (bf16 here, as the demo's policy serves)."""
     import asyncio
+    import dataclasses
     import logging
 
     from loopserve.feedback.v1 import feedback_pb2
@@ -221,10 +222,11 @@ async def test_the_online_tier_publishes_a_head_only_version_that_the_service_sw
             assert all(x.accepted for x in ack.results)
             args = small_args(data_dir, models="annotator_head", trainer_subdir="trainer-online")
             args.gate = GateConfig(min_cv_items=12)
-            args.head = read_args(["--head.dtype", "bfloat16"], environ={}).head
+            dtype = read_args(["--annotator.eval-dtype", "bfloat16"], environ={}).annotator.eval_dtype
+            args.annotator = dataclasses.replace(args.annotator, eval_dtype=dtype)
             caplog.set_level(logging.INFO, logger="trainer.learners")
             await asyncio.to_thread(run_trainer, args)
-            assert "online tier: v0 embeds labels in torch.bfloat16" in caplog.text
+            assert "online tier: v0 embeds 40 labels in torch.bfloat16" in caplog.text
             [row] = read_rounds(args)
             assert row["model"] == "annotator_head" and row["result"] == "published", row
             store = ModelStore(data_dir / "store")

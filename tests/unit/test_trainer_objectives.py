@@ -631,6 +631,27 @@ def test_the_refit_iterations_are_read_from_their_flag(bert_tokenizer):
     assert ce_short > ce_full + 1e-3, (ce_short, ce_full)
 
 
+def test_the_eval_precision_is_read_from_its_flag(bert_tokenizer):
+    """`--annotator.eval-dtype bfloat16` as the trainer process reads it: the logits the gate judges (and the
+    embeddings the head is refitted on) come from bf16 forward passes, close to fp32's but not equal; an
+    unknown precision is refused when the config is made, not mid-round."""
+    from trainer.__main__ import read_args
+
+    cfg = read_args(["--annotator.eval-dtype", "bfloat16", "--annotator.max-length", "16"], environ={}).annotator
+    assert cfg.eval_dtype == "bfloat16"
+    model = tiny_annotator(bert_tokenizer)
+    texts = [x.text for x in labelled(32, random.Random(8))]
+    bf16 = ap.predict_logits(model, bert_tokenizer, texts, cfg)
+    fp32 = ap.predict_logits(model, bert_tokenizer, texts, dataclasses.replace(cfg, eval_dtype="float32"))
+    assert bf16.dtype == fp32.dtype == torch.float32
+    assert not torch.equal(bf16, fp32) and torch.allclose(bf16, fp32, atol=0.05, rtol=0.05)
+    assert torch.equal(
+        fp32, ap.predict_logits(model, bert_tokenizer, texts, dataclasses.replace(cfg, eval_dtype="auto"))
+    )
+    with pytest.raises(ValueError, match="unknown dtype"):
+        ap.AnnotationPolicyConfig(eval_dtype="fp8")
+
+
 @pytest.mark.parametrize("flags", [["--annotator.class-balance"], []])
 def test_class_balance_weighs_each_label_alike_where_the_trainer_reads_its_flag(bert_tokenizer, flags):
     """`--annotator.class-balance` as the trainer process reads it: 18 labels of one class and 2 of the

@@ -259,13 +259,17 @@ def _policy_flags(opts: AnnotationDemoOptions) -> list[str]:
 
 def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
     objectives = {
-        "annotator": {"epochs": opts.epochs, "max_length": opts.max_length, "max_steps": opts.max_steps},
+        "annotator": {
+            "epochs": opts.epochs,
+            "max_length": opts.max_length,
+            "max_steps": opts.max_steps,
+            "eval_dtype": opts.serve_dtype,  # judged, calibrated and refitted on embeddings as the policy serves
+        },
         "gate": {
             "min_eval_items": opts.min_eval_items,
             "min_lift_z": opts.min_lift_z,
             "cv_max_items": opts.cv_max_items,
         },
-        "head": {"dtype": opts.serve_dtype},  # the online tier fits heads on embeddings as the policy serves them
     }
     path = run / "objectives.json"
     path.write_text(json.dumps(objectives, indent=2))
@@ -615,7 +619,9 @@ class AnnotationDemo:
         from loopserve.device import pick_dtype
         from trainer.annotation_policy import AnnotationPolicyConfig
 
-        cfg = AnnotationPolicyConfig(epochs=opts.epochs, max_length=opts.max_length, max_steps=opts.max_steps)
+        cfg = AnnotationPolicyConfig(
+            epochs=opts.epochs, max_length=opts.max_length, max_steps=opts.max_steps, eval_dtype=opts.serve_dtype
+        )
         base = st.run / "store" / "models" / "annotator" / "v0"
         published = [r["human_labels"] for r in st.rounds if r.get("result") == "published"]
         schedule = published or [st.human_labels]
@@ -641,7 +647,7 @@ class AnnotationDemo:
         console.print(f"passive: accuracy {res['accuracy']:.3f} with {budget} labels in {res['seconds']:.0f}s")
         if opts.measure_ceiling:
             console.print(f"ceiling: all {len(st.train)} train labels, 3 epochs, trained offline ...")
-            cfg3 = AnnotationPolicyConfig(epochs=3.0, max_length=opts.max_length)
+            cfg3 = AnnotationPolicyConfig(epochs=3.0, max_length=opts.max_length, eval_dtype=opts.serve_dtype)
             all_labels = [(e.text, e.label) for e in st.train]
             res = passive.train_offline(
                 base, all_labels, [len(all_labels)], st.test, cfg3, heldout_fraction=0.0, eval_dtype=dtype
