@@ -160,7 +160,10 @@ def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
     for f in ("report.md", "accuracy_vs_labels.png", "review_and_auto_labels.png"):
         assert (run / f).stat().st_size > 0
     assert "simulated" in (run / "report.md").read_text()
-    # The online tier fits its heads on embeddings in the precision the demo's policy serves (bf16).
+    # The trainers run in the precision the demo's policy serves (bf16): they are handed it, and the online
+    # tier fits its heads on embeddings made in it.
+    annotator = json.loads((run / "objectives.json").read_text())["annotator"]
+    assert (annotator["eval_dtype"], annotator["train_dtype"]) == ("bfloat16", "bfloat16")
     assert "labels in torch.bfloat16" in (run / "logs" / "trainer-online.log").read_text()
 
 

@@ -652,6 +652,34 @@ def test_the_eval_precision_is_read_from_its_flag(bert_tokenizer):
         ap.AnnotationPolicyConfig(eval_dtype="fp8")
 
 
+def test_the_training_precision_is_read_from_its_flag(bert_tokenizer):
+    """`--annotator.train-dtype bfloat16` as the trainer process reads it: mixed precision, so the weights
+    stay fp32 and the round learns as much (its training cross-entropy close to the fp32 round's), but
+    the same batches and dropout masks move them differently than fp32 forward passes do."""
+    from trainer.__main__ import read_args
+
+    cfg = _short_round_cfg(read_args(["--annotator.train-dtype", "bfloat16"], environ={}).annotator)
+    assert cfg.train_dtype == "bfloat16"
+    items = labelled(48, random.Random(10))
+    labels = ap.label_tensor(tiny_annotator(bert_tokenizer), items)
+    no_refit = dataclasses.replace(cfg, head_refit=False)
+    mixed = _round(no_refit, bert_tokenizer, items)
+    full = _round(dataclasses.replace(no_refit, train_dtype="float32"), bert_tokenizer, items)
+    assert all(p.dtype == torch.float32 for p in mixed.parameters())
+    w_mixed, w_full = (dict(m.encoder.named_parameters())["embeddings.word_embeddings.weight"] for m in (mixed, full))
+    assert not torch.equal(w_mixed, w_full)
+    ce_mixed = _train_ce(mixed, _embeddings(mixed, bert_tokenizer, items), labels)
+    ce_full = _train_ce(full, _embeddings(full, bert_tokenizer, items), labels)
+    ce_start = _train_ce(
+        tiny_annotator(bert_tokenizer), _embeddings(tiny_annotator(bert_tokenizer), bert_tokenizer, items), labels
+    )
+    assert ce_mixed < ce_start - 0.05 and abs(ce_mixed - ce_full) < 0.5 * (ce_start - ce_full), (
+        ce_start,
+        ce_full,
+        ce_mixed,
+    )
+
+
 @pytest.mark.parametrize("flags", [["--annotator.class-balance"], []])
 def test_class_balance_weighs_each_label_alike_where_the_trainer_reads_its_flag(bert_tokenizer, flags):
     """`--annotator.class-balance` as the trainer process reads it: 18 labels of one class and 2 of the

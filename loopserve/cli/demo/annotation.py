@@ -25,7 +25,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +120,10 @@ class AnnotationDemoOptions:
     online_every: int = 4
     """Online tier: new verified labels per head round."""
     serve_dtype: str = "bfloat16"
-    """The policy service's weights (bf16: DESIGN's fast path on this CPU, ~3x fp32 at batch 32+); the
-    offline baselines are evaluated in the same dtype so that the comparison stays like for like."""
+    """The policy service's weights (bf16: DESIGN's fast path on this CPU, ~3x fp32 at batch 32+). The
+    trainers and the offline baselines run in it too, so that the comparison stays like for like: their
+    evaluations, calibration and head refits (`--annotator.eval-dtype`) and, as mixed precision, their
+    training steps (`--annotator.train-dtype`)."""
 
     def apply_quick(self) -> None:
         self.train_items, self.test_items = self.train_items or 400, self.test_items or 200
@@ -264,6 +266,7 @@ def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
             "max_length": opts.max_length,
             "max_steps": opts.max_steps,
             "eval_dtype": opts.serve_dtype,  # judged, calibrated and refitted on embeddings as the policy serves
+            "train_dtype": opts.serve_dtype,
         },
         "gate": {
             "min_eval_items": opts.min_eval_items,
@@ -620,7 +623,11 @@ class AnnotationDemo:
         from trainer.annotation_policy import AnnotationPolicyConfig
 
         cfg = AnnotationPolicyConfig(
-            epochs=opts.epochs, max_length=opts.max_length, max_steps=opts.max_steps, eval_dtype=opts.serve_dtype
+            epochs=opts.epochs,
+            max_length=opts.max_length,
+            max_steps=opts.max_steps,
+            eval_dtype=opts.serve_dtype,
+            train_dtype=opts.serve_dtype,
         )
         base = st.run / "store" / "models" / "annotator" / "v0"
         published = [r["human_labels"] for r in st.rounds if r.get("result") == "published"]
@@ -647,7 +654,7 @@ class AnnotationDemo:
         console.print(f"passive: accuracy {res['accuracy']:.3f} with {budget} labels in {res['seconds']:.0f}s")
         if opts.measure_ceiling:
             console.print(f"ceiling: all {len(st.train)} train labels, 3 epochs, trained offline ...")
-            cfg3 = AnnotationPolicyConfig(epochs=3.0, max_length=opts.max_length, eval_dtype=opts.serve_dtype)
+            cfg3 = replace(cfg, epochs=3.0, max_steps=0)
             all_labels = [(e.text, e.label) for e in st.train]
             res = passive.train_offline(
                 base, all_labels, [len(all_labels)], st.test, cfg3, heldout_fraction=0.0, eval_dtype=dtype
