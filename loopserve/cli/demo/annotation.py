@@ -259,15 +259,21 @@ def _policy_flags(opts: AnnotationDemoOptions) -> list[str]:
     ]
 
 
+def _annotator_recipe(opts: AnnotationDemoOptions) -> dict[str, Any]:
+    """The AnnotationPolicyConfig fields the trainers and the offline baselines share: the same recipe, in
+    the precision the policy serves (judged, calibrated and refitted on embeddings as served)."""
+    return {
+        "epochs": opts.epochs,
+        "max_length": opts.max_length,
+        "max_steps": opts.max_steps,
+        "eval_dtype": opts.serve_dtype,
+        "train_dtype": opts.serve_dtype,
+    }
+
+
 def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
     objectives = {
-        "annotator": {
-            "epochs": opts.epochs,
-            "max_length": opts.max_length,
-            "max_steps": opts.max_steps,
-            "eval_dtype": opts.serve_dtype,  # judged, calibrated and refitted on embeddings as the policy serves
-            "train_dtype": opts.serve_dtype,
-        },
+        "annotator": _annotator_recipe(opts),
         "gate": {
             "min_eval_items": opts.min_eval_items,
             "min_lift_z": opts.min_lift_z,
@@ -622,13 +628,7 @@ class AnnotationDemo:
         from loopserve.device import pick_dtype
         from trainer.annotation_policy import AnnotationPolicyConfig
 
-        cfg = AnnotationPolicyConfig(
-            epochs=opts.epochs,
-            max_length=opts.max_length,
-            max_steps=opts.max_steps,
-            eval_dtype=opts.serve_dtype,
-            train_dtype=opts.serve_dtype,
-        )
+        cfg = AnnotationPolicyConfig(**_annotator_recipe(opts))
         base = st.run / "store" / "models" / "annotator" / "v0"
         published = [r["human_labels"] for r in st.rounds if r.get("result") == "published"]
         schedule = published or [st.human_labels]
