@@ -46,7 +46,8 @@ class EmbeddingCache:
     """Embeddings of labelled texts under one encoder version; recomputed when the encoder changes."""
 
     def __init__(self) -> None:
-        self.encoder_key = ""
+        self.key: tuple[str, torch.dtype] | None = None
+        """The encoder (its weights' digest) and the precision the cached vectors were made with."""
         self.vectors: dict[str, torch.Tensor] = {}
 
     def embed(
@@ -61,8 +62,8 @@ class EmbeddingCache:
     ) -> torch.Tensor:
         """(N, C) float32 embeddings of `texts` (forward passes in `dtype`: trainer.annotation_policy.embed_texts),
         computing only those not cached for `encoder_key` and `dtype`."""
-        if f"{encoder_key}/{dtype}" != self.encoder_key:
-            self.encoder_key, self.vectors = f"{encoder_key}/{dtype}", {}
+        if (encoder_key, dtype) != self.key:
+            self.key, self.vectors = (encoder_key, dtype), {}
         todo = sorted({t for t in texts if t not in self.vectors}, key=len)  # like lengths pad alike
         fresh = embed_texts(model, tokenizer, todo, cfg.batch_size, max_length, dtype)
         self.vectors.update(zip(todo, fresh, strict=True))

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from loopserve.device import pick_dtype
 from loopserve.errors import VerificationError
 from loopserve.metrics import TRAINER_LOSS
 from loopserve.models import encoder_heads, generator
@@ -246,17 +247,16 @@ class AnnotatorHeadLearner:
     def load(self, ctx: Context, serving: str) -> None:
         """The serving encoder (kept between rounds while it serves) and the labels' cached embeddings."""
         args = ctx.args
-        if ctx.head_model is None or ctx.head_model[0] != serving:
+        dtype = pick_dtype(args.annotator.eval_dtype, ctx.device)  # as the services serve it
+        held = ctx.head_model
+        if held is None or held[0] != serving:
             model = _annotator(self.folder, ctx.device, serving)
-            ctx.head_model = (serving, model, encoder_heads.load_tokenizer(self.folder))
-            logger.info(
-                "online tier: %s embeds labels in %s", serving, annotation_policy.eval_dtype(model, args.annotator)
-            )
-        _, self.encoder, tokenizer = ctx.head_model
+            held = ctx.head_model = (serving, model, encoder_heads.load_tokenizer(self.folder))
+            logger.info("online tier: %s embeds labels in %s", serving, dtype)
+        _, self.encoder, tokenizer = held
         # The encoder weights' digest keys the cache: a head-only version shares it with its parent.
         key = self.manifest.files.get(encoder_heads.WEIGHTS_FILE, serving)
         texts = [x.text for x in self.items]
-        dtype = annotation_policy.eval_dtype(self.encoder, args.annotator)  # as the services serve it
         self.emb = ctx.embeddings.embed(
             self.encoder, tokenizer, texts, key, args.head, args.annotator.max_length, dtype
         )

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from loopserve.cli.demo.annotation import AnnotationDemo, AnnotationDemoOptions, AnnotationRun, ItemLabel, VersionPoint
 from loopserve.cli.demo.annotators import AnnotatorPool
@@ -255,7 +254,7 @@ def test_ctrl_c_stops_every_process_and_leaves_log_and_store_whole(tmp_path: Pat
             store.verify(model, v)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_passive_baseline_trains_offline_and_evaluates_in_the_served_dtype(tiny_data_dir: Path, dtype) -> None:
     """The baseline is evaluated the way the services load a version (encoder in the serving dtype, head
     in fp32), so that it compares like for like with the loop's served versions."""
@@ -267,8 +266,8 @@ def test_passive_baseline_trains_offline_and_evaluates_in_the_served_dtype(tiny_
     labelled = [(f"review {i} {'good' if i % 2 else 'bad'}", "great" if i % 2 else "other") for i in range(40)]
     test = [Example(f"test {i} {'good' if i % 2 else 'bad'}", "great" if i % 2 else "other", "test") for i in range(20)]
     rng.shuffle(labelled)
-    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16)
-    res = passive.train_offline(base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, eval_dtype=dtype)
+    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16, eval_dtype=dtype)
+    res = passive.train_offline(base, labelled, [20, 40], test, cfg, heldout_fraction=0.2)
     assert 0.0 <= res["accuracy"] <= 1.0 and res["steps"] > 0 and res["labels"] == 40
     # From cv_max_items on, a round continues the last one's weights and self-trains on the pool, as the
     # trainer's held-out rounds do (the base never pseudo-labels).

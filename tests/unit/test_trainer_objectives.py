@@ -661,7 +661,8 @@ def test_the_training_precision_is_read_from_its_flag(bert_tokenizer):
     cfg = _short_round_cfg(read_args(["--annotator.train-dtype", "bfloat16"], environ={}).annotator)
     assert cfg.train_dtype == "bfloat16"
     items = labelled(48, random.Random(10))
-    labels = ap.label_tensor(tiny_annotator(bert_tokenizer), items)
+    start = tiny_annotator(bert_tokenizer)
+    labels = ap.label_tensor(start, items)
     no_refit = dataclasses.replace(cfg, head_refit=False)
     mixed = _round(no_refit, bert_tokenizer, items)
     full = _round(dataclasses.replace(no_refit, train_dtype="float32"), bert_tokenizer, items)
@@ -670,9 +671,7 @@ def test_the_training_precision_is_read_from_its_flag(bert_tokenizer):
     assert not torch.equal(w_mixed, w_full)
     ce_mixed = _train_ce(mixed, _embeddings(mixed, bert_tokenizer, items), labels)
     ce_full = _train_ce(full, _embeddings(full, bert_tokenizer, items), labels)
-    ce_start = _train_ce(
-        tiny_annotator(bert_tokenizer), _embeddings(tiny_annotator(bert_tokenizer), bert_tokenizer, items), labels
-    )
+    ce_start = _train_ce(start, _embeddings(start, bert_tokenizer, items), labels)
     assert ce_mixed < ce_start - 0.05 and abs(ce_mixed - ce_full) < 0.5 * (ce_start - ce_full), (
         ce_start,
         ce_full,

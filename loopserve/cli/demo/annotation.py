@@ -97,7 +97,8 @@ class AnnotationDemoOptions:
     here, where the trainer's default is 600 (GateConfig.cv_max_items): the demo keeps to its wall time on
     2 cores. With 600, the default demo's rounds at 324, 405 and 547 labels took 167, 119 and 219 s on an
     AMD EPYC, where its later held-out rounds (650 to 1,100 labels) took 89 to 141 s: an estimated 4
-    minutes more in all (the whole run: 2,165 s)."""
+    minutes more in all (the whole run: 2,165 s). Those were fp32 rounds; in bf16 (--serve-dtype's default
+    since) rounds cost about half, which leaves room to revisit this (not measured)."""
     train_items: int = 0
     """Stream only this many train items (0: all)."""
     test_items: int = 0
@@ -623,9 +624,6 @@ class AnnotationDemo:
 
     def _baselines(self, st: AnnotationRun, pool: AnnotatorPool, console: Any) -> None:
         opts = self.opts
-        import torch
-
-        from loopserve.device import pick_dtype
         from trainer.annotation_policy import AnnotationPolicyConfig
 
         cfg = AnnotationPolicyConfig(**_annotator_recipe(opts))
@@ -638,7 +636,6 @@ class AnnotationDemo:
         )
         labelled = passive.passive_labels(st.train, budget, noisy.noisy_label, opts.seed)
         console.print(f"passive baseline: {budget} random items, the loop's schedule {schedule}, trained offline ...")
-        dtype = pick_dtype(opts.serve_dtype, torch.device("cpu"))
         res = passive.train_offline(
             base,
             labelled,
@@ -647,7 +644,6 @@ class AnnotationDemo:
             cfg,
             heldout_fraction=opts.heldout_fraction,
             cv_max_items=opts.cv_max_items,
-            eval_dtype=dtype,
             pool=[e.text for e in st.train[: st.items_seen]],  # what the loop streamed
         )
         st.passive = res
@@ -656,9 +652,7 @@ class AnnotationDemo:
             console.print(f"ceiling: all {len(st.train)} train labels, 3 epochs, trained offline ...")
             cfg3 = replace(cfg, epochs=3.0, max_steps=0)
             all_labels = [(e.text, e.label) for e in st.train]
-            res = passive.train_offline(
-                base, all_labels, [len(all_labels)], st.test, cfg3, heldout_fraction=0.0, eval_dtype=dtype
-            )
+            res = passive.train_offline(base, all_labels, [len(all_labels)], st.test, cfg3, heldout_fraction=0.0)
             st.ceiling = {"accuracy": res["accuracy"], "measured": True, "seconds": res["seconds"]}
         elif opts.dataset is None:  # Fine Food: the reference figure, said to be one
             st.ceiling = {"accuracy": CEILING_REFERENCE, "measured": False}

@@ -55,11 +55,10 @@ def train_offline(
     cv_max_items: int = 0,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    eval_dtype: torch.dtype = torch.float32,
     pool: Sequence[str] = (),
 ) -> dict[str, float]:
     """Train the base annotator on `labelled[:n]` for each n in `schedule` in turn; test accuracy with
-    the weights cast to `eval_dtype` (the dtype the loop's versions were served and evaluated in). A
+    the encoder cast to `cfg.eval_dtype` (the precision the loop's versions were served and evaluated in). A
     round under `cv_max_items` followed by another is skipped: that one starts from the base again, so
     the result is the same as training only the last of them (and the schedule's early rounds cost the
     default demo's baseline about a seventh of its steps).
@@ -95,7 +94,7 @@ def train_offline(
             model, tokenizer, [*items, *pseudo], [], cfg, optimizer=opt, generator=gen
         )
         steps += m.get("steps", 0.0)
-    model.encoder.to(eval_dtype)  # as the services load it: the encoder in eval_dtype, the head in fp32
+    model.encoder.to(annotation_policy.eval_dtype(model, cfg))  # as the services load it; the head stays fp32
     acc = accuracy_on(model, tokenizer, test, cfg)
     return {
         "accuracy": acc,
