@@ -255,6 +255,10 @@ def tfidf_accuracy(labelled: list[tuple[str, str]], test: list[Example]) -> floa
     return float(np.mean([p == e.label for p, e in zip(pred, test, strict=True)]))
 
 
+def compact(metrics: dict[str, float]) -> str:
+    return json.dumps({k: round(v, 4) for k, v in metrics.items()})
+
+
 def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: list[Example], seed: int) -> dict:
     """The loop's routing and training over a stream; metrics at each budget."""
     cfg, gate = make_configs(args)
@@ -273,6 +277,36 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     auto_items = 0
     backlog: dict[int, np.ndarray] = {}  # stream index -> probabilities of the version that flagged it
     backlog_version = rp.version
+
+    def measure(seen: int) -> dict[str, float]:
+        """The serving version on the test split, and the labelled data set of the `seen` items streamed."""
+        streamed = stream[:seen]
+        rest = [j for j in range(seen) if j not in human]
+        names = rp.serving.spec.label_names
+        pr = rp.probs([streamed[j].text for j in rest]) if rest else np.zeros((0, len(names)))
+        correct = sum(human[j] == streamed[j].label for j in human)
+        correct += sum(names[int(pr[k].argmax())] == streamed[j].label for k, j in enumerate(rest))
+        shares = {y: sum(v == y for v in human.values()) / len(human) for y in names}
+        # Diagnostic: the routed labels are not distributed as the stream is (uncertain items lie near the
+        # boundary), and the model learns their prior. Shift its logits by log(stream prior / label prior),
+        # the stream prior estimated with no label spent: human labels plus the serving version's mean
+        # probabilities over the other streamed items.
+        label_prior = np.array([max(shares[y], 1e-3) for y in names])
+        counts = np.array([sum(v == y for v in human.values()) for y in names], dtype=float)
+        stream_prior = np.clip((counts + pr.sum(0)) / seen, 1e-3, None)
+        m = rp.test_metrics(test, np.log(stream_prior) - np.log(label_prior))
+        m.update(
+            **{f"stream_prior_{y}": float(v) for y, v in zip(names, stream_prior, strict=True)},
+            **{f"label_share_{y}": v for y, v in shares.items()},
+            dataset_accuracy=correct / seen,
+            items_streamed=float(seen),
+            checked=float(rp.checked),
+            auto_labelled_items=float(auto_items),
+            human_label_accuracy=sum(human[j] == streamed[j].label for j in human) / len(human),
+            tfidf_accuracy=tfidf_accuracy([(streamed[j].text, human[j]) for j in human], test),
+        )
+        return m
+
     for start in range(0, len(stream), args.chunk):
         part = stream[start : start + args.chunk]
         texts = [e.text for e in part]
@@ -314,37 +348,19 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
             last_round = len(human)
             rp.round(pool=[stream[j].text for j in range(seen) if j not in human])
             if len(human) in budgets:
-                b = len(human)
-                streamed = stream[:seen]
-                rest = [j for j in range(seen) if j not in human]
-                names = rp.serving.spec.label_names
-                pr = rp.probs([streamed[j].text for j in rest]) if rest else np.zeros((0, len(names)))
-                correct = sum(human[j] == streamed[j].label for j in human)
-                correct += sum(names[int(pr[k].argmax())] == streamed[j].label for k, j in enumerate(rest))
-                shares = {y: sum(v == y for v in human.values()) / len(human) for y in names}
-                # Diagnostic: the routed labels are not distributed as the stream is (uncertain items lie near
-                # the boundary), and the model learns their prior. Shift its logits by log(stream prior /
-                # label prior), the stream prior estimated with no label spent: human labels plus the serving
-                # version's mean probabilities over the other streamed items.
-                label_prior = np.array([max(shares[y], 1e-3) for y in names])
-                counts = np.array([sum(v == y for v in human.values()) for y in names], dtype=float)
-                stream_prior = np.clip((counts + pr.sum(0)) / seen, 1e-3, None)
-                m = rp.test_metrics(test, np.log(stream_prior) - np.log(label_prior))
-                m.update(
-                    **{f"stream_prior_{y}": float(v) for y, v in zip(names, stream_prior, strict=True)},
-                    **{f"label_share_{y}": v for y, v in shares.items()},
-                    dataset_accuracy=correct / seen,
-                    items_streamed=float(seen),
-                    checked=float(rp.checked),
-                    auto_labelled_items=float(auto_items),
-                    human_label_accuracy=sum(human[j] == streamed[j].label for j in human) / len(human),
-                    tfidf_accuracy=tfidf_accuracy([(streamed[j].text, human[j]) for j in human], test),
-                )
-                out[b] = m
-                print(
-                    f"  loop  seed {seed} budget {b}: {json.dumps({k: round(v, 4) for k, v in m.items()})}", flush=True
-                )
-    return {"budgets": out, "rounds": rp.rounds}
+                out[len(human)] = measure(seen)
+                print(f"  loop  seed {seed} budget {len(human)}: {compact(out[len(human)])}", flush=True)
+    if len(out) == len(budgets):
+        return {"budgets": out, "rounds": rp.rounds}
+    # The stream ran out short of a budget: once a checked version serves, only the items it flags are
+    # candidates, and a confident version flags fewer than the quota (it asked people less and auto-labelled
+    # the rest). The loop's end point instead: a round at the labels it reached, measured alike.
+    if len(human) != last_round:
+        rp.round(pool=[stream[j].text for j in range(seen) if j not in human])
+    end = {**measure(seen), "labels": float(len(human))}
+    missed = [b for b in budgets if b not in out]
+    print(f"  loop  seed {seed} stream ended at {len(human)} labels, short of {missed}: {compact(end)}", flush=True)
+    return {"budgets": out, "end": end, "rounds": rp.rounds}
 
 
 def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test: list[Example], seed: int) -> dict:
@@ -365,7 +381,7 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
             m = rp.test_metrics(test)
             m["tfidf_accuracy"] = tfidf_accuracy([(x.text, x.label) for x in rp.labelled], test)
             out[p] = m
-            print(f"  passive seed {seed} budget {p}: {json.dumps({k: round(v, 4) for k, v in m.items()})}", flush=True)
+            print(f"  passive seed {seed} budget {p}: {compact(m)}", flush=True)
     return {"budgets": out, "rounds": rp.rounds}
 
 
@@ -422,7 +438,22 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
     return table
 
 
-def plot(summary: dict[str, Any], out: Path, title: str) -> None:
+def summarise_end(results: dict[str, Any]) -> dict[str, Any]:
+    """The loops whose stream ran out short of a budget (run_loop): the labels they reached, and their
+    figures there; empty when every loop reached every budget."""
+    ends = [(s["seed"], s["loop"]["end"]) for s in results["seeds"] if "end" in s.get("loop", {})]
+    if not ends:
+        return {}
+    return {
+        "seeds": [seed for seed, _ in ends],
+        "labels": [e["labels"] for _, e in ends],
+        "accuracy": [e["accuracy"] for _, e in ends],
+        "dataset_accuracy": [e["dataset_accuracy"] for _, e in ends],
+        "auto_labelled_items": [e["auto_labelled_items"] for _, e in ends],
+    }
+
+
+def plot(summary: dict[str, Any], out: Path, title: str, end: dict[str, Any] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -441,6 +472,8 @@ def plot(summary: dict[str, Any], out: Path, title: str) -> None:
         ys = [summary[str(b)][key]["mean"] for b in xs]
         es = [summary[str(b)][key]["se"] for b in xs]
         ax.errorbar(xs, ys, yerr=[0 if math.isnan(e) else e for e in es], marker="o", capsize=3, label=label)
+    if end:
+        ax.scatter(end["labels"], end["accuracy"], marker="x", color="C0", label="loop at the stream's end (per seed)")
     ax.set_xscale("log")
     ax.set_xlabel("human interactions")
     ax.set_ylabel("test accuracy (mean +- s.e. over seeds)")
@@ -567,14 +600,18 @@ def main() -> None:
                 print(f"seed {seed}: {learner}", flush=True)
                 entry[learner] = run(args, base, order, test, seed)
         results["seeds"].append(entry)
-        results["summary"] = summarise(results, sorted(args.budgets))
         results["seconds"] = round(time.monotonic() - t0, 1)
-        args.out.write_text(json.dumps(results, indent=1, default=str))
-        plot(results["summary"], args.out.with_suffix(".png"), f"{path.name}: {len(results['seeds'])} seeds")
+        write_results(results, args, path)
+    write_results(results, args, path)
+    print(json.dumps({k: results[k] for k in ("summary", "loop_end")}, indent=1))
+
+
+def write_results(results: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     results["summary"] = summarise(results, sorted(args.budgets))
+    results["loop_end"] = summarise_end(results)
     args.out.write_text(json.dumps(results, indent=1, default=str))
-    plot(results["summary"], args.out.with_suffix(".png"), f"{path.name}: {len(results['seeds'])} seeds")
-    print(json.dumps(results["summary"], indent=1))
+    title = f"{path.name}: {len(results['seeds'])} seeds"
+    plot(results["summary"], args.out.with_suffix(".png"), title, results["loop_end"])
 
 
 if __name__ == "__main__":

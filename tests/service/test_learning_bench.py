@@ -59,3 +59,31 @@ def test_the_loop_replay_spends_its_budget_and_refits_the_online_tier_after_ever
     passive = run_passive(bench_args(), base, train, test, seed=0)
     assert sorted(passive["budgets"]) == [24, 48]
     assert [r["regime"] for r in passive["rounds"]] == ["ungated", "ungated"]
+
+
+def test_a_loop_whose_stream_ends_short_of_a_budget_reports_where_it_ended(base_store: Path) -> None:  # noqa: F811
+    """120 items at half an interaction each cannot buy 500 labels: the budget is not dropped in silence, the
+    loop's end point is a round at the labels it reached, measured like a budget, and the summary lists it."""
+    from bench.learning import summarise, summarise_end
+
+    base = ModelStore(base_store).path("annotator", "v0")
+    train, test = reviews(120, 3, "train"), reviews(40, 4, "test")
+    args = parser().parse_args(
+        ["--budgets", "24,500", "--early-rounds", "12", "--chunk", "40", "--fraction", "0.5", "--max-length", "32",
+         *CONFIDENT, "--no-online-tier"]
+    )  # fmt: skip
+    loop = run_loop(args, base, train, test, seed=0)
+    assert sorted(loop["budgets"]) == [24]
+    end = loop["end"]
+    assert 24 < end["labels"] <= 60 and end["items_streamed"] == 120
+    assert 0.0 <= end["accuracy"] <= 1.0 and 0.0 <= end["dataset_accuracy"] <= 1.0
+    assert [r["labels"] for r in loop["rounds"]][-1] == end["labels"]  # a round on exactly the labels reached
+    results = {"seeds": [{"seed": 0, "loop": loop}]}
+    assert summarise_end(results) == {
+        "seeds": [0],
+        "labels": [end["labels"]],
+        "accuracy": [end["accuracy"]],
+        "dataset_accuracy": [end["dataset_accuracy"]],
+        "auto_labelled_items": [end["auto_labelled_items"]],
+    }
+    assert "loop_accuracy" not in summarise(results, [24, 500])["500"]
