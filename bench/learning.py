@@ -27,11 +27,14 @@ For each seed, two replays of the same data in one process, with the trainer's o
 
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
 (every item streamed so far: its human label, else the serving version's label; that is what
-`loopserve dataset export` writes). Writes bench/results/learning.json (CPU model recorded) and a plot
-with mean +- standard error over seeds. Not run in CI: it takes tens of minutes on 2 cores. Seeds and
-learners can be measured in separate runs and combined with `--merge` (`--seeds 0 --merge A B`: no new
-run); passive does not depend on the loop's routing or gate, so `--learners loop` compares a routing
-variant against an earlier passive run of the same seeds.
+`loopserve dataset export` writes; for passive, the items streamed by then at `--fraction`, its labels on
+the random ones it bought and its model's on the rest). A loop whose stream ends short of a budget (a
+confident checked version flags fewer items than the quota) reports its end point instead. Writes
+bench/results/learning.json (CPU model recorded) and a plot with mean +- standard error over seeds. Not
+run in CI: it takes tens of minutes on 2 cores. Seeds and learners can be measured in separate runs and
+combined with `--merge` (`--seeds 0 --merge A B`: no new run); passive does not depend on the loop's
+routing or gate, so `--learners loop` compares a routing variant against an earlier passive run of the
+same seeds.
 """
 
 from __future__ import annotations
@@ -380,6 +383,14 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
         if p in budgets:
             m = rp.test_metrics(test)
             m["tfidf_accuracy"] = tfidf_accuracy([(x.text, x.label) for x in rp.labelled], test)
+            # Its labelled data set, as the loop's is measured: the items streamed by p labels at --fraction,
+            # with the human label where it bought one and its model's label on the rest.
+            streamed = [train[j] for j in order[: max(p, int(p / args.fraction))]]
+            names = rp.serving.spec.label_names
+            guesses = rp.probs([e.text for e in streamed[p:]]).argmax(1) if len(streamed) > p else []
+            correct = sum(x.label == e.label for x, e in zip(rp.labelled, streamed[:p], strict=True))
+            correct += sum(names[int(g)] == e.label for g, e in zip(guesses, streamed[p:], strict=True))
+            m.update(dataset_accuracy=correct / len(streamed), items_streamed=float(len(streamed)))
             out[p] = m
             print(f"  passive seed {seed} budget {p}: {compact(m)}", flush=True)
     return {"budgets": out, "rounds": rp.rounds}
@@ -422,6 +433,7 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
             ("passive", "accuracy", "passive_accuracy"),
             ("passive", "macro_f1", "passive_macro_f1"),
             ("passive", "tfidf_accuracy", "tfidf_on_passive_labels"),
+            ("passive", "dataset_accuracy", "passive_dataset_accuracy"),
         ]:
             runs = [s[learner]["budgets"] for s in results["seeds"] if learner in s]
             vals = [r[b][key] for r in runs if b in r]
@@ -434,6 +446,14 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
         ]
         if diffs:
             row["loop_minus_passive"] = stat(diffs)
+        data_diffs = [
+            s["loop"]["budgets"][b]["dataset_accuracy"] - s["passive"]["budgets"][b]["dataset_accuracy"]
+            for s in results["seeds"]
+            if "loop" in s and "passive" in s and b in s["loop"]["budgets"] and b in s["passive"]["budgets"]
+            and "dataset_accuracy" in s["passive"]["budgets"][b]
+        ]  # fmt: skip
+        if data_diffs:
+            row["loop_minus_passive_dataset"] = stat(data_diffs)
         table[str(b)] = row
     return table
 
@@ -465,6 +485,7 @@ def plot(summary: dict[str, Any], out: Path, title: str, end: dict[str, Any] | N
         ("passive_accuracy", "passive random sampling, same trainer"),
         ("tfidf_on_passive_labels", "TF-IDF + LR, passive labels"),
         ("loop_dataset_accuracy", "loop: labelled data set"),
+        ("passive_dataset_accuracy", "passive: labelled data set"),
     ]:
         xs = [int(b) for b, row in summary.items() if key in row]
         if not xs:
