@@ -407,6 +407,7 @@ def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, Gate
         class_balance=args.class_balance,
         contrastive_coef=args.contrastive_coef,
         head_refit=args.head_refit,
+        early_stopping=args.early_stopping,
         eval_dtype="bfloat16",  # as `loopserve demo` sets it: the replay serves bf16 (Replay.infer)
         train_dtype=args.train_dtype,
     )
@@ -567,6 +568,13 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=AnnotationPolicyConfig.contrastive_coef,
         help="weight of the SetFit-style pair loss in fine-tuning (AnnotationPolicyConfig.contrastive_coef; 0: off)",
+    )
+    ap.add_argument(
+        "--early-stopping",
+        action=argparse.BooleanOptionalAction,
+        default=AnnotationPolicyConfig.early_stopping,
+        help="cross-fitted rounds train the candidate for the share of its schedule the fold models score best "
+        "at (AnnotationPolicyConfig.early_stopping)",
     )
     ap.add_argument(
         "--head-refit",

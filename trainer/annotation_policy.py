@@ -103,6 +103,13 @@ class AnnotationPolicyConfig:
     """`head_refit`: lambda of the pull towards the trained head (trainer.head_fit; the online tier's default)."""
     head_refit_iters: int = 100
     """`head_refit`: LBFGS iterations."""
+    early_stopping: bool = False
+    """Cross-fitted rounds (few labels) pick how long the candidate trains from the fold models: each fold
+    model is scored out of fold at `STOP_FRACTIONS` of its schedule (its head refitted there, as the end of a
+    round would), and the candidate trains for the fraction of its own schedule whose out-of-fold logits
+    have the least calibrated cross-entropy over all folds (early stopping on the cross-validated metric;
+    it never trains longer than the schedule). The gate still judges the full schedule's out-of-fold
+    answers, so its permutation test stays exact; the temperature is fitted on the chosen fraction's."""
     pseudo_label_ratio: float = 0.0
     """Self-training (trainer.pseudo_labels): pseudo-labels from the checked serving version per human label
     in a held-out round; 0 (the default) turns it off. Off because it measured no gain: paired against
@@ -283,16 +290,25 @@ def refit_head(
     temperature, so the fit is made on that scale and stored multiplied back."""
     texts = [x.text for x in labelled]
     emb = embed_texts(model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length, eval_dtype(model, cfg))  # (N, C)
-    labels = label_tensor(model, labelled)  # (N,)
+    w, b = refitted_head(model, emb, labelled, cfg)
+    t = model.spec.temperature
+    model.head.weight.copy_(w * t)
+    model.head.bias.copy_(b * t)
+
+
+@torch.no_grad()
+def refitted_head(
+    model: AnnotatorModel, emb: torch.Tensor, labelled: Sequence[LabelExample], cfg: AnnotationPolicyConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`refit_head`'s fit on the embeddings `emb` (N, C) of `labelled`, on the scale of the served logits
+    (the head divided by the temperature): (W (L, C), b (L,)), the model left as it is."""
     t = model.spec.temperature
     w0, b0 = model.head.weight.float().cpu() / t, model.head.bias.float().cpu() / t
     with torch.enable_grad():
-        w, b = fit_head(
-            emb, labels, w0, b0, l2=cfg.head_refit_l2, max_iter=cfg.head_refit_iters,
+        return fit_head(
+            emb, label_tensor(model, labelled), w0, b0, l2=cfg.head_refit_l2, max_iter=cfg.head_refit_iters,
             class_weight=_label_weights(labelled, model.spec.label_names, cfg),
         )  # fmt: skip
-    model.head.weight.copy_(w * t)
-    model.head.bias.copy_(b * t)
 
 
 def annotation_loss(
@@ -330,19 +346,24 @@ def train_annotation_policy(
     optimizer: torch.optim.Optimizer | None = None,
     guard: LossGuard | None = None,
     generator: torch.Generator | None = None,
+    schedule_fraction: float = 1.0,
+    at_step: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Train in place on the replay buffer `labelled` and the bandit examples `rejects`.
 
     Labels outside the model's label set must have been filtered out by the caller (the consumer
     counts them as skipped). Batches are drawn without replacement and grouped by length within a
-    window of batches, so that a long review does not make fifteen short ones pay for its padding."""
+    window of batches, so that a long review does not make fifteen short ones pay for its padding.
+    `schedule_fraction`: train for that share of the round's steps (early stopping's choice, at least one
+    step); `at_step(done)`: called after every step with the steps done so far, the model in eval mode
+    (training resumes after it), before the end-of-round head refit."""
     index = {name: i for i, name in enumerate(model.spec.label_names)}
     items: list[LabelExample | BanditExample] = [*labelled, *rejects]
     if not items:
         return {"steps": 0.0}
     optimizer = optimizer or make_optimizer(model, cfg)
     guard = guard or LossGuard("annotator")
-    steps = round_steps(len(items), cfg)
+    steps = max(1, round(schedule_fraction * round_steps(len(items), cfg)))
     label_weight = _label_weights(labelled, model.spec.label_names, cfg)  # (L,)
     model.train()
     device = next(model.parameters()).device
@@ -391,6 +412,9 @@ def train_annotation_policy(
             totals["importance_weight"] += w[is_bandit].sum().item()
             n_ce += int((~is_bandit).sum())
             n_bandit += int(is_bandit.sum())
+            if at_step is not None:
+                at_step(step + 1)
+                model.train()
     model.eval()
     if cfg.head_refit and labelled:
         refit_head(model, tokenizer, labelled, cfg)
@@ -537,6 +561,27 @@ def fold_of(text: str, k: int) -> int:
     return h % k
 
 
+STOP_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
+"""Where early stopping (`AnnotationPolicyConfig.early_stopping`) scores the fold models: shares of a schedule."""
+
+
+@dataclass
+class CrossFit:
+    logits: torch.Tensor
+    """(N, L) out-of-fold logits, each fold model at the end of its schedule: the gate's evidence."""
+    at_fraction: dict[float, torch.Tensor]
+    """`early_stopping`: (N, L) out-of-fold logits at each of STOP_FRACTIONS of the schedules; else empty."""
+
+
+def schedule_marks(steps: int) -> dict[int, list[float]]:
+    """The step after which each of STOP_FRACTIONS of a schedule of `steps` ends (as `train_annotation_policy`
+    rounds a `schedule_fraction`), fractions that round to the same step together."""
+    marks: dict[int, list[float]] = {}
+    for q in STOP_FRACTIONS:
+        marks.setdefault(max(1, round(q * steps)), []).append(q)
+    return marks
+
+
 def cross_fit_logits(
     load_base: Callable[[], AnnotatorModel],
     tokenizer: PreTrainedTokenizerBase,
@@ -547,23 +592,79 @@ def cross_fit_logits(
     n_labels: int,
     generator: torch.Generator | None = None,
     guard: LossGuard | None = None,
-) -> torch.Tensor:
+) -> CrossFit:
     """Out-of-fold logits (N, L): for each of `folds` folds, a model trained from the base on the other
-    folds (the round's recipe, steps scaled to their size) predicts the items of this fold.
+    folds (the round's recipe, steps scaled to their size) predicts the items of this fold; with
+    `early_stopping`, also at STOP_FRACTIONS of its schedule (the head refitted there on the fold model's
+    training labels, as the end of its round would; scoring never touches the training's random state, so
+    the schedule's end is the same either way).
 
     This is the evidence the gate and the calibration use while labels are few: every verified label is
     both trained on (by the candidate) and judged on (out of fold), so none is spent on a held-out
     slice. It estimates the recipe's accuracy at (folds - 1) / folds of the data, a little pessimistic
     for the candidate trained on all of it. Costs (folds - 1) rounds' worth of steps."""
     out = torch.zeros(len(items), n_labels)
+    at = {q: torch.zeros(len(items), n_labels) for q in STOP_FRACTIONS} if cfg.early_stopping else {}
     fold_ids = [fold_of(x.text, folds) for x in items]
     for f in range(folds):
         train = [x for x, g in zip(items, fold_ids, strict=True) if g != f]
         test_idx = [i for i, g in enumerate(fold_ids) if g == f]
         if not test_idx:
             continue
+        test_texts = [items[i].text for i in test_idx]
         model = load_base()
+        marks = schedule_marks(round_steps(len(train), cfg)) if at and train else {}
+        scored: dict[float, torch.Tensor] = {}  # fraction -> (m, L) this fold's logits there
         if train:
-            train_annotation_policy(model, tokenizer, train, [], cfg, guard=guard, generator=generator)
-        out[test_idx] = predict_logits(model, tokenizer, [items[i].text for i in test_idx], cfg)
-    return out
+            train_annotation_policy(
+                model, tokenizer, train, [], cfg, guard=guard, generator=generator,
+                at_step=_stop_scorer(model, tokenizer, train, test_texts, cfg, marks, scored) if marks else None,
+            )  # fmt: skip
+        out[test_idx] = predict_logits(model, tokenizer, test_texts, cfg)
+        for q in at:  # with no other fold to train on, the base answers at every fraction
+            at[q][test_idx] = scored.get(q, out[test_idx])
+    return CrossFit(out, at)
+
+
+def _stop_scorer(
+    model: AnnotatorModel,
+    tokenizer: PreTrainedTokenizerBase,
+    train: Sequence[LabelExample],
+    test_texts: Sequence[str],
+    cfg: AnnotationPolicyConfig,
+    marks: dict[int, list[float]],
+    out: dict[float, torch.Tensor],
+) -> Callable[[int], None]:
+    """`train_annotation_policy`'s `at_step` for a fold model: at each mark, its logits on its fold's
+    `test_texts` with the head refitted on `train` (`head_refit`) or as trained, stored in `out[q]` for
+    every fraction q ending there."""
+
+    def score(done: int) -> None:
+        if done not in marks:
+            return
+        dtype = eval_dtype(model, cfg)
+        emb = embed_texts(model, tokenizer, test_texts, cfg.eval_batch_size, cfg.max_length, dtype)  # (m, C)
+        if cfg.head_refit:
+            texts = [x.text for x in train]
+            train_emb = embed_texts(model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length, dtype)
+            w, b = refitted_head(model, train_emb, train, cfg)
+            logits = emb @ w.T + b
+        else:
+            with torch.no_grad():
+                logits = model.logits_of(emb.to(next(model.parameters()).device)).float().cpu()
+        for q in marks[done]:
+            out[q] = logits
+
+    return score
+
+
+def pick_stop(at_fraction: dict[float, torch.Tensor], labels: torch.Tensor) -> tuple[float, dict[float, float]]:
+    """Early stopping's choice: the fraction of the schedule whose out-of-fold logits have the least
+    cross-entropy once calibrated (each at its own fitted temperature), the longest schedule on a tie;
+    and that cross-entropy per fraction."""
+    nll = {}
+    for q, logits in at_fraction.items():
+        t = fit_temperature(logits, labels)
+        nll[q] = float(F.cross_entropy(logits / t, labels))
+    best = min(nll.values())
+    return max(q for q, v in nll.items() if v <= best + 1e-9), nll

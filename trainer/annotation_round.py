@@ -82,12 +82,18 @@ def cross_fit_round(
     the same folds (trainer.gate.gate_against_serving)."""
     labels = annotation_policy.label_tensor(serving, items)  # (N,)
     n_labels = len(serving.spec.label_names)
-    oof = annotation_policy.cross_fit_logits(
+    fit = annotation_policy.cross_fit_logits(
         load_base, tokenizer, items, cfg, folds=gate.cv_folds, n_labels=n_labels, generator=generator, guard=guard
-    )  # (N, L)
+    )
+    oof = fit.logits  # (N, L)
     folds = torch.tensor([annotation_policy.fold_of(x.text, gate.cv_folds) for x in items])
     metrics = oof_metrics(oof, labels, folds, cfg.ece_bins)
     temperature = metrics["temperature"]
+    fraction = 1.0
+    if fit.at_fraction:  # early stopping: how long the candidate trains, and its temperature there
+        fraction, nll = annotation_policy.pick_stop(fit.at_fraction, labels)
+        temperature = annotation_policy.fit_temperature(fit.at_fraction[fraction], labels)
+        metrics.update(stop_fraction=fraction, **{f"stop_nll_{q:g}": v for q, v in nll.items()})
     cand_correct = correct_of(oof, labels)
     fresh = [i for i, x in enumerate(items) if x.seq > serving_cursor]
     serving_metrics: dict[str, float] = {"n_fresh": float(len(fresh))}
@@ -115,7 +121,7 @@ def cross_fit_round(
     train_metrics: dict[str, float] = {}
     if decision.publish:  # the candidate: every verified label, from the base, calibrated out of fold
         train_metrics = annotation_policy.train_annotation_policy(
-            model, tokenizer, items, [], cfg, guard=guard, generator=generator
+            model, tokenizer, items, [], cfg, guard=guard, generator=generator, schedule_fraction=fraction
         )
         model.spec.temperature = model.spec.temperature * temperature
     metrics.update(temperature=model.spec.temperature, n_train=float(len(items)), folds=float(gate.cv_folds))

@@ -27,6 +27,7 @@ from transformers import (
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, LabelSpec, RewardModel
 from trainer import annotation_policy as ap
 from trainer import dpo, generation_rl, reward_model
+from trainer.annotation_round import cross_fit_round
 from trainer.causal_lm import LoraSettings, Sampler, add_lora, merge_lora, sample
 from trainer.examples import BanditExample, LabelExample, PointwiseExample, PreferencePair, RatingExample
 from trainer.gate import (
@@ -708,3 +709,47 @@ def test_class_balance_weighs_each_label_alike_where_the_trainer_reads_its_flag(
         return float(torch.softmax(logits, -1)[:, 1].mean())
 
     assert p_rare(True) > p_rare(False) + 0.03  # 0.52 against 0.46 when written
+
+
+def test_early_stopping_picks_the_candidates_schedule_from_the_fold_models_where_the_trainer_reads_its_flag(
+    bert_tokenizer,
+):
+    """`--annotator.early-stopping` as the trainer process reads it: the fold models of a cross-fitted round
+    are scored out of fold at each share of their schedule without changing how they train (the gate's
+    evidence, the end of the schedule, is the same as without the flag), the last share is that evidence,
+    and the candidate trains for the share whose calibrated out-of-fold cross-entropy is least."""
+    from trainer.__main__ import read_args
+
+    cfg = _short_round_cfg(read_args(["--annotator.early-stopping"], environ={}).annotator)
+    assert cfg.early_stopping and not ap.AnnotationPolicyConfig().early_stopping
+    # Far too many passes at a high rate over labels with a fifth flipped: the fold models learn the signal,
+    # then memorise the flips, and score best out of fold well before the end of their schedule.
+    cfg = dataclasses.replace(cfg, epochs=30.0, encoder_lr=3e-3)
+    items = labelled(40, random.Random(8), noise=0.2)
+
+    def fit(c: ap.AnnotationPolicyConfig) -> ap.CrossFit:
+        return ap.cross_fit_logits(
+            lambda: tiny_annotator(bert_tokenizer), bert_tokenizer, items, c, folds=2, n_labels=2,
+            generator=torch.Generator().manual_seed(0),
+        )  # fmt: skip
+
+    on, off = fit(cfg), fit(dataclasses.replace(cfg, early_stopping=False))
+    assert torch.equal(on.logits, off.logits) and off.at_fraction == {}
+    assert sorted(on.at_fraction) == list(ap.STOP_FRACTIONS)
+    torch.testing.assert_close(on.at_fraction[1.0], on.logits, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(on.at_fraction[0.25], on.at_fraction[1.0])
+
+    labels = ap.label_tensor(tiny_annotator(bert_tokenizer), items)
+    q, nll = ap.pick_stop(on.at_fraction, labels)
+    assert nll[q] == min(nll.values()) and q < 1.0, nll
+    cand = cross_fit_round(
+        lambda: tiny_annotator(bert_tokenizer), tiny_annotator(bert_tokenizer), bert_tokenizer, items, 0, cfg,
+        GateConfig(cv_folds=2, cv_serve_z=-10.0, cv_lift_z=-10.0), generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert cand.decision.publish, cand.decision.reasons
+    assert cand.metrics["stop_fraction"] == q
+    assert cand.train_metrics["steps"] == max(1, round(q * ap.round_steps(len(items), cfg)))
+    # A tie goes to the longest schedule; the fold marks never train past it.
+    same = torch.zeros(4, 2)
+    assert ap.pick_stop({0.5: same, 1.0: same}, torch.tensor([0, 1, 0, 1]))[0] == 1.0
+    assert ap.schedule_marks(2) == {1: [0.25, 0.5], 2: [0.75, 1.0]}
