@@ -229,7 +229,8 @@ def round_record(
 ) -> dict[str, Any]:
     """What a result file keeps of a round: its decision, the evidence it rested on (out-of-fold accuracy;
     `fixed` / `broken`: the candidate against the serving version on the labels that version never saw;
-    `recipe_*`: against a checked serving version's head recipe on the same folds, where that decided) and
+    `recipe_*`: against a checked serving version's head recipe on the same folds, where that decided;
+    `stop_fraction`: early stopping's share of the schedule) and
     its time."""
     return {
         "labels": n,
@@ -238,7 +239,11 @@ def round_record(
         "checked": decision.checked and decision.publish,
         "reasons": decision.reasons,
         "accuracy_evidence": metrics.get("accuracy"),
-        **{k: metrics[k] for k in ("signal_z", "fixed", "broken", "recipe_fixed", "recipe_broken") if k in metrics},
+        **{
+            k: metrics[k]
+            for k in ("signal_z", "fixed", "broken", "recipe_fixed", "recipe_broken", "stop_fraction")
+            if k in metrics
+        },
         **extra,
         "seconds": round(time.monotonic() - t0, 1),
     }
