@@ -442,7 +442,7 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
             ("passive", "dataset_accuracy", "passive_dataset_accuracy"),
         ]:
             runs = [s[learner]["budgets"] for s in results["seeds"] if learner in s]
-            vals = [r[b][key] for r in runs if b in r]
+            vals = [r[b][key] for r in runs if key in r.get(b, {})]  # files of earlier code lack some figures
             if vals:
                 row[name] = stat(vals)
         diffs = [

@@ -89,3 +89,8 @@ def test_a_loop_whose_stream_ends_short_of_a_budget_reports_where_it_ended(base_
         "auto_labelled_items": [end["auto_labelled_items"]],
     }
     assert "loop_accuracy" not in summarise(results, [24, 500])["500"]
+    # A passive run of earlier code (no labelled data set figure) still merges: the figures it has are summed up.
+    results["seeds"][0]["passive"] = {"budgets": {24: {"accuracy": 0.5, "macro_f1": 0.5, "tfidf_accuracy": 0.5}}}
+    row = summarise(results, [24, 500])["24"]
+    assert row["passive_accuracy"]["n"] == 1 and "passive_dataset_accuracy" not in row
+    assert "loop_minus_passive_dataset" not in row and row["loop_minus_passive"]["n"] == 1
