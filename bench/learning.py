@@ -230,8 +230,7 @@ def round_record(
     """What a result file keeps of a round: its decision, the evidence it rested on (out-of-fold accuracy;
     `fixed` / `broken`: the candidate against the serving version on the labels that version never saw;
     `recipe_*`: against a checked serving version's head recipe on the same folds, where that decided;
-    `stop_fraction`: early stopping's share of the schedule) and
-    its time."""
+    `stop_fraction`: early stopping's share of the schedule) and its time."""
     return {
         "labels": n,
         "regime": regime,
@@ -445,21 +444,15 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
             vals = [r[b][key] for r in runs if key in r.get(b, {})]  # files of earlier code lack some figures
             if vals:
                 row[name] = stat(vals)
-        diffs = [
-            s["loop"]["budgets"][b]["accuracy"] - s["passive"]["budgets"][b]["accuracy"]
-            for s in results["seeds"]
-            if "loop" in s and "passive" in s and b in s["loop"]["budgets"] and b in s["passive"]["budgets"]
-        ]
-        if diffs:
-            row["loop_minus_passive"] = stat(diffs)
-        data_diffs = [
-            s["loop"]["budgets"][b]["dataset_accuracy"] - s["passive"]["budgets"][b]["dataset_accuracy"]
-            for s in results["seeds"]
-            if "loop" in s and "passive" in s and b in s["loop"]["budgets"] and b in s["passive"]["budgets"]
-            and "dataset_accuracy" in s["passive"]["budgets"][b]
-        ]  # fmt: skip
-        if data_diffs:
-            row["loop_minus_passive_dataset"] = stat(data_diffs)
+        for key, name in [("accuracy", "loop_minus_passive"), ("dataset_accuracy", "loop_minus_passive_dataset")]:
+            pairs = [
+                (s["loop"]["budgets"].get(b, {}), s["passive"]["budgets"].get(b, {}))
+                for s in results["seeds"]
+                if "loop" in s and "passive" in s
+            ]
+            diffs = [loop[key] - passive[key] for loop, passive in pairs if key in loop and key in passive]
+            if diffs:  # paired by seed, over the seeds where both learners have the figure
+                row[name] = stat(diffs)
         table[str(b)] = row
     return table
 
