@@ -619,7 +619,9 @@ def cross_fit_logits(
             continue
         test_texts = [items[i].text for i in test_idx]
         model = load_base()
-        marks = schedule_marks(round_steps(len(train), cfg)) if at and train else {}
+        steps = round_steps(len(train), cfg)
+        # The schedule's end is scored below as the evidence itself: only the marks before it are scored here.
+        marks = {s: qs for s, qs in schedule_marks(steps).items() if s < steps} if at and train else {}
         scored: dict[float, torch.Tensor] = {}  # fraction -> (m, L) this fold's logits there
         if train:
             train_annotation_policy(
@@ -627,7 +629,7 @@ def cross_fit_logits(
                 at_step=_stop_scorer(model, tokenizer, train, test_texts, cfg, marks, scored) if marks else None,
             )  # fmt: skip
         out[test_idx] = predict_logits(model, tokenizer, test_texts, cfg)
-        for q in at:  # with no other fold to train on, the base answers at every fraction
+        for q in at:  # the fractions ending with the schedule (or with no other fold to train on): its answers
             at[q][test_idx] = scored.get(q, out[test_idx])
     return CrossFit(out, at)
 
@@ -648,16 +650,15 @@ def _stop_scorer(
     def score(done: int) -> None:
         if done not in marks:
             return
-        dtype = eval_dtype(model, cfg)
-        emb = embed_texts(model, tokenizer, test_texts, cfg.eval_batch_size, cfg.max_length, dtype)  # (m, C)
         if cfg.head_refit:
+            dtype = eval_dtype(model, cfg)
+            emb = embed_texts(model, tokenizer, test_texts, cfg.eval_batch_size, cfg.max_length, dtype)  # (m, C)
             texts = [x.text for x in train]
             train_emb = embed_texts(model, tokenizer, texts, cfg.eval_batch_size, cfg.max_length, dtype)
             w, b = refitted_head(model, train_emb, train, cfg)
             logits = emb @ w.T + b
         else:
-            with torch.no_grad():
-                logits = model.logits_of(emb.to(next(model.parameters()).device)).float().cpu()
+            logits = predict_logits(model, tokenizer, test_texts, cfg)
         for q in marks[done]:
             out[q] = logits
 
