@@ -68,7 +68,7 @@ from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import AnnotatorCandidate, cross_fit_round, held_out_round
 from trainer.examples import LabelExample, heldout
 from trainer.gate import GateConfig, GateDecision
-from trainer.pseudo_labels import pseudo_labels
+from trainer.pseudo_labels import pseudo_labels, self_train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -155,15 +155,25 @@ class Replay:
             annotation_policy.train_annotation_policy(
                 model, self.tokenizer, self.labelled, [], self.cfg, generator=self.gen
             )
+            model, pseudo = self_train(  # as the trainer's cross-fitted candidate (no-op when off)
+                self.load_base, model, self.tokenizer, self.labelled, pool or [], self.cfg, generator=self.gen
+            )
             self.serving, self.infer = model, self._inference_copy(model)
             self.checked = True  # served ungated, as if checked: the passive baseline trusts its own rounds
             self.version += 1
-            self.rounds.append({"labels": n, "regime": "ungated", "seconds": round(time.monotonic() - t0, 1)})
+            self.rounds.append(
+                {
+                    "labels": n,
+                    "regime": "ungated",
+                    "pseudo_labels": pseudo["n_pseudo"],
+                    "seconds": round(time.monotonic() - t0, 1),
+                }
+            )
             return None
         if n < self.gate.cv_max_items:
             cand = cross_fit_round(
                 self.load_base, self.serving, self.tokenizer, self.labelled, self.cursor, self.cfg, self.gate,
-                serving_checked=self.checked, generator=self.gen, head_cfg=self.head_cfg,
+                serving_checked=self.checked, generator=self.gen, head_cfg=self.head_cfg, pool=pool or [],
             )  # fmt: skip
         else:
             train = [x for x in self.labelled if not heldout(x.text, self.frac)]

@@ -157,6 +157,9 @@ class AnnotationPolicyConfig:
     def __post_init__(self) -> None:
         for name in (self.eval_dtype, self.train_dtype):
             pick_dtype(name, torch.device("cpu"))  # an unknown name fails here, not mid-round
+        if self.early_stopping and self.pseudo_label_ratio > 0:
+            # Early stopping picks the schedule of the fold models that self-training replaces by students.
+            raise ValueError("annotator early_stopping and pseudo_label_ratio > 0 cannot be combined")
         w, d = self.warmup_ratio, self.decay_ratio
         if not (0.0 <= w <= 1.0 and 0.0 <= d <= 1.0 and w + d <= 1.0):
             raise ValueError(
@@ -598,6 +601,7 @@ def cross_fit_logits(
     n_labels: int,
     generator: torch.Generator | None = None,
     guard: LossGuard | None = None,
+    refine: Callable[[AnnotatorModel, Sequence[LabelExample]], AnnotatorModel] | None = None,
 ) -> CrossFit:
     """Out-of-fold logits (N, L): for each of `folds` folds, a model trained from the base on the other
     folds (the round's recipe, steps scaled to their size) predicts the items of this fold; with
@@ -608,7 +612,10 @@ def cross_fit_logits(
     This is the evidence the gate and the calibration use while labels are few: every verified label is
     both trained on (by the candidate) and judged on (out of fold), so none is spent on a held-out
     slice. It estimates the recipe's accuracy at (folds - 1) / folds of the data, a little pessimistic
-    for the candidate trained on all of it. Costs (folds - 1) rounds' worth of steps."""
+    for the candidate trained on all of it. Costs (folds - 1) rounds' worth of steps.
+
+    `refine(model, train)`: what the recipe does with a fold model before it predicts (self-training:
+    trainer.pseudo_labels.self_train); it must not read the fold's labels."""
     out = torch.zeros(len(items), n_labels)
     at = {q: torch.zeros(len(items), n_labels) for q in STOP_FRACTIONS} if cfg.early_stopping else {}
     fold_ids = [fold_of(x.text, folds) for x in items]
@@ -628,6 +635,8 @@ def cross_fit_logits(
                 model, tokenizer, train, [], cfg, guard=guard, generator=generator,
                 at_step=_stop_scorer(model, tokenizer, train, test_texts, cfg, marks, scored) if marks else None,
             )  # fmt: skip
+            if refine is not None:
+                model = refine(model, train)
         out[test_idx] = predict_logits(model, tokenizer, test_texts, cfg)
         for q in at:  # the fractions ending with the schedule (or with no other fold to train on): its answers
             at[q][test_idx] = scored.get(q, out[test_idx])

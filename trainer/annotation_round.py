@@ -44,6 +44,7 @@ from trainer.gate import (
     paired_counts,
 )
 from trainer.oof_evidence import fresh_evidence, oof_metrics
+from trainer.pseudo_labels import self_train
 
 
 @dataclass
@@ -74,17 +75,30 @@ def cross_fit_round(
     generator: torch.Generator | None = None,
     guard: LossGuard | None = None,
     head_cfg: HeadConfig | None = None,
+    pool: Sequence[str] = (),
 ) -> AnnotatorCandidate:
     """The few-labels round (module docstring). `serving_cursor`: the log position the serving version was
     trained up to (0 for the base): items with a later seq are ones it never saw. A candidate whose
     evidence makes it serve-worthy but not checked replaces a `serving_checked` version only where the new
     labels refute its check or the candidate beats its recipe (the online tier's head fit, `head_cfg`) on
-    the same folds (trainer.gate.gate_against_serving)."""
+    the same folds (trainer.gate.gate_against_serving). `pool`: unlabelled texts; with
+    `cfg.pseudo_label_ratio` above 0 every fold model and the candidate self-train on them
+    (trainer.pseudo_labels.self_train), so the evidence is the served recipe's."""
     labels = annotation_policy.label_tensor(serving, items)  # (N,)
     n_labels = len(serving.spec.label_names)
+    texts = {x.text for x in items}
+
+    def refine(teacher: AnnotatorModel, train: Sequence[LabelExample]) -> tuple[AnnotatorModel, dict[str, float]]:
+        # Leaves out every labelled text, the fold's own included: a fold model never sees its fold's texts.
+        return self_train(
+            load_base, teacher, tokenizer, train, pool, cfg, answered=texts, generator=generator, guard=guard
+        )
+
+    self_training = cfg.pseudo_label_ratio > 0 and bool(pool)
     fit = annotation_policy.cross_fit_logits(
-        load_base, tokenizer, items, cfg, folds=gate.cv_folds, n_labels=n_labels, generator=generator, guard=guard
-    )
+        load_base, tokenizer, items, cfg, folds=gate.cv_folds, n_labels=n_labels, generator=generator, guard=guard,
+        refine=(lambda teacher, train: refine(teacher, train)[0]) if self_training else None,
+    )  # fmt: skip
     oof = fit.logits  # (N, L)
     folds = torch.tensor([annotation_policy.fold_of(x.text, gate.cv_folds) for x in items])
     metrics = oof_metrics(oof, labels, folds, cfg.ece_bins)
@@ -123,6 +137,9 @@ def cross_fit_round(
         train_metrics = annotation_policy.train_annotation_policy(
             model, tokenizer, items, [], cfg, guard=guard, generator=generator, schedule_fraction=fraction
         )
+        if self_training:
+            model, train_metrics = refine(model, items)
+            metrics["n_pseudo"] = train_metrics["n_pseudo"]
         model.spec.temperature = model.spec.temperature * temperature
     metrics.update(temperature=model.spec.temperature, n_train=float(len(items)), folds=float(gate.cv_folds))
     return AnnotatorCandidate(model, "cross-fit", metrics, serving_metrics, decision, train_metrics)

@@ -154,7 +154,7 @@ class AnnotatorLearner:
     def train(self, ctx: Context, state: TrainerState, serving: str) -> dict[str, float]:
         args, cfg = ctx.args, ctx.args.annotator
         if self.few:
-            self.cand = self._cross_fit(ctx, serving)
+            self.cand = self._cross_fit(ctx, state, serving)
         else:
             pseudo = self._pseudo_labels(ctx, state, serving)  # before the round trains the serving weights
             self.opt = annotation_policy.make_optimizer(self.serving_model, cfg)
@@ -174,11 +174,18 @@ class AnnotatorLearner:
         if cfg.pseudo_label_ratio <= 0 or not ctx.store.get(ANNOTATOR, serving).meta.get("checked"):
             return []
         return pseudo_labels(
-            self.serving_model, self.tokenizer, list(state.items), self.train_items, cfg,
-            heldout_fraction=ctx.args.heldout_fraction, answered={x.text for x in state.bandit},
+            self.serving_model, self.tokenizer, self._pool(state), self.train_items, cfg,
+            heldout_fraction=ctx.args.heldout_fraction,
         )  # fmt: skip
 
-    def _cross_fit(self, ctx: Context, serving: str) -> AnnotatorCandidate:
+    @staticmethod
+    def _pool(state: TrainerState) -> list[str]:
+        """The items read from the log (kept only while self-training is on) less those a person rejected
+        a label for: "not that" is no label to guess over."""
+        rejected = {x.text for x in state.bandit}
+        return [t for t in state.items if t not in rejected]
+
+    def _cross_fit(self, ctx: Context, state: TrainerState, serving: str) -> AnnotatorCandidate:
         base_folder = ctx.store.path(ANNOTATOR, ctx.store.list(ANNOTATOR)[0])
         if HeadSpec.read(base_folder).label_names != self.spec.label_names:
             base_folder = self.folder  # the label set changed since v0: the serving version is the prior
@@ -195,6 +202,7 @@ class AnnotatorLearner:
             generator=ctx.gen,
             guard=ctx.guard(ANNOTATOR),
             head_cfg=ctx.args.head,
+            pool=self._pool(state),
         )
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:

@@ -8,11 +8,17 @@ bench/results/learning-self-training*.json): on Fine Food, nothing, so it is off
 (AnnotationPolicyConfig.pseudo_label_ratio).
 
 Rules that keep it honest:
-- Only a **checked** version pseudo-labels (an unchecked one's labels are guesses) and only in the
-  held-out regime: the held-out slice (by content hash) is never pseudo-labelled and no version ever
-  trained on it, so the gate still judges the candidate on labels no model has seen, directly or through
-  another model's labels. In the cross-fit regime the serving version was trained on every fold, so its
-  labels would carry each fold's answers into the fold models that are meant not to have seen them.
+- In the held-out regime (many labels) only a **checked** serving version pseudo-labels (an unchecked
+  one's labels are guesses): the held-out slice (by content hash) is never pseudo-labelled and no version
+  ever trained on it, so the gate still judges the candidate on labels no model has seen, directly or
+  through another model's labels.
+- In the cross-fit regime (few labels, every round from the base) the serving version was trained on
+  every fold, so its labels would carry each fold's answers into the fold models that are meant not to
+  have seen them. There each model teaches itself instead (`self_train`, the classic two stages): a fold
+  model trained on the other folds pseudo-labels the pool and a student from the base trains on those
+  folds' labels and its pseudo-labels, then predicts its fold; the candidate does the same on every
+  label. What predicts a fold never depended on that fold's labels, so the gate's permutation test stays
+  exact, and the evidence and the temperature are the self-trained recipe's, the one that is served.
 - Class-balanced to the human labels' shares, most confident first, so the pseudo-labels do not pull the
   model towards whatever class it already over-predicts (confirmation bias).
 - A pseudo-label is never kept: each round labels the pool again with the version then serving.
@@ -21,7 +27,7 @@ Rules that keep it honest:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -30,6 +36,7 @@ from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import LabelExample, heldout
+from trainer.gate import LossGuard
 
 PSEUDO_SOURCE = "pseudo"
 
@@ -78,3 +85,30 @@ def pseudo_labels(
         return []
     probs = torch.softmax(annotation_policy.predict_logits(model, tokenizer, texts, cfg), -1)  # (N, L)
     return pick_pseudo_labels(probs, texts, model.spec.label_names, human, cap)
+
+
+def self_train(
+    load_base: Callable[[], AnnotatorModel],
+    teacher: AnnotatorModel,
+    tokenizer: PreTrainedTokenizerBase,
+    labelled: Sequence[LabelExample],
+    pool: Sequence[str],
+    cfg: AnnotationPolicyConfig,
+    *,
+    answered: Collection[str] = (),
+    generator: torch.Generator | None = None,
+    guard: LossGuard | None = None,
+) -> tuple[AnnotatorModel, dict[str, float]]:
+    """The cross-fit regime's self-training (module docstring): `teacher`, trained from the base on
+    `labelled`, pseudo-labels the items of `pool` nobody labelled (`pseudo_labels`; `answered`: more texts
+    to leave out), and a student trains from the base on `labelled` and those with the round's recipe.
+    Returns the student and its training metrics with `n_pseudo`; the teacher and {"n_pseudo": 0} where
+    there is nothing to add (self-training off, no pool)."""
+    pseudo = pseudo_labels(teacher, tokenizer, pool, labelled, cfg, heldout_fraction=0.0, answered=answered)
+    if not pseudo:
+        return teacher, {"n_pseudo": 0.0}
+    student = load_base()
+    metrics = annotation_policy.train_annotation_policy(
+        student, tokenizer, [*labelled, *pseudo], [], cfg, guard=guard, generator=generator
+    )
+    return student, {**metrics, "n_pseudo": float(len(pseudo))}

@@ -269,15 +269,22 @@ def test_passive_baseline_trains_offline_and_evaluates_in_the_served_dtype(tiny_
     cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16, eval_dtype=dtype)
     res = passive.train_offline(base, labelled, [20, 40], test, cfg, heldout_fraction=0.2)
     assert 0.0 <= res["accuracy"] <= 1.0 and res["steps"] > 0 and res["labels"] == 40
-    # From cv_max_items on, a round continues the last one's weights and self-trains on the pool, as the
-    # trainer's held-out rounds do (the base never pseudo-labels).
+    # Self-training on the pool, as the trainer does: under cv_max_items the round's model teaches a
+    # student from the base (the cross-fitted candidate's self_train); from then on a round continues the
+    # last one's weights, which label the pool (the trainer's held-out rounds). Off, neither happens.
     pool = [f"unlabelled {i} {'good' if i % 2 else 'bad'}" for i in range(30)]
     said: list[str] = []
-    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16, pseudo_label_ratio=1.5)  # off by default
-    passive.train_offline(
+    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16, pseudo_label_ratio=1.5)
+    on = passive.train_offline(
         base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, cv_max_items=30, pool=pool, progress=said.append
     )
-    assert said[0].endswith(" 0 pseudo-labels") and not said[1].endswith(" 0 pseudo-labels"), said
+    assert not said[0].endswith(" 0 pseudo-labels") and not said[1].endswith(" 0 pseudo-labels"), said
+    said = []
+    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16, pseudo_label_ratio=0.0)
+    off = passive.train_offline(
+        base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, cv_max_items=30, pool=pool, progress=said.append
+    )
+    assert all(x.endswith(" 0 pseudo-labels") for x in said) and off["steps"] < on["steps"], said
     # Rounds under cv_max_items each start from the base, so only the last of a run of them is trained:
     # the same weights (same seed) as a schedule that starts there.
     said = []

@@ -29,6 +29,7 @@ from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
     small_args,
     write_label_stream,
 )
+from trainer import annotation_round
 from trainer.annotation_head import HeadConfig, head_round
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import cross_fit_round
@@ -100,10 +101,52 @@ def test_a_checked_version_self_trains_on_the_items_nobody_labelled(data_dir: Pa
     assert read_rounds(args)[-1]["metrics"]["n_pseudo"] == 0
 
 
-def test_random_labels_are_refused_by_the_few_labels_gate(data_dir: Path) -> None:  # noqa: F811
+def test_the_cross_fitted_round_self_trains_each_fold_on_texts_it_never_saw_labelled(
+    data_dir: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--annotator.pseudo-label-ratio` in the few-labels regime (trainer.pseudo_labels.self_train): each
+    fold model teaches a student from the base with its own labels on the pooled items nobody labelled,
+    the candidate likewise on every label, so the evidence judged is the recipe served. No fold's
+    student sees its fold's labels, nor any labelled text as a pseudo-label."""
+    rng = random.Random(11)
     with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
-        write_label_stream(log, random.Random(5), 60, random_labels=True)
+        write_label_stream(log, rng, 64)
+        log.append_decisions([label_decision(f"U{i}", review(rng, rng.random() < 0.5), "great") for i in range(120)])
+    calls: list[tuple[set[str], set[str], float]] = []
+    real = annotation_round.self_train
+
+    def recording(load_base, teacher, tokenizer, labelled, pool, cfg, **kw):  # type: ignore[no-untyped-def]
+        student, m = real(load_base, teacher, tokenizer, labelled, pool, cfg, **kw)
+        calls.append(({x.text for x in labelled}, set(kw["answered"]), m["n_pseudo"]))
+        return student, m
+
+    monkeypatch.setattr(annotation_round, "self_train", recording)
     args = few_label_args(data_dir)
+    args.annotator.pseudo_label_ratio = 1.5  # off by default
+    run_trainer(args)
+    [row] = read_rounds(args)
+    assert row["result"] == "published", (row["reasons"], row["metrics"])
+    texts = calls[-1][0]  # the candidate: every verified label
+    assert len(calls) == 3 and len(texts) == 64 and row["metrics"]["n_pseudo"] == calls[-1][2] > 0
+    (fold0, answered0, n0), (fold1, answered1, n1) = calls[:2]
+    assert fold0 | fold1 == texts and not fold0 & fold1  # each fold model trained on the other fold only
+    assert answered0 == answered1 == calls[-1][1] == texts and n0 > 0 and n1 > 0
+
+
+@pytest.mark.parametrize("pseudo_label_ratio", [0.0, 1.5])
+def test_random_labels_are_refused_by_the_few_labels_gate(
+    data_dir: Path,  # noqa: F811
+    pseudo_label_ratio: float,
+) -> None:
+    """Self-trained or not, a fold's answers never depend on its own labels, so the permutation test
+    refuses labels that carry nothing to learn."""
+    rng = random.Random(5)
+    with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, rng, 60, random_labels=True)
+        log.append_decisions([label_decision(f"U{i}", review(rng, rng.random() < 0.5), "great") for i in range(90)])
+    args = few_label_args(data_dir)
+    args.annotator.pseudo_label_ratio = pseudo_label_ratio
     run_trainer(args)
     [row] = read_rounds(args)
     assert row["result"] == "gated" and any("no clear signal" in r for r in row["reasons"]), row

@@ -12,7 +12,7 @@ from loopserve.models.encoder_heads import AnnotatorModel
 from tests.support import tiny_models
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import LabelExample, heldout
-from trainer.pseudo_labels import PSEUDO_SOURCE, pick_pseudo_labels, pseudo_labels
+from trainer.pseudo_labels import PSEUDO_SOURCE, pick_pseudo_labels, pseudo_labels, self_train
 
 NAMES = ["great", "other"]
 
@@ -68,3 +68,29 @@ def test_only_the_items_nobody_labelled_and_not_held_out_are_pseudo_labelled(tmp
     )
     cfg.pseudo_label_ratio = 0.0  # off: nothing scored
     assert pseudo_labels(model, tokenizer, pool, people, cfg, heldout_fraction=frac) == []
+
+
+def test_self_train_teaches_a_student_from_the_base_on_the_items_nobody_labelled(tmp_path: Path) -> None:
+    """The cross-fit regime's self-training: the teacher's pseudo-labels on the pool train a fresh model
+    from the base beside the human labels; with nothing to label (every pooled text labelled or answered,
+    or the ratio 0) the teacher is returned as it is."""
+    folder = tiny_models.tiny_annotator(tmp_path / "annotator")
+
+    def load_base() -> AnnotatorModel:
+        model = encoder_heads.load(folder)
+        assert isinstance(model, AnnotatorModel)
+        return model
+
+    tokenizer = encoder_heads.load_tokenizer(folder)
+    pool = [f"item number {i}" for i in range(80)]
+    people = [LabelExample(t, NAMES[i % 2], f"e{i}", i + 1) for i, t in enumerate(pool[:20])]
+    cfg = AnnotationPolicyConfig(pseudo_label_ratio=1.5, epochs=1.0, max_length=16)
+    teacher = load_base()
+    student, m = self_train(load_base, teacher, tokenizer, people, pool, cfg, answered=pool[20:30])
+    assert student is not teacher and 0 < m["n_pseudo"] <= 30 and m["steps"] > 0  # 1.5 per human label
+    base = load_base().state_dict()
+    assert any(not torch.equal(v, base[k]) for k, v in student.state_dict().items())  # it trained
+    same, m = self_train(load_base, teacher, tokenizer, people, pool[:30], cfg, answered=pool[20:30])
+    assert same is teacher and m == {"n_pseudo": 0.0}  # labelled and answered texts are never pseudo-labelled
+    cfg.pseudo_label_ratio = 0.0
+    assert self_train(load_base, teacher, tokenizer, people, pool, cfg)[0] is teacher

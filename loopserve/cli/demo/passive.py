@@ -30,9 +30,15 @@ from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.examples import LabelExample, heldout
-from trainer.pseudo_labels import pseudo_labels
+from trainer.pseudo_labels import pseudo_labels, self_train
 
 logger = logging.getLogger(__name__)
+
+
+def load_annotator(folder: Path) -> AnnotatorModel:
+    model = encoder_heads.load(folder)
+    assert isinstance(model, AnnotatorModel)
+    return model
 
 
 def accuracy_on(
@@ -62,13 +68,12 @@ def train_offline(
     round under `cv_max_items` followed by another is skipped: that one starts from the base again, so
     the result is the same as training only the last of them (and the schedule's early rounds cost the
     default demo's baseline about a seventh of its steps).
-    `pool`: items without a bought label, for the held-out rounds' self-training."""
+    `pool`: items without a bought label, for self-training (trainer.pseudo_labels)."""
     t0 = time.monotonic()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = encoder_heads.load(base_folder)
+    model = load_annotator(base_folder)
     tokenizer = encoder_heads.load_tokenizer(base_folder)
-    assert isinstance(model, AnnotatorModel)
     known = set(model.spec.label_names)
     opt = annotation_policy.make_optimizer(model, cfg)
     steps = 0.0
@@ -77,8 +82,7 @@ def train_offline(
         if few and k < len(schedule) and schedule[k] < cv_max_items:
             continue  # the next round starts from the base too: these weights would be thrown away unused
         if few:  # as the trainer's cross-fitted round: from the base, on every label
-            model = encoder_heads.load(base_folder)
-            assert isinstance(model, AnnotatorModel)
+            model = load_annotator(base_folder)
             opt = annotation_policy.make_optimizer(model, cfg)
         items = [
             LabelExample(text, label, f"offline-{i}", i + 1)
@@ -88,12 +92,18 @@ def train_offline(
         pseudo: list[LabelExample] = []
         if not few and k > 1:  # weights a round trained (never the base) label the items nobody bought
             pseudo = pseudo_labels(model, tokenizer, pool, items, cfg, heldout_fraction=heldout_fraction)
-        if progress:
-            progress(f"round {k}/{len(schedule)}: {len(items)} labels, {len(pseudo)} pseudo-labels")
         m = annotation_policy.train_annotation_policy(
             model, tokenizer, [*items, *pseudo], [], cfg, optimizer=opt, generator=gen
         )
         steps += m.get("steps", 0.0)
+        n_pseudo = len(pseudo)
+        if few:  # the cross-fitted candidate's self-training (a no-op when off): a student from the base
+            model, m = self_train(
+                lambda: load_annotator(base_folder), model, tokenizer, items, pool, cfg, generator=gen
+            )
+            steps, n_pseudo = steps + m.get("steps", 0.0), int(m["n_pseudo"])
+        if progress:
+            progress(f"round {k}/{len(schedule)}: {len(items)} labels, {n_pseudo} pseudo-labels")
     model.encoder.to(annotation_policy.eval_dtype(model, cfg))  # as the services load it; the head stays fp32
     acc = accuracy_on(model, tokenizer, test, cfg)
     return {
