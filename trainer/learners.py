@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from loopserve.device import pick_dtype
 from loopserve.errors import VerificationError
 from loopserve.metrics import TRAINER_LOSS
 from loopserve.models import encoder_heads, generator
@@ -255,13 +254,15 @@ class AnnotatorHeadLearner:
     def load(self, ctx: Context, serving: str) -> None:
         """The serving encoder (kept between rounds while it serves) and the labels' cached embeddings."""
         args = ctx.args
-        dtype = pick_dtype(args.annotator.eval_dtype, ctx.device)  # as the services serve it
         held = ctx.head_model
-        if held is None or held[0] != serving:
+        loaded = held is None or held[0] != serving
+        if held is None or loaded:
             model = _annotator(self.folder, ctx.device, serving)
             held = ctx.head_model = (serving, model, encoder_heads.load_tokenizer(self.folder))
-            logger.info("online tier: %s embeds labels in %s", serving, dtype)
         _, self.encoder, tokenizer = held
+        dtype = annotation_policy.eval_dtype(self.encoder, args.annotator)  # as the services serve it
+        if loaded:
+            logger.info("online tier: %s embeds labels in %s", serving, dtype)
         # The encoder weights' digest keys the cache: a head-only version shares it with its parent.
         key = self.manifest.files.get(encoder_heads.WEIGHTS_FILE, serving)
         texts = [x.text for x in self.items]
