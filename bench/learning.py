@@ -14,15 +14,14 @@ For each seed, two replays of the same data in one process, with the trainer's o
   candidate, and the gate decides whether it serves. Between them, after every chunk, the trainer's
   online tier (trainer.annotation_head, as the demo's second trainer runs it; `--no-online-tier` leaves
   it out) refits the serving version's head on its encoder's embeddings of every label, cross-validated
-  and gated the same way, and a head that passes serves at once. A held-out round (from `--cv-max-items` labels)
-  can self-train on the streamed items nobody labelled (trainer.pseudo_labels, `--pseudo-label-ratio`,
-  off by default).
+  and gated the same way, and a head that passes serves at once. Rounds self-train on the streamed items
+  nobody labelled (trainer.pseudo_labels, `--pseudo-label-ratio`, the trainer's default; 0: off).
   Unchecked versions flag every item, so nothing is auto-labelled on their word; items nobody reviewed
   wait in the backlog.
 - passive: the same number of labels for items drawn at random, from the same annotator pool, trained
   with the same recipe at the budgets (from the base while labels are few, continued after), served
-  without a gate, as the demo's offline passive baseline is; its held-out rounds self-train (when on) on
-  the items it did not buy labels for (as many as the loop has streamed by then).
+  without a gate, as the demo's offline passive baseline is; it self-trains (unless off) on the items it
+  did not buy labels for (as many as the loop has streamed by then), as the trainer's candidate does.
 - tfidf: TF-IDF (1-2 grams) + logistic regression on the passive labels and on the loop's labels.
 
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
@@ -553,7 +552,7 @@ def parser() -> argparse.ArgumentParser:
         "--pseudo-label-ratio",
         type=float,
         default=AnnotationPolicyConfig.pseudo_label_ratio,
-        help="self-training in held-out rounds: pseudo-labels per human label (0: off)",
+        help="self-training (trainer.pseudo_labels): pseudo-labels per human label (0: off)",
     )
     ap.add_argument(
         "--warmup-ratio", type=float, default=AnnotationPolicyConfig.warmup_ratio, help="see bench/recipe.py"

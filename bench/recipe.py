@@ -154,8 +154,11 @@ def main() -> None:
     labels = label_set(train + test)
     tokenizer = encoder_heads.load_tokenizer(base)
     names = [name for name, _ in args.recipes]
-    # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data).
-    cfg0 = AnnotationPolicyConfig(epochs=0.0, max_length=args.max_length, train_dtype=args.train_dtype)
+    # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data), less
+    # self-training, which a recipe asks for (it needs the first recipe's model as its teacher).
+    cfg0 = AnnotationPolicyConfig(
+        epochs=0.0, max_length=args.max_length, train_dtype=args.train_dtype, pseudo_label_ratio=0.0
+    )
     results: dict[str, Any] = {**annotation_results_header(args, path, train, test), "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()

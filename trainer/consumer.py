@@ -57,8 +57,8 @@ COMPLETION_BUFFER = 4096
 are ever read, and every generation decision would otherwise stay in the checkpoint."""
 """The annotator's online tier: head-only updates on cached embeddings (trainer.annotation_head)."""
 ITEM_BUFFER = 4096
-"""Texts of served items kept for self-training when it is on (trainer.pseudo_labels scores the latest
-2,000 by default); none are kept when it is off."""
+"""Texts of served items kept for self-training (trainer.pseudo_labels scores the latest 2,000 by
+default); none are kept when it is off (`--annotator.pseudo-label-ratio 0`)."""
 MAX_POOLED_CHARS = 10_000
 """Longer items are not pooled: the annotator reads a few hundred tokens of an item, and a pool of
 ITEM_BUFFER texts rides along in every checkpoint."""

@@ -2,10 +2,11 @@
 
 Where labels are few, the items people never saw are most of the data. Classic self-training (Yarowsky,
 1995; "pseudo-labelling", Lee, 2013) adds the confident predictions of a trusted model on those items to
-the next round's training set. What it buys is measured by `bench/learning.py --pseudo-ablation` (each
-held-out round also trains its twin without pseudo-labels, from the same weights; results in
-bench/results/learning-self-training*.json): on Fine Food, nothing, so it is off by default
-(AnnotationPolicyConfig.pseudo_label_ratio).
+the next round's training set. What it buys (AnnotationPolicyConfig.pseudo_label_ratio, on by default,
+has the figures): in the few-labels regime, where a student trains from the base, +0.019 +- 0.006 test
+accuracy for the loop at 300 labels on Fine Food (bench/learning.py, 3 seeds); in the held-out regime,
+where the serving weights train on (`bench/learning.py --pseudo-ablation` trains each such round's twin
+without pseudo-labels), nothing measurable.
 
 Rules that keep it honest:
 - In the held-out regime (many labels) only a **checked** serving version pseudo-labels (an unchecked
