@@ -14,14 +14,15 @@ For each seed, two replays of the same data in one process, with the trainer's o
   candidate, and the gate decides whether it serves. Between them, after every chunk, the trainer's
   online tier (trainer.annotation_head, as the demo's second trainer runs it; `--no-online-tier` leaves
   it out) refits the serving version's head on its encoder's embeddings of every label, cross-validated
-  and gated the same way, and a head that passes serves at once. Rounds self-train on the streamed items
-  nobody labelled (trainer.pseudo_labels, `--pseudo-label-ratio`, the trainer's default; 0: off).
+  and gated the same way, and a head that passes serves at once. Cross-fitted rounds self-train on the
+  streamed items nobody labelled (trainer.pseudo_labels, `--pseudo-label-ratio`, the trainer's default; 0:
+  off), held-out rounds with `--heldout-self-training`.
   Unchecked versions flag every item, so nothing is auto-labelled on their word; items nobody reviewed
   wait in the backlog.
 - passive: the same number of labels for items drawn at random, from the same annotator pool, trained
   with the same recipe at the budgets (from the base while labels are few, continued after), served
-  without a gate, as the demo's offline passive baseline is; it self-trains (unless off) on the items it
-  did not buy labels for (as many as the loop has streamed by then), as the trainer's candidate does.
+  without a gate, as the demo's offline passive baseline is; it self-trains as the loop's rounds do, on the
+  items it did not buy labels for (as many as the loop has streamed by then).
 - tfidf: TF-IDF (1-2 grams) + logistic regression on the passive labels and on the loop's labels.
 
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
@@ -180,7 +181,7 @@ class Replay:
             model = copy.deepcopy(self.serving)
             pseudo = (
                 pseudo_labels(self.serving, self.tokenizer, pool or [], train, self.cfg, heldout_fraction=self.frac)
-                if self.checked
+                if self.checked and self.cfg.heldout_self_training
                 else []
             )
             if pseudo and self.ablation_test:  # the same round without pseudo-labels, from the same weights
@@ -415,6 +416,7 @@ def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, Gate
         epochs=0.0,
         max_length=args.max_length,
         pseudo_label_ratio=args.pseudo_label_ratio,
+        heldout_self_training=args.heldout_self_training,
         warmup_ratio=args.warmup_ratio,
         decay_ratio=args.decay_ratio,
         class_balance=args.class_balance,
@@ -553,6 +555,12 @@ def parser() -> argparse.ArgumentParser:
         type=float,
         default=AnnotationPolicyConfig.pseudo_label_ratio,
         help="self-training (trainer.pseudo_labels): pseudo-labels per human label (0: off)",
+    )
+    ap.add_argument(
+        "--heldout-self-training",
+        action=argparse.BooleanOptionalAction,
+        default=AnnotationPolicyConfig.heldout_self_training,
+        help="held-out rounds self-train too, on the checked serving version's labels (off: it measured level)",
     )
     ap.add_argument(
         "--warmup-ratio", type=float, default=AnnotationPolicyConfig.warmup_ratio, help="see bench/recipe.py"

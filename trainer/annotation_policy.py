@@ -115,21 +115,27 @@ class AnnotationPolicyConfig:
     (bench/results/learning-small-budgets-early-stopping.json), -0.010 +- 0.008 at 200 and +0.003 +- 0.007
     at 300 (3 seeds, learning-early-stopping-to-300.json), though it chose a quarter to three quarters of
     the schedule in 9 of 15 rounds: the fold models' calibrated cross-entropy is too noisy a guide at these
-    sizes to beat the auto-scaled schedule."""
+    sizes to beat the auto-scaled schedule. Those runs had no self-training, which it needs off
+    (`pseudo_label_ratio` 0): it picks the schedule of fold models that self-training replaces."""
     pseudo_label_ratio: float = 1.5
     """Self-training (trainer.pseudo_labels): pseudo-labels per human label (at most `pseudo_label_max`);
     0 turns it off. While labels are few (cross-fitted rounds) every fold model and the candidate teach a
     student from the base (`self_train`: the teacher's confident labels on the pooled items nobody
-    labelled, in the human labels' class shares), so the gate's evidence is the self-trained recipe's;
-    with many labels the checked serving version labels the pool for the held-out round.
+    labelled, in the human labels' class shares), so the gate's evidence is the self-trained recipe's.
     On by default, by measurement (Fine Food, seeds 0-2, paired with the same seeds without it):
     the loop (bench/results/learning-self-training-to-300.json) reads 0.817 +- 0.001 at 300 labels
     against 0.799 +- 0.004, +0.019 +- 0.006 paired (+0.011, +0.030, +0.015), and +0.020, +0.000, +0.020 on
     average at 50, 100 and 200; a round from the base on random labels (bench/recipe.py,
     recipe-self-training.json) +0.013 +- 0.007 at 100 labels and +0.011 +- 0.003 at 300, all 6 pairs
-    positive. A few-labels round costs about twice the time (the two stages). In the held-out regime it
-    measured level (-0.002 +- 0.014 for the loop at 300 labels, +0.003 for passive at 500,
-    learning-self-training*.json, an earlier recipe), and it costs less there (no second stage)."""
+    positive. A few-labels round costs about twice the time (the two stages)."""
+    heldout_self_training: bool = False
+    """Self-training in held-out rounds too (many labels): the checked serving version labels the pool and
+    the round trains on with those (`pseudo_label_ratio` of them). Off: paired against the same round
+    without it (bench/learning.py --pseudo-ablation, Fine Food, 3 seeds, an earlier recipe), it moved test
+    accuracy by -0.002 +- 0.014 for the loop at 300 labels and +0.000 / +0.003 for passive at 300 / 500,
+    and it costs each round a pass over up to `pseudo_pool_max` items and up to `pseudo_label_max` more
+    training items: the default demo's first three held-out rounds took 43, 61 and 69 s with it, 16, 35
+    and 38 s without (two runs, same seed, 2-core AMD EPYC)."""
     pseudo_label_max: int = 600
     """Cap on pseudo-labels per round (each one costs a training step's share, like a human label)."""
     pseudo_pool_max: int = 2000
@@ -167,7 +173,10 @@ class AnnotationPolicyConfig:
             pick_dtype(name, torch.device("cpu"))  # an unknown name fails here, not mid-round
         if self.early_stopping and self.pseudo_label_ratio > 0:
             # Early stopping picks the schedule of the fold models that self-training replaces by students.
-            raise ValueError("annotator early_stopping and pseudo_label_ratio > 0 cannot be combined")
+            raise ValueError(
+                "annotator early_stopping needs pseudo_label_ratio 0 (--annotator.pseudo-label-ratio 0): it picks the"
+                " schedule of fold models that self-training replaces by students"
+            )
         w, d = self.warmup_ratio, self.decay_ratio
         if not (0.0 <= w <= 1.0 and 0.0 <= d <= 1.0 and w + d <= 1.0):
             raise ValueError(

@@ -170,7 +170,7 @@ class AnnotatorLearner:
         """Self-training labels from the serving version, if the gate checked it, on the pooled items that
         nobody labelled and that are not held out (trainer.pseudo_labels says why only then)."""
         cfg = ctx.args.annotator
-        if cfg.pseudo_label_ratio <= 0 or not ctx.store.get(ANNOTATOR, serving).meta.get("checked"):
+        if not cfg.heldout_self_training or not ctx.store.get(ANNOTATOR, serving).meta.get("checked"):
             return []
         return pseudo_labels(
             self.serving_model, self.tokenizer, self._pool(state), self.train_items, cfg,

@@ -271,10 +271,11 @@ def test_passive_baseline_trains_offline_and_evaluates_in_the_served_dtype(tiny_
     assert 0.0 <= res["accuracy"] <= 1.0 and res["steps"] > 0 and res["labels"] == 40
     # Self-training on the pool, as the trainer does: under cv_max_items the round's model teaches a
     # student from the base (the cross-fitted candidate's self_train); from then on a round continues the
-    # last one's weights, which label the pool (the trainer's held-out rounds). Off, neither happens.
+    # last one's weights, which label the pool (the trainer's held-out rounds, when turned on for them).
+    # With the ratio 0, neither happens.
     pool = [f"unlabelled {i} {'good' if i % 2 else 'bad'}" for i in range(30)]
     said: list[str] = []
-    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16, pseudo_label_ratio=1.5)
+    cfg = AnnotationPolicyConfig(epochs=1.0, max_length=16, pseudo_label_ratio=1.5, heldout_self_training=True)
     on = passive.train_offline(
         base, labelled, [20, 40], test, cfg, heldout_fraction=0.2, cv_max_items=30, pool=pool, progress=said.append
     )

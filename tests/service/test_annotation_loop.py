@@ -68,7 +68,7 @@ def test_a_few_dozen_labels_publish_a_checked_version_with_no_held_out_slice(dat
 def test_a_checked_version_self_trains_on_the_items_nobody_labelled(data_dir: Path) -> None:  # noqa: F811
     """Held-out rounds with self-training on (trainer.pseudo_labels): the unchecked base never
     pseudo-labels; a checked version labels the pooled items nobody labelled, held-out items left out;
-    ratio 0 turns it off."""
+    off by default."""
     rng = random.Random(7)
 
     def unlabelled(n: int, start: int) -> list:  # served labels nobody answered
@@ -78,7 +78,7 @@ def test_a_checked_version_self_trains_on_the_items_nobody_labelled(data_dir: Pa
         write_label_stream(log, rng, 200)
         log.append_decisions(unlabelled(300, 0))
     args = small_args(data_dir, models="annotator")
-    args.annotator.pseudo_label_ratio = 1.5  # the default (`--annotator.pseudo-label-ratio`)
+    args.annotator.heldout_self_training = True  # `--annotator.heldout-self-training` (off by default)
     state = run_trainer(args)
     [first] = read_rounds(args)
     assert first["result"] == "published" and first["metrics"]["n_pseudo"] == 0  # v0 is unchecked
@@ -96,7 +96,7 @@ def test_a_checked_version_self_trains_on_the_items_nobody_labelled(data_dir: Pa
 
     with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
         write_label_stream(log, rng, 40, start=2000)
-    args.annotator.pseudo_label_ratio = 0.0  # off
+    args.annotator.heldout_self_training = False  # the default
     run_trainer(args)
     assert read_rounds(args)[-1]["metrics"]["n_pseudo"] == 0
 

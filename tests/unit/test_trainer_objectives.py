@@ -720,7 +720,10 @@ def test_early_stopping_picks_the_candidates_schedule_from_the_fold_models_where
     and the candidate trains for the share whose calibrated out-of-fold cross-entropy is least."""
     from trainer.__main__ import read_args
 
-    cfg = _short_round_cfg(read_args(["--annotator.early-stopping"], environ={}).annotator)
+    with pytest.raises(SystemExit):  # self-training (on by default) replaces the fold models it judges
+        read_args(["--annotator.early-stopping"], environ={})
+    flags = ["--annotator.early-stopping", "--annotator.pseudo-label-ratio", "0"]
+    cfg = _short_round_cfg(read_args(flags, environ={}).annotator)
     assert cfg.early_stopping and not ap.AnnotationPolicyConfig().early_stopping
     # Far too many passes at a high rate over labels with a fifth flipped: the fold models learn the signal,
     # then memorise the flips, and score best out of fold well before the end of their schedule.

@@ -90,7 +90,7 @@ def train_offline(
             if label in known and (few or not heldout(text, heldout_fraction))
         ]
         pseudo: list[LabelExample] = []
-        if not few and k > 1:  # weights a round trained (never the base) label the items nobody bought
+        if not few and k > 1 and cfg.heldout_self_training:  # weights a round trained label the unbought items
             pseudo = pseudo_labels(model, tokenizer, pool, items, cfg, heldout_fraction=heldout_fraction)
         m = annotation_policy.train_annotation_policy(
             model, tokenizer, [*items, *pseudo], [], cfg, optimizer=opt, generator=gen
