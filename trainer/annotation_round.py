@@ -137,9 +137,10 @@ def cross_fit_round(
         train_metrics = annotation_policy.train_annotation_policy(
             model, tokenizer, items, [], cfg, guard=guard, generator=generator, schedule_fraction=fraction
         )
-        if self_training:
-            model, train_metrics = refine(model, items)
-            metrics["n_pseudo"] = train_metrics["n_pseudo"]
+        if self_training:  # the student's training figures where one trained, the teacher's otherwise
+            model, student = refine(model, items)
+            train_metrics = {**train_metrics, **student}
+            metrics["n_pseudo"] = student["n_pseudo"]
         model.spec.temperature = model.spec.temperature * temperature
     metrics.update(temperature=model.spec.temperature, n_train=float(len(items)), folds=float(gate.cv_folds))
     return AnnotatorCandidate(model, "cross-fit", metrics, serving_metrics, decision, train_metrics)
