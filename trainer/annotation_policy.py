@@ -134,8 +134,8 @@ class AnnotationPolicyConfig:
     without it (bench/learning.py --pseudo-ablation, Fine Food, 3 seeds, an earlier recipe), it moved test
     accuracy by -0.002 +- 0.014 for the loop at 300 labels and +0.000 / +0.003 for passive at 300 / 500,
     and it costs each round a pass over up to `pseudo_pool_max` items and up to `pseudo_label_max` more
-    training items: the default demo's first three held-out rounds took 43, 61 and 69 s with it, 16, 35
-    and 38 s without (two runs, same seed, 2-core AMD EPYC)."""
+    training items: the default demo's first three held-out rounds took 43, 61 and 69 s with it, 37, 29
+    and 44 s without (two runs of this code, same seed, 2-core AMD EPYC)."""
     pseudo_label_max: int = 600
     """Cap on pseudo-labels per round (each one costs a training step's share, like a human label)."""
     pseudo_pool_max: int = 2000
