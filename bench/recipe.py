@@ -9,8 +9,7 @@ generator that orders the batches) and each recipe, a model is trained from the 
 labels with the trainer's own round (trainer.annotation_policy.train_annotation_policy, epochs scaled to
 the data unless a recipe sets them) and scored on the test split as the services serve it (bf16 encoder).
 Same labels, same shuffle, only the recipe differs, so the recipes are compared pair by pair against the
-first (dropout draws from torch's global generator, so the pairs share labels and batch order, not dropout
-masks).
+first (the round seeds its dropout from the shuffle's generator too, so a pair shares the masks as well).
 
 A recipe is `name=FIELD:VALUE,...`: overrides of trainer.annotation_policy.AnnotationPolicyConfig over the
 defaults the trainer runs with (`name=` alone: the defaults), e.g. `flat=warmup_ratio:0,decay_ratio:0` or
@@ -69,7 +68,10 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
             overrides[key] = CASTS[kind](value)
         except ValueError as e:
             raise argparse.ArgumentTypeError(f"recipe {name[:40]!r}: {key}: {e}") from None
-    dataclasses.replace(AnnotationPolicyConfig(), **overrides)  # its own checks (dtypes, ratios) now
+    try:  # the config's own checks (dtypes, ratios, exclusive options) now; recipes start without self-training
+        AnnotationPolicyConfig(**{"pseudo_label_ratio": 0.0, **overrides})
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"recipe {name[:40]!r}: {e}") from None
     return name, overrides
 
 
