@@ -155,7 +155,7 @@ class Replay:
             annotation_policy.train_annotation_policy(
                 model, self.tokenizer, self.labelled, [], self.cfg, generator=self.gen
             )
-            model, pseudo = self_train(  # as the trainer's cross-fitted candidate (no-op when off)
+            model, student = self_train(  # as the trainer's cross-fitted candidate (no-op when off)
                 self.load_base, model, self.tokenizer, self.labelled, pool or [], self.cfg, generator=self.gen
             )
             self.serving, self.infer = model, self._inference_copy(model)
@@ -165,7 +165,7 @@ class Replay:
                 {
                     "labels": n,
                     "regime": "ungated",
-                    "pseudo_labels": pseudo["n_pseudo"],
+                    "pseudo_labels": student["n_pseudo"],
                     "seconds": round(time.monotonic() - t0, 1),
                 }
             )
