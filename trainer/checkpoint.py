@@ -192,7 +192,9 @@ def save_checkpoint(
                 pass
             else:
                 del state.optimizer_versions[objective]
-        with (tmp / EXAMPLES_FILE).open("w") as out:
+        # Private (0600): it holds users' texts (the labelled items, and the served items pooled for
+        # self-training), as the log does.
+        with os.fdopen(os.open(tmp / EXAMPLES_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
             for ex in state.examples():
                 out.write(json.dumps(example_to_dict(ex)) + "\n")
             for prompt, seq in state.prompts.items():

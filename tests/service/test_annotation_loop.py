@@ -29,7 +29,7 @@ from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
     small_args,
     write_label_stream,
 )
-from trainer import annotation_round
+from trainer import annotation_round, checkpoint
 from trainer.annotation_head import HeadConfig, head_round
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import cross_fit_round
@@ -85,6 +85,9 @@ def test_a_checked_version_self_trains_on_the_items_nobody_labelled(data_dir: Pa
     assert ModelStore(data_dir / "store").get("annotator", "v1").meta["checked"] is True
     assert len(state.items) == 500  # every served item is pooled, labelled or not
     assert list(load_checkpoint(data_dir / "trainer")[0].items) == list(state.items)
+    folder = checkpoint.current(data_dir / "trainer")
+    assert folder is not None  # its examples hold users' texts: private, as the log is
+    assert (folder / checkpoint.EXAMPLES_FILE).stat().st_mode & 0o777 == 0o600
 
     with open_feedback_log(str(data_dir / "feedback.sqlite3")) as log:
         write_label_stream(log, rng, 60, start=1000)
