@@ -229,6 +229,7 @@ def run_trainer(
             ctx.checkpoint_folder = checkpoint.save_checkpoint(root, state, optimizers, keep=args.checkpoint_keep)
             dirty, last_save = False, time.monotonic()
 
+        self_training = args.annotator.pseudo_label_ratio > 0 and ANNOTATOR in args.model_list()
         while not stop.is_set():
             records = log.read(state.cursor, args.read_batch)
             if records:
@@ -238,8 +239,9 @@ def run_trainer(
                     label_space(store),
                     max_buffer=args.max_buffer,
                     exclude_clients=args.excluded_clients(),
-                    # Items are pooled only for self-training, so an off switch costs no memory or checkpoint.
-                    pool_items=ITEM_BUFFER if args.annotator.pseudo_label_ratio > 0 else 0,
+                    # Items are pooled only for the annotator's self-training, so a trainer without it (off,
+                    # or one that trains other models, such as the online tier's) costs no memory or checkpoint.
+                    pool_items=ITEM_BUFFER if self_training else 0,
                 )
                 dirty = True
             TRAINER_LAG.set(max(log.max_seq() - state.cursor, 0))

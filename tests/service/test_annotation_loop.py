@@ -271,8 +271,9 @@ async def test_the_online_tier_publishes_a_head_only_version_that_the_service_sw
             dtype = read_args(["--annotator.eval-dtype", "bfloat16"], environ={}).annotator.eval_dtype
             args.annotator = dataclasses.replace(args.annotator, eval_dtype=dtype)
             caplog.set_level(logging.INFO, logger="trainer.learners")
-            await asyncio.to_thread(run_trainer, args)
+            state = await asyncio.to_thread(run_trainer, args)
             assert "online tier: v0 embeds labels in torch.bfloat16" in caplog.text
+            assert args.annotator.pseudo_label_ratio > 0 and not state.items  # it has no use for the item pool
             [row] = read_rounds(args)
             assert row["model"] == "annotator_head" and row["result"] == "published", row
             store = ModelStore(data_dir / "store")
