@@ -548,7 +548,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--pseudo-ablation",
         action="store_true",
-        help="each held-out round with pseudo-labels also trains its twin without them (both scored on the test items)",
+        help="with --heldout-self-training, each held-out round with pseudo-labels also trains its twin without them "
+        "(both scored on the test items)",
     )
     ap.add_argument(
         "--pseudo-label-ratio",

@@ -78,7 +78,10 @@ def test_a_checked_version_self_trains_on_the_items_nobody_labelled(data_dir: Pa
         write_label_stream(log, rng, 200)
         log.append_decisions(unlabelled(300, 0))
     args = small_args(data_dir, models="annotator")
-    args.annotator.heldout_self_training = True  # `--annotator.heldout-self-training` (off by default)
+    from trainer.__main__ import read_args
+
+    flag = read_args(["--annotator.heldout-self-training"], environ={}).annotator.heldout_self_training
+    args.annotator.heldout_self_training = flag  # off by default
     state = run_trainer(args)
     [first] = read_rounds(args)
     assert first["result"] == "published" and first["metrics"]["n_pseudo"] == 0  # v0 is unchecked
