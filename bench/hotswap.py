@@ -248,9 +248,12 @@ def plan_for(model: str, args: argparse.Namespace) -> Plan:
     return Plan(args.cycles, args.generator_window_s, args.generator_swap_every_s, cooldown_s=8.0)
 
 
-async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: str, mode: str) -> dict[str, Any]:
+async def bench_model(
+    model: str, args: argparse.Namespace, out: Path, watch: str, mode: str, dtype: str
+) -> dict[str, Any]:
     """`watch`: "push" (file-system events, polling every --watch-interval-s as the fallback) or
-    "poll" (events off: the swap waits for the next poll, as before); `mode`: one-step or two-phase."""
+    "poll" (events off: the swap waits for the next poll, as before); `mode`: one-step or two-phase;
+    `dtype`: the service's --dtype."""
     plan = plan_for(model, args)
     clients = args.clients if model == "annotator" else args.generator_clients
     with tempfile.TemporaryDirectory(prefix=f"hotswap-{model}-") as tmp:
@@ -259,9 +262,9 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
         variants = prepare_store(data, model)
         store = ModelStore(data / "store")
         port = free_port()
-        log = out / f"hotswap-{model}-{watch}-{mode}-service{args.tag}.log"
+        log = out / f"hotswap-{model}-{watch}-{mode}{dtype_suffix(args, dtype)}-service{args.tag}.log"
         proc = start_service(
-            data, port, model, args.watch_interval_s, log, events=watch == "push", device=(args.device, args.dtype)
+            data, port, model, args.watch_interval_s, log, events=watch == "push", device=(args.device, dtype)
         )
         target = f"127.0.0.1:{port}"
         try:
@@ -363,6 +366,8 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
         "model": model,
         "watch": watch,
         "publish": mode,
+        "dtype": dtype,
+        "dtype_resolved": resolved_dtype(args.device, dtype),
         "clients": clients,
         "request": "annotate, 1 review of 35-60 words"
         if model == "annotator"
@@ -408,6 +413,18 @@ async def bench_model(model: str, args: argparse.Namespace, out: Path, watch: st
     return result
 
 
+def resolved_dtype(device: str, dtype: str) -> str:
+    """What the service's `--device` / `--dtype` resolve to on this machine (the service runs here too)."""
+    from loopserve.device import dtype_name, pick_device, pick_dtype
+
+    return dtype_name(pick_dtype(dtype, pick_device(device)))
+
+
+def dtype_suffix(args: argparse.Namespace, dtype: str) -> str:
+    """Names of results and logs carry the dtype only when the run compares several."""
+    return f"-{dtype}" if len(args.dtypes) > 1 else ""
+
+
 def plot(results: list[dict[str, Any]], path: Path) -> None:
     import matplotlib
 
@@ -447,7 +464,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel("latency (ms)")
         to_new = r["publish_to_first_response_s"]["median"]
         ax.set_title(
-            f"{r['model']} ({r['publish']}, {r['watch']}): {r['clients']} clients; "
+            f"{r['model']} ({r['publish']}, {r['watch']}, {r['dtype_resolved']}): {r['clients']} clients; "
             f"p50/p99 {r['steady']['p50_ms']:.0f}/{r['steady']['p99_ms']:.0f} ms "
             f"without swaps, {r['swapping']['p50_ms']:.0f}/{r['swapping']['p99_ms']:.0f} ms with a publish every "
             f"{r['swap_every_s']:.0f}s; publish->first response on it, median {to_new or float('nan'):.2f}s; "
@@ -478,7 +495,7 @@ async def bench_operator_publish(args: argparse.Namespace, out: Path) -> dict[st
             args.watch_interval_s,
             out / f"hotswap-publish-service{args.tag}.log",
             events=True,
-            device=(args.device, args.dtype),
+            device=(args.device, args.dtypes[0]),
         )
         target = f"127.0.0.1:{port}"
         runs: list[dict[str, Any]] = []
@@ -561,19 +578,27 @@ async def main() -> None:
     ap.add_argument("--publishes", type=int, default=4, help="`loopserve models publish` runs, alternating (0: skip)")
     ap.add_argument("--publish-clients", type=int, default=8)
     ap.add_argument("--device", default="auto", help="the service's --device")
-    ap.add_argument("--dtype", default="auto", help="the service's --dtype")
+    ap.add_argument(
+        "--dtype",
+        default="auto",
+        help="the service's --dtype; several, comma-separated (auto,float32), run every scenario at each in this "
+        "run (the operator's publish at the first)",
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     ap.add_argument("--tag", default="", help="suffix of the result files (e.g. -cuda)")
     args = ap.parse_args()
+    args.dtypes = args.dtype.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for model in args.models.split(","):
         for watch in args.watches.split(","):
             for mode in args.publish.split(","):
-                results.append(await bench_model(model, args, args.out, watch, mode))
+                for dtype in args.dtypes:
+                    results.append(await bench_model(model, args, args.out, watch, mode, dtype))
     operator = await bench_operator_publish(args, args.out) if args.publishes > 0 else None
     summary: dict[str, Any] = {
-        f"{r['model']}_{r['watch']}_{r['publish']}": {
+        f"{r['model']}_{r['watch']}_{r['publish']}{dtype_suffix(args, r['dtype'])}": {
+            "dtype": r["dtype_resolved"],
             "publish_to_first_response_s": r["publish_to_first_response_s"],
             "publish_call_s_median": r["publish_call_s_median"],
             "call_to_first_response_s_median": r["call_to_first_response_s_median"],

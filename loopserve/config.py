@@ -73,7 +73,7 @@ class CommonConfig(StoreConfig, LogConfig):
     device: str = "auto"
     """auto | cpu | cuda (auto: CUDA when present)"""
     dtype: str = "auto"
-    """auto | float32 | bfloat16 (auto: bf16 on CUDA, fp32 on CPU)"""
+    """auto | float32 | bfloat16 (auto: bf16 on CUDA and on a CPU with AVX512-BF16 or AMX, else fp32)"""
     log_level: str = "INFO"
     """Python logging level"""
 

@@ -1,4 +1,5 @@
-"""Device and dtype selection: CUDA when present (bf16 there), else CPU (fp32, threads = cores)."""
+"""Device and dtype selection: CUDA when present, else CPU (threads = cores); bf16 where the hardware
+runs it natively (every CUDA device, a CPU with AVX512-BF16 or AMX), fp32 elsewhere."""
 
 from __future__ import annotations
 
@@ -20,13 +21,34 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 natively: CUDA, or a CPU with AVX512-BF16 or AMX tiles (oneDNN's
+    bf16 kernels). Where it must emulate bf16 (an AVX2-only CPU) bf16 runs slower than fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's own CPUID checks
+    return any(bool(getattr(torch.cpu, probe, lambda: False)()) for probe in probes)
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The precision models are served and evaluated in. "auto": bf16 where `device` runs it natively
+    (`native_bf16`), fp32 elsewhere. On a CPU with bf16 the encoders serve at about twice the items per
+    second of fp32 once batched (DESIGN: "bf16 plus batching is the fast path"), and the annotator's
+    learning was measured in bf16 (bench/learning.py and `loopserve demo` serve it so); pooled embeddings
+    match fp32 to cosine 0.9999. Training keeps fp32 weights whatever this picks (mixed precision)."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
     if name not in table:
         raise ValueError(f"unknown dtype {name!r} (auto | float32 | bfloat16)")
     return table[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """float32 | bfloat16: the name `--dtype` takes (what a service reports it serves in)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def cores_available() -> int:

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 from loopserve.config import PolicyConfig
+from loopserve.device import dtype_name
 from loopserve.errors import FailedPrecondition
 from loopserve.models.slot import SlotWatches
 from loopserve.serving.batcher import Batcher, DynamicBatcher
@@ -227,6 +228,7 @@ class PolicyFrontend:
             max_input_tokens=self.cfg.max_input_tokens,
             review_threshold=self.cfg.review_threshold,
             device=str(self.runtime.opts.device),
+            dtype=dtype_name(self.runtime.opts.dtype),
         )
 
     def label_set(self) -> list[str]:

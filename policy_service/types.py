@@ -213,6 +213,7 @@ class ModelInfo:
     max_input_tokens: int
     review_threshold: float
     device: str
+    dtype: str
     extra: dict[str, str] = field(default_factory=dict)
 
     def to_pb(self) -> pb.ModelInfo:
@@ -227,4 +228,5 @@ class ModelInfo:
             max_input_tokens=self.max_input_tokens,
             review_threshold=self.review_threshold,
             device=self.device,
+            dtype=self.dtype,
         )

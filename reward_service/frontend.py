@@ -12,6 +12,7 @@ import asyncio
 import logging
 
 from loopserve.config import RewardConfig
+from loopserve.device import dtype_name
 from loopserve.models.slot import SlotWatches
 from loopserve.serving.batcher import Batcher, DynamicBatcher
 from reward_service.runtime import HasPairs, RewardRuntime
@@ -73,4 +74,5 @@ class RewardFrontend:
             limits=self.limits,
             max_input_tokens=self.runtime.opts.max_input_tokens,
             device=str(self.runtime.opts.device),
+            dtype=dtype_name(self.runtime.opts.dtype),
         )

@@ -148,6 +148,7 @@ class ModelInfo:
     limits: Limits
     max_input_tokens: int
     device: str
+    dtype: str
 
     def to_pb(self) -> pb.ModelInfo:
         return pb.ModelInfo(
@@ -156,4 +157,5 @@ class ModelInfo:
             max_text_chars=self.limits.max_text_chars,
             max_input_tokens=self.max_input_tokens,
             device=self.device,
+            dtype=self.dtype,
         )

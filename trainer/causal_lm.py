@@ -163,9 +163,13 @@ def sample(
 
 
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """ "auto" (bf16 on CUDA, fp32 on CPU, as the services pick), "fp32" or "bf16"."""
+    """ "auto" (bf16 on CUDA, fp32 on CPU), "fp32" or "bf16". Not the services' rule, which also picks bf16
+    on a CPU with native bf16 (`loopserve.device.pick_dtype`): the generator's objectives (PPO, GRPO, SFT)
+    were measured in fp32 on CPUs, and their bf16 path (a bf16 rollout copy, autocast) on CUDA only."""
     from loopserve.device import pick_dtype
 
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     return pick_dtype({"fp32": "float32", "bf16": "bfloat16"}.get(precision, precision), device)
 
 

@@ -104,6 +104,9 @@ def _trainer_argv(policy: PolicyConfig, reward: RewardConfig, tls_ca: Path | Non
         str(policy.data_dir),
         "--device",
         policy.device,
+        # The gate, the calibration and the online tier judge the annotator in the precision it is served in.
+        "--annotator.eval-dtype",
+        policy.dtype,
         "--log-level",
         policy.log_level,
         "--reward-target",

@@ -684,8 +684,11 @@ async def test_a_head_only_version_reuses_the_serving_encoder_and_answers_with_i
     # The tokenizer is copied, not shared: the serving thread and the loader call it with other settings.
     assert now.model.tokenizer is not serving.model.tokenizer
     assert now.model.tokenizer(TEXTS[0])["input_ids"] == serving.model.tokenizer(TEXTS[0])["input_ids"]
-    # Its answers are the new head's: the same as a full, independent load of that version gives.
-    full = encoder_heads.load(svc.store.path("annotator", version))
+    # Its answers are the new head's: the same as a full, independent load of that version gives (in the
+    # precision the service serves in; bf16 rounds differently with other padding, so the bar is looser).
+    opts = svc.app.runtime.opts
+    full = encoder_heads.load(svc.store.path("annotator", version), opts.device, opts.dtype)
+    tolerance = 1e-4 if opts.dtype == torch.float32 else 1e-2
     tok = encoder_heads.load_tokenizer(svc.store.path("annotator", version))
     batch = tok(TEXTS[:1], return_tensors="pt", truncation=True, max_length=32)
     with torch.inference_mode():
@@ -694,5 +697,5 @@ async def test_a_head_only_version_reuses_the_serving_encoder_and_answers_with_i
         )
     got = [r.value for r in load.records if r.version == version]
     old = [r.value for r in load.records if r.version == "v0"]
-    assert abs(got[0] - float(want[0, 0])) < 1e-4
-    assert abs(got[0] - old[0]) > 1e-3  # the head did change what it answers
+    assert abs(got[0] - float(want[0, 0])) < tolerance
+    assert abs(got[0] - old[0]) > 10 * tolerance  # the head did change what it answers

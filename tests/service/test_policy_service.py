@@ -10,11 +10,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2
 
 from loopserve.client import AsyncClient
 from loopserve.config import POLICY_SERVICE
+from loopserve.device import dtype_name, pick_dtype
 from loopserve.policy.v1 import policy_pb2
 from tests.support.policy_harness import NO_RETRY, Running, policy_config, start_policy
 
@@ -50,6 +52,24 @@ async def test_annotate_generate_stream_and_info(svc: Running) -> None:
         info = await c.model_info()
         assert info.task == "sentiment" and [lb.name for lb in info.labels] == ["great", "other"]
         assert info.annotator_version == "v0" and info.generator_version == "v0"
+        assert info.dtype == dtype_name(pick_dtype("auto", torch.device("cpu")))  # --dtype auto, resolved
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+async def test_the_dtype_flag_is_the_precision_both_models_run_in(tiny_data_dir: Path, dtype: str) -> None:
+    running = await start_policy(policy_config(tiny_data_dir, dtype=dtype))
+    try:
+        runtime = running.app.runtime
+        annotator = runtime.annotator.current.model.model
+        assert runtime.generator is not None
+        weights = [*annotator.encoder.parameters(), *runtime.generator.current.model.model.parameters()]
+        assert {p.dtype for p in weights} == {getattr(torch, dtype)}
+        async with running.client() as c:
+            assert (await c.model_info()).dtype == dtype
+            r = await c.annotate([("x1", "lovely tea")])
+            assert all(math.isfinite(lb.score) for lb in r.annotations[0].labels)
+    finally:
+        await running.app.stop(1)
 
 
 BAD_ANNOTATE = [

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -25,6 +26,7 @@ from loopserve import auth
 from loopserve.admin.v1 import admin_pb2
 from loopserve.client import AsyncClient
 from loopserve.config import REWARD_SERVICE, RewardConfig
+from loopserve.device import dtype_name, pick_dtype
 from loopserve.models.store import ModelStore
 from loopserve.reward.v1 import reward_pb2 as pb
 from reward_service.app import RewardApp
@@ -118,6 +120,7 @@ async def test_model_info_states_the_limits_and_version(reward):
         64,
     )
     assert info.device == "cpu"
+    assert info.dtype == dtype_name(pick_dtype("auto", torch.device("cpu")))  # --dtype auto, resolved
 
 
 async def test_long_texts_within_the_character_limit_are_truncated_not_refused(reward):

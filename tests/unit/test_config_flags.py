@@ -142,6 +142,11 @@ def test_up_hands_every_flag_family_to_the_process_it_is_for(tmp_path: Path) -> 
         argv = _trainer_argv(policy, reward, ca)[1:]  # after the `train` subcommand
         args = read_args(argv, environ={})
         assert args.reward_tls_ca == (ca or Path("c.pem")) and args.reward_target == "127.0.0.1:6000"
+    # ... and the precision the policy serves in, which the trainer judges the annotator in
+    for dtype in ("auto", "float32", "bfloat16"):
+        served, _ = stack_configs(config(["up", "--dtype", dtype]))
+        assert served.dtype == dtype
+        assert read_args(_trainer_argv(served, reward, None)[1:], environ={}).annotator.eval_dtype == dtype
 
 
 def test_serve_on_ray_refuses_what_its_proxy_cannot_do_and_forwards_the_rest(

@@ -368,6 +368,7 @@ class ModelInfo(_message.Message):
     MAX_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     REVIEW_THRESHOLD_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
     task: _builtins.str
     annotator_version: _builtins.str
     generator_version: _builtins.str
@@ -378,6 +379,8 @@ class ModelInfo(_message.Message):
     max_input_tokens: _builtins.int
     review_threshold: _builtins.float
     device: _builtins.str
+    dtype: _builtins.str
+    """The precision the weights run in: float32 | bfloat16 (what --dtype resolved to)."""
     @_builtins.property
     def labels(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelInfo]: ...
     def __init__(
@@ -393,10 +396,11 @@ class ModelInfo(_message.Message):
         max_input_tokens: _builtins.int = ...,
         review_threshold: _builtins.float = ...,
         device: _builtins.str = ...,
+        dtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotator_version", b"annotator_version", "device", b"device", "generator_version", b"generator_version", "labels", b"labels", "max_input_tokens", b"max_input_tokens", "max_items_per_request", b"max_items_per_request", "max_new_tokens_cap", b"max_new_tokens_cap", "max_text_chars", b"max_text_chars", "review_threshold", b"review_threshold", "task", b"task"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["annotator_version", b"annotator_version", "device", b"device", "dtype", b"dtype", "generator_version", b"generator_version", "labels", b"labels", "max_input_tokens", b"max_input_tokens", "max_items_per_request", b"max_items_per_request", "max_new_tokens_cap", b"max_new_tokens_cap", "max_text_chars", b"max_text_chars", "review_threshold", b"review_threshold", "task", b"task"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

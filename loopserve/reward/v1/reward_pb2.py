@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n loopserve/reward/v1/reward.proto\x12\x13loopserve.reward.v1\"(\n\x04Pair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"w\n\x0cScoreRequest\x12(\n\x05pairs\x18\x01 \x03(\x0b\x32\x19.loopserve.reward.v1.Pair\x12/\n\x05scale\x18\x02 \x01(\x0e\x32 .loopserve.reward.v1.RewardScale\x12\x0c\n\x04\x63lip\x18\x03 \x01(\x02\"\xa4\x01\n\rScoreResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12/\n\x05scale\x18\x03 \x01(\x0e\x32 .loopserve.reward.v1.RewardScale\x12\x0c\n\x04\x63lip\x18\x04 \x01(\x02\x12\x16\n\x0ereference_mean\x18\x05 \x01(\x02\x12\x15\n\rreference_std\x18\x06 \x01(\x02\"6\n\x0e\x43ompareRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\t\n\x01\x61\x18\x02 \x01(\t\x12\t\n\x01\x62\x18\x03 \x01(\t\"a\n\x0f\x43ompareResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x15\n\rp_a_preferred\x18\x02 \x01(\x02\x12\x0f\n\x07score_a\x18\x03 \x01(\x02\x12\x0f\n\x07score_b\x18\x04 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\x83\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x1d\n\x15max_pairs_per_request\x18\x02 \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x03 \x01(\x05\x12\x18\n\x10max_input_tokens\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t*@\n\x0bRewardScale\x12\x14\n\x10REWARD_SCALE_RAW\x10\x00\x12\x1b\n\x17REWARD_SCALE_NORMALISED\x10\x01\x32\x8f\x02\n\rRewardService\x12N\n\x05Score\x12!.loopserve.reward.v1.ScoreRequest\x1a\".loopserve.reward.v1.ScoreResponse\x12T\n\x07\x43ompare\x12#.loopserve.reward.v1.CompareRequest\x1a$.loopserve.reward.v1.CompareResponse\x12X\n\x0cGetModelInfo\x12(.loopserve.reward.v1.GetModelInfoRequest\x1a\x1e.loopserve.reward.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n loopserve/reward/v1/reward.proto\x12\x13loopserve.reward.v1\"(\n\x04Pair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"w\n\x0cScoreRequest\x12(\n\x05pairs\x18\x01 \x03(\x0b\x32\x19.loopserve.reward.v1.Pair\x12/\n\x05scale\x18\x02 \x01(\x0e\x32 .loopserve.reward.v1.RewardScale\x12\x0c\n\x04\x63lip\x18\x03 \x01(\x02\"\xa4\x01\n\rScoreResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12/\n\x05scale\x18\x03 \x01(\x0e\x32 .loopserve.reward.v1.RewardScale\x12\x0c\n\x04\x63lip\x18\x04 \x01(\x02\x12\x16\n\x0ereference_mean\x18\x05 \x01(\x02\x12\x15\n\rreference_std\x18\x06 \x01(\x02\"6\n\x0e\x43ompareRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\t\n\x01\x61\x18\x02 \x01(\t\x12\t\n\x01\x62\x18\x03 \x01(\t\"a\n\x0f\x43ompareResponse\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x15\n\rp_a_preferred\x18\x02 \x01(\x02\x12\x0f\n\x07score_a\x18\x03 \x01(\x02\x12\x0f\n\x07score_b\x18\x04 \x01(\x02\"\x15\n\x13GetModelInfoRequest\"\x92\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x1d\n\x15max_pairs_per_request\x18\x02 \x01(\x05\x12\x16\n\x0emax_text_chars\x18\x03 \x01(\x05\x12\x18\n\x10max_input_tokens\x18\x04 \x01(\x05\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\r\n\x05\x64type\x18\x06 \x01(\t*@\n\x0bRewardScale\x12\x14\n\x10REWARD_SCALE_RAW\x10\x00\x12\x1b\n\x17REWARD_SCALE_NORMALISED\x10\x01\x32\x8f\x02\n\rRewardService\x12N\n\x05Score\x12!.loopserve.reward.v1.ScoreRequest\x1a\".loopserve.reward.v1.ScoreResponse\x12T\n\x07\x43ompare\x12#.loopserve.reward.v1.CompareRequest\x1a$.loopserve.reward.v1.CompareResponse\x12X\n\x0cGetModelInfo\x12(.loopserve.reward.v1.GetModelInfoRequest\x1a\x1e.loopserve.reward.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loopserve.reward.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REWARDSCALE']._serialized_start=699
-  _globals['_REWARDSCALE']._serialized_end=763
+  _globals['_REWARDSCALE']._serialized_start=714
+  _globals['_REWARDSCALE']._serialized_end=778
   _globals['_PAIR']._serialized_start=57
   _globals['_PAIR']._serialized_end=97
   _globals['_SCOREREQUEST']._serialized_start=99
@@ -46,7 +46,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELINFOREQUEST']._serialized_start=542
   _globals['_GETMODELINFOREQUEST']._serialized_end=563
   _globals['_MODELINFO']._serialized_start=566
-  _globals['_MODELINFO']._serialized_end=697
-  _globals['_REWARDSERVICE']._serialized_start=766
-  _globals['_REWARDSERVICE']._serialized_end=1037
+  _globals['_MODELINFO']._serialized_end=712
+  _globals['_REWARDSERVICE']._serialized_start=781
+  _globals['_REWARDSERVICE']._serialized_end=1052
 # @@protoc_insertion_point(module_scope)

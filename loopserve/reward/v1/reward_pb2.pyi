@@ -210,11 +210,14 @@ class ModelInfo(_message.Message):
     MAX_TEXT_CHARS_FIELD_NUMBER: _builtins.int
     MAX_INPUT_TOKENS_FIELD_NUMBER: _builtins.int
     DEVICE_FIELD_NUMBER: _builtins.int
+    DTYPE_FIELD_NUMBER: _builtins.int
     model_version: _builtins.str
     max_pairs_per_request: _builtins.int
     max_text_chars: _builtins.int
     max_input_tokens: _builtins.int
     device: _builtins.str
+    dtype: _builtins.str
+    """The precision the weights run in: float32 | bfloat16 (what --dtype resolved to)."""
     def __init__(
         self,
         *,
@@ -223,10 +226,11 @@ class ModelInfo(_message.Message):
         max_text_chars: _builtins.int = ...,
         max_input_tokens: _builtins.int = ...,
         device: _builtins.str = ...,
+        dtype: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "max_input_tokens", b"max_input_tokens", "max_pairs_per_request", b"max_pairs_per_request", "max_text_chars", b"max_text_chars", "model_version", b"model_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["device", b"device", "dtype", b"dtype", "max_input_tokens", b"max_input_tokens", "max_pairs_per_request", b"max_pairs_per_request", "max_text_chars", b"max_text_chars", "model_version", b"model_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
