@@ -9,14 +9,15 @@ for each model the services run, in process, through the services' own runtimes:
     --max-input-tokens tokens, as the services cut them), the generator (`policy_service.sampling.generate`)
     in tokens/s, --new-tokens each;
   - agreement with fp32 on the same inputs: the annotator's top label and the largest gap between the
-    two precisions' probabilities; the reward model's order of each pair of reviews and the largest
-    score gap; the generator's next-token distribution at each prompt (mean total variation distance)
-    and greedy continuations' first differing token.
+    two precisions' probabilities; the reward model's pooled embeddings (cosine: its base head is zero,
+    so its scores agree trivially) and, for a trained head, its order of each pair of reviews; the
+    generator's next-token distribution at each prompt (mean total variation distance) and how many
+    tokens greedy continuations share before they part.
 
 Writes bench/results/precision.json (the CPU model, whether it has native bf16, and what auto picks
 recorded) and precision.png.
 
-    .venv/bin/python bench/precision.py [--seconds 4] [--batches 1,8,32] [--items 400]
+    .venv/bin/python bench/precision.py [--seconds 4] [--batches 1,8,32] [--test-items 400]
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ REWARD_PROMPT = "Write a review of something you bought."
 
 
 def reward_at(store: Any, texts: list[str], args: argparse.Namespace, name: str) -> tuple[Any, list[dict]]:
-    """The reward model served in `name`: its scores of `texts` as responses (N,) and its items/s."""
+    """The reward model served in `name`: its scores of `texts` as responses (N,) with their pooled
+    embeddings (N, C), and its items/s."""
     import torch
 
+    from loopserve.models.reward_format import encode_pairs
     from reward_service.runtime import RewardRuntime, RuntimeOptions
     from reward_service.types import ScoreCall
 
@@ -119,7 +122,20 @@ def reward_at(store: Any, texts: list[str], args: argparse.Namespace, name: str)
     rt = RewardRuntime(store, opts)
     rt.load()
     handle = rt.reward.current
-    scores = torch.tensor(rt.rewards(handle.model, [(REWARD_PROMPT, t) for t in texts]))
+    pairs = [(REWARD_PROMPT, t) for t in texts]
+    scores = torch.tensor(rt.rewards(handle.model, pairs))
+    # The base reward model's head is zero (every pair scores alike until it trains), so agreement is
+    # also read where any trained head reads it: the pooled embeddings, one pair at a time.
+    enc = encode_pairs(handle.model.tokenizer, pairs, args.max_input_tokens)
+    with torch.inference_mode():
+        embeddings = torch.cat(
+            [
+                handle.model.model.embed(
+                    torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), token_type_ids=torch.tensor([types])
+                ).float()
+                for ids, types in zip(enc["input_ids"], enc["token_type_ids"], strict=True)
+            ]
+        )  # (N, C)
     cursor = random.Random(0)
 
     def run(n: int) -> int:
@@ -130,23 +146,27 @@ def reward_at(store: Any, texts: list[str], args: argparse.Namespace, name: str)
     speed = [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
     for row in speed:
         print(f"  reward    {name:8s} batch {row['batch']:3d}: {row['items_per_s']:7.1f} items/s", flush=True)
-    return scores, speed
+    return (scores, embeddings), speed
 
 
 def reward_side(store: Any, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     runs = {name: reward_at(store, texts, args, name) for name in DTYPES}
-    s32, s16 = runs["float32"][0], runs["bfloat16"][0]
-    i, j = torch.triu_indices(len(texts), len(texts), 1)  # every pair of reviews, as each precision orders it
-    same_order = (torch.sign(s32[i] - s32[j]) == torch.sign(s16[i] - s16[j])).float().mean()
-    return {
+    (s32, e32), (s16, e16) = runs["float32"][0], runs["bfloat16"][0]
+    cosine = torch.nn.functional.cosine_similarity(e32, e16, dim=-1)  # (N,)
+    out = {
         "speed": {name: speed for name, (_, speed) in runs.items()},
         "items": len(texts),
-        "pair_order_agreement": float(same_order),
+        "embedding_cosine_min": float(cosine.min()),
+        "embedding_cosine_mean": float(cosine.mean()),
         "max_abs_score_gap": float((s32 - s16).abs().max()),
         "score_std_fp32": float(s32.std()),
     }
+    if float(s32.std()) > 0:  # a trained head: does bf16 order the reviews as fp32 does?
+        i, j = torch.triu_indices(len(texts), len(texts), 1)
+        out["pair_order_agreement"] = float((torch.sign(s32[i] - s32[j]) == torch.sign(s16[i] - s16[j])).float().mean())
+    return out
 
 
 def generator_at(

@@ -21,6 +21,7 @@ from loopserve.device import pick_device, pick_dtype
 from loopserve.errors import InvalidArgument, ModelFault, VerificationError
 from loopserve.models import encoder_heads, generator, verify
 from loopserve.models.encoder_heads import AnnotatorModel
+from loopserve.models.micro_batches import CPU_TOKEN_BUDGET, micro_batches, token_budget
 from loopserve.models.slot import Loaded, ModelSlot
 from loopserve.models.store import ModelStore, VersionReader
 from loopserve.models.tokenizers import unshared
@@ -37,10 +38,6 @@ from policy_service.types import (
 )
 
 logger = logging.getLogger(__name__)
-
-# Items are sorted by length and run in micro-batches of this size, so a long review does not make
-# every short one in its batch pay for padding.
-ENCODER_MICRO_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -69,6 +66,8 @@ class RuntimeOptions:
     device: torch.device
     dtype: torch.dtype
     max_input_tokens: int = 256
+    token_budget: int = CPU_TOKEN_BUDGET
+    """Padded tokens per encoder forward (loopserve.models.micro_batches; 0: no token limit)."""
     review_threshold: float = 0.8
     max_prompt_tokens: int = 1024
     generator: bool = True
@@ -82,6 +81,7 @@ class RuntimeOptions:
             device=device,
             dtype=pick_dtype(cfg.dtype, device),
             max_input_tokens=cfg.max_input_tokens,
+            token_budget=token_budget(cfg.encoder_token_budget, device.type),
             review_threshold=cfg.review_threshold,
             max_prompt_tokens=cfg.max_prompt_tokens,
             generator=cfg.generator,
@@ -174,10 +174,8 @@ class PolicyRuntime:
     @torch.inference_mode()
     def _probs_from_ids(self, bundle: AnnotatorBundle, input_ids: list[list[int]]) -> list[list[float]]:
         tok = bundle.tokenizer
-        order = sorted(range(len(input_ids)), key=lambda i: len(input_ids[i]))
         out: list[list[float]] = [[] for _ in input_ids]
-        for start in range(0, len(order), ENCODER_MICRO_BATCH):
-            idx = order[start : start + ENCODER_MICRO_BATCH]
+        for idx in micro_batches([len(x) for x in input_ids], self.opts.token_budget):
             batch = tok.pad({"input_ids": [input_ids[i] for i in idx]}, return_tensors="pt")
             logits = bundle.model(
                 batch["input_ids"].to(self.opts.device), batch["attention_mask"].to(self.opts.device)

@@ -27,6 +27,7 @@ from loopserve.device import pick_device, pick_dtype
 from loopserve.errors import ModelFault, VerificationError
 from loopserve.models import encoder_heads, verify
 from loopserve.models.encoder_heads import RewardModel
+from loopserve.models.micro_batches import CPU_TOKEN_BUDGET, MAX_ITEMS, micro_batches, token_budget
 from loopserve.models.reward_format import BUILTIN_REFERENCE_PAIRS, RewardStats, encode_pairs
 from loopserve.models.slot import Loaded, ModelSlot
 from loopserve.models.store import ModelStore, VersionReader
@@ -34,10 +35,6 @@ from loopserve.models.tokenizers import unshared
 from reward_service.types import CompareCall, CompareResult
 
 logger = logging.getLogger(__name__)
-
-# Pairs are sorted by length and run in micro-batches of this size, so one long pair does not make
-# every short one in its batch pay for padding.
-ENCODER_MICRO_BATCH = 32
 
 
 class HasPairs(Protocol):
@@ -60,13 +57,21 @@ class RuntimeOptions:
     device: torch.device
     dtype: torch.dtype
     max_input_tokens: int = 256
-    micro_batch: int = ENCODER_MICRO_BATCH
+    token_budget: int = CPU_TOKEN_BUDGET
+    """Padded tokens per encoder forward (loopserve.models.micro_batches; 0: no token limit)."""
+    micro_batch: int = MAX_ITEMS
+    """Pairs per encoder forward, at most."""
 
     @classmethod
     def of(cls, cfg: RewardConfig) -> RuntimeOptions:
         """The options a reward process serves with (the grpc.aio app and each Ray replica alike)."""
         device = pick_device(cfg.device)
-        return cls(device=device, dtype=pick_dtype(cfg.dtype, device), max_input_tokens=cfg.max_input_tokens)
+        return cls(
+            device=device,
+            dtype=pick_dtype(cfg.dtype, device),
+            max_input_tokens=cfg.max_input_tokens,
+            token_budget=token_budget(cfg.encoder_token_budget, device.type),
+        )
 
 
 class RewardRuntime:
@@ -116,10 +121,9 @@ class RewardRuntime:
         """r for each pair, in order: pairs sorted by length, run in micro-batches."""
         tok = bundle.tokenizer
         enc = encode_pairs(tok, pairs, self.opts.max_input_tokens)
-        order = sorted(range(len(pairs)), key=lambda i: len(enc["input_ids"][i]))
         out = [0.0] * len(pairs)
-        for start in range(0, len(order), self.opts.micro_batch):
-            idx = order[start : start + self.opts.micro_batch]
+        lengths = [len(x) for x in enc["input_ids"]]
+        for idx in micro_batches(lengths, self.opts.token_budget, self.opts.micro_batch):
             batch = tok.pad(
                 {
                     "input_ids": [enc["input_ids"][i] for i in idx],

@@ -1,0 +1,165 @@
+"""Padding: encoder forwards cut by padded tokens against one forward per batch, side by side in one run.
+
+The batcher hands the runtime a batch of texts; the runtime sorts them by length and runs forwards of at
+most `--encoder-token-budget` padded tokens each (loopserve.models.micro_batches; 0: one forward of up
+to 32, whatever their lengths, as before the budget existed). For the annotator (`PolicyRuntime.
+annotate_batch`) and the reward model (`RewardRuntime.score_batch`), in process, over Fine Food test
+reviews (real lengths: the services cut them at --max-input-tokens), in fp32 and bf16: items/s at each
+batch size for each budget. Writes bench/results/padding.json (the CPU model recorded) and padding.png.
+
+    .venv/bin/python bench/padding.py [--budgets 0,256,512,1024,2048] [--batches 8,32] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from bench.common import add_annotation_data_args, load_annotation_data, machine  # noqa: E402
+from bench.precision import DTYPES, REWARD_PROMPT, rate  # noqa: E402
+
+
+def annotator_rates(store: Any, texts: list[str], args: argparse.Namespace, dtype: str, budget: int) -> list[dict]:
+    import torch
+
+    from policy_service.runtime import PolicyRuntime, RuntimeOptions
+    from policy_service.types import AnnotateCall
+
+    opts = RuntimeOptions(
+        torch.device(args.device),
+        getattr(torch, dtype),
+        max_input_tokens=args.max_input_tokens,
+        token_budget=budget,
+        generator=False,
+    )
+    rt = PolicyRuntime(store, opts)
+    rt.load()
+    handle = rt.annotator.current
+    cursor = random.Random(0)  # the same texts for every budget
+
+    def run(n: int) -> int:
+        at = cursor.randrange(len(texts))
+        calls = [AnnotateCall("", (f"i{k}",), (texts[(at + k) % len(texts)],), 0) for k in range(n)]
+        return len(rt.annotate_batch(handle, calls))
+
+    return [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
+
+
+def reward_rates(store: Any, texts: list[str], args: argparse.Namespace, dtype: str, budget: int) -> list[dict]:
+    import torch
+
+    from reward_service.runtime import RewardRuntime, RuntimeOptions
+    from reward_service.types import ScoreCall
+
+    opts = RuntimeOptions(
+        torch.device(args.device), getattr(torch, dtype), max_input_tokens=args.max_input_tokens, token_budget=budget
+    )
+    rt = RewardRuntime(store, opts)
+    rt.load()
+    handle = rt.reward.current
+    cursor = random.Random(0)
+
+    def run(n: int) -> int:
+        at = cursor.randrange(len(texts))
+        calls = [ScoreCall(((REWARD_PROMPT, texts[(at + k) % len(texts)]),)) for k in range(n)]
+        return len(rt.score_batch(handle, calls))
+
+    return [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(result["models"])
+    fig, axes = plt.subplots(1, len(models), figsize=(5.2 * len(models), 3.9), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        for dtype in DTYPES:
+            for b in result["args"]["batches"]:
+                rows = result["models"][model][dtype]
+                xs = [r["budget"] for r in rows]
+                ys = [next(p["items_per_s"] for p in r["rates"] if p["batch"] == b) for r in rows]
+                ax.plot([str(x or "none") for x in xs], ys, marker="o", label=f"{dtype}, batch {b}")
+        ax.set_xlabel("padded tokens per forward (none: one forward per batch)")
+        ax.set_ylabel("items/s")
+        ax.set_title(model)
+        ax.legend(fontsize=7)
+    fig.suptitle(result["machine"]["cpu"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_annotation_data_args(ap, test_items=400)
+    ap.add_argument("--models", default="annotator,reward")
+    ap.add_argument("--budgets", default="0,256,512,1024,2048", help="padded tokens per forward (0: no limit)")
+    ap.add_argument("--batches", default="8,32", help="batch sizes the runtime is handed")
+    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per point")
+    ap.add_argument("--max-input-tokens", type=int, default=256, help="as the services cut inputs (their default)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    args = ap.parse_args()
+    args.batches = [int(b) for b in args.batches.split(",")]
+    budgets = [int(b) for b in args.budgets.split(",")]
+
+    import torch
+
+    from loopserve.device import configure_threads
+    from loopserve.models import provision
+    from loopserve.models.micro_batches import token_budget
+    from loopserve.models.store import ModelStore
+
+    configure_threads()
+    models = args.models.split(",")
+    store = ModelStore(args.data_dir / "store")
+    provision.pull(store, models=models)
+    _, _, test, _ = load_annotation_data(args)
+    texts = [e.text for e in test]
+    result: dict[str, Any] = {
+        "machine": machine(device=args.device, threads=torch.get_num_threads()),
+        "default_budget": token_budget(0, args.device),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "models": {},
+    }
+    measure = {"annotator": annotator_rates, "reward": reward_rates}
+    for model in models:
+        result["models"][model] = {}
+        for dtype in DTYPES:
+            rows = []
+            for budget in budgets:
+                rates = measure[model](store, texts, args, dtype, budget)
+                rows.append({"budget": budget, "rates": rates})
+                shown = ", ".join(f"batch {r['batch']}: {r['items_per_s']:.1f}" for r in rates)
+                print(f"  {model:9s} {dtype:8s} budget {budget or 'none':>5}: {shown} items/s", flush=True)
+            result["models"][model][dtype] = rows
+    # the default against one forward per batch (budget 0), per model, precision and batch size
+    if 0 in budgets and result["default_budget"] in budgets:
+        result["default_over_one_forward"] = {
+            f"{model}/{dtype}/batch {b}": (
+                next(p for r in rows if r["budget"] == result["default_budget"] for p in r["rates"] if p["batch"] == b)[
+                    "items_per_s"
+                ]
+                / next(p for r in rows if r["budget"] == 0 for p in r["rates"] if p["batch"] == b)["items_per_s"]
+            )
+            for model, by_dtype in result["models"].items()
+            for dtype, rows in by_dtype.items()
+            for b in args.batches
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "padding.json").write_text(json.dumps(result, indent=2))
+    plot(result, args.out / "padding.png")
+    print(json.dumps(result.get("default_over_one_forward", {}), indent=2))
+
+
+if __name__ == "__main__":
+    main()
