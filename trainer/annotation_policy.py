@@ -49,6 +49,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loopserve.device import pick_dtype
 from loopserve.models.encoder_heads import AnnotatorModel
+from loopserve.models.micro_batches import micro_batches, token_budget
 from trainer.examples import BanditExample, LabelExample
 from trainer.gate import LossGuard
 from trainer.head_fit import fit_head
@@ -277,16 +278,22 @@ def embed_texts(
     max_length: int,
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """(N, C) float32 embeddings of `texts` on the CPU, in eval mode, `batch_size` texts per forward; the
-    forward passes under bf16 autocast when `dtype` is bfloat16 (`AnnotationPolicyConfig.eval_dtype`)."""
+    """(N, C) float32 embeddings of `texts` on the CPU, in eval mode; the forward passes under bf16 autocast
+    when `dtype` is bfloat16 (`AnnotationPolicyConfig.eval_dtype`). The texts are sorted by length and cut
+    as the services cut theirs (loopserve.models.micro_batches: at most `batch_size` a forward, and on a CPU
+    at most 512 padded tokens), so a short review does not pay for the longest one's padding."""
     model.eval()
     device = next(model.parameters()).device
+    out = torch.zeros(len(texts), model.head.in_features)
+    if not texts:
+        return out
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)  # unpadded ids, one list a text
+    groups = micro_batches([len(x) for x in enc["input_ids"]], token_budget(0, device.type), batch_size)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        parts = [
-            batch_embeddings(model, tokenizer, texts[i : i + batch_size], max_length).float().cpu()
-            for i in range(0, len(texts), batch_size)
-        ]
-    return torch.cat(parts) if parts else torch.zeros(0, model.head.in_features)
+        for idx in groups:
+            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt").to(device)
+            out[idx] = model.embed(**batch).float().cpu()  # (b, C)
+    return out
 
 
 def eval_dtype(model: AnnotatorModel, cfg: AnnotationPolicyConfig) -> torch.dtype:

@@ -5,8 +5,11 @@ padding included, so 32 Fine Food reviews (median 70 tokens, the longest 256) in
 padding. Sorted and cut into forwards of at most 512 padded tokens each, the annotator runtime answers
 them at 2.1x the items/s of one forward (bf16 150 against 71; fp32 63 against 25) and the reward runtime
 scores them at 2.2x (bf16 137 against 62), batches of 8 at 1.5-1.7x (bench/results/padding.json, 2-core
-AMD EPYC, in process). On a GPU the sequences of a forward run in parallel, so there the rule stays one
-forward of up to 32, whatever their lengths.
+AMD EPYC, in process). The trainer's embedding passes (`trainer.annotation_policy.embed_texts`: the gate's
+evaluations, calibration, head refits, pseudo-labelling) cut theirs alike: 1,000 Fine Food train reviews in
+bf16 embed 1.8x as fast at 128 tokens (274 against 151 a second) and 3.3x at 256 (220 against 66), every
+embedding within cosine 0.99997 of the unsorted pass's. On a GPU the sequences of a forward run in parallel,
+so there the rule stays one forward of up to 32 (the trainer's: its batch size), whatever their lengths.
 """
 
 from __future__ import annotations

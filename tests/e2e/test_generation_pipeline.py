@@ -209,7 +209,11 @@ def affine_version(src, dest, scale: float, shift: float):
 async def reward_app(tmp_path) -> AsyncIterator[tuple[RewardApp, ModelStore]]:
     store = ModelStore(tmp_path / "store")
     publish_with_stats(store, tiny_reward_version(tmp_path / "v0"))
-    cfg = RewardConfig(data_dir=tmp_path, port=0, metrics_port=-1, max_wait_ms=2.0, watch_interval_s=0.1)
+    # fp32, as the statistics were computed at publish: the checks below are exact arithmetic of the
+    # normalisation (mean 0 and std 1 on the reference set by construction), which bf16's rounding blurs.
+    cfg = RewardConfig(
+        data_dir=tmp_path, port=0, metrics_port=-1, max_wait_ms=2.0, watch_interval_s=0.1, dtype="float32"
+    )
     cfg.max_input_tokens = 64
     app = RewardApp(cfg)
     await app.start()
