@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,56 +21,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.common import add_annotation_data_args, load_annotation_data, machine  # noqa: E402
-from bench.precision import DTYPES, REWARD_PROMPT, rate  # noqa: E402
+from bench.precision import (  # noqa: E402
+    DTYPES,
+    add_encoder_bench_args,
+    annotator_runtime,
+    annotator_speed,
+    prepare,
+    reward_runtime,
+    reward_speed,
+)
 
 
-def annotator_rates(store: Any, texts: list[str], args: argparse.Namespace, dtype: str, budget: int) -> list[dict]:
-    import torch
-
-    from policy_service.runtime import PolicyRuntime, RuntimeOptions
-    from policy_service.types import AnnotateCall
-
-    opts = RuntimeOptions(
-        torch.device(args.device),
-        getattr(torch, dtype),
-        max_input_tokens=args.max_input_tokens,
-        token_budget=budget,
-        generator=False,
-    )
-    rt = PolicyRuntime(store, opts)
-    rt.load()
-    handle = rt.annotator.current
-    cursor = random.Random(0)  # the same texts for every budget
-
-    def run(n: int) -> int:
-        at = cursor.randrange(len(texts))
-        calls = [AnnotateCall("", (f"i{k}",), (texts[(at + k) % len(texts)],), 0) for k in range(n)]
-        return len(rt.annotate_batch(handle, calls))
-
-    return [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
-
-
-def reward_rates(store: Any, texts: list[str], args: argparse.Namespace, dtype: str, budget: int) -> list[dict]:
-    import torch
-
-    from reward_service.runtime import RewardRuntime, RuntimeOptions
-    from reward_service.types import ScoreCall
-
-    opts = RuntimeOptions(
-        torch.device(args.device), getattr(torch, dtype), max_input_tokens=args.max_input_tokens, token_budget=budget
-    )
-    rt = RewardRuntime(store, opts)
-    rt.load()
-    handle = rt.reward.current
-    cursor = random.Random(0)
-
-    def run(n: int) -> int:
-        at = cursor.randrange(len(texts))
-        calls = [ScoreCall(((REWARD_PROMPT, texts[(at + k) % len(texts)]),)) for k in range(n)]
-        return len(rt.score_batch(handle, calls))
-
-    return [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
+def rates(model: str, store: Any, texts: list[str], args: argparse.Namespace, dtype: str, budget: int) -> list:
+    """Items/s of `model`'s runtime at each of --batches, in `dtype`, forwards cut at `budget` (0: none)."""
+    if model == "annotator":
+        return annotator_speed(annotator_runtime(store, args, dtype, budget), texts, args)
+    return reward_speed(reward_runtime(store, args, dtype, budget), texts, args)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -100,46 +65,27 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_annotation_data_args(ap, test_items=400)
+    add_encoder_bench_args(ap, seconds=3.0)
     ap.add_argument("--models", default="annotator,reward")
     ap.add_argument("--budgets", default="0,256,512,1024,2048", help="padded tokens per forward (0: no limit)")
     ap.add_argument("--batches", default="8,32", help="batch sizes the runtime is handed")
-    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per point")
-    ap.add_argument("--max-input-tokens", type=int, default=256, help="as the services cut inputs (their default)")
-    ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
 
-    import torch
-
-    from loopserve.device import configure_threads
-    from loopserve.models import provision
     from loopserve.models.micro_batches import token_budget
-    from loopserve.models.store import ModelStore
 
-    configure_threads()
     models = args.models.split(",")
-    store = ModelStore(args.data_dir / "store")
-    provision.pull(store, models=models)
-    _, _, test, _ = load_annotation_data(args)
-    texts = [e.text for e in test]
-    result: dict[str, Any] = {
-        "machine": machine(device=args.device, threads=torch.get_num_threads()),
-        "default_budget": token_budget(0, args.device),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "models": {},
-    }
-    measure = {"annotator": annotator_rates, "reward": reward_rates}
+    store, texts, header = prepare(args, models)
+    result: dict[str, Any] = {**header, "default_budget": token_budget(0, args.device), "models": {}}
     for model in models:
         result["models"][model] = {}
         for dtype in DTYPES:
             rows = []
             for budget in budgets:
-                rates = measure[model](store, texts, args, dtype, budget)
-                rows.append({"budget": budget, "rates": rates})
-                shown = ", ".join(f"batch {r['batch']}: {r['items_per_s']:.1f}" for r in rates)
+                measured = rates(model, store, texts, args, dtype, budget)
+                rows.append({"budget": budget, "rates": measured})
+                shown = ", ".join(f"batch {r['batch']}: {r['items_per_s']:.1f}" for r in measured)
                 print(f"  {model:9s} {dtype:8s} budget {budget or 'none':>5}: {shown} items/s", flush=True)
             result["models"][model][dtype] = rows
     # the default against one forward per batch (budget 0), per model, precision and batch size

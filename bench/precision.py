@@ -58,37 +58,57 @@ def rate(run: Callable[[int], int], batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
-def annotator_at(store: Any, texts: list[str], args: argparse.Namespace, name: str) -> tuple[Any, list[dict]]:
-    """The annotator served in `name` (a torch dtype's name): its probabilities over `texts` (N, L) and its
-    items/s at each batch size."""
-    import torch
-
-    from policy_service.runtime import PolicyRuntime, RuntimeOptions
+def annotate_calls(texts: list[str], batch: int, at: int) -> list[Any]:
+    """`batch` one-item Annotate calls over `texts` from position `at` (wrapping)."""
     from policy_service.types import AnnotateCall
 
+    return [AnnotateCall("", (f"i{k}",), (texts[(at + k) % len(texts)],), 0) for k in range(batch)]
+
+
+def annotator_runtime(store: Any, args: argparse.Namespace, dtype: str, budget: int | None = None) -> Any:
+    """A PolicyRuntime serving the annotator in `dtype` (a torch dtype's name) with the services' input cut
+    and token budget (None: the default on --device)."""
+    import torch
+
+    from loopserve.models.micro_batches import token_budget
+    from policy_service.runtime import PolicyRuntime, RuntimeOptions
+
     opts = RuntimeOptions(
-        torch.device(args.device), getattr(torch, name), max_input_tokens=args.max_input_tokens, generator=False
+        torch.device(args.device),
+        getattr(torch, dtype),
+        max_input_tokens=args.max_input_tokens,
+        token_budget=token_budget(0, args.device) if budget is None else budget,
+        generator=False,
     )
     rt = PolicyRuntime(store, opts)
     rt.load()
-    handle = rt.annotator.current
-    labels = handle.model.labels
+    return rt
 
-    def calls(batch: int, at: int) -> list[AnnotateCall]:
-        return [AnnotateCall("", (f"i{k}",), (texts[(at + k) % len(texts)],), 0) for k in range(batch)]
 
-    probs = []
-    for k in range(0, len(texts), 32):
-        for anns in rt.annotate_batch(handle, calls(min(32, len(texts) - k), k)):
-            assert not isinstance(anns, Exception)
-            by = {ls.label: ls.score for ls in anns[0].labels}
-            probs.append([by[lb] for lb in labels])
-    cursor = random.Random(0)
+def annotator_speed(rt: Any, texts: list[str], args: argparse.Namespace) -> list[dict[str, float]]:
+    """Items/s of `rt.annotate_batch` at each of --batches, over `texts` from random positions (the same
+    positions for every runtime measured)."""
+    handle, cursor = rt.annotator.current, random.Random(0)
 
     def run(n: int) -> int:
-        return len(rt.annotate_batch(handle, calls(n, cursor.randrange(len(texts)))))
+        return len(rt.annotate_batch(handle, annotate_calls(texts, n, cursor.randrange(len(texts)))))
 
-    speed = [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
+    return [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
+
+
+def annotator_at(store: Any, texts: list[str], args: argparse.Namespace, name: str) -> tuple[Any, list[dict]]:
+    """The annotator served in `name`: its probabilities over `texts` (N, L) and its items/s."""
+    import torch
+
+    rt = annotator_runtime(store, args, name)
+    handle = rt.annotator.current
+    probs = []
+    for k in range(0, len(texts), 32):
+        for anns in rt.annotate_batch(handle, annotate_calls(texts, min(32, len(texts) - k), k)):
+            assert not isinstance(anns, Exception)
+            by = {ls.label: ls.score for ls in anns[0].labels}
+            probs.append([by[lb] for lb in handle.model.labels])
+    speed = annotator_speed(rt, texts, args)
     for row in speed:
         print(f"  annotator {name:8s} batch {row['batch']:3d}: {row['items_per_s']:7.1f} items/s", flush=True)
     return torch.tensor(probs), speed
@@ -109,18 +129,46 @@ def annotator_side(store: Any, texts: list[str], args: argparse.Namespace) -> di
 REWARD_PROMPT = "Write a review of something you bought."
 
 
+def reward_runtime(store: Any, args: argparse.Namespace, dtype: str, budget: int | None = None) -> Any:
+    """A RewardRuntime serving in `dtype` with the services' input cut and token budget (None: the default)."""
+    import torch
+
+    from loopserve.models.micro_batches import token_budget
+    from reward_service.runtime import RewardRuntime, RuntimeOptions
+
+    opts = RuntimeOptions(
+        torch.device(args.device),
+        getattr(torch, dtype),
+        max_input_tokens=args.max_input_tokens,
+        token_budget=token_budget(0, args.device) if budget is None else budget,
+    )
+    rt = RewardRuntime(store, opts)
+    rt.load()
+    return rt
+
+
+def reward_speed(rt: Any, texts: list[str], args: argparse.Namespace) -> list[dict[str, float]]:
+    """Pairs/s of `rt.score_batch` (one pair a call: REWARD_PROMPT and a review) at each of --batches."""
+    from reward_service.types import ScoreCall
+
+    handle, cursor = rt.reward.current, random.Random(0)
+
+    def run(n: int) -> int:
+        at = cursor.randrange(len(texts))
+        calls = [ScoreCall(((REWARD_PROMPT, texts[(at + k) % len(texts)]),)) for k in range(n)]
+        return len(rt.score_batch(handle, calls))
+
+    return [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
+
+
 def reward_at(store: Any, texts: list[str], args: argparse.Namespace, name: str) -> tuple[Any, list[dict]]:
     """The reward model served in `name`: its scores of `texts` as responses (N,) with their pooled
     embeddings (N, C), and its items/s."""
     import torch
 
     from loopserve.models.reward_format import encode_pairs
-    from reward_service.runtime import RewardRuntime, RuntimeOptions
-    from reward_service.types import ScoreCall
 
-    opts = RuntimeOptions(torch.device(args.device), getattr(torch, name), max_input_tokens=args.max_input_tokens)
-    rt = RewardRuntime(store, opts)
-    rt.load()
+    rt = reward_runtime(store, args, name)
     handle = rt.reward.current
     pairs = [(REWARD_PROMPT, t) for t in texts]
     scores = torch.tensor(rt.rewards(handle.model, pairs))
@@ -136,14 +184,7 @@ def reward_at(store: Any, texts: list[str], args: argparse.Namespace, name: str)
                 for ids, types in zip(enc["input_ids"], enc["token_type_ids"], strict=True)
             ]
         )  # (N, C)
-    cursor = random.Random(0)
-
-    def run(n: int) -> int:
-        at = cursor.randrange(len(texts))
-        calls = [ScoreCall(((REWARD_PROMPT, texts[(at + k) % len(texts)]),)) for k in range(n)]
-        return len(rt.score_batch(handle, calls))
-
-    speed = [{"batch": b, "items_per_s": rate(run, b, args.seconds)} for b in args.batches]
+    speed = reward_speed(rt, texts, args)
     for row in speed:
         print(f"  reward    {name:8s} batch {row['batch']:3d}: {row['items_per_s']:7.1f} items/s", flush=True)
     return (scores, embeddings), speed
@@ -247,37 +288,54 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_encoder_bench_args(ap: argparse.ArgumentParser, *, seconds: float) -> None:
+    """What this bench and bench/padding.py share: the reviews, the timing, the services' cut, where to write."""
     add_annotation_data_args(ap, test_items=400)
-    ap.add_argument("--models", default="annotator,reward,generator")
-    ap.add_argument("--batches", default="1,8,32", help="batch sizes (comma-separated)")
-    ap.add_argument("--seconds", type=float, default=4.0, help="timed seconds per batch size and precision")
+    ap.add_argument("--seconds", type=float, default=seconds, help="timed seconds per point")
     ap.add_argument("--max-input-tokens", type=int, default=256, help="as the services cut inputs (their default)")
-    ap.add_argument("--new-tokens", type=int, default=32, help="generator: tokens per request")
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+
+
+def prepare(args: argparse.Namespace, models: list[str]) -> tuple[Any, list[str], dict[str, Any]]:
+    """(the store with `models`' base versions, the test reviews, the result's header: machine and args)."""
+    import torch
+
+    from loopserve.device import configure_threads
+    from loopserve.models import provision
+    from loopserve.models.store import ModelStore
+
+    configure_threads()
+    store = ModelStore(args.data_dir / "store")
+    provision.pull(store, models=models)
+    _, _, test, _ = load_annotation_data(args)
+    header = {
+        "machine": machine(device=args.device, threads=torch.get_num_threads()),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    return store, [e.text for e in test], header
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_encoder_bench_args(ap, seconds=4.0)
+    ap.add_argument("--models", default="annotator,reward,generator")
+    ap.add_argument("--batches", default="1,8,32", help="batch sizes (comma-separated)")
+    ap.add_argument("--new-tokens", type=int, default=32, help="generator: tokens per request")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
 
     import torch
 
-    from loopserve.device import configure_threads, dtype_name, native_bf16, pick_dtype
-    from loopserve.models import provision
-    from loopserve.models.store import ModelStore
+    from loopserve.device import dtype_name, native_bf16, pick_dtype
 
-    configure_threads()
     models = args.models.split(",")
-    store = ModelStore(args.data_dir / "store")
-    provision.pull(store, models=models)
-    _, _, test, _ = load_annotation_data(args)
-    texts = [e.text for e in test]
+    store, texts, header = prepare(args, models)
     device = torch.device(args.device)
     result: dict[str, Any] = {
-        "machine": machine(device=args.device, threads=torch.get_num_threads()),
+        **header,
         "native_bf16": native_bf16(device),
         "auto_picks": dtype_name(pick_dtype("auto", device)),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     if "annotator" in models:
         result["annotator"] = annotator_side(store, texts, args)
