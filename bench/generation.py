@@ -331,10 +331,10 @@ async def main() -> None:
         for batching in ("continuous", "static"):
             print(f"gRPC, {batching} batching:", flush=True)
             result[batching] = await run_service(data, batching, args, levels, hol=True)
-    from loopserve.device import pick_device, pick_dtype
+    from loopserve.device import dtype_name, pick_device, pick_dtype
 
     device = pick_device(args.device)
-    result["machine"] = machine(device=str(device), dtype=str(pick_dtype(args.dtype, device)).replace("torch.", ""))
+    result["machine"] = machine(device=str(device), dtype=dtype_name(pick_dtype(args.dtype, device)))
     result["settings"] = {k: str(v) for k, v in vars(args).items()}
     cont = {r["clients"]: r for r in result["continuous"]["load"]}
     inproc = {r["batch"]: r for r in result["inprocess"]}

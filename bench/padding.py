@@ -30,10 +30,12 @@ from bench.precision import (  # noqa: E402
     reward_runtime,
     reward_speed,
 )
+from loopserve.models.micro_batches import NO_TOKEN_LIMIT  # noqa: E402
 
 
 def rates(model: str, store: Any, texts: list[str], args: argparse.Namespace, dtype: str, budget: int) -> list:
     """Items/s of `model`'s runtime at each of --batches, in `dtype`, forwards cut at `budget` (0: none)."""
+    budget = budget or NO_TOKEN_LIMIT  # the runtimes read 0 as the device's default
     if model == "annotator":
         return annotator_speed(annotator_runtime(store, args, dtype, budget), texts, args)
     return reward_speed(reward_runtime(store, args, dtype, budget), texts, args)

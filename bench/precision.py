@@ -9,8 +9,8 @@ for each model the services run, in process, through the services' own runtimes:
     --max-input-tokens tokens, as the services cut them), the generator (`policy_service.sampling.generate`)
     in tokens/s, --new-tokens each;
   - agreement with fp32 on the same inputs: the annotator's top label and the largest gap between the
-    two precisions' probabilities; the reward model's pooled embeddings (cosine: its base head is zero,
-    so its scores agree trivially) and, for a trained head, its order of each pair of reviews; the
+    two precisions' probabilities; the reward model's scores through a probe head (its base head is
+    zero, so it would agree trivially): the largest gap and the order of each pair of reviews; the
     generator's next-token distribution at each prompt (mean total variation distance) and how many
     tokens greedy continuations share before they part.
 
@@ -65,19 +65,18 @@ def annotate_calls(texts: list[str], batch: int, at: int) -> list[Any]:
     return [AnnotateCall("", (f"i{k}",), (texts[(at + k) % len(texts)],), 0) for k in range(batch)]
 
 
-def annotator_runtime(store: Any, args: argparse.Namespace, dtype: str, budget: int | None = None) -> Any:
+def annotator_runtime(store: Any, args: argparse.Namespace, dtype: str, budget: int = 0) -> Any:
     """A PolicyRuntime serving the annotator in `dtype` (a torch dtype's name) with the services' input cut
-    and token budget (None: the default on --device)."""
+    and token budget (as `--encoder-token-budget`; 0: the services' default on --device)."""
     import torch
 
-    from loopserve.models.micro_batches import token_budget
     from policy_service.runtime import PolicyRuntime, RuntimeOptions
 
     opts = RuntimeOptions(
         torch.device(args.device),
         getattr(torch, dtype),
         max_input_tokens=args.max_input_tokens,
-        token_budget=token_budget(0, args.device) if budget is None else budget,
+        token_budget=budget,
         generator=False,
     )
     rt = PolicyRuntime(store, opts)
@@ -129,18 +128,17 @@ def annotator_side(store: Any, texts: list[str], args: argparse.Namespace) -> di
 REWARD_PROMPT = "Write a review of something you bought."
 
 
-def reward_runtime(store: Any, args: argparse.Namespace, dtype: str, budget: int | None = None) -> Any:
-    """A RewardRuntime serving in `dtype` with the services' input cut and token budget (None: the default)."""
+def reward_runtime(store: Any, args: argparse.Namespace, dtype: str, budget: int = 0) -> Any:
+    """A RewardRuntime serving in `dtype` with the services' input cut and token budget (as annotator_runtime)."""
     import torch
 
-    from loopserve.models.micro_batches import token_budget
     from reward_service.runtime import RewardRuntime, RuntimeOptions
 
     opts = RuntimeOptions(
         torch.device(args.device),
         getattr(torch, dtype),
         max_input_tokens=args.max_input_tokens,
-        token_budget=token_budget(0, args.device) if budget is None else budget,
+        token_budget=budget,
     )
     rt = RewardRuntime(store, opts)
     rt.load()
@@ -162,52 +160,40 @@ def reward_speed(rt: Any, texts: list[str], args: argparse.Namespace) -> list[di
 
 
 def reward_at(store: Any, texts: list[str], args: argparse.Namespace, name: str) -> tuple[Any, list[dict]]:
-    """The reward model served in `name`: its scores of `texts` as responses (N,) with their pooled
-    embeddings (N, C), and its items/s."""
+    """The reward model served in `name`: its scores of `texts` as responses (N,) through the runtime's
+    batched path, and its items/s."""
     import torch
-
-    from loopserve.models.reward_format import encode_pairs
 
     rt = reward_runtime(store, args, name)
     handle = rt.reward.current
-    pairs = [(REWARD_PROMPT, t) for t in texts]
-    scores = torch.tensor(rt.rewards(handle.model, pairs))
-    # The base reward model's head is zero (every pair scores alike until it trains), so agreement is
-    # also read where any trained head reads it: the pooled embeddings, one pair at a time.
-    enc = encode_pairs(handle.model.tokenizer, pairs, args.max_input_tokens)
-    with torch.inference_mode():
-        embeddings = torch.cat(
-            [
-                handle.model.model.embed(
-                    torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), token_type_ids=torch.tensor([types])
-                ).float()
-                for ids, types in zip(enc["input_ids"], enc["token_type_ids"], strict=True)
-            ]
-        )  # (N, C)
+    # The base reward model's head is zero (every pair scores alike until it trains), so agreement is read
+    # through a probe head, the same in both precisions: a fixed random direction of the pooled embedding,
+    # as a trained head would read it.
+    head = handle.model.model.head
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
+        head.bias.zero_()
+    scores = torch.tensor(rt.rewards(handle.model, [(REWARD_PROMPT, t) for t in texts]))
     speed = reward_speed(rt, texts, args)
     for row in speed:
         print(f"  reward    {name:8s} batch {row['batch']:3d}: {row['items_per_s']:7.1f} items/s", flush=True)
-    return (scores, embeddings), speed
+    return scores, speed
 
 
 def reward_side(store: Any, texts: list[str], args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     runs = {name: reward_at(store, texts, args, name) for name in DTYPES}
-    (s32, e32), (s16, e16) = runs["float32"][0], runs["bfloat16"][0]
-    cosine = torch.nn.functional.cosine_similarity(e32, e16, dim=-1)  # (N,)
-    out = {
+    s32, s16 = runs["float32"][0], runs["bfloat16"][0]
+    i, j = torch.triu_indices(len(texts), len(texts), 1)
+    return {
         "speed": {name: speed for name, (_, speed) in runs.items()},
         "items": len(texts),
-        "embedding_cosine_min": float(cosine.min()),
-        "embedding_cosine_mean": float(cosine.mean()),
+        "probe_head": "a fixed random direction of the pooled embedding (seed 0), the base head being zero",
         "max_abs_score_gap": float((s32 - s16).abs().max()),
         "score_std_fp32": float(s32.std()),
+        "pair_order_agreement": float((torch.sign(s32[i] - s32[j]) == torch.sign(s16[i] - s16[j])).float().mean()),
     }
-    if float(s32.std()) > 0:  # a trained head: does bf16 order the reviews as fp32 does?
-        i, j = torch.triu_indices(len(texts), len(texts), 1)
-        out["pair_order_agreement"] = float((torch.sign(s32[i] - s32[j]) == torch.sign(s16[i] - s16[j])).float().mean())
-    return out
 
 
 def generator_at(

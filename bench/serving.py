@@ -160,7 +160,6 @@ async def run_service(
 
 def inprocess(store_root: Path, dtype: str, batch_sizes: list[int], seconds: float, device: str = "cpu") -> list[dict]:
     from loopserve.device import configure_threads, pick_device, pick_dtype
-    from loopserve.models.micro_batches import token_budget
     from policy_service.runtime import PolicyRuntime, RuntimeOptions
     from policy_service.types import AnnotateCall
 
@@ -170,7 +169,6 @@ def inprocess(store_root: Path, dtype: str, batch_sizes: list[int], seconds: flo
         RuntimeOptions(
             device=pick_device(device),
             dtype=pick_dtype(dtype, pick_device(device)),
-            token_budget=token_budget(0, pick_device(device).type),  # the service's default cut on this device
             generator=False,
         ),
     )

@@ -21,7 +21,7 @@ from loopserve.device import pick_device, pick_dtype
 from loopserve.errors import InvalidArgument, ModelFault, VerificationError
 from loopserve.models import encoder_heads, generator, verify
 from loopserve.models.encoder_heads import AnnotatorModel
-from loopserve.models.micro_batches import CPU_TOKEN_BUDGET, micro_batches, token_budget
+from loopserve.models.micro_batches import micro_batches, token_budget
 from loopserve.models.slot import Loaded, ModelSlot
 from loopserve.models.store import ModelStore, VersionReader
 from loopserve.models.tokenizers import unshared
@@ -66,12 +66,17 @@ class RuntimeOptions:
     device: torch.device
     dtype: torch.dtype
     max_input_tokens: int = 256
-    token_budget: int = CPU_TOKEN_BUDGET
-    """Padded tokens per encoder forward (loopserve.models.micro_batches; 0: no token limit)."""
+    token_budget: int = 0
+    """Padded tokens per encoder forward, as `--encoder-token-budget`: 0 takes the device's rule (512 on a CPU,
+    no token limit on a GPU: loopserve.models.micro_batches.token_budget), resolved here, where the device is
+    known, so every caller of the runtime cuts alike."""
     review_threshold: float = 0.8
     max_prompt_tokens: int = 1024
     generator: bool = True
     exploration: ExplorationRule = field(default_factory=ExplorationRule)
+
+    def __post_init__(self) -> None:
+        self.token_budget = token_budget(self.token_budget, self.device.type)
 
     @classmethod
     def of(cls, cfg: PolicyConfig) -> RuntimeOptions:
@@ -81,7 +86,7 @@ class RuntimeOptions:
             device=device,
             dtype=pick_dtype(cfg.dtype, device),
             max_input_tokens=cfg.max_input_tokens,
-            token_budget=token_budget(cfg.encoder_token_budget, device.type),
+            token_budget=cfg.encoder_token_budget,
             review_threshold=cfg.review_threshold,
             max_prompt_tokens=cfg.max_prompt_tokens,
             generator=cfg.generator,

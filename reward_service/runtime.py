@@ -27,7 +27,7 @@ from loopserve.device import pick_device, pick_dtype
 from loopserve.errors import ModelFault, VerificationError
 from loopserve.models import encoder_heads, verify
 from loopserve.models.encoder_heads import RewardModel
-from loopserve.models.micro_batches import CPU_TOKEN_BUDGET, MAX_ITEMS, micro_batches, token_budget
+from loopserve.models.micro_batches import MAX_ITEMS, micro_batches, token_budget
 from loopserve.models.reward_format import BUILTIN_REFERENCE_PAIRS, RewardStats, encode_pairs
 from loopserve.models.slot import Loaded, ModelSlot
 from loopserve.models.store import ModelStore, VersionReader
@@ -57,10 +57,15 @@ class RuntimeOptions:
     device: torch.device
     dtype: torch.dtype
     max_input_tokens: int = 256
-    token_budget: int = CPU_TOKEN_BUDGET
-    """Padded tokens per encoder forward (loopserve.models.micro_batches; 0: no token limit)."""
+    token_budget: int = 0
+    """Padded tokens per encoder forward, as `--encoder-token-budget`: 0 takes the device's rule (512 on a CPU,
+    no token limit on a GPU: loopserve.models.micro_batches.token_budget), resolved here, where the device is
+    known, so every caller of the runtime cuts alike."""
     micro_batch: int = MAX_ITEMS
     """Pairs per encoder forward, at most."""
+
+    def __post_init__(self) -> None:
+        self.token_budget = token_budget(self.token_budget, self.device.type)
 
     @classmethod
     def of(cls, cfg: RewardConfig) -> RuntimeOptions:
@@ -70,7 +75,7 @@ class RuntimeOptions:
             device=device,
             dtype=pick_dtype(cfg.dtype, device),
             max_input_tokens=cfg.max_input_tokens,
-            token_budget=token_budget(cfg.encoder_token_budget, device.type),
+            token_budget=cfg.encoder_token_budget,
         )
 
 

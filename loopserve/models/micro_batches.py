@@ -24,11 +24,17 @@ of 32 at 256 / 512 / 1,024 / 2,048: the annotator in bf16 185 / 150 / 142 / 130 
 122 / 137 / 127 / 119; 512 is the middle of a flat optimum on both."""
 
 
+NO_TOKEN_LIMIT = -1
+"""`--encoder-token-budget` that cuts by sequences only (one forward of up to MAX_ITEMS, however long)."""
+
+
 def token_budget(configured: int, device_type: str) -> int:
-    """`--encoder-token-budget` as the runtimes apply it: 0 means CPU_TOKEN_BUDGET on a CPU and no token
-    limit elsewhere (a forward is then cut at MAX_ITEMS sequences only)."""
+    """`--encoder-token-budget` as micro_batches takes it (0 there: no token limit): 0 means CPU_TOKEN_BUDGET
+    on a CPU and no token limit elsewhere; NO_TOKEN_LIMIT none anywhere; a positive value itself."""
     if configured > 0:
         return configured
+    if configured < 0:
+        return 0
     return CPU_TOKEN_BUDGET if device_type == "cpu" else 0
 
 

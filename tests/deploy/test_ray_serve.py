@@ -141,10 +141,12 @@ def test_policy_and_reward_on_ray_serve(
             "metrics_port": metrics_base,
             "max_wait_ms": 2,
             "log_url": log_url,
+            "dtype": "bfloat16",  # each replica serves in what its app's config says (ModelInfo.dtype below)
         },
         # the reward app batches with Ray's @serve.batch behind the Batcher protocol (ServeBatcher), the
         # policy app with the embedded batchers (the default): both paths answer through the proxy
-        "reward": common | {"num_replicas": 1, "num_cpus": 0.5, "metrics_port": -1, "batching": "serve"},
+        "reward": common
+        | {"num_replicas": 1, "num_cpus": 0.5, "metrics_port": -1, "batching": "serve", "dtype": "float32"},
     }
     replica_ports = [metrics_base, metrics_base + METRICS_PORT_STRIDE]
     served = 0  # items answered, each of which must become a decision in the log
@@ -171,7 +173,9 @@ def test_policy_and_reward_on_ray_serve(
             assert {lb.label for lb in r.annotations[0].labels} == {"great", "other"}
             served += len(r.annotations)
             info = policy.GetModelInfo(policy_pb2.GetModelInfoRequest(), metadata=POLICY, timeout=30)
-            assert (info.task, info.annotator_version) == ("sentiment", "v0")
+            assert (info.task, info.annotator_version, info.dtype) == ("sentiment", "v0", "bfloat16")
+            reward_info = reward.GetModelInfo(reward_pb2.GetModelInfoRequest(), metadata=REWARD, timeout=30)
+            assert (reward_info.model_version, reward_info.dtype) == ("v0", "float32")
 
             # Domain errors and auth come back as the same status codes as from the embedded server.
             with pytest.raises(grpc.RpcError) as bad:

@@ -57,9 +57,10 @@ async def test_annotate_generate_stream_and_info(svc: Running) -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 async def test_the_dtype_flag_is_the_precision_both_models_run_in(tiny_data_dir: Path, dtype: str) -> None:
-    running = await start_policy(policy_config(tiny_data_dir, dtype=dtype))
+    running = await start_policy(policy_config(tiny_data_dir, dtype=dtype, encoder_token_budget=96))
     try:
         runtime = running.app.runtime
+        assert runtime.opts.token_budget == 96  # --encoder-token-budget reaches the serving runtime too
         annotator = runtime.annotator.current.model.model
         assert runtime.generator is not None
         weights = [*annotator.encoder.parameters(), *runtime.generator.current.model.model.parameters()]

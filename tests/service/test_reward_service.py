@@ -73,7 +73,9 @@ def tiny_v0(tmp_path_factory: pytest.TempPathFactory) -> Path:
 async def app(tmp_path_factory, tiny_v0) -> AsyncIterator[RewardApp]:
     data_dir = tmp_path_factory.mktemp("reward-data")
     ModelStore(data_dir / "store").publish_version("reward", tiny_v0)
-    app = await started(config(data_dir, max_pairs_per_request=8, max_text_chars=2000, max_input_tokens=64))
+    app = await started(
+        config(data_dir, max_pairs_per_request=8, max_text_chars=2000, max_input_tokens=64, encoder_token_budget=96)
+    )
     yield app
     await app.stop(grace_s=0)
 
@@ -111,7 +113,7 @@ async def test_compare_is_consistent_with_score(reward):
     assert c.p_a_preferred + swapped.p_a_preferred == pytest.approx(1.0, abs=1e-5)
 
 
-async def test_model_info_states_the_limits_and_version(reward):
+async def test_model_info_states_the_limits_and_version(reward, app):
     info = await reward.reward.GetModelInfo(pb.GetModelInfoRequest(), metadata=reward.metadata)
     assert (info.model_version, info.max_pairs_per_request, info.max_text_chars, info.max_input_tokens) == (
         "v0",
@@ -121,6 +123,7 @@ async def test_model_info_states_the_limits_and_version(reward):
     )
     assert info.device == "cpu"
     assert info.dtype == dtype_name(pick_dtype("auto", torch.device("cpu")))  # --dtype auto, resolved
+    assert app.runtime.opts.token_budget == 96  # --encoder-token-budget reaches the serving runtime
 
 
 async def test_long_texts_within_the_character_limit_are_truncated_not_refused(reward):

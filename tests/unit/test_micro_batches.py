@@ -12,7 +12,7 @@ import torch
 
 from loopserve.cli.up import stack_configs
 from loopserve.config import PolicyConfig, RewardConfig
-from loopserve.models.micro_batches import CPU_TOKEN_BUDGET, MAX_ITEMS, micro_batches, token_budget
+from loopserve.models.micro_batches import CPU_TOKEN_BUDGET, MAX_ITEMS, NO_TOKEN_LIMIT, micro_batches, token_budget
 from loopserve.models.store import ModelStore
 from policy_service import runtime as policy_runtime
 from reward_service import runtime as reward_runtime
@@ -39,6 +39,7 @@ def test_every_item_once_shortest_first_within_the_budget(budget: int) -> None:
 def test_the_budget_defaults_by_device_and_a_set_one_wins() -> None:
     assert token_budget(0, "cpu") == CPU_TOKEN_BUDGET and token_budget(0, "cuda") == 0
     assert token_budget(300, "cpu") == 300 and token_budget(300, "cuda") == 300
+    assert token_budget(NO_TOKEN_LIMIT, "cpu") == 0 == token_budget(NO_TOKEN_LIMIT, "cuda")
 
 
 def test_the_flag_reaches_both_runtimes_and_up_hands_it_to_both_services(tmp_path: Path) -> None:
@@ -48,6 +49,9 @@ def test_the_flag_reaches_both_runtimes_and_up_hands_it_to_both_services(tmp_pat
     assert policy_runtime.RuntimeOptions.of(policy).token_budget == 96
     assert reward_runtime.RuntimeOptions.of(reward).token_budget == 96
     assert policy_runtime.RuntimeOptions.of(replace(policy, encoder_token_budget=0)).token_budget == CPU_TOKEN_BUDGET
+    # the device's rule is the runtime's own default, not only the config path's
+    assert policy_runtime.RuntimeOptions(torch.device("cpu"), torch.float32).token_budget == CPU_TOKEN_BUDGET
+    assert reward_runtime.RuntimeOptions(torch.device("cpu"), torch.float32).token_budget == CPU_TOKEN_BUDGET
     served = stack_configs(config(["up", "--encoder-token-budget", "96"]))
     assert [c.encoder_token_budget for c in served] == [96, 96]
 
@@ -57,7 +61,7 @@ TEXTS = ["ok", "good tea " * 3, "word " * 40, "bitter", "a long review of coffee
 
 def test_the_annotator_answers_the_same_however_a_batch_is_cut(tiny_data_dir: Path) -> None:
     answers = []
-    for budget in (0, 8, 64):  # one forward; one text a forward; a few
+    for budget in (NO_TOKEN_LIMIT, 8, 64):  # one forward; one text a forward; a few
         opts = policy_runtime.RuntimeOptions(
             torch.device("cpu"), torch.float32, max_input_tokens=64, token_budget=budget
         )
@@ -75,7 +79,7 @@ def test_the_reward_model_scores_the_same_however_a_batch_is_cut(tiny_data_dir: 
     store.publish_version("reward", tiny_reward_version(tmp_path / "v0"))
     pairs = [("How was it?", t) for t in TEXTS]
     scores = []
-    for budget in (0, 8, 64):
+    for budget in (NO_TOKEN_LIMIT, 8, 64):
         opts = reward_runtime.RuntimeOptions(
             torch.device("cpu"), torch.float32, max_input_tokens=64, token_budget=budget
         )
