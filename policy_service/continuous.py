@@ -56,6 +56,7 @@ class DecodeBatch:
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, T)
         self._next = torch.zeros((0,), dtype=torch.long, device=self.device)  # (B,) token to feed next
         self._pos = torch.zeros((0,), dtype=torch.long, device=self.device)  # (B,) its position
+        self._last_only = sampling.last_logits_only(model)
 
     @property
     def rows(self) -> int:
@@ -70,7 +71,7 @@ class DecodeBatch:
             return
         ids, mask = sampling.left_padded([r.req.prompt_ids for r in rows], self.pad_id, self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, t)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_only)
         next_ids = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=self.device)
         sampling.advance(rows, out.logits[:, -1, :], self.eos_ids, next_ids)
         self._join(out.past_key_values, mask, next_ids, mask.sum(-1), rows)
@@ -159,7 +160,6 @@ class DecodeBatch:
         self._mask = self._mask[:, first:]
         assert self._cache is not None
         _set_kv(self._cache, [(k[idx, :, first:], v[idx, :, first:]) for k, v in _kv(self._cache)])
-
 
 def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's (keys, values), (B, H, T, D) each."""

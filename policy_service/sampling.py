@@ -12,6 +12,7 @@ overflow: logits are shifted so their maximum is 0 before dividing (in float64),
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -279,6 +280,14 @@ def pad_id_of(tokenizer: PreTrainedTokenizerBase) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def last_logits_only(model: PreTrainedModel) -> dict[str, int]:
+    """The forward's keyword that projects only the last position onto the vocabulary (the only logits
+    sampled), where the model takes it (most of transformers' causal LMs do). A prefill of 8 prompts of
+    1,000 tokens then skips 8,000 x 49,152 logits of SmolLM2 (about 0.8 GB in bf16), and 10% of its time
+    on a CPU."""
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -294,6 +303,7 @@ def generate(
     input_ids, attention_mask = left_padded([r.prompt_ids for r in requests], pad_id, device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     eos_ids = eos_ids_of(model, tokenizer)
+    last_only = last_logits_only(model)
 
     past = None
     cur_ids, cur_pos = input_ids, position_ids
@@ -305,6 +315,7 @@ def generate(
             position_ids=cur_pos,
             past_key_values=past,
             use_cache=True,
+            **last_only,
         )
         past = out.past_key_values
         next_ids = torch.full((B,), pad_id, dtype=torch.long, device=device)

@@ -106,6 +106,8 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tmp_path: Pat
     batch = DecodeBatch(model, tok)
     reqs = _requests(tok)
     finished: dict[str, sampling.SequenceResult] = {}
+    widths: list[int] = []  # positions projected onto the vocabulary, per forward: the last one only
+    model.register_forward_hook(lambda _m, _a, out: widths.append(out.logits.shape[1]))
 
     def collect() -> None:
         for token, results in batch.pop_finished():
@@ -124,6 +126,7 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tmp_path: Pat
     collect()
 
     assert sorted(finished) == ["r0", "r1", "r2", "r3"]
+    assert widths and set(widths) == {1}, widths
     for i, ref in enumerate(alone):
         got = finished[f"r{i}"]
         assert got.token_ids == ref.token_ids, i
