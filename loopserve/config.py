@@ -114,7 +114,7 @@ class ServerConfig(CommonConfig):
     """encoder inputs are truncated to this"""
     encoder_token_budget: int = 0
     """padded tokens per encoder forward: a batch is sorted by length and cut where padding would cost
-    (0: 512 on a CPU, no token limit on a GPU; -1: no token limit; 32 sequences a forward at most either way)"""
+    (0: 512 on a CPU, no token limit on a GPU; -1 or below: no token limit; 32 sequences a forward at most)"""
     watch_interval_s: float = 1.0
     """how often to poll the store's LATEST (the fallback where file events do not arrive)"""
     watch_events: bool = True
