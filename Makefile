@@ -88,6 +88,7 @@ typecheck: setup
 bench: setup postgres models
 	$(PY) bench/serving.py
 	$(PY) bench/precision.py
+	$(PY) bench/padding.py
 	$(PY) bench/ingest.py
 	$(PY) bench/hotswap.py
 	$(PY) bench/generation.py
