@@ -161,6 +161,7 @@ class DecodeBatch:
         assert self._cache is not None
         _set_kv(self._cache, [(k[idx, :, first:], v[idx, :, first:]) for k, v in _kv(self._cache)])
 
+
 def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Each layer's (keys, values), (B, H, T, D) each."""
     out = []
