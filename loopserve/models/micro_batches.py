@@ -25,28 +25,27 @@ of 32 at 256 / 512 / 1,024 / 2,048: the annotator in bf16 185 / 150 / 142 / 130 
 
 
 NO_TOKEN_LIMIT = -1
-"""`--encoder-token-budget` that cuts by sequences only (one forward of up to MAX_ITEMS, however long)."""
+"""A budget that cuts by sequences only (one forward of up to MAX_ITEMS, however long): `--encoder-token-budget
+-1`, and the GPU's rule."""
 
 
 def token_budget(configured: int, device_type: str) -> int:
-    """`--encoder-token-budget` as micro_batches takes it (0 there: no token limit): 0 means CPU_TOKEN_BUDGET
-    on a CPU and no token limit elsewhere; NO_TOKEN_LIMIT none anywhere; a positive value itself."""
-    if configured > 0:
+    """`--encoder-token-budget` as micro_batches takes it: 0 means CPU_TOKEN_BUDGET on a CPU and NO_TOKEN_LIMIT
+    elsewhere; any other value is itself. Never 0, so resolving twice changes nothing."""
+    if configured != 0:
         return configured
-    if configured < 0:
-        return 0
-    return CPU_TOKEN_BUDGET if device_type == "cpu" else 0
+    return CPU_TOKEN_BUDGET if device_type == "cpu" else NO_TOKEN_LIMIT
 
 
 def micro_batches(lengths: Sequence[int], budget: int, max_items: int = MAX_ITEMS) -> list[list[int]]:
     """Indices into `lengths`, shortest first, cut into forwards of at most `max_items` whose padded size
-    (count x longest) stays within `budget` tokens (0: no token limit). A sequence longer than the budget
+    (count x longest) stays within `budget` tokens (0 or below: no token limit). A sequence longer than the budget
     gets a forward of its own."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
     out: list[list[int]] = []
     for i in order:  # ascending, so the newest member is the longest: padded size = count x its length
         last = out[-1] if out else None
-        if last is None or len(last) >= max_items or (budget and (len(last) + 1) * lengths[i] > budget):
+        if last is None or len(last) >= max_items or (budget > 0 and (len(last) + 1) * lengths[i] > budget):
             out.append([i])
         else:
             last.append(i)

@@ -19,9 +19,9 @@ from reward_service import runtime as reward_runtime
 from tests.unit.test_config_flags import config
 
 
-@pytest.mark.parametrize("budget", [0, 1, 64, 512])
+@pytest.mark.parametrize("budget", [NO_TOKEN_LIMIT, 0, 1, 64, 512])
 def test_every_item_once_shortest_first_within_the_budget(budget: int) -> None:
-    rng = random.Random(budget)
+    rng = random.Random(max(budget, 0))
     lengths = [rng.randint(3, 256) for _ in range(200)]
     groups = micro_batches(lengths, budget)
     flat = [i for g in groups for i in g]
@@ -30,16 +30,20 @@ def test_every_item_once_shortest_first_within_the_budget(budget: int) -> None:
     for g in groups:
         assert len(g) <= MAX_ITEMS
         padded = len(g) * max(lengths[i] for i in g)
-        assert not budget or padded <= budget or len(g) == 1  # a longer text than the budget goes alone
-    if budget == 0:  # no token limit: forwards of MAX_ITEMS, as before the budget existed
+        assert budget <= 0 or padded <= budget or len(g) == 1  # a longer text than the budget goes alone
+    if budget <= 0:  # no token limit: forwards of MAX_ITEMS, as before the budget existed
         assert [len(g) for g in groups] == [MAX_ITEMS] * 6 + [8]
     assert micro_batches([], budget) == []
 
 
 def test_the_budget_defaults_by_device_and_a_set_one_wins() -> None:
-    assert token_budget(0, "cpu") == CPU_TOKEN_BUDGET and token_budget(0, "cuda") == 0
+    assert token_budget(0, "cpu") == CPU_TOKEN_BUDGET and token_budget(0, "cuda") == NO_TOKEN_LIMIT
     assert token_budget(300, "cpu") == 300 and token_budget(300, "cuda") == 300
-    assert token_budget(NO_TOKEN_LIMIT, "cpu") == 0 == token_budget(NO_TOKEN_LIMIT, "cuda")
+    assert token_budget(NO_TOKEN_LIMIT, "cpu") == NO_TOKEN_LIMIT == token_budget(NO_TOKEN_LIMIT, "cuda")
+    for device in ("cpu", "cuda"):  # resolving is idempotent (a runtime's options may be resolved again)
+        for configured in (0, 96, NO_TOKEN_LIMIT):
+            once = token_budget(configured, device)
+            assert token_budget(once, device) == once
 
 
 def test_the_flag_reaches_both_runtimes_and_up_hands_it_to_both_services(tmp_path: Path) -> None:
