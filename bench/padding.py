@@ -73,13 +73,14 @@ def main() -> None:
     ap.add_argument("--batches", default="8,32", help="batch sizes the runtime is handed")
     args = ap.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
-    budgets = [int(b) for b in args.budgets.split(",")]
+    budgets = [max(int(b), 0) for b in args.budgets.split(",")]  # -1 reads as 0: no limit
 
     from loopserve.models.micro_batches import token_budget
 
     models = args.models.split(",")
     store, texts, header = prepare(args, models)
-    result: dict[str, Any] = {**header, "default_budget": token_budget(0, args.device), "models": {}}
+    # As the rows record budgets: 0 for "no token limit" (a GPU's default), whatever the runtimes call it.
+    result: dict[str, Any] = {**header, "default_budget": max(token_budget(0, args.device), 0), "models": {}}
     for model in models:
         result["models"][model] = {}
         for dtype in DTYPES:

@@ -56,6 +56,9 @@ def test_the_flag_reaches_both_runtimes_and_up_hands_it_to_both_services(tmp_pat
     # the device's rule is the runtime's own default, not only the config path's
     assert policy_runtime.RuntimeOptions(torch.device("cpu"), torch.float32).token_budget == CPU_TOKEN_BUDGET
     assert reward_runtime.RuntimeOptions(torch.device("cpu"), torch.float32).token_budget == CPU_TOKEN_BUDGET
+    # on a GPU none (no CUDA needed to build the options)
+    assert policy_runtime.RuntimeOptions(torch.device("cuda"), torch.float32).token_budget == NO_TOKEN_LIMIT
+    assert reward_runtime.RuntimeOptions(torch.device("cuda"), torch.float32).token_budget == NO_TOKEN_LIMIT
     served = stack_configs(config(["up", "--encoder-token-budget", "96"]))
     assert [c.encoder_token_budget for c in served] == [96, 96]
 
