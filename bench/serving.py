@@ -166,11 +166,7 @@ def inprocess(store_root: Path, dtype: str, batch_sizes: list[int], seconds: flo
     configure_threads()
     rt = PolicyRuntime(
         ModelStore(store_root),
-        RuntimeOptions(
-            device=pick_device(device),
-            dtype=pick_dtype(dtype, pick_device(device)),
-            generator=False,
-        ),
+        RuntimeOptions(device=pick_device(device), dtype=pick_dtype(dtype, pick_device(device)), generator=False),
     )
     rt.load()
     h = rt.annotator.current

@@ -21,7 +21,7 @@ from loopserve.device import pick_device, pick_dtype
 from loopserve.errors import InvalidArgument, ModelFault, VerificationError
 from loopserve.models import encoder_heads, generator, verify
 from loopserve.models.encoder_heads import AnnotatorModel
-from loopserve.models.micro_batches import micro_batches, token_budget
+from loopserve.models.micro_batches import padded_groups, token_budget
 from loopserve.models.slot import Loaded, ModelSlot
 from loopserve.models.store import ModelStore, VersionReader
 from loopserve.models.tokenizers import unshared
@@ -180,8 +180,7 @@ class PolicyRuntime:
     def _probs_from_ids(self, bundle: AnnotatorBundle, input_ids: list[list[int]]) -> list[list[float]]:
         tok = bundle.tokenizer
         out: list[list[float]] = [[] for _ in input_ids]
-        for idx in micro_batches([len(x) for x in input_ids], self.opts.token_budget):
-            batch = tok.pad({"input_ids": [input_ids[i] for i in idx]}, return_tensors="pt")
+        for idx, batch in padded_groups(tok, {"input_ids": input_ids}, self.opts.token_budget):
             logits = bundle.model(
                 batch["input_ids"].to(self.opts.device), batch["attention_mask"].to(self.opts.device)
             )  # (b, L), already divided by the fitted temperature

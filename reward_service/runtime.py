@@ -27,7 +27,7 @@ from loopserve.device import pick_device, pick_dtype
 from loopserve.errors import ModelFault, VerificationError
 from loopserve.models import encoder_heads, verify
 from loopserve.models.encoder_heads import RewardModel
-from loopserve.models.micro_batches import MAX_ITEMS, micro_batches, token_budget
+from loopserve.models.micro_batches import MAX_ITEMS, padded_groups, token_budget
 from loopserve.models.reward_format import BUILTIN_REFERENCE_PAIRS, RewardStats, encode_pairs
 from loopserve.models.slot import Loaded, ModelSlot
 from loopserve.models.store import ModelStore, VersionReader
@@ -127,15 +127,8 @@ class RewardRuntime:
         tok = bundle.tokenizer
         enc = encode_pairs(tok, pairs, self.opts.max_input_tokens)
         out = [0.0] * len(pairs)
-        lengths = [len(x) for x in enc["input_ids"]]
-        for idx in micro_batches(lengths, self.opts.token_budget, self.opts.micro_batch):
-            batch = tok.pad(
-                {
-                    "input_ids": [enc["input_ids"][i] for i in idx],
-                    "token_type_ids": [enc["token_type_ids"][i] for i in idx],
-                },
-                return_tensors="pt",
-            )
+        fields = {k: enc[k] for k in ("input_ids", "token_type_ids")}
+        for idx, batch in padded_groups(tok, fields, self.opts.token_budget, self.opts.micro_batch):
             r = bundle.model(
                 batch["input_ids"].to(self.opts.device),
                 batch["attention_mask"].to(self.opts.device),

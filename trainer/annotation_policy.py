@@ -49,7 +49,7 @@ from transformers import PreTrainedTokenizerBase
 
 from loopserve.device import pick_dtype
 from loopserve.models.encoder_heads import AnnotatorModel
-from loopserve.models.micro_batches import micro_batches, token_budget
+from loopserve.models.micro_batches import padded_groups, token_budget
 from trainer.examples import BanditExample, LabelExample
 from trainer.gate import LossGuard
 from trainer.head_fit import fit_head
@@ -288,11 +288,9 @@ def embed_texts(
     if not texts:
         return out
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)  # unpadded ids, one list a text
-    groups = micro_batches([len(x) for x in enc["input_ids"]], token_budget(0, device.type), batch_size)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        for idx in groups:
-            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt").to(device)
-            out[idx] = model.embed(**batch).float().cpu()  # (b, C)
+        for idx, batch in padded_groups(tokenizer, enc, token_budget(0, device.type), batch_size):
+            out[idx] = model.embed(**batch.to(device)).float().cpu()  # (b, C)
     return out
 
 

@@ -14,7 +14,8 @@ so there the rule stays one forward of up to 32 (the trainer's: its batch size),
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 MAX_ITEMS = 32
 """Sequences per forward, at most."""
@@ -50,3 +51,13 @@ def micro_batches(lengths: Sequence[int], budget: int, max_items: int = MAX_ITEM
         else:
             last.append(i)
     return out
+
+
+def padded_groups(
+    tokenizer: Any, enc: Mapping[str, Sequence[Sequence[int]]], budget: int, max_items: int = MAX_ITEMS
+) -> Iterator[tuple[list[int], Any]]:
+    """The micro_batches of unpadded encodings `enc` (`input_ids` and any other per-token fields of the same
+    lengths), each as (its indices into `enc`, its rows padded by `tokenizer` into tensors with an
+    attention mask): the one loop of every encoder pass (both runtimes, the trainer's embeddings)."""
+    for idx in micro_batches([len(x) for x in enc["input_ids"]], budget, max_items):
+        yield idx, tokenizer.pad({k: [v[i] for i in idx] for k, v in enc.items()}, return_tensors="pt")
