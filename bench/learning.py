@@ -8,7 +8,9 @@ For each seed, two replays of the same data in one process, with the trainer's o
   app's router (loopserve.annotation.routing.pick_for_review, the function the demo's app calls) spends
   the chunk's share of the budget (`--fraction` of the items streamed) on the chunk and the backlog of
   flagged items still waiting (`--pool backlog`, as the demo's app does; `--pool chunk`: the chunk
-  only), the backlog re-annotated by each newly served version; a simulated annotator (the demo's pool,
+  only), the backlog re-annotated by each newly served version, and what a checked version's flagged
+  items leave of the share goes to its least certain confident items (`--top-up`, the demo's default;
+  `--no-top-up`: flagged items only); a simulated annotator (the demo's pool,
   `--error-rate`) labels the picks; at each round point the trainer's round
   (trainer.annotation_round: cross-fitted from the base while labels are few, held-out after) makes a
   candidate, and the gate decides whether it serves. Between them, after every chunk, the trainer's
@@ -28,8 +30,8 @@ For each seed, two replays of the same data in one process, with the trainer's o
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
 (every item streamed so far: its human label, else the serving version's label; that is what
 `loopserve dataset export` writes; for passive, the items streamed by then at `--fraction`, its labels on
-the random ones it bought and its model's on the rest). A loop whose stream ends short of a budget (a
-confident checked version flags fewer items than the quota) reports its end point instead. Writes
+the random ones it bought and its model's on the rest). A loop whose stream ends short of a budget (with
+`--no-top-up`, a confident checked version flags fewer items than the quota) reports its end point instead. Writes
 bench/results/learning.json (CPU model recorded) and a plot with mean +- standard error over seeds. Not
 run in CI: it takes tens of minutes on 2 cores. Seeds and learners can be measured in separate runs and
 combined with `--merge` (`--seeds 0 --merge A B`: no new run); passive does not depend on the loop's
@@ -350,7 +352,9 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
         cand_probs = np.concatenate([probs, *([np.stack(list(backlog.values()))] if len(keys) > len(part) else [])])
         cand_needs = needs + [True] * (len(keys) - len(part))
         cand_texts = texts + [stream[k].text for k in keys[len(part) :]]
-        routed = pick_for_review(cand_texts, cand_probs, cand_needs, quota - len(audits), checked=rp.checked, rng=rng)
+        routed = pick_for_review(
+            cand_texts, cand_probs, cand_needs, quota - len(audits), checked=rp.checked, rng=rng, top_up=args.top_up
+        )
         picks = [start + i for i in audits] + [keys[i] for i in routed if keys[i] - start not in audits]
         for k in picks[:quota]:
             human[k] = pool.noisy_label(stream[k].label)
@@ -534,6 +538,13 @@ def parser() -> argparse.ArgumentParser:
         choices=["chunk", "backlog"],
         default="backlog",
         help="the router picks from the streamed chunk only, or from the chunk and the backlog of flagged items",
+    )
+    ap.add_argument(
+        "--top-up",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="a checked version's least certain confident items take the quota its flagged items leave (the demo's "
+        "default; --no-top-up: the budget is spent on flagged items only, and a confident loop stops asking)",
     )
     ap.add_argument("--error-rate", type=float, default=0.05)
     ap.add_argument("--audit-fraction", type=float, default=0.05)

@@ -103,6 +103,30 @@ def test_routing_spends_the_budget_on_a_pace_line_and_never_auto_labels_unchecke
     assert st.auto_unchecked == 0
 
 
+@pytest.mark.parametrize("top_up", [True, False])
+def test_a_confident_checked_version_spends_the_share_its_flags_leave_only_with_top_up(
+    tmp_path: Path, top_up: bool
+) -> None:
+    opts = AnnotationDemoOptions(budget_fraction=0.3, audit_fraction=0.0, double_review=0.0, top_up=top_up)
+    demo = AnnotationDemo(opts)
+    _checked_store(tmp_path, "v1")
+    train = [Example(f"item {i} {['tea', 'coffee', 'cocoa'][i % 3]}", "great", "train") for i in range(400)]
+    st = AnnotationRun(opts, tmp_path, ["great", "other"], train, [])
+    pool = AnnotatorPool(["great", "other"], size=3, error_rate=0.0, double_review=0.0, seed=0)
+    # A checked v1 flags 5 of the chunk's 100 items; the chunk's share is 30.
+    scores = [0.6 + 0.01 * i if i < 5 else 0.8 + 0.0019 * i for i in range(100)]
+    events = demo._review_chunk(st, pool, train[:100], _chunk("v1", scores), random.Random(0))
+    picked = {int(e.accept.event_id[1:]) for e in events}
+    assert set(range(5)) <= picked and st.auto_unchecked == 0
+    if top_up:  # the other 25 from the confident items, the least certain of each cluster
+        assert len(picked) == 30 == st.human_labels
+        extra = sorted(picked - set(range(5)))
+        assert {i % 3 for i in extra} == {0, 1, 2}
+        assert np.mean([scores[i] for i in extra]) < np.mean(scores[5:])
+    else:  # flagged items only: the rest of the share stays unspent, the confident items auto-labelled
+        assert picked == set(range(5)) and st.human_labels == 5 and st.auto_total == 95
+
+
 def test_run_store_hard_links_the_base_versions(tiny_data_dir: Path, tmp_path: Path) -> None:
     run_store = tmp_path / "run" / "store"
     got = link_base_versions(tiny_data_dir / "store", run_store, ["annotator", "reward"])

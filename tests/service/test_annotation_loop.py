@@ -189,6 +189,17 @@ def test_the_router_covers_the_chunk_before_trusting_confidence() -> None:
     for i in picks:  # the least certain (lowest index, closest to 0.5) of its topic among flagged items
         assert i == min(j for j in range(80) if j % 4 == i % 4)
     assert pick_for_review(texts, probs, [False] * 80, 5, checked=True, rng=rng) == []
+    # top_up: what the flagged items leave of the quota goes to the least certain confident items,
+    # one per cluster; the flagged ones come first and are all taken.
+    few = [i in (40, 41) for i in range(80)]
+    picks = pick_for_review(texts, probs, few, 6, checked=True, rng=random.Random(0), top_up=True)
+    assert len(picks) == 6 and {40, 41} <= set(picks) and len(set(picks)) == 6
+    extra = [i for i in picks if i not in (40, 41)]
+    assert {i % 4 for i in extra} == {0, 1, 2, 3}  # a topic each, not the four least certain of one
+    assert all(i == min(j for j in range(80) if j % 4 == i % 4 and j not in (40, 41)) for i in extra)
+    assert pick_for_review(texts, probs, few, 6, checked=True, rng=rng) == [40, 41]  # off: unspent
+    # An unchecked version's picks never depend on top_up (everything is a candidate already).
+    assert len(pick_for_review(texts, probs, few, 4, checked=False, rng=random.Random(1), top_up=True)) == 4
 
 
 def test_the_labelled_data_set_takes_people_first_then_the_latest_version(tmp_path: Path) -> None:

@@ -76,6 +76,10 @@ class AnnotationDemoOptions:
     48, ...), so the first checked version serves after tens of labels (--annotator-round-growth)."""
     review_threshold: float = 0.8
     """needs_review when the top calibrated probability is under this (PolicyConfig)."""
+    top_up: bool = True
+    """Once a checked version serves, the share of the budget its flagged items leave goes to the least
+    certain of its confident items (loopserve.annotation.routing); False: flagged items and the audit only,
+    and a confident version leaves the budget unspent."""
     epochs: float = 0.0
     """Passes over the verified labels per round; 0 scales them with the data (many over few labels)."""
     max_steps: int = 0
@@ -441,6 +445,7 @@ class AnnotationDemo:
             max(quota - len(audits), 0),
             checked=checked,
             rng=rng,
+            top_up=self.opts.top_up,
         )
         order = list(dict.fromkeys([st.items_seen + i for i in audits] + [keys[j] for j in routed]))
         in_chunk = {st.items_seen + i: (anns[i].event_id, anns[i].labels[0].label) for i in range(len(part))}

@@ -307,10 +307,15 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         f"interactions, {budget} in all) went first to a random {opts.audit_fraction:.0%} audit of the "
         "confident items (checked versions only), then to the router's picks: while an unchecked version "
         "served (it flags every item), the items nearest the centres of a k-means clustering of the chunk; "
-        "once a checked version served, the least certain flagged item of each cluster. Flagged items left "
-        "over went to the backlog; only a checked version's confident items were auto-labelled, and each "
-        "newly served version re-annotated the backlog and the auto-labelled items. Feedback went through "
-        "`FeedbackService.Submit` (accept, or a correction with the right label).",
+        "once a checked version served, the least certain flagged item of each cluster"
+        + (
+            ", and what its flagged items left of the share to the least certain of its confident items. "
+            if opts.top_up
+            else " (its confident items beyond the audit never went to a person: --no-top-up). "
+        )
+        + "Flagged items left over went to the backlog; only a checked version's confident items were "
+        "auto-labelled, and each newly served version re-annotated the backlog and the auto-labelled items. "
+        "Feedback went through `FeedbackService.Submit` (accept, or a correction with the right label).",
         f"- The trainer ran rounds at 12, then {opts.round_growth:g}x more labels, then every "
         f"{opts.round_labels} labels. Under {opts.cv_max_items} verified labels a round trains from the "
         "zero-shot base on all of them (epochs scaled to their number) and is judged by 2-fold cross-fitting "
