@@ -353,9 +353,16 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
         cand_needs = needs + [True] * (len(keys) - len(part))
         cand_texts = texts + [stream[k].text for k in keys[len(part) :]]
         routed = pick_for_review(
-            cand_texts, cand_probs, cand_needs, quota - len(audits), checked=rp.checked, rng=rng, top_up=args.top_up
+            cand_texts,
+            cand_probs,
+            cand_needs,
+            quota - len(audits),
+            checked=rp.checked,
+            rng=rng,
+            top_up=args.top_up,
+            taken=set(audits),  # chunk indices are the candidates' first len(part) indices
         )
-        picks = [start + i for i in audits] + [keys[i] for i in routed if keys[i] - start not in audits]
+        picks = [start + i for i in audits] + [keys[i] for i in routed]
         for k in picks[:quota]:
             human[k] = pool.noisy_label(stream[k].label)
             rp.add(stream[k].text, human[k])

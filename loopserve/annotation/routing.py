@@ -25,7 +25,7 @@ no trainer import: the demo's app and bench/learning.py route with this same fun
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -57,22 +57,25 @@ def pick_for_review(
     checked: bool,
     rng: random.Random,
     top_up: bool = False,
+    taken: Collection[int] = (),
 ) -> list[int]:
     """Indices (into the chunk) of at most `quota` items for people, in the order to show them.
 
     `probs` (n, L): the served label distribution per item; `checked`: whether the serving version passed
     the gate (otherwise confidence is ignored and the chunk is covered); `top_up`: a checked version's
-    confident items fill the quota its flagged items leave."""
+    confident items fill the quota its flagged items leave; `taken`: items already going to a person (the
+    app's random audit), never picked again, so the quota is spent on other items."""
     n = len(texts)
     if quota <= 0:
         return []
+    free = [i for i in range(n) if i not in taken]
     if not checked:
-        return _per_cluster(texts, list(range(n)), np.zeros(n), quota, rng, least_certain=False)
+        return _per_cluster(texts, free, np.zeros(n), quota, rng, least_certain=False)
     m = margins(np.asarray(probs, dtype=float))
-    flagged = [i for i in range(n) if needs_review[i]]
+    flagged = [i for i in free if needs_review[i]]
     picks = _per_cluster(texts, flagged, m, quota, rng, least_certain=True)
     if top_up and len(picks) < quota:
-        confident = [i for i in range(n) if not needs_review[i]]
+        confident = [i for i in free if not needs_review[i]]
         picks += _per_cluster(texts, confident, m, quota - len(picks), rng, least_certain=True)
     return picks
 

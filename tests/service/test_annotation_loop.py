@@ -198,6 +198,10 @@ def test_the_router_covers_the_chunk_before_trusting_confidence() -> None:
     assert {i % 4 for i in extra} == {0, 1, 2, 3}  # a topic each, not the four least certain of one
     assert all(i == min(j for j in range(80) if j % 4 == i % 4 and j not in (40, 41)) for i in extra)
     assert pick_for_review(texts, probs, few, 6, checked=True, rng=rng) == [40, 41]  # off: unspent
+    # Items already going to a person (the app's audit) are never picked again: the quota goes elsewhere.
+    audit = set(extra[:2])
+    again = pick_for_review(texts, probs, few, 6, checked=True, rng=random.Random(0), top_up=True, taken=audit)
+    assert len(again) == 6 and not audit & set(again)
     # An unchecked version's picks never depend on top_up (everything is a candidate already).
     assert len(pick_for_review(texts, probs, few, 4, checked=False, rng=random.Random(1), top_up=True)) == 4
 

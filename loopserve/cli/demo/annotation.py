@@ -446,8 +446,9 @@ class AnnotationDemo:
             checked=checked,
             rng=rng,
             top_up=self.opts.top_up,
+            taken=set(audits),  # the chunk's items come first among the candidates
         )
-        order = list(dict.fromkeys([st.items_seen + i for i in audits] + [keys[j] for j in routed]))
+        order = [st.items_seen + i for i in audits] + [keys[j] for j in routed]
         in_chunk = {st.items_seen + i: (anns[i].event_id, anns[i].labels[0].label) for i in range(len(part))}
         events, reviewed = [], set()
         for k in order:
