@@ -5,12 +5,12 @@
 For each seed, two replays of the same data in one process, with the trainer's own code:
 
 - loop: the train split is streamed in chunks of `--chunk`; the serving version scores each chunk; the
-  app's router (loopserve.annotation.routing.pick_for_review, the function the demo's app calls) spends
+  app's router (loopserve.annotation.routing.route_chunk, the function the demo's app calls) spends
   the chunk's share of the budget (`--fraction` of the items streamed) on the chunk and the backlog of
   flagged items still waiting (`--pool backlog`, as the demo's app does; `--pool chunk`: the chunk
   only), the backlog re-annotated by each newly served version, and what a checked version's flagged
-  items leave of the share goes to its least certain confident items (`--top-up`, the demo's default;
-  `--no-top-up`: flagged items only); a simulated annotator (the demo's pool,
+  items leave of the share goes to its least certain confident items with `--top-up` (off by default, as
+  in the demo: the share carries over to later flagged items); a simulated annotator (the demo's pool,
   `--error-rate`) labels the picks; at each round point the trainer's round
   (trainer.annotation_round: cross-fitted from the base while labels are few, held-out after) makes a
   candidate, and the gate decides whether it serves. Between them, after every chunk, the trainer's
@@ -30,8 +30,8 @@ For each seed, two replays of the same data in one process, with the trainer's o
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
 (every item streamed so far: its human label, else the serving version's label; that is what
 `loopserve dataset export` writes; for passive, the items streamed by then at `--fraction`, its labels on
-the random ones it bought and its model's on the rest). A loop whose stream ends short of a budget (with
-`--no-top-up`, a confident checked version flags fewer items than the quota) reports its end point instead. Writes
+the random ones it bought and its model's on the rest). A loop whose stream ends short of a budget (without
+`--top-up`, a confident checked version flags fewer items than the quota) reports its end point instead. Writes
 bench/results/learning.json (CPU model recorded) and a plot with mean +- standard error over seeds. Not
 run in CI: it takes tens of minutes on 2 cores. Seeds and learners can be measured in separate runs and
 combined with `--merge` (`--seeds 0 --merge A B`: no new run); passive does not depend on the loop's
@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
-from loopserve.annotation.routing import pick_for_review
+from loopserve.annotation.routing import route_chunk
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.passive import accuracy_on
 from loopserve.datasets import Example, label_set
@@ -345,24 +345,22 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
         nxt = next((p for p in points if p > len(human)), None)
         if nxt is not None:
             quota = min(quota, nxt - len(human))  # a round sees exactly its round point's labels
-        audits = [i for i in range(len(part)) if rp.checked and not needs[i] and rng.random() < args.audit_fraction]
-        audits = audits[:quota]
         # The router's candidates: the chunk, and with --pool backlog every flagged item still waiting.
         keys = [start + i for i in range(len(part))] + (list(backlog) if args.pool == "backlog" else [])
-        cand_probs = np.concatenate([probs, *([np.stack(list(backlog.values()))] if len(keys) > len(part) else [])])
-        cand_needs = needs + [True] * (len(keys) - len(part))
-        cand_texts = texts + [stream[k].text for k in keys[len(part) :]]
-        routed = pick_for_review(
-            cand_texts,
-            cand_probs,
-            cand_needs,
-            quota - len(audits),
+        waiting = keys[len(part) :]
+        routed = route_chunk(
+            texts,
+            probs,
+            needs,
+            [stream[k].text for k in waiting],
+            [backlog[k] for k in waiting],
+            quota,
             checked=rp.checked,
-            rng=rng,
+            audit_fraction=args.audit_fraction,
             top_up=args.top_up,
-            taken=set(audits),  # chunk indices are the candidates' first len(part) indices
+            rng=rng,
         )
-        picks = [start + i for i in audits] + [keys[i] for i in routed]
+        picks = [keys[i] for i in routed]
         for k in picks[:quota]:
             human[k] = pool.noisy_label(stream[k].label)
             rp.add(stream[k].text, human[k])
@@ -380,9 +378,9 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
                 print(f"  loop  seed {seed} budget {len(human)}: {compact(out[len(human)])}", flush=True)
     if len(out) == len(budgets):
         return {"budgets": out, "rounds": rp.rounds}
-    # The stream ran out short of a budget: once a checked version serves, only the items it flags are
-    # candidates, and a confident version flags fewer than the quota (it asked people less and auto-labelled
-    # the rest). The loop's end point instead: a round at the labels it reached, measured alike.
+    # The stream ran out short of a budget (without --top-up: once a checked version serves, only the items it
+    # flags are candidates, and a confident version flags fewer than the quota, so it asked people less and
+    # auto-labelled the rest). The loop's end point instead: a round at the labels it reached, measured alike.
     if len(human) != last_round:
         rp.round(pool=[stream[j].text for j in range(seen) if j not in human])
     end = {**measure(seen), "labels": float(len(human))}
@@ -549,9 +547,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--top-up",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="a checked version's least certain confident items take the quota its flagged items leave (the demo's "
-        "default; --no-top-up: the budget is spent on flagged items only, and a confident loop stops asking)",
+        default=False,
+        help="a checked version's least certain confident items take the quota its flagged items leave at once (off, "
+        "as in the demo: the share carries over to later flagged items, and on a finite stream a confident loop may "
+        "end short of the last budget; learning-top-up-to-1000.json ran with it)",
     )
     ap.add_argument("--error-rate", type=float, default=0.05)
     ap.add_argument("--audit-fraction", type=float, default=0.05)

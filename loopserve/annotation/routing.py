@@ -11,11 +11,15 @@ budget spread over the stream). Which items it spends them on decides how much t
 - Once a checked version serves, only the items it flagged `needs_review` are candidates; they are
   clustered the same way and each cluster gives up its least certain item (smallest margin between the
   two best labels): uncertainty, but never thirty near-duplicates of one confusing product.
-- With `top_up`, a checked version that flags fewer items than the quota does not leave the rest of the
-  budget unspent: the least certain of its confident items (clustered alike) take it. A confident
-  version's near-threshold items are still the most informative the app can buy, and a budget left unspent
-  is labels the trainer never sees (on Fine Food the loop without it stopped asking at 843-915 of 1,000
-  labels and auto-labelled the rest of the stream).
+- With `top_up`, a checked version that flags fewer items than the quota does not leave the rest for
+  later: the least certain of its confident items (clustered alike) take it at once. Without it the share
+  carries over to later flagged items (the apps' pace line), which is what a stream that goes on wants:
+  spent at once, the early share went to items a version trained on a dozen labels was sure of, and the
+  quick demo read worse. Where the stream ends before the budget is spent, top-up is what spends it (on
+  Fine Food the loop without it stopped asking at 843-915 of 1,000 labels).
+
+`route_chunk` is the app's whole decision for one streamed chunk (the audit, then these picks among the chunk
+and the flagged items still waiting); the demo's app and bench/learning.py both call it.
 
 Texts are featurised with a hashing TF-IDF (stateless, so chunks need no shared vocabulary, and no
 model call: the app only has the Annotate answer and the texts). Pure numpy/scikit-learn; no service,
@@ -103,3 +107,39 @@ def _per_cluster(
             best = members[np.argmin(dist[members, k])]
         picks.append(candidates[int(best)])
     return sorted(picks, key=lambda i: m[i])
+
+
+def route_chunk(
+    texts: Sequence[str],
+    probs: np.ndarray,
+    needs_review: Sequence[bool],
+    waiting_texts: Sequence[str],
+    waiting_probs: Sequence[np.ndarray],
+    quota: int,
+    *,
+    checked: bool,
+    audit_fraction: float,
+    top_up: bool,
+    rng: random.Random,
+) -> list[int]:
+    """Which of a streamed chunk's items and the flagged items waiting in the backlog go to people, in
+    order, as indices into chunk + waiting (the chunk's first): at most `quota` of them.
+
+    First a random `audit_fraction` of the chunk's confident items (checked versions only: an unbiased
+    measure of what is being auto-labelled), then `pick_for_review` over the chunk and the waiting items
+    (flagged by definition) for the rest of the quota, never an audited item twice."""
+    n = len(texts)
+    audits = [i for i in range(n) if checked and not needs_review[i] and rng.random() < audit_fraction]
+    audits = audits[: max(quota, 0)]
+    cand_probs = np.concatenate([probs, *([np.stack(list(waiting_probs))] if len(waiting_probs) else [])])
+    routed = pick_for_review(
+        [*texts, *waiting_texts],
+        cand_probs,
+        [*needs_review, *[True] * len(waiting_texts)],
+        quota - len(audits),
+        checked=checked,
+        rng=rng,
+        top_up=top_up,
+        taken=set(audits),
+    )
+    return audits + routed

@@ -148,8 +148,8 @@ class DemoConfig(StoreConfig):
     """share of confident items still reviewed (0.05)"""
     review_threshold: float | None = None
     """needs_review under this probability (0.8)"""
-    top_up: bool = True
-    """the budget a checked version's flagged items leave goes to its least certain confident items"""
+    top_up: bool = False
+    """the budget a checked version's flagged items leave goes to its least certain confident items at once"""
     explore: Literal["off", "epsilon-greedy", "softmax", "ucb"] | None = None
     """how the policy chooses the served label (default off; see docs/promote-safely.md)"""
     explore_epsilon: float | None = None

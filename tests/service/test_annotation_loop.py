@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopserve.annotation.routing import pick_for_review
+from loopserve.annotation.routing import pick_for_review, route_chunk
 from loopserve.feedback_log import Feedback, open_feedback_log
 from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
 from loopserve.models import encoder_heads
@@ -202,6 +202,15 @@ def test_the_router_covers_the_chunk_before_trusting_confidence() -> None:
     audit = set(extra[:2])
     again = pick_for_review(texts, probs, few, 6, checked=True, rng=random.Random(0), top_up=True, taken=audit)
     assert len(again) == 6 and not audit & set(again)
+    # The app's whole decision (route_chunk): the audit of confident chunk items first, then the waiting
+    # flagged items, then the top-up; indices into chunk + waiting, none twice, at most the quota.
+    waiting = ([texts[40], texts[41]], [probs[40], probs[41]])
+    chunk = (texts[:40], probs[:40], [False] * 40)
+    order = route_chunk(*chunk, *waiting, 6, checked=True, audit_fraction=0.1, top_up=True, rng=random.Random(0))
+    assert len(order) == 6 == len(set(order)) and order.index(40) >= 1 and 41 in order
+    assert all(i < 40 for i in order[: order.index(40)])  # audited first
+    plain = route_chunk(*chunk, *waiting, 6, checked=True, audit_fraction=0.0, top_up=False, rng=random.Random(0))
+    assert plain == [40, 41]
     # An unchecked version's picks never depend on top_up (everything is a candidate already).
     assert len(pick_for_review(texts, probs, few, 4, checked=False, rng=random.Random(1), top_up=True)) == 4
 

@@ -311,7 +311,7 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         + (
             ", and what its flagged items left of the share to the least certain of its confident items. "
             if opts.top_up
-            else " (its confident items beyond the audit never went to a person: --no-top-up). "
+            else " (the share its flagged items left carried over to later flagged items). "
         )
         + "Flagged items left over went to the backlog; only a checked version's confident items were "
         "auto-labelled, and each newly served version re-annotated the backlog and the auto-labelled items. "
