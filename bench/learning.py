@@ -58,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
-from loopserve.annotation.routing import route_chunk
+from loopserve.annotation.routing import TOP_UPS, route_chunk
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.passive import accuracy_on
 from loopserve.datasets import Example, label_set
@@ -357,8 +357,10 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
             quota,
             checked=rp.checked,
             audit_fraction=args.audit_fraction,
-            top_up=args.top_up,
             rng=rng,
+            top_up=args.top_up,
+            items_left=len(stream) - start - len(part),
+            budget_after=budgets[-1] - pace,
         )
         picks = [keys[i] for i in routed]
         for k in picks[:quota]:
@@ -546,11 +548,12 @@ def parser() -> argparse.ArgumentParser:
     )
     ap.add_argument(
         "--top-up",
-        action=argparse.BooleanOptionalAction,
-        default=False,
-        help="a checked version's least certain confident items take the quota its flagged items leave at once (off, "
-        "as in the demo: the share carries over to later flagged items, and on a finite stream a confident loop may "
-        "end short of the last budget; learning-top-up-to-1000.json ran with it)",
+        choices=TOP_UPS,
+        default="stream-end",
+        help="what a checked version's flagged items leave of a chunk's share: never (carried over to later flagged "
+        "items; on a finite stream a confident loop may end short of the last budget), stream-end (as the demo: the "
+        "least certain confident items take what the rest of the stream cannot absorb, spread over it), always (they "
+        "take all of it at once; learning-top-up-to-1000.json ran so)",
     )
     ap.add_argument("--error-rate", type=float, default=0.05)
     ap.add_argument("--audit-fraction", type=float, default=0.05)

@@ -11,12 +11,13 @@ budget spread over the stream). Which items it spends them on decides how much t
 - Once a checked version serves, only the items it flagged `needs_review` are candidates; they are
   clustered the same way and each cluster gives up its least certain item (smallest margin between the
   two best labels): uncertainty, but never thirty near-duplicates of one confusing product.
-- With `top_up`, a checked version that flags fewer items than the quota does not leave the rest for
-  later: the least certain of its confident items (clustered alike) take it at once. Without it the share
-  carries over to later flagged items (the apps' pace line), which is what a stream that goes on wants:
-  spent at once, the early share went to items a version trained on a dozen labels was sure of, and the
-  quick demo read worse. Where the stream ends before the budget is spent, top-up is what spends it (on
-  Fine Food the loop without it stopped asking at 843-915 of 1,000 labels).
+- Top-up: a checked version that flags fewer items than the quota leaves part of it unspent. `never`: the
+  share carries over to later flagged items (the apps' pace line), which is what a stream that goes on wants.
+  `always`: the least certain of its confident items (clustered alike) take it at once; spent that early,
+  the share went to items a version trained on a dozen labels was sure of, and the quick demo read worse.
+  `stream-end` (the apps' default): a stream that ends (the demo's, the bench's) tops up only what the rest
+  of it cannot absorb at the chunk's flag rate, so the budget is spent by the end without taking the early
+  share (on Fine Food the loop without top-up stopped asking at 843-915 of 1,000 labels).
 
 `route_chunk` is the app's whole decision for one streamed chunk (the audit, then these picks among the chunk
 and the flagged items still waiting); the demo's app and bench/learning.py both call it.
@@ -28,12 +29,17 @@ no trainer import: the demo's app and bench/learning.py route with this same fun
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Collection, Sequence
+from typing import Literal
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
+
+TopUp = Literal["never", "stream-end", "always"]
+TOP_UPS: tuple[TopUp, ...] = ("never", "stream-end", "always")
 
 _VECTORIZER = HashingVectorizer(n_features=2**18, ngram_range=(1, 2), alternate_sign=False, norm=None)
 
@@ -60,15 +66,15 @@ def pick_for_review(
     *,
     checked: bool,
     rng: random.Random,
-    top_up: bool = False,
+    top_up: int = 0,
     taken: Collection[int] = (),
 ) -> list[int]:
     """Indices (into the chunk) of at most `quota` items for people, in the order to show them.
 
     `probs` (n, L): the served label distribution per item; `checked`: whether the serving version passed
-    the gate (otherwise confidence is ignored and the chunk is covered); `top_up`: a checked version's
-    confident items fill the quota its flagged items leave; `taken`: items already going to a person (the
-    app's random audit), never picked again, so the quota is spent on other items."""
+    the gate (otherwise confidence is ignored and the chunk is covered); `top_up`: at most this many of a
+    checked version's confident items fill the quota its flagged items leave; `taken`: items already going
+    to a person (the app's random audit), never picked again, so the quota is spent on other items."""
     n = len(texts)
     if quota <= 0:
         return []
@@ -78,9 +84,10 @@ def pick_for_review(
     m = margins(np.asarray(probs, dtype=float))
     flagged = [i for i in free if needs_review[i]]
     picks = _per_cluster(texts, flagged, m, quota, rng, least_certain=True)
-    if top_up and len(picks) < quota:
+    extra = min(top_up, quota - len(picks))
+    if extra > 0:
         confident = [i for i in free if not needs_review[i]]
-        picks += _per_cluster(texts, confident, m, quota - len(picks), rng, least_certain=True)
+        picks += _per_cluster(texts, confident, m, extra, rng, least_certain=True)
     return picks
 
 
@@ -119,18 +126,25 @@ def route_chunk(
     *,
     checked: bool,
     audit_fraction: float,
-    top_up: bool,
     rng: random.Random,
+    top_up: TopUp = "never",
+    items_left: int | None = None,
+    budget_after: int = 0,
 ) -> list[int]:
     """Which of a streamed chunk's items and the flagged items waiting in the backlog go to people, in
     order, as indices into chunk + waiting (the chunk's first): at most `quota` of them.
 
     First a random `audit_fraction` of the chunk's confident items (checked versions only: an unbiased
     measure of what is being auto-labelled), then `pick_for_review` over the chunk and the waiting items
-    (flagged by definition) for the rest of the quota, never an audited item twice."""
+    (flagged by definition) for the rest of the quota, never an audited item twice; what the flagged items
+    leave goes to confident ones as `top_up` says (`items_left`: items the stream has after this chunk,
+    None if it goes on; `budget_after`: the interactions its pace line allows them)."""
     n = len(texts)
     audits = [i for i in range(n) if checked and not needs_review[i] and rng.random() < audit_fraction]
     audits = audits[: max(quota, 0)]
+    flagged = sum(1 for i in range(n) if needs_review[i] and i not in audits) + len(waiting_texts)
+    left = max(0, quota - len(audits) - flagged)
+    extra = top_up_share(top_up, left, n, sum(needs_review) / max(n, 1), items_left, budget_after)
     cand_probs = np.concatenate([probs, *([np.stack(list(waiting_probs))] if len(waiting_probs) else [])])
     routed = pick_for_review(
         [*texts, *waiting_texts],
@@ -139,7 +153,28 @@ def route_chunk(
         quota - len(audits),
         checked=checked,
         rng=rng,
-        top_up=top_up,
+        top_up=extra,
         taken=set(audits),
     )
     return audits + routed
+
+
+def top_up_share(
+    mode: TopUp, left: int, chunk: int, flag_rate: float, items_left: int | None, budget_after: int
+) -> int:
+    """How many of the `left` interactions a chunk's flagged items leave go to confident items now.
+
+    `stream-end`: the later chunks flag about `flag_rate * items_left` items and may spend `budget_after`
+    on them; what they cannot absorb (the shortfall) is spread evenly over this chunk and the ones left, so
+    a version's own confident items are not asked early for a share the stream would have spent later, and
+    the budget is spent by the end. A stream that goes on (`items_left` None) absorbs everything."""
+    if mode == "never" or left <= 0:
+        return 0
+    if mode == "always":
+        return left
+    if items_left is None:
+        return 0
+    shortfall = left + budget_after - math.floor(flag_rate * items_left)
+    if shortfall <= 0:
+        return 0
+    return min(left, math.ceil(shortfall / (1 + math.ceil(items_left / max(chunk, 1)))))

@@ -148,8 +148,9 @@ class DemoConfig(StoreConfig):
     """share of confident items still reviewed (0.05)"""
     review_threshold: float | None = None
     """needs_review under this probability (0.8)"""
-    top_up: bool = False
-    """the budget a checked version's flagged items leave goes to its least certain confident items at once"""
+    top_up: Literal["never", "stream-end", "always"] | None = None
+    """what a checked version's flagged items leave of the budget goes to its least certain confident items:
+    never, what the rest of the stream cannot absorb (stream-end), or all at once (default never)"""
     explore: Literal["off", "epsilon-greedy", "softmax", "ucb"] | None = None
     """how the policy chooses the served label (default off; see docs/promote-safely.md)"""
     explore_epsilon: float | None = None
@@ -391,13 +392,13 @@ def demo_options(cfg: DemoConfig) -> Any:
         quick=cfg.quick,
         seed=cfg.seed,
         measure_ceiling=cfg.measure_ceiling,
-        top_up=cfg.top_up,
     )
     for name in (
         "budget_fraction",
         "error_rate",
         "audit_fraction",
         "review_threshold",
+        "top_up",
         "train_items",
         "test_items",
         "label_descriptions",

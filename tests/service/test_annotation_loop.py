@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from loopserve.annotation.routing import pick_for_review, route_chunk
+from loopserve.annotation.routing import pick_for_review, route_chunk, top_up_share
 from loopserve.feedback_log import Feedback, open_feedback_log
 from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
 from loopserve.models import encoder_heads
@@ -192,27 +192,45 @@ def test_the_router_covers_the_chunk_before_trusting_confidence() -> None:
     # top_up: what the flagged items leave of the quota goes to the least certain confident items,
     # one per cluster; the flagged ones come first and are all taken.
     few = [i in (40, 41) for i in range(80)]
-    picks = pick_for_review(texts, probs, few, 6, checked=True, rng=random.Random(0), top_up=True)
+    picks = pick_for_review(texts, probs, few, 6, checked=True, rng=random.Random(0), top_up=4)
     assert len(picks) == 6 and {40, 41} <= set(picks) and len(set(picks)) == 6
     extra = [i for i in picks if i not in (40, 41)]
     assert {i % 4 for i in extra} == {0, 1, 2, 3}  # a topic each, not the four least certain of one
     assert all(i == min(j for j in range(80) if j % 4 == i % 4 and j not in (40, 41)) for i in extra)
     assert pick_for_review(texts, probs, few, 6, checked=True, rng=rng) == [40, 41]  # off: unspent
+    partly = pick_for_review(texts, probs, few, 6, checked=True, rng=random.Random(0), top_up=2)
+    assert len(partly) == 4 and {40, 41} <= set(partly)  # at most `top_up` confident items
     # Items already going to a person (the app's audit) are never picked again: the quota goes elsewhere.
     audit = set(extra[:2])
-    again = pick_for_review(texts, probs, few, 6, checked=True, rng=random.Random(0), top_up=True, taken=audit)
+    again = pick_for_review(texts, probs, few, 6, checked=True, rng=random.Random(0), top_up=4, taken=audit)
     assert len(again) == 6 and not audit & set(again)
     # The app's whole decision (route_chunk): the audit of confident chunk items first, then the waiting
     # flagged items, then the top-up; indices into chunk + waiting, none twice, at most the quota.
     waiting = ([texts[40], texts[41]], [probs[40], probs[41]])
     chunk = (texts[:40], probs[:40], [False] * 40)
-    order = route_chunk(*chunk, *waiting, 6, checked=True, audit_fraction=0.1, top_up=True, rng=random.Random(0))
+    order = route_chunk(*chunk, *waiting, 6, checked=True, audit_fraction=0.1, top_up="always", rng=random.Random(0))
     assert len(order) == 6 == len(set(order)) and order.index(40) >= 1 and 41 in order
     assert all(i < 40 for i in order[: order.index(40)])  # audited first
-    plain = route_chunk(*chunk, *waiting, 6, checked=True, audit_fraction=0.0, top_up=False, rng=random.Random(0))
+    plain = route_chunk(*chunk, *waiting, 6, checked=True, audit_fraction=0.0, top_up="never", rng=random.Random(0))
     assert plain == [40, 41]
+    # stream-end: the flagged items leave 4; 120 items to come at this chunk's flag rate (none flagged) may
+    # spend 8, so the stream falls 12 short, spread over this chunk and the three to come: 3 now.
+    ending = route_chunk(
+        *chunk, *waiting, 6, checked=True, audit_fraction=0.0, top_up="stream-end", rng=random.Random(0),
+        items_left=120, budget_after=8,
+    )  # fmt: skip
+    assert len(ending) == 5 and {40, 41} <= set(ending)
+    assert route_chunk(
+        *chunk, *waiting, 6, checked=True, audit_fraction=0.0, top_up="stream-end", rng=random.Random(0)
+    ) == [40, 41]  # fmt: skip  (a stream that goes on)
+    # What a stream that flags enough absorbs is never topped up; what it cannot is, spread over it.
+    assert top_up_share("stream-end", 4, 100, 0.3, 1000, 250) == 0  # 300 flagged to come for 250 + 4
+    assert top_up_share("stream-end", 4, 100, 0.2, 1000, 250) == 4  # 54 short over 11 chunks: 5, at most 4
+    assert top_up_share("stream-end", 40, 100, 0.2, 1000, 250) == 9  # 90 short over 11 chunks
+    assert top_up_share("stream-end", 40, 100, 0.0, 0, 0) == 40  # the last chunk takes what is left
+    assert top_up_share("always", 40, 100, 0.3, 1000, 250) == 40 and top_up_share("never", 40, 100, 0, 0, 0) == 0
     # An unchecked version's picks never depend on top_up (everything is a candidate already).
-    assert len(pick_for_review(texts, probs, few, 4, checked=False, rng=random.Random(1), top_up=True)) == 4
+    assert len(pick_for_review(texts, probs, few, 4, checked=False, rng=random.Random(1), top_up=4)) == 4
 
 
 def test_the_labelled_data_set_takes_people_first_then_the_latest_version(tmp_path: Path) -> None:

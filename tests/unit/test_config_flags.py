@@ -195,8 +195,8 @@ def test_demo_store_dir_is_where_the_base_versions_come_from(tiny_data_dir: Path
     empty_data_dir = tmp_path / "data"
     flags = ["demo", "--data-dir", str(empty_data_dir), "--store-dir", str(tiny_data_dir / "store")]
     opts = cli.demo_options(config(flags))
-    assert isinstance(opts, AnnotationDemoOptions) and not opts.top_up
-    assert cli.demo_options(config([*flags, "--top-up"])).top_up is True
+    assert isinstance(opts, AnnotationDemoOptions) and opts.top_up == "never"
+    assert cli.demo_options(config([*flags, "--top-up", "stream-end"])).top_up == "stream-end"
     assert cli.demo_options(config([*flags, "--generation"])).store_dir == tiny_data_dir / "store"
     run = tmp_path / "run"
     _prepare_store(opts, run, ["great", "other"])

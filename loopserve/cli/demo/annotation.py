@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from loopserve.annotation.routing import route_chunk
+from loopserve.annotation.routing import TopUp, route_chunk
 from loopserve.cli.demo import passive, report
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.stack import Stack, interrupt_on_signals, link_base_versions, new_run_folder
@@ -76,14 +76,15 @@ class AnnotationDemoOptions:
     48, ...), so the first checked version serves after tens of labels (--annotator-round-growth)."""
     review_threshold: float = 0.8
     """needs_review when the top calibrated probability is under this (PolicyConfig)."""
-    top_up: bool = False
-    """Once a checked version serves, the share of the budget its flagged items leave goes to the least
-    certain of its confident items at once (loopserve.annotation.routing). Off: that share carries over to
-    later flagged items, which a stream that goes on gives it; the quick demo read the loop under passive
-    with it on (-0.030 and -0.065 in two runs, its early share spent on items an 18-label version was sure
-    of, against -0.015 and +0.055 without), and the default demo ran an extra round (1,405 s against
-    1,295-1,310 s). On a stream that ends before the budget is spent it is what spends it (bench/learning.py
-    to 1,000 labels on 4,000 items)."""
+    top_up: TopUp = "never"
+    """Once a checked version serves, where the share of the budget its flagged items leave goes
+    (loopserve.annotation.routing.top_up_share). never: it carries over to later flagged items, which a
+    stream that goes on gives it. always: the least certain of its confident items take it at once; the
+    quick demo read the loop under passive so (-0.030 and -0.065 in two runs, its early share spent on
+    items an 18-label version was sure of, against -0.015 and +0.055 without), and the default demo ran an
+    extra round (1,405 s against 1,295-1,310 s). stream-end: they take only what the rest of the stream
+    cannot absorb at the current flag rate, spread over it, so a stream that ends before the budget is
+    spent still spends it (bench/learning.py to 1,000 labels on 4,000 items)."""
     epochs: float = 0.0
     """Passes over the verified labels per round; 0 scales them with the data (many over few labels)."""
     max_steps: int = 0
@@ -447,8 +448,10 @@ class AnnotationDemo:
             quota,
             checked=checked,
             audit_fraction=self.opts.audit_fraction,
-            top_up=self.opts.top_up,
             rng=rng,
+            top_up=self.opts.top_up,
+            items_left=len(st.train) - st.items_seen - len(part),
+            budget_after=budget - pace,
         )
         order = [keys[j] for j in routed]
         in_chunk = {st.items_seen + i: (anns[i].event_id, anns[i].labels[0].label) for i in range(len(part))}

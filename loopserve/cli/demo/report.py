@@ -308,11 +308,12 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         "confident items (checked versions only), then to the router's picks: while an unchecked version "
         "served (it flags every item), the items nearest the centres of a k-means clustering of the chunk; "
         "once a checked version served, the least certain flagged item of each cluster"
-        + (
-            ", and what its flagged items left of the share to the least certain of its confident items. "
-            if opts.top_up
-            else " (the share its flagged items left carried over to later flagged items). "
-        )
+        + {
+            "always": ", and what its flagged items left of the share to the least certain of its confident items. ",
+            "stream-end": ", and of the share its flagged items left, what the rest of the stream could not absorb "
+            "at their rate to the least certain of its confident items (spread over the stream). ",
+            "never": " (the share its flagged items left carried over to later flagged items). ",
+        }[opts.top_up]
         + "Flagged items left over went to the backlog; only a checked version's confident items were "
         "auto-labelled, and each newly served version re-annotated the backlog and the auto-labelled items. "
         "Feedback went through `FeedbackService.Submit` (accept, or a correction with the right label).",
