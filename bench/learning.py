@@ -9,8 +9,9 @@ For each seed, two replays of the same data in one process, with the trainer's o
   the chunk's share of the budget (`--fraction` of the items streamed) on the chunk and the backlog of
   flagged items still waiting (`--pool backlog`, as the demo's app does; `--pool chunk`: the chunk
   only), the backlog re-annotated by each newly served version, and what a checked version's flagged
-  items leave of the share goes to its least certain confident items with `--top-up` (off by default, as
-  in the demo: the share carries over to later flagged items); a simulated annotator (the demo's pool,
+  items leave of the share goes to its least certain confident items as `--top-up` says (never by
+  default, as in the demo: the share carries over to later flagged items; stream-end: what the rest of the
+  stream cannot absorb; always: all of it at once); a simulated annotator (the demo's pool,
   `--error-rate`) labels the picks; at each round point the trainer's round
   (trainer.annotation_round: cross-fitted from the base while labels are few, held-out after) makes a
   candidate, and the gate decides whether it serves. Between them, after every chunk, the trainer's
@@ -30,8 +31,8 @@ For each seed, two replays of the same data in one process, with the trainer's o
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
 (every item streamed so far: its human label, else the serving version's label; that is what
 `loopserve dataset export` writes; for passive, the items streamed by then at `--fraction`, its labels on
-the random ones it bought and its model's on the rest). A loop whose stream ends short of a budget (without
-`--top-up`, a confident checked version flags fewer items than the quota) reports its end point instead. Writes
+the random ones it bought and its model's on the rest). A loop whose stream ends short of a budget (with
+`--top-up never`, a confident checked version flags fewer items than the quota) reports its end point instead. Writes
 bench/results/learning.json (CPU model recorded) and a plot with mean +- standard error over seeds. Not
 run in CI: it takes tens of minutes on 2 cores. Seeds and learners can be measured in separate runs and
 combined with `--merge` (`--seeds 0 --merge A B`: no new run); passive does not depend on the loop's
@@ -380,7 +381,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
                 print(f"  loop  seed {seed} budget {len(human)}: {compact(out[len(human)])}", flush=True)
     if len(out) == len(budgets):
         return {"budgets": out, "rounds": rp.rounds}
-    # The stream ran out short of a budget (without --top-up: once a checked version serves, only the items it
+    # The stream ran out short of a budget (--top-up never: once a checked version serves, only the items it
     # flags are candidates, and a confident version flags fewer than the quota, so it asked people less and
     # auto-labelled the rest). The loop's end point instead: a round at the labels it reached, measured alike.
     if len(human) != last_round:
@@ -549,11 +550,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument(
         "--top-up",
         choices=TOP_UPS,
-        default="stream-end",
-        help="what a checked version's flagged items leave of a chunk's share: never (carried over to later flagged "
-        "items; on a finite stream a confident loop may end short of the last budget), stream-end (as the demo: the "
-        "least certain confident items take what the rest of the stream cannot absorb, spread over it), always (they "
-        "take all of it at once; learning-top-up-to-1000.json ran so)",
+        default="never",
+        help="what a checked version's flagged items leave of a chunk's share: never (as the demo by default: carried "
+        "over to later flagged items; on a finite stream a confident loop may end short of the last budget), "
+        "stream-end (the least certain confident items take what the rest of the stream cannot absorb, spread over "
+        "it), always (they take all of it at once; learning-top-up-to-1000.json ran so)",
     )
     ap.add_argument("--error-rate", type=float, default=0.05)
     ap.add_argument("--audit-fraction", type=float, default=0.05)
