@@ -11,13 +11,13 @@ budget spread over the stream). Which items it spends them on decides how much t
 - Once a checked version serves, only the items it flagged `needs_review` are candidates; they are
   clustered the same way and each cluster gives up its least certain item (smallest margin between the
   two best labels): uncertainty, but never thirty near-duplicates of one confusing product.
-- Top-up: a checked version that flags fewer items than the quota leaves part of it unspent. `never`: the
-  share carries over to later flagged items (the apps' pace line), which is what a stream that goes on wants.
-  `always`: the least certain of its confident items (clustered alike) take it at once; spent that early,
-  the share went to items a version trained on a dozen labels was sure of, and the quick demo read worse.
-  `stream-end` (the apps' default): a stream that ends (the demo's, the bench's) tops up only what the rest
-  of it cannot absorb at the chunk's flag rate, so the budget is spent by the end without taking the early
-  share (on Fine Food the loop without top-up stopped asking at 843-915 of 1,000 labels).
+- Top-up: a checked version that flags fewer items than the quota leaves part of it unspent. `never` (the
+  apps' default): the share carries over to later flagged items (the apps' pace line), which is what a
+  stream that goes on wants. `always`: the least certain of its confident items (clustered alike) take it
+  at once; spent that early, the share went to items a version trained on a dozen labels was sure of, and
+  the quick demo read worse. `stream-end`: a stream that ends (the demo's, the bench's) tops up only what
+  the rest of it cannot absorb at the chunk's flag rate, spread over the chunks left, so the budget is
+  spent by the end (on Fine Food the loop without top-up stopped asking at 843-915 of 1,000 labels).
 
 `route_chunk` is the app's whole decision for one streamed chunk (the audit, then these picks among the chunk
 and the flagged items still waiting); the demo's app and bench/learning.py both call it.
