@@ -59,7 +59,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
-from loopserve.annotation.routing import TOP_UPS, route_chunk
+from loopserve.annotation.routing import route_chunk
+from loopserve.annotation.top_up import TOP_UPS
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.passive import accuracy_on
 from loopserve.datasets import Example, label_set

@@ -29,17 +29,14 @@ no trainer import: the demo's app and bench/learning.py route with this same fun
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Collection, Sequence
-from typing import Literal
 
 import numpy as np
 from sklearn.cluster import KMeans
 from sklearn.feature_extraction.text import HashingVectorizer, TfidfTransformer
 
-TopUp = Literal["never", "stream-end", "always"]
-TOP_UPS: tuple[TopUp, ...] = ("never", "stream-end", "always")
+from loopserve.annotation.top_up import TopUp, top_up_share
 
 _VECTORIZER = HashingVectorizer(n_features=2**18, ngram_range=(1, 2), alternate_sign=False, norm=None)
 
@@ -142,7 +139,8 @@ def route_chunk(
     n = len(texts)
     audits = [i for i in range(n) if checked and not needs_review[i] and rng.random() < audit_fraction]
     audits = audits[: max(quota, 0)]
-    flagged = sum(1 for i in range(n) if needs_review[i] and i not in audits) + len(waiting_texts)
+    taken = set(audits)
+    flagged = sum(1 for i in range(n) if needs_review[i] and i not in taken) + len(waiting_texts)
     left = max(0, quota - len(audits) - flagged)
     extra = top_up_share(top_up, left, n, sum(needs_review) / max(n, 1), items_left, budget_after)
     cand_probs = np.concatenate([probs, *([np.stack(list(waiting_probs))] if len(waiting_probs) else [])])
@@ -154,27 +152,6 @@ def route_chunk(
         checked=checked,
         rng=rng,
         top_up=extra,
-        taken=set(audits),
+        taken=taken,
     )
     return audits + routed
-
-
-def top_up_share(
-    mode: TopUp, left: int, chunk: int, flag_rate: float, items_left: int | None, budget_after: int
-) -> int:
-    """How many of the `left` interactions a chunk's flagged items leave go to confident items now.
-
-    `stream-end`: the later chunks flag about `flag_rate * items_left` items and may spend `budget_after`
-    on them; what they cannot absorb (the shortfall) is spread evenly over this chunk and the ones left, so
-    a version's own confident items are not asked early for a share the stream would have spent later, and
-    the budget is spent by the end. A stream that goes on (`items_left` None) absorbs everything."""
-    if mode == "never" or left <= 0:
-        return 0
-    if mode == "always":
-        return left
-    if items_left is None:
-        return 0
-    shortfall = left + budget_after - math.floor(flag_rate * items_left)
-    if shortfall <= 0:
-        return 0
-    return min(left, math.ceil(shortfall / (1 + math.ceil(items_left / max(chunk, 1)))))

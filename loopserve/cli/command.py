@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import tyro
 
+from loopserve.annotation.top_up import TopUp
 from loopserve.config import DataDirConfig, LogConfig, PolicyConfig, RewardConfig, StoreConfig, parse
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class DemoConfig(StoreConfig):
     """share of confident items still reviewed (0.05)"""
     review_threshold: float | None = None
     """needs_review under this probability (0.8)"""
-    top_up: Literal["never", "stream-end", "always"] | None = None
+    top_up: TopUp | None = None
     """what a checked version's flagged items leave of the budget goes to its least certain confident items:
     never, what the rest of the stream cannot absorb (stream-end), or all at once (default never)"""
     explore: Literal["off", "epsilon-greedy", "softmax", "ucb"] | None = None

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from loopserve.annotation.routing import TopUp
+from loopserve.annotation.top_up import TopUp
 from loopserve.cli.demo.annotation import AnnotationDemo, AnnotationDemoOptions, AnnotationRun, ItemLabel, VersionPoint
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.stack import link_base_versions

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from loopserve.annotation.routing import pick_for_review, route_chunk, top_up_share
+from loopserve.annotation.routing import pick_for_review, route_chunk
+from loopserve.annotation.top_up import top_up_share
 from loopserve.feedback_log import Feedback, open_feedback_log
 from loopserve.feedback_log.labelled_dataset import export_dataset, labelled_dataset
 from loopserve.models import encoder_heads

@@ -94,3 +94,19 @@ def test_a_loop_whose_stream_ends_short_of_a_budget_reports_where_it_ended(base_
     row = summarise(results, [24, 500])["24"]
     assert row["passive_accuracy"]["n"] == 1 and "passive_dataset_accuracy" not in row
     assert "loop_minus_passive_dataset" not in row and row["loop_minus_passive"]["n"] == 1
+
+
+def test_top_up_decides_whether_a_confident_loop_spends_a_finite_streams_budget(base_store: Path) -> None:  # noqa: F811
+    """--top-up reaches the replay's router. At a review threshold of 0.5 a checked version flags nothing (two
+    labels: the top probability is never under it), so from the first checked round on only the top-up buys
+    labels: with `never` the loop ends short of 96, with `stream-end` it spends the stream's budget."""
+    base = ModelStore(base_store).path("annotator", "v0")
+    train, test = reviews(240, 1, "train"), reviews(40, 2, "test")
+    flags = ["--budgets", "24,96", "--early-rounds", "12", "--chunk", "40", "--fraction", "0.5", "--max-length", "32",
+             "--review-threshold", "0.5", "--no-online-tier"]  # fmt: skip
+    never = run_loop(parser().parse_args([*flags, "--top-up", "never"]), base, train, test, seed=0)
+    assert never["budgets"][24]["checked"] == 1.0 and 96 not in never["budgets"]
+    assert never["end"]["labels"] < 96
+    ending = run_loop(parser().parse_args([*flags, "--top-up", "stream-end"]), base, train, test, seed=0)
+    assert sorted(ending["budgets"]) == [24, 96] and "end" not in ending
+    assert [r["labels"] for r in ending["rounds"]] == [12, 24, 96]

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from loopserve.annotation.routing import TopUp, route_chunk
+from loopserve.annotation.routing import route_chunk
+from loopserve.annotation.top_up import TopUp
 from loopserve.cli.demo import passive, report
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.stack import Stack, interrupt_on_signals, link_base_versions, new_run_folder
@@ -78,7 +79,7 @@ class AnnotationDemoOptions:
     """needs_review when the top calibrated probability is under this (PolicyConfig)."""
     top_up: TopUp = "never"
     """Once a checked version serves, where the share of the budget its flagged items leave goes
-    (loopserve.annotation.routing.top_up_share). never: it carries over to later flagged items, which a
+    (loopserve.annotation.top_up.top_up_share). never: it carries over to later flagged items, which a
     stream that goes on gives it. always: the least certain of its confident items take it at once; the
     quick demo read the loop under passive so (-0.030 and -0.065 in two runs, its early share spent on
     items an 18-label version was sure of, against -0.015 and +0.055 without), and the default demo ran an
