@@ -64,6 +64,7 @@ from loopserve.annotation.top_up import TOP_UPS
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.passive import accuracy_on
 from loopserve.datasets import Example, label_set
+from loopserve.device import pick_dtype, resolved_dtype_name
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
@@ -82,6 +83,7 @@ class Replay:
 
     def __init__(self, base: Path, cfg: AnnotationPolicyConfig, gate: GateConfig, heldout_fraction: float, seed: int):
         self.base, self.cfg, self.gate, self.frac = base, cfg, gate, heldout_fraction
+        self.serve_dtype = pick_dtype(cfg.eval_dtype, torch.device("cpu"))
         self.tokenizer = encoder_heads.load_tokenizer(base)
         self.serving = self.load_base()
         self.infer = self._inference_copy(self.serving)
@@ -107,10 +109,9 @@ class Replay:
         assert isinstance(model, AnnotatorModel)
         return model
 
-    @staticmethod
-    def _inference_copy(model: AnnotatorModel) -> AnnotatorModel:
+    def _inference_copy(self, model: AnnotatorModel) -> AnnotatorModel:
         infer = copy.deepcopy(model)
-        infer.encoder.to(torch.bfloat16)  # as the services serve it (bf16 encoder, fp32 head)
+        infer.encoder.to(self.serve_dtype)  # as the services serve it (the encoder in --dtype, the head fp32)
         return infer
 
     def probs(self, texts: list[str]) -> np.ndarray:
@@ -222,7 +223,7 @@ class Replay:
         return cand
 
     def accuracy(self, model: AnnotatorModel, test: list[Example]) -> float:
-        return accuracy_on(self._inference_copy(model), self.tokenizer, test, self.cfg)  # as served: bf16
+        return accuracy_on(self._inference_copy(model), self.tokenizer, test, self.cfg)  # as served
 
     def test_metrics(self, test: list[Example], prior_shift: np.ndarray | None = None) -> dict[str, float]:
         """Accuracy and macro-F1 of the serving version on `test`; with `prior_shift` (L,) also of its logits
@@ -436,8 +437,8 @@ def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, Gate
         contrastive_coef=args.contrastive_coef,
         head_refit=args.head_refit,
         early_stopping=args.early_stopping,
-        eval_dtype="bfloat16",  # as `loopserve demo` sets it: the replay serves bf16 (Replay.infer)
-        train_dtype=args.train_dtype,
+        eval_dtype=args.dtype,  # the replay serves in it too (Replay.infer), as `loopserve demo` does
+        train_dtype=args.dtype,
     )
     gate = GateConfig(
         min_eval_items=30, min_lift_z=args.min_lift_z, cv_max_items=args.cv_max_items, cv_folds=args.cv_folds
@@ -560,10 +561,12 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--error-rate", type=float, default=0.05)
     ap.add_argument("--audit-fraction", type=float, default=0.05)
     ap.add_argument(
-        "--train-dtype",
-        default="bfloat16",
-        help="training precision (float32 | bfloat16: mixed, as `loopserve demo` trains; the same accuracy as fp32 "
-        "to 0.002 on 7 seeds x 2 budgets, learning-small-budgets-bf16-train.json, in half the time)",
+        "--dtype",
+        default="auto",
+        help="the served versions' precision, which evaluation, calibration and head refits use too, and training's "
+        "(bfloat16: mixed) as `loopserve demo` runs them: auto (bf16 where the CPU multiplies it natively, fp32 "
+        "elsewhere) | float32 | bfloat16. bf16 training read as fp32 to 0.002 on 7 seeds x 2 budgets "
+        "(learning-small-budgets-bf16-train.json) in half the time on a CPU with AVX512-BF16; results record it",
     )
     ap.add_argument("--review-threshold", type=float, default=0.8)
     ap.add_argument("--max-length", type=int, default=128)
@@ -632,6 +635,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = parser().parse_args()
+    args.dtype = resolved_dtype_name(args.dtype, "cpu")  # the results say which precision ran
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path, train, test, base = load_annotation_data(args)
     labels = label_set(train + test)

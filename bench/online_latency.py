@@ -2,15 +2,15 @@
 
     python bench/online_latency.py [--corrections 12] [--warmup-labels 24]
 
-Starts a real policy service (the bundled MiniLM annotator, bf16 as the demo serves it) on a fresh
-data dir with Fine Food. An app annotates items; a person (simulated from the data's labels) labels
-them through FeedbackService. After a warm-up of `--warmup-labels` labels, one full cross-fitted round
-(the trainer's own, in-process) fine-tunes the encoder, as the full tier does behind the online one:
-that round's seconds are the baseline, what a correction waits for without the online tier. Then the
-online tier runs as its own trainer process (`loopserve train --models annotator_head --trainer-subdir
-trainer-online`, a head round per new label), and each measured correction is timed from its
-acknowledgement to the first `Annotate` answered by a version whose manifest says it was trained past
-that correction's log position (meta cursor >= its seq).
+Starts a real policy service (the bundled MiniLM annotator, in the precision `--dtype auto` picks, as
+the demo serves it) on a fresh data dir with Fine Food. An app annotates items; a person (simulated from
+the data's labels) labels them through FeedbackService. After a warm-up of `--warmup-labels` labels, one
+full cross-fitted round (the trainer's own, in-process) fine-tunes the encoder, as the full tier does
+behind the online one: that round's seconds are the baseline, what a correction waits for without the
+online tier. Then the online tier runs as its own trainer process (`loopserve train --models
+annotator_head --trainer-subdir trainer-online`, a head round per new label), and each measured
+correction is timed from its acknowledgement to the first `Annotate` answered by a version whose
+manifest says it was trained past that correction's log position (meta cursor >= its seq).
 
 Writes bench/results/online_latency.json with the CPU model. Not a CI test (no timed asserts).
 """
@@ -34,6 +34,7 @@ from bench.common import cpu_model
 from loopserve.auth import ensure_token_file, read_token
 from loopserve.client import Client
 from loopserve.datasets import load_dataset, pull_finefoods
+from loopserve.device import resolved_dtype_name
 from loopserve.feedback.v1 import feedback_pb2
 from loopserve.models.store import ModelStore
 from loopserve.ports import free_port
@@ -76,7 +77,7 @@ def main() -> None:
             "--port",
             str(port),
             *common,
-            *["--metrics-port", "-1", "--no-generator", "--watch-interval-s", "0.1", "--dtype", "bfloat16"],
+            *["--metrics-port", "-1", "--no-generator", "--watch-interval-s", "0.1", "--dtype", "auto"],
             *["--max-input-tokens", "128", "--threads", "1"],
         ],
         "online": [
@@ -150,6 +151,7 @@ def main() -> None:
     finite = [x for x in latencies if x != float("inf")]
     result = {
         "cpu": cpu_model(),
+        "dtype": resolved_dtype_name("auto", "cpu"),
         "corrections": len(latencies),
         "timeouts": len(latencies) - len(finite),
         "median_s": statistics.median(latencies) if latencies else None,

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.datasets import label_set
+from loopserve.device import pick_dtype, resolved_dtype_name
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer.annotation_policy import AnnotationPolicyConfig, predict_logits, train_annotation_policy
@@ -141,7 +142,10 @@ def main() -> None:
     ap.add_argument("--error-rate", type=float, default=0.05)
     ap.add_argument("--max-length", type=int, default=128, help="tokens per item (the demo's setting)")
     ap.add_argument(
-        "--train-dtype", default="bfloat16", help="every recipe's training precision unless it sets train_dtype"
+        "--dtype",
+        default="auto",
+        help="precision served and evaluated in, and every recipe's training precision unless it sets train_dtype: "
+        "auto (bf16 where the CPU multiplies it natively, else fp32) | float32 | bfloat16; results record it",
     )
     ap.add_argument(
         "--pool-per-label",
@@ -152,6 +156,7 @@ def main() -> None:
     )
     ap.add_argument("--out", type=Path, default=RESULTS / "recipe-stability.json")
     args = ap.parse_args()
+    args.dtype = resolved_dtype_name(args.dtype, "cpu")
     path, train, test, base = load_annotation_data(args)
     labels = label_set(train + test)
     tokenizer = encoder_heads.load_tokenizer(base)
@@ -159,7 +164,7 @@ def main() -> None:
     # The trainer's defaults, as `loopserve demo` hands them over (epochs 0: scaled with the data), less
     # self-training, which a recipe asks for (it needs the first recipe's model as its teacher).
     cfg0 = AnnotationPolicyConfig(
-        epochs=0.0, max_length=args.max_length, train_dtype=args.train_dtype, pseudo_label_ratio=0.0
+        epochs=0.0, max_length=args.max_length, train_dtype=args.dtype, eval_dtype=args.dtype, pseudo_label_ratio=0.0
     )
     results: dict[str, Any] = {**annotation_results_header(args, path, train, test), "runs": []}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -192,7 +197,7 @@ def main() -> None:
                     gen = torch.Generator().manual_seed(1000 * seed + shuffle)
                     train_annotation_policy(model, tokenizer, [*items, *pseudo], [], cfg, generator=gen)
                     seconds = time.monotonic() - t
-                    model.encoder.to(torch.bfloat16)  # as the services serve it
+                    model.encoder.to(pick_dtype(args.dtype, torch.device("cpu")))  # as the services serve it
                     if teacher is None:  # the first recipe's model teaches the self-training ones
                         teacher = model
                     pred = predict_logits(model, tokenizer, [e.text for e in test], cfg).argmax(-1)  # (T,)

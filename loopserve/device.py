@@ -55,6 +55,13 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def resolved_dtype_name(name: str, device: str = "auto") -> str:
+    """`name` ("auto" included) as the concrete precision `pick_dtype` makes it on `device`: what a process
+    that hands one precision to several others (the demo: its policy service, trainers and baselines) passes
+    on, so that they agree and its report can say which it was."""
+    return dtype_name(pick_dtype(name, pick_device(device)))
+
+
 def cores_available() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))

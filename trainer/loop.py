@@ -112,6 +112,7 @@ def run_round(ctx: Context, state: TrainerState, model: str) -> RoundOutput:
     """One round with its bookkeeping: metrics, back-off, rounds.jsonl, and the trigger reset."""
     t0 = time.monotonic()
     state.round += 1
+    cursor = state.cursor  # the loop reads no events while a round runs: this is what the round saw
     try:
         try:
             result, optimizers = run_learner(ctx, state, LEARNERS[model]())
@@ -123,7 +124,7 @@ def run_round(ctx: Context, state: TrainerState, model: str) -> RoundOutput:
     except RoundInterrupted as e:
         # Nothing is published and the trigger is kept, so the round runs again after a restart.
         state.round -= 1
-        result = RoundResult(model, "interrupted", reasons=[str(e)], seconds=time.monotonic() - t0)
+        result = RoundResult(model, "interrupted", reasons=[str(e)], seconds=time.monotonic() - t0, cursor=cursor)
         _record(ctx, result)
         logger.info("%s", e)
         return result, {}
@@ -140,7 +141,7 @@ def run_round(ctx: Context, state: TrainerState, model: str) -> RoundOutput:
             ctx.reward_failures,
             wait,
         )
-        result = RoundResult(model, "deferred", reasons=[str(e)], seconds=time.monotonic() - t0)
+        result = RoundResult(model, "deferred", reasons=[str(e)], seconds=time.monotonic() - t0, cursor=cursor)
         _record(ctx, result)
         return result, {}
     except Exception as e:  # a failing learner must not stop the others; no message: it may quote data
@@ -151,6 +152,7 @@ def run_round(ctx: Context, state: TrainerState, model: str) -> RoundOutput:
         ctx.reward_failures = 0
     result.round = state.round
     result.seconds = time.monotonic() - t0
+    result.cursor = cursor
     state.new_events[model] = 0
     state.last_round_at[model] = time.time()
     ROUND_SECONDS.labels(objective=model).observe(result.seconds)

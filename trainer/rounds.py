@@ -64,6 +64,9 @@ class RoundResult:
     seconds: float = 0.0
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds per phase of the round (load, evaluate serving, train, evaluate candidate, gate, publish)."""
+    cursor: int = 0
+    """The log position the round's data was read up to (every event with seq <= cursor): an app that
+    submitted feedback can tell from the seq its Submit returned whether a round saw it."""
 
 
 RoundOutput = tuple[RoundResult, dict[str, torch.optim.Optimizer]]

@@ -126,7 +126,8 @@ class DataPull(DataDirConfig):
 @dataclass(kw_only=True)
 class DemoConfig(StoreConfig):
     """The loop end to end on real data, with simulated annotators; a report. Each run writes its own
-    log and picks its own device and dtype (CPU, bf16 serving), so it shows no flags for those."""
+    log and picks its own device and dtype (CUDA if present; bf16 where the hardware runs it natively, fp32
+    elsewhere: loopserve.device.pick_dtype), so it shows no flags for those."""
 
     dataset: Path | None = None
     """JSONL / CSV with text, label[, split] (default: Fine Food)"""

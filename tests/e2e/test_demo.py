@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from loopserve.annotation.top_up import TopUp
 from loopserve.cli.demo.annotation import AnnotationDemo, AnnotationDemoOptions, AnnotationRun, ItemLabel, VersionPoint
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.stack import link_base_versions
 from loopserve.datasets import Example
+from loopserve.device import dtype_name, pick_dtype
 from loopserve.models.store import ModelStore
 from loopserve.policy.v1 import policy_pb2
 from tests.support import tiny_models
@@ -183,14 +185,20 @@ def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
     for key in ("accuracy_passive", "accuracy_ceiling", "train_items"):
         assert key in s
     assert len(s["versions"]) >= 2  # at least one version published, swapped in and evaluated
+    # The app asked for each round and waited for one that read its labels (the round's log cursor): the
+    # last round read every label spent, whatever the CPU's speed (time-triggered rounds on a slow CPU
+    # once trained on 52 of 120).
+    assert s["rounds"][-1]["human_labels"] == s["human_labels"], s["rounds"]
     for f in ("report.md", "accuracy_vs_labels.png", "review_and_auto_labels.png"):
         assert (run / f).stat().st_size > 0
     assert "simulated" in (run / "report.md").read_text()
-    # The trainers run in the precision the demo's policy serves (bf16): they are handed it, and the online
-    # tier fits its heads on embeddings made in it.
+    # The trainers run in the precision the demo's policy serves (auto: bf16 where this CPU multiplies it
+    # natively, fp32 elsewhere): they are handed it, and the online tier fits its heads on embeddings made in it.
+    served = pick_dtype("auto", torch.device("cpu"))
     annotator = json.loads((run / "objectives.json").read_text())["annotator"]
-    assert (annotator["eval_dtype"], annotator["train_dtype"]) == ("bfloat16", "bfloat16")
-    assert "labels in torch.bfloat16" in (run / "logs" / "trainer-online.log").read_text()
+    assert (annotator["eval_dtype"], annotator["train_dtype"]) == (dtype_name(served),) * 2
+    assert f"labels in {served}" in (run / "logs" / "trainer-online.log").read_text()
+    assert f"weights served in {dtype_name(served)}" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow
@@ -214,6 +222,11 @@ def test_quick_generation_demo_raises_the_reward(tmp_path: Path) -> None:
     assert agree / (rm["n_pairs"] + s["rm_eval_pairs"]) > 0.5, (rm, s)
     assert (run / "report.md").stat().st_size > 0
     assert list(run.glob("*.png"))
+    # One precision for the policy and the RL trainers, the hardware's: bf16 only where it is native.
+    served = dtype_name(pick_dtype("auto", torch.device("cpu")))
+    objectives = json.loads((run / "objectives.json").read_text())
+    assert objectives["grpo"]["precision"] == objectives["ppo"]["precision"] == {"bfloat16": "bf16"}.get(served, "fp32")
+    assert f"served in {served})" in (run / "report.md").read_text()
 
 
 def _processes_mentioning(text: str) -> list[int]:

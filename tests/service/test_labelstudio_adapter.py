@@ -221,6 +221,7 @@ def test_a_requested_round_runs_before_it_is_due(tiny_data_dir: Path) -> None:
 
     with open_feedback_log(str(tiny_data_dir / "feedback.sqlite3")) as log:
         write_label_stream(log, random.Random(3), 200)
+        last = log.max_seq()
     args = small_args(tiny_data_dir, models="annotator")
     args.round_min_events, args.annotator.epochs = 100_000, 1
     run_trainer(args)
@@ -230,6 +231,8 @@ def test_a_requested_round_runs_before_it_is_due(tiny_data_dir: Path) -> None:
     [row] = read_rounds(args)
     assert row["model"] == "annotator" and row["result"] in ("published", "gated"), row
     assert pending_rounds(args.trainer_dir) == set()
+    # The row says how far into the log the round read (what `loopserve demo` waits on): all of it here.
+    assert row["cursor"] == last > 0
 
 
 async def test_ml_backend_command_flags_reach_the_adapter(tiny_data_dir: Path, tmp_path: Path) -> None:

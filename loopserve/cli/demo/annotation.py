@@ -3,7 +3,7 @@
     app ──Annotate(chunk)──▶ policy ──needs_review?──▶ router ──▶ simulated annotators ──Submit──▶ log
                                      │                   └─ flagged, no budget left now: backlog
                                      └─ not flagged (a checked version, confident): auto-labelled
-    trainer ◀── log: rounds at 12, 24, 48, ... then every `round_labels` labels; gate; publish ──▶ swap
+    trainer ◀── log, app's round requests (12, 24, 48, ... then every `round_labels` labels); gate; publish ──▶ swap
     app ──Annotate(backlog + auto-labelled items)──▶ each newly served version re-annotates them
     demo ──Annotate(test split)──▶ accuracy of every version served; `dataset export` ──▶ the labelled set
 
@@ -13,9 +13,11 @@ it on the least certain item of each cluster once a checked version serves. The 
 its labelled data set (human label, else the latest served version's label), exported from the log
 and scored against the data's labels: the report leads with it.
 
-Once the trainer is due a round the app waits for it (and for the policy to serve what it published)
-before it streams on: on 2 CPU cores the stream would otherwise outrun the trainer. That pacing is the
-only thing the demo does that a production app would not.
+Once a round is due the app asks the trainer for it (`loopserve.annotation.round_requests`, as Label
+Studio's "Start training" does) and waits for a round that read its labels (the round's log cursor against
+the seqs its Submit calls were acknowledged with), and for the policy to serve what it published, before
+it streams on: on 2 CPU cores the stream would otherwise outrun the trainer. That pacing is the only thing
+the demo does that a production app would not.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from loopserve.annotation.round_requests import request_round
 from loopserve.annotation.routing import route_chunk
 from loopserve.annotation.top_up import TopUp
 from loopserve.cli.demo import passive, report
@@ -38,6 +41,7 @@ from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.stack import Stack, interrupt_on_signals, link_base_versions, new_run_folder
 from loopserve.client import Client
 from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
+from loopserve.device import resolved_dtype_name
 from loopserve.feedback.v1 import feedback_pb2
 from loopserve.models.store import ModelStore, version_number
 
@@ -130,11 +134,13 @@ class AnnotationDemoOptions:
     """Run the annotator's online tier beside the trainer: a head refit every `online_every` labels."""
     online_every: int = 4
     """Online tier: new verified labels per head round."""
-    serve_dtype: str = "bfloat16"
-    """The policy service's weights (bf16: DESIGN's fast path on this CPU, ~3x fp32 at batch 32+). The
-    trainers and the offline baselines run in it too, so that the comparison stays like for like: their
-    evaluations, calibration and head refits (`--annotator.eval-dtype`) and, as mixed precision, their
-    training steps (`--annotator.train-dtype`)."""
+    serve_dtype: str = "auto"
+    """The policy service's weights: auto (resolved when the demo starts) is bf16 where the hardware
+    multiplies it natively (loopserve.device.pick_dtype: ~3x fp32 at batch 32+ on a CPU with AVX512-BF16 or
+    AMX) and fp32 elsewhere (an AVX2-only AMD EPYC embedded reviews about 6x slower in emulated bf16 than
+    in fp32). The trainers and the offline baselines run in it too, so that the comparison stays like for
+    like: their evaluations, calibration and head refits (`--annotator.eval-dtype`) and, as mixed
+    precision, their training steps (`--annotator.train-dtype`)."""
 
     def apply_quick(self) -> None:
         self.train_items, self.test_items = self.train_items or 400, self.test_items or 200
@@ -214,6 +220,9 @@ class AnnotationRun:
     dataset: dict[str, Any] = field(default_factory=dict)
     """The exported labelled data set, scored against the data's labels."""
     labels_at_last_round: int = 0
+    submitted: list[tuple[int, int]] = field(default_factory=list)
+    """(log seq, human labels): after each Submit, the last seq it was acknowledged with and the labels
+    counted by then, so a round's log cursor says how many of the app's labels it read."""
     serving: str = "v0"
     status: str = "starting"
     passive: dict[str, float] = field(default_factory=dict)
@@ -296,12 +305,15 @@ def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
     return [
         "--models",
         "annotator",
+        # The app asks for each full round when it is due (`_wait_round`: round_labels new labels, or
+        # round_growth times those it had) and waits for one that read its labels, so the trainer's own
+        # triggers are off. With them on (a round after 15 or 30 s with any new label), a slow CPU's rounds
+        # started on part of what the app counted: an AVX2-only EPYC's quick demo trained its versions on 16,
+        # 28 and 52 of the 18, 58 and 120 labels its report said they had.
         "--round-min-events",
-        str(opts.round_labels),
-        "--annotator-round-growth",
-        str(opts.round_growth),
+        str(2**31 - 1),
         "--round-interval-s",
-        "15" if opts.quick else "30",
+        "1e9",
         "--heldout-fraction",
         str(opts.heldout_fraction),
         "--poll-interval-s",
@@ -357,31 +369,39 @@ class AnnotationDemo:
     def __init__(self, opts: AnnotationDemoOptions) -> None:
         if opts.quick:
             opts.apply_quick()
+        opts.serve_dtype = resolved_dtype_name(opts.serve_dtype)  # one precision for every process it starts
         self.opts = opts
 
     # ---- the trainer side, as the app sees it ------------------------------------------------------
 
     def _wait_round(self, st: AnnotationRun, stack: Stack, client: Client, seen: int, refresh: Any) -> int:
-        """Wait for the next annotator round after `seen` rows; evaluate what it published."""
+        """Ask the trainer for an annotator round (as Label Studio's "Start training" does) and wait, after
+        `seen` rows, for one that read every label submitted so far (its log cursor); evaluate what it
+        published. A round that started before those labels were read (a race with the request) is
+        recorded with the labels it did read, and the app asks again."""
         deadline = time.monotonic() + self.opts.round_timeout_s
         st.status = "trainer round running"
         refresh()
-        labels = st.human_labels
+        target = st.submitted[-1][0] if st.submitted else 0
+        asked_after = len(_annotator_rounds(st.run))
+        request_round(st.run / "trainer", "annotator", "loopserve demo")
         while True:
             stack.check_alive()
             rows = _annotator_rounds(st.run)
-            if len(rows) > seen:
+            if any(int(r.get("cursor", 0)) >= target for r in rows[seen:]):
                 break
+            if len(rows) > asked_after:  # a round ran on fewer labels: ask for another
+                asked_after = len(rows)
+                request_round(st.run / "trainer", "annotator", "loopserve demo")
             if time.monotonic() > deadline:
                 logger.warning("no trainer round within %.0fs; streaming on", self.opts.round_timeout_s)
                 return seen
             time.sleep(0.3)
             refresh()
         new = [r for r in rows[seen:] if r.get("result") != "skipped"]
-        if not new:  # only skipped rounds (too little held-out data yet): keep streaming
-            return len(rows)
-        st.labels_at_last_round = labels
+        st.labels_at_last_round = st.human_labels
         for row in new:
+            labels = max((n for seq, n in st.submitted if seq <= int(row.get("cursor", 0))), default=0)
             st.rounds.append({**row, "human_labels": labels, "t": st.elapsed()})
             if row.get("result") == "published" and row.get("version"):
                 self._swap_and_evaluate(st, client, row["version"], labels, refresh)
@@ -412,8 +432,8 @@ class AnnotationDemo:
     # ---- the app ---------------------------------------------------------------------------------------
 
     def _round_due(self, st: AnnotationRun) -> bool:
-        """Whether the trainer is due an annotator round (its own rule: `round_labels` new labels, or
-        `round_growth` times the labels it had, at least 12)."""
+        """Whether the app asks for an annotator round now (the trainer's own rule, which the demo turns off in
+        the trainer: `round_labels` new labels, or `round_growth` times the labels it had, at least 12)."""
         had, new = st.labels_at_last_round, st.human_labels - st.labels_at_last_round
         early = self.opts.round_growth > 0 and new >= max(12, self.opts.round_growth * had)
         return new >= self.opts.round_labels or early
@@ -585,7 +605,10 @@ class AnnotationDemo:
                         resp = app.annotate([e.text for e in part], top_k=0)
                         events = self._review_chunk(st, pool, part, resp, rng)
                         if events:
-                            people.submit(events)
+                            acked = people.submit(events)
+                            seqs = [r.seq for r in acked.results if r.accepted]
+                            if seqs:
+                                st.submitted.append((max(seqs), st.human_labels))
                         refresh()
                         if self._round_due(st):
                             seen = self._wait_round(st, stack, app, seen, refresh)

@@ -30,6 +30,7 @@ from loopserve.cli.demo import report
 from loopserve.cli.demo.stack import Stack, interrupt_on_signals, link_base_versions, new_run_folder
 from loopserve.client import Client
 from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
+from loopserve.device import resolved_dtype_name
 from loopserve.feedback.v1 import feedback_pb2
 
 logger = logging.getLogger(__name__)
@@ -150,6 +151,11 @@ class GenerationDemoOptions:
     positive_label: str = "great"
     """The label the simulated labeller prefers (its probability is the 'positivity')."""
     round_timeout_s: float = 1200.0
+    dtype: str = "auto"
+    """The policy service's weights and the RL trainers' rollouts and forward passes: auto (resolved when the
+    demo starts) is bf16 where the hardware multiplies it natively (loopserve.device.pick_dtype: DESIGN's
+    ~2x fp32 generation at batch 16, ~1.3x an RL step on a CPU with AMX-BF16), fp32 elsewhere (emulated
+    bf16 on an AVX2-only CPU runs several times slower than fp32)."""
 
     def another_round(self, base: str, serving: str) -> bool:
         """Whether the next round runs (within `rounds`): always, unless `until_served` and a version other
@@ -221,6 +227,11 @@ def _eval_prompts(n: int) -> list[str]:
     return [TEMPLATES[i % len(TEMPLATES)].format(p=p) for i, p in enumerate(EVAL_PRODUCTS[:n])]
 
 
+def _precision(opts: GenerationDemoOptions) -> str:
+    """The RL trainers' precision for the demo's resolved dtype: bf16 is a bf16 sampling copy and autocast."""
+    return "bf16" if opts.dtype == "bfloat16" else "fp32"
+
+
 def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
     grpo = {
         "group_size": 4,
@@ -231,7 +242,7 @@ def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
         # LoRA on q/v: lr 1e-3 moves the policy measurably within a handful of steps on 2 cores (2e-4 did
         # not: KL 3e-4 and an unchanged reward); the KL term and the gate's bound hold it near the base.
         "lr": 1e-3,
-        "precision": "bf16",  # a bf16 sampling copy and autocast: ~1.3x a step on this CPU (AMX-BF16)
+        "precision": _precision(opts),
         "eval_samples": 4,
         "eval_batch_prompts": 8,
     }
@@ -246,7 +257,7 @@ def _trainer_flags(opts: GenerationDemoOptions, run: Path) -> list[str]:
         "lr": 1e-3,  # LoRA, as GRPO's
         "value_lr": 1e-3,
         "beta": 0.05,
-        "precision": "bf16",
+        "precision": _precision(opts),
     }
     objectives = {
         # A few hundred pairs at most: higher rates than the production defaults, or the head's scale
@@ -304,6 +315,7 @@ class GenerationDemo:
     def __init__(self, opts: GenerationDemoOptions) -> None:
         if opts.quick:
             opts.apply_quick()
+        opts.dtype = resolved_dtype_name(opts.dtype)  # the policy's and the RL trainers' one precision
         self.opts = opts
 
     def _generate(self, app: Client, prompts: list[str], n: int, seed: int | None) -> list[Any]:
@@ -354,8 +366,7 @@ class GenerationDemo:
             run,
             generator=True,
             trainer_flags=_trainer_flags(opts, run),
-            # bf16 serving: the fast path on this CPU (DESIGN: ~2x fp32 generation at batch 16).
-            policy_flags=["--max-input-tokens", "128", "--dtype", "bfloat16"],
+            policy_flags=["--max-input-tokens", "128", "--dtype", self.opts.dtype],
         )
         interrupt_on_signals()
         prompts = _prompts(opts.seed)

@@ -208,7 +208,10 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         "annotator_disagreement_rate": pool.disagreement_rate,
         "versions": [vars(v) for v in st.versions],
         "rounds": [
-            {k: r.get(k) for k in ("round", "result", "version", "serving", "seconds", "human_labels", "reasons")}
+            {
+                k: r.get(k)
+                for k in ("round", "result", "version", "serving", "seconds", "human_labels", "cursor", "reasons")
+            }
             for r in st.rounds
         ],
         "swaps": swaps,
@@ -317,8 +320,9 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         + "Flagged items left over went to the backlog; only a checked version's confident items were "
         "auto-labelled, and each newly served version re-annotated the backlog and the auto-labelled items. "
         "Feedback went through `FeedbackService.Submit` (accept, or a correction with the right label).",
-        f"- The trainer ran rounds at 12, then {opts.round_growth:g}x more labels, then every "
-        f"{opts.round_labels} labels. Under {opts.cv_max_items} verified labels a round trains from the "
+        f"- The app asked the trainer for a round (as Label Studio's Start training does) at 12 labels, then "
+        f"{opts.round_growth:g}x more, then every {opts.round_labels}, and waited for one that had read them "
+        f"(its log cursor). Under {opts.cv_max_items} verified labels a round trains from the "
         "zero-shot base on all of them (epochs scaled to their number) and is judged by 2-fold cross-fitting "
         "(out-of-fold accuracy must beat the majority answer in a paired test; no significant regression "
         "against the serving version on the labels it never saw; temperature fitted out of fold); from "
@@ -492,7 +496,8 @@ def write_generation_report(st: GenerationRun) -> dict[str, Any]:
         f"- {st.rounds_run} round(s)"
         f"{f' (at most {opts.rounds}, ending once a candidate was served)' if opts.until_served else ''}: "
         f"each, the app sent {opts.prompts_per_round} new prompts, 4 completions each "
-        f"(max {opts.max_new_tokens} new tokens, temperature {opts.temperature:g}, served in bf16); of every two "
+        f"(max {opts.max_new_tokens} new tokens, temperature {opts.temperature:g}, served in {opts.dtype}); "
+        "of every two "
         f"completions of a prompt whose positivity differs by at least {opts.pair_margin:g} the labeller "
         "preferred the more positive; the trainer then ran a reward-model round (Bradley-Terry) and a "
         f"generator round ({opts.objective}, {opts.grpo_steps} rollout batches of 4 prompts x 4 samples"
