@@ -110,3 +110,19 @@ def test_top_up_decides_whether_a_confident_loop_spends_a_finite_streams_budget(
     ending = run_loop(parser().parse_args([*flags, "--top-up", "stream-end"]), base, train, test, seed=0)
     assert sorted(ending["budgets"]) == [24, 96] and "end" not in ending
     assert [r["labels"] for r in ending["rounds"]] == [12, 24, 96]
+
+
+def test_the_dtype_flag_reaches_the_replays_serving_and_training(base_store: Path) -> None:  # noqa: F811
+    """bench/learning.py --dtype: the precision the replay serves (and evaluates, refits) in and trains in
+    (auto, the default, resolves to the machine's as the services' --dtype does)."""
+    import torch
+
+    from bench.learning import Replay, make_configs
+
+    base = ModelStore(base_store).path("annotator", "v0")
+    for name, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        cfg, gate = make_configs(bench_args("--dtype", name))
+        assert (cfg.eval_dtype, cfg.train_dtype) == (name, name)
+        replay = Replay(base, cfg, gate, 0.15, seed=0)
+        assert next(replay.infer.encoder.parameters()).dtype == want
+        assert next(replay.serving.encoder.parameters()).dtype == torch.float32  # the trained weights stay fp32
