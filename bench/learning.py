@@ -64,7 +64,7 @@ from loopserve.annotation.top_up import TOP_UPS
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.cli.demo.passive import accuracy_on
 from loopserve.datasets import Example, label_set
-from loopserve.device import pick_dtype, resolved_dtype_name
+from loopserve.device import resolved_dtype_name
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
@@ -83,9 +83,9 @@ class Replay:
 
     def __init__(self, base: Path, cfg: AnnotationPolicyConfig, gate: GateConfig, heldout_fraction: float, seed: int):
         self.base, self.cfg, self.gate, self.frac = base, cfg, gate, heldout_fraction
-        self.serve_dtype = pick_dtype(cfg.eval_dtype, torch.device("cpu"))
         self.tokenizer = encoder_heads.load_tokenizer(base)
         self.serving = self.load_base()
+        self.serve_dtype = annotation_policy.eval_dtype(self.serving, cfg)
         self.infer = self._inference_copy(self.serving)
         self.checked = False
         self.cursor = 0

@@ -40,10 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
 from loopserve.cli.demo.annotators import AnnotatorPool
 from loopserve.datasets import label_set
-from loopserve.device import pick_dtype, resolved_dtype_name
+from loopserve.device import resolved_dtype_name
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
-from trainer.annotation_policy import AnnotationPolicyConfig, predict_logits, train_annotation_policy
+from trainer.annotation_policy import AnnotationPolicyConfig, eval_dtype, predict_logits, train_annotation_policy
 from trainer.examples import LabelExample
 from trainer.pseudo_labels import pseudo_labels
 
@@ -197,7 +197,7 @@ def main() -> None:
                     gen = torch.Generator().manual_seed(1000 * seed + shuffle)
                     train_annotation_policy(model, tokenizer, [*items, *pseudo], [], cfg, generator=gen)
                     seconds = time.monotonic() - t
-                    model.encoder.to(pick_dtype(args.dtype, torch.device("cpu")))  # as the services serve it
+                    model.encoder.to(eval_dtype(model, cfg))  # as the services serve it
                     if teacher is None:  # the first recipe's model teaches the self-training ones
                         teacher = model
                     pred = predict_logits(model, tokenizer, [e.text for e in test], cfg).argmax(-1)  # (T,)
