@@ -40,10 +40,10 @@ models: setup
 postgres:
 	@test -x /usr/lib/postgresql/15/bin/initdb || ( (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql) >/dev/null )
 
-$(LS_VENV)/.installed:
+$(LS_VENV)/.installed: requirements-label-studio.lock
 	command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install -q uv==0.13.8
 	uv venv -q --allow-existing --python $(PYTHON) $(LS_VENV)
-	uv pip install -q -p $(LS_VENV) $(LABEL_STUDIO)
+	uv pip install -q -p $(LS_VENV) -c requirements-label-studio.lock $(LABEL_STUDIO)
 	@! uv pip freeze -p $(LS_VENV) 2>/dev/null | grep -qiE '^(torch|nvidia-)' || (echo "Label Studio's venv pulled torch" >&2; exit 1)
 	touch $@
 

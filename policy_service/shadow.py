@@ -90,6 +90,9 @@ class ShadowAnnotator:
         self._queued_items = 0
         self._worker: asyncio.Task[None] | None = None
         self._promoting = False
+        self._promoting_to = ""
+        """The version a promotion is switching to, until it returns: the slot serves it before the
+        promotion's own await resumes, and status() must not show it serving yet unpromoted."""
         self._last_log = 0.0
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="shadow", initializer=_init_worker_thread
@@ -122,6 +125,8 @@ class ShadowAnnotator:
         return loaded
 
     def status(self) -> ShadowEvidence:
+        if self._promoting_to and self.slot.current.version == self._promoting_to:
+            self.evidence.promoted = self._promoting_to
         self.evidence.pending = self._queued_items if self._queue is not None else 0
         return self.evidence
 
@@ -139,7 +144,11 @@ class ShadowAnnotator:
             raise FailedPrecondition("no shadow is running; StartShadow first")
         version = self._candidate.version
         previous = self.slot.current.version
-        await self.slot.call(self.slot.pin, version)  # load + verify + switch between batches, then pin
+        self._promoting_to = version
+        try:
+            await self.slot.call(self.slot.pin, version)  # load + verify + switch between batches, then pin
+        finally:
+            self._promoting_to = ""
         evidence = self.evidence
         await self._end()
         evidence.promoted = version

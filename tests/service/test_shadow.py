@@ -186,6 +186,40 @@ async def test_the_declared_threshold_promotes_a_candidate_that_agrees_and_never
         assert st.promoted_version == "v2" and st.items >= 40 and st.agreement >= 0.95
 
 
+async def test_a_promotion_shows_in_get_shadow_as_soon_as_the_candidate_serves(
+    service_factory: Callable[..., Awaitable[Service]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The slot switches on its loader thread and the promotion's await resumes later on the event loop;
+    a client that sees the candidate answer and then asks GetShadow in between must see it promoted (CI
+    once saw `promoted_version` empty there)."""
+    svc = await service_factory(**_as_up_hands_it([]))
+    v0 = svc.store.path("annotator", "v0")
+    await svc.publish("annotator", variant(v0, tmp_path / "a1", head_bias(1e-4)), set_latest=False)
+    slot = svc.app.runtime.annotator
+    switched, release = asyncio.Event(), asyncio.Event()
+    real_call = slot.call
+
+    async def call_then_wait(fn: Callable[..., object], *args: object, **kw: object) -> object:
+        out = await real_call(fn, *args, **kw)
+        if fn == slot.pin:  # the switch is done; hold the promotion's resumption here
+            switched.set()
+            await release.wait()
+        return out
+
+    monkeypatch.setattr(slot, "call", call_then_wait)
+    async with svc.client("admin") as a, svc.client() as c:
+        await a.start_shadow("annotator", "v1")
+        promotion = asyncio.create_task(a.promote_shadow("annotator"))
+        await asyncio.wait_for(switched.wait(), 30)
+        assert (await c.annotate(TEXTS[:1])).model_version == "v1"
+        st = await a.get_shadow("annotator")
+        assert st.promoted_version == "v1" and st.serving_version == "v1"
+        release.set()
+        await promotion
+        st = await a.get_shadow("annotator")
+        assert st.promoted_version == "v1" and st.candidate_version == "v1"
+
+
 async def test_shadow_fraction_zero_copies_nothing_and_only_admins_may_shadow(
     service_factory: Callable[..., Awaitable[Service]], tmp_path: Path
 ) -> None:
