@@ -140,6 +140,7 @@ class Replay:
         )
         if cand.decision.publish:
             model = copy.deepcopy(self.serving)
+            model.encoder_head = encoder_heads.encoder_head(self.serving)  # as a head-only version loads
             model.head, model.spec = cand.head_and_spec(model.head, model.spec)
             self.serving, self.checked, self.cursor = model, cand.decision.checked, n
             self.infer = self._inference_copy(model)

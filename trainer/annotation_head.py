@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec
 from trainer.annotation_policy import embed_texts
 from trainer.examples import LabelExample
@@ -119,8 +120,9 @@ def head_round(
     """Fit, cross-validate and gate a new head for `serving` on the embeddings `emb` (N, C) of `items`."""
     index = {name: i for i, name in enumerate(serving.spec.label_names)}
     labels = torch.tensor([index[x.label] for x in items], dtype=torch.long)  # (N,)
-    w0 = serving.head.weight.detach().float().cpu()  # (L, C)
-    b0 = serving.head.bias.detach().float().cpu()  # (L,)
+    # The prior is the encoder's own head, not the serving head: a head-only serving version was fitted on
+    # these labels, and pulling each fold's fit towards it leaks the fold's labels into its answers.
+    w0, b0 = encoder_heads.encoder_head(serving)  # (L, C), (L,)
     k = max(2, min(cfg.folds, len(items)))
     folds = torch.tensor([fold_of(x.text, k) for x in items])
     oof = head_oof_logits(emb, labels, folds, w0, b0, cfg)
@@ -128,7 +130,8 @@ def head_round(
     temperature = metrics["temperature"]
     correct = oof.argmax(-1) == labels
     fresh = torch.tensor([x.seq > serving_cursor for x in items])
-    serving_logits = (emb @ w0.T + b0) / serving.spec.temperature
+    ws, bs = serving.head.weight.detach().float().cpu(), serving.head.bias.detach().float().cpu()
+    serving_logits = (emb @ ws.T + bs) / serving.spec.temperature
     serving_correct = serving_logits.argmax(-1) == labels
     serving_metrics: dict[str, float] = {"n_fresh": float(fresh.sum())}
     if fresh.any():

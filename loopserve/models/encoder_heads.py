@@ -99,6 +99,9 @@ class EncoderWithHead(nn.Module):
         self.encoder = encoder
         hidden = int(encoder.config.hidden_size)
         self.head = nn.Linear(hidden, out_features)
+        self.encoder_head: tuple[torch.Tensor, torch.Tensor] | None = None
+        """(W, b) saved with the encoder's weights, where this model's head replaced it (a head-only
+        version's head.safetensors); None where the head is the encoder's own (`encoder_head()`)."""
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kw: Any) -> torch.Tensor:
         out = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw)
@@ -167,10 +170,12 @@ def load(
     with no_init_weights():  # every parameter is overwritten below: skip the random init
         model = build(folder)
     state = read_tensors(folder / WEIGHTS_FILE, reader)
+    own_head = None
     if (folder / HEAD_WEIGHTS_FILE).is_file():
         head = read_tensors(folder / HEAD_WEIGHTS_FILE, reader)
         if set(head) != {k for k in state if k.startswith("head.")}:
             raise VerificationError(f"{folder.name}: {HEAD_WEIGHTS_FILE} must hold exactly the head.* tensors")
+        own_head = (state["head.weight"].float().clone(), state["head.bias"].float().clone())
         state.update(head)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -190,7 +195,21 @@ def load(
         p.data = p.data.clone()  # once a bf16 encoder no longer uses it (a few KB copied)
     model.to(device)
     model.eval()
+    if own_head is not None:
+        if own_head[0].shape != model.head.weight.shape or own_head[1].shape != model.head.bias.shape:
+            raise VerificationError(f"{folder.name}: the head in {WEIGHTS_FILE} does not fit head.json")
+        model.encoder_head = own_head
     return model
+
+
+def encoder_head(model: EncoderWithHead) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, b) fp32 on the CPU: the head the encoder's weights were saved with (the zero-shot head of a
+    base version, the trained head of a fine-tune), whatever head `model` now serves. The online tier's
+    fits start from it (trainer.head_fit's prior): a head-only version's own head was fitted on the very
+    labels those fits hold out, and a prior that saw a fold's labels makes the fold's answers in-sample."""
+    if model.encoder_head is not None:
+        return model.encoder_head
+    return model.head.weight.detach().float().cpu().clone(), model.head.bias.detach().float().cpu().clone()
 
 
 def _check_shapes(folder: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

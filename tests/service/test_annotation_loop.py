@@ -30,7 +30,7 @@ from tests.e2e.test_trainer_loop import (  # noqa: F401  (fixtures)
     small_args,
     write_label_stream,
 )
-from trainer import annotation_round, checkpoint
+from trainer import annotation_head, annotation_round, checkpoint
 from trainer.annotation_head import HeadConfig, head_round
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import cross_fit_round
@@ -439,6 +439,42 @@ def test_the_online_tier_replaces_a_refuted_check_and_keeps_a_standing_one(base_
     assert standing.serving_metrics["signal_z"] > gate.cv_serve_z
     assert not standing.decision.publish
     assert standing.decision.reasons == ["not checked, and would replace a checked version"]
+
+
+def test_the_online_tiers_folds_never_start_from_a_head_fitted_on_them(base_store: Path, tmp_path: Path) -> None:  # noqa: F811
+    """A head-only version's head was fitted on the labels its successors' cross-validation holds out. The
+    online tier's fold fits (and the checked recipe a round's candidate must beat) start from the head
+    saved with the encoder's weights, so their out-of-fold answers are the same whichever head serves:
+    the base's zero-shot head, or a head-only version fitted on every one of these labels, as loaded
+    from the store. (Pulled towards the latter, each fold would read its own labels back.)"""
+    store = ModelStore(base_store)
+    base = encoder_heads.load(store.path("annotator", "v0"))
+    assert isinstance(base, AnnotatorModel) and base.encoder_head is None
+    gen = torch.Generator().manual_seed(5)
+    n, dim = 60, base.head.weight.shape[1]
+    labels = (torch.rand(n, generator=gen) < 0.4).long()
+    emb = torch.randn(n, dim, generator=gen)  # no signal: what a fold learns of the others says nothing here
+    items = [LabelExample(f"item {i}", base.spec.label_names[int(y)], f"e{i}", i + 1) for i, y in enumerate(labels)]
+    cfg, gate = HeadConfig(), GateConfig()
+    fitted = head_round(base, emb, items, 0, cfg, gate)
+    head, spec = fitted.head_and_spec(base.head, base.spec)
+    src = tmp_path / "head-only"
+    shared = encoder_heads.save_head(head, spec, src, store.path("annotator", "v0"))
+    version = store.publish_version("annotator", src, parent="v0", shared_files=shared).version
+    served = encoder_heads.load(store.path("annotator", version))
+    assert isinstance(served, AnnotatorModel) and served.encoder_head is not None
+    assert torch.equal(served.head.weight, fitted.weight)  # it serves the fitted head ...
+    w0, b0 = encoder_heads.encoder_head(served)
+    assert torch.equal(w0, base.head.weight.float()) and torch.equal(b0, base.head.bias.float())  # ... on the base's
+    again = head_round(served, emb, items, n, cfg, gate, serving_checked=True)
+    for key in ("accuracy", "signal_z", "temperature"):
+        assert again.metrics[key] == pytest.approx(fitted.metrics[key], abs=1e-6), key
+    # The leak this closes: the same folds pulled towards the fitted head read their labels back.
+    folds = torch.tensor([annotation_head.fold_of(x.text, cfg.folds) for x in items])
+    leaky = annotation_head.head_oof_logits(emb, labels, folds, fitted.weight, fitted.bias, cfg)
+    honest = annotation_head.head_oof_logits(emb, labels, folds, w0, b0, cfg)
+    nll = {k: torch.nn.functional.cross_entropy(v, labels).item() for k, v in (("leaky", leaky), ("honest", honest))}
+    assert nll["leaky"] < nll["honest"] - 0.2, nll
 
 
 def test_the_cross_fitted_round_replaces_a_refuted_or_outdone_check_and_keeps_a_standing_one(base_store: Path) -> None:  # noqa: F811
