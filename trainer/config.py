@@ -69,6 +69,10 @@ class TrainerArgs:
     version serves after tens of labels rather than after the first `round_min_events`; 0 turns it off."""
     round_interval_s: float = 600.0
     """... or once this much time passed and at least one did (GRPO needs no new events)."""
+    rounds_on_request: bool = False
+    """Full rounds run only when asked (loopserve.annotation.round_requests: Label Studio's "Start
+    training", `loopserve demo`'s app when a round is due by its count): the count, growth and interval
+    triggers above are off. The online tier's head rounds keep `head_round_labels`."""
     heldout_fraction: float = 0.2
     """Share of items (by content hash) held out for evaluation and the gate, never trained on."""
     max_eval_prompts: int = 64

@@ -93,6 +93,8 @@ def due(ctx: Context, state: TrainerState, model: str, now: float) -> bool:
     new = state.new_events[model]
     if model == ANNOTATOR_HEAD:
         return new >= args.head_round_labels
+    if args.rounds_on_request:
+        return False
     if new >= args.round_min_events:
         return True
     if model == ANNOTATOR and args.annotator_round_growth > 0:

@@ -235,6 +235,32 @@ def test_a_requested_round_runs_before_it_is_due(tiny_data_dir: Path) -> None:
     assert row["cursor"] == last > 0
 
 
+def test_rounds_on_request_runs_full_rounds_only_when_asked(tiny_data_dir: Path, tmp_path: Path) -> None:
+    """`--rounds-on-request`, as `loopserve demo` hands it to its trainer: with every other trigger due at
+    once, no full round runs until one is asked for, and the asked-for one runs."""
+    import random
+
+    from loopserve.annotation.round_requests import request_round
+    from loopserve.cli.demo.annotation import AnnotationDemoOptions, _trainer_flags
+    from tests.e2e.test_trainer_loop import small_args, write_label_stream
+    from trainer.__main__ import read_args
+    from trainer.loop import read_rounds, run_trainer
+
+    demo = read_args(_trainer_flags(AnnotationDemoOptions(), tmp_path), environ={})
+    assert demo.rounds_on_request and not read_args([], environ={}).rounds_on_request
+    with open_feedback_log(str(tiny_data_dir / "feedback.sqlite3")) as log:
+        write_label_stream(log, random.Random(3), 200)
+    args = small_args(tiny_data_dir, models="annotator")
+    args.rounds_on_request = demo.rounds_on_request
+    args.round_min_events, args.round_interval_s, args.annotator.epochs = 1, 0.0, 1
+    run_trainer(args)
+    assert read_rounds(args) == []  # due three ways over, but not asked
+    request_round(args.trainer_dir, "annotator", "test")
+    run_trainer(args)
+    [row] = read_rounds(args)
+    assert row["model"] == "annotator" and row["result"] in ("published", "gated"), row
+
+
 async def test_ml_backend_command_flags_reach_the_adapter(tiny_data_dir: Path, tmp_path: Path) -> None:
     """`loopserve ml-backend` as its own process: each flag it shows takes effect there."""
     import asyncio

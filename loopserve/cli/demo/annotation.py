@@ -75,7 +75,7 @@ class AnnotationDemoOptions:
     chunk: int = 100
     """Items per Annotate call of the app."""
     round_labels: int = 150
-    """Human labels per trainer round once labels are many (--round-min-events)."""
+    """Human labels per trainer round once labels are many (the app asks the trainer for a round at each)."""
     round_growth: float = 1.0
     """Earlier rounds: once the new labels reach this multiple of the labels already trained on (12, 24,
     48, ...), so the first checked version serves after tens of labels (--annotator-round-growth)."""
@@ -307,13 +307,10 @@ def _trainer_flags(opts: AnnotationDemoOptions, run: Path) -> list[str]:
         "annotator",
         # The app asks for each full round when it is due (`_wait_round`: round_labels new labels, or
         # round_growth times those it had) and waits for one that read its labels, so the trainer's own
-        # triggers are off. With them on (a round after 15 or 30 s with any new label), a slow CPU's rounds
-        # started on part of what the app counted: an AVX2-only EPYC's quick demo trained its versions on 16,
-        # 28 and 52 of the 18, 58 and 120 labels its report said they had.
-        "--round-min-events",
-        str(2**31 - 1),
-        "--round-interval-s",
-        "1e9",
+        # triggers are off (--rounds-on-request). With them on (a round after 15 or 30 s with any new label),
+        # a slow CPU's rounds started on part of what the app counted: an AVX2-only EPYC's quick demo trained
+        # its versions on 16, 28 and 52 of the 18, 58 and 120 labels its report said they had.
+        "--rounds-on-request",
         "--heldout-fraction",
         str(opts.heldout_fraction),
         "--poll-interval-s",
