@@ -3,9 +3,10 @@
 Full rounds (trainer.annotation_round) fine-tune the encoder and take minutes on a CPU; between them a
 correction should reach the served weights in seconds. The head is a linear map of the L2-normalised
 mean-pooled embedding (Sentence-BERT), so with the encoder frozen the head's fit is regularised
-logistic regression on cached embeddings (trainer.head_fit), pulled towards the serving head. It takes
-milliseconds, so the gate can cross-validate the fit itself (k folds, out-of-fold logits) at no cost in
-labels, and the temperature is fitted out of fold.
+logistic regression on cached embeddings (trainer.head_fit), pulled towards the head saved with the
+encoder (never towards a head fitted on these labels). It takes milliseconds, so the gate can
+cross-validate the fit itself (k folds, out-of-fold logits) at no cost in labels, and the temperature
+is fitted out of fold.
 
 The version it publishes shares the encoder's weights file with its parent (hard link) and carries the
 head in head.safetensors; it is published only if LATEST is still the version it was computed on.
@@ -34,7 +35,8 @@ from trainer.oof_evidence import fresh_evidence, oof_metrics
 @dataclass
 class HeadConfig:
     l2: float = 1e-2
-    """lambda: pull of the fitted head towards the serving head (per item, as the CE is averaged)."""
+    """lambda: pull of the fitted head towards the encoder's own head (`encoder_heads.encoder_head`), per
+    item (the CE is averaged)."""
     folds: int = 5
     """Cross-validation folds of the head fit for the gate and the temperature."""
     max_iter: int = 100
