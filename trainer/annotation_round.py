@@ -161,7 +161,7 @@ def recipe_oof_logits(
     head saved with that encoder (`encoder_heads.encoder_head`): the serving head itself, where a head-only
     version serves, was fitted on every one of these labels, and bench/learning.py seed 1's checked head,
     testing at 0.644, answered 0.88 of its 50 labels out of fold pulled towards it (16 broken to 1 fixed
-    against a fine-tune whose same labels, trained ungated, tested at 0.772). Where the encoder itself was
+    against a fine-tune whose same labels, trained ungated, tested at 0.77). Where the encoder itself was
     fine-tuned on some of the items its answers there are in-sample, which only makes the recipe harder
     to beat."""
     texts = [x.text for x in items]

@@ -2,11 +2,12 @@
 
     W*, b* = argmin  1/N sum_i CE(W e_i + b, y_i)  +  lambda/2 ||W - W_0||^2
 
-with W_0 a prior head (the zero-shot head, or the head a fine-tune trained; never one fitted on the same
-labels, which would leak a held-out fold's labels into its fit): with few labels the fit stays near what is
-already known instead of swinging to whatever the last dozen items say. LBFGS on an (N, 384) matrix takes
-milliseconds. Two users: the online tier (trainer.annotation_head: a new head on the serving encoder's
-cached embeddings) and the end of a fine-tuning round (trainer.annotation_policy's `head_refit`, SetFit's second stage).
+with W_0 a prior head (the zero-shot head, or the head a fine-tune trained; where the fit is cross-validated,
+never a head fitted on the held-out folds' labels, which would leak them into its answers): with few labels
+the fit stays near what is already known instead of swinging to whatever the last dozen items say. LBFGS
+on an (N, 384) matrix takes milliseconds. Two users: the online tier (trainer.annotation_head: a new head on
+the serving encoder's cached embeddings) and the end of a fine-tuning round (trainer.annotation_policy's
+`head_refit`, SetFit's second stage).
 """
 
 from __future__ import annotations

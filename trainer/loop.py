@@ -86,7 +86,8 @@ def label_space(store: ModelStore) -> LabelSpace:
 
 
 def due(ctx: Context, state: TrainerState, model: str, now: float) -> bool:
-    """Enough new relevant events, or enough time with at least one (or, for GRPO, with prompts)."""
+    """Enough new relevant events, or enough time with at least one (or, for GRPO, with prompts); for a full
+    round under `rounds_on_request`, never (the loop runs requested rounds whether due or not)."""
     args = ctx.args
     if model == GENERATOR and now < ctx.generator_retry_at:
         return False
