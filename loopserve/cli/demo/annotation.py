@@ -78,7 +78,7 @@ class AnnotationDemoOptions:
     """Human labels per trainer round once labels are many (the app asks the trainer for a round at each)."""
     round_growth: float = 1.0
     """Earlier rounds: once the new labels reach this multiple of the labels already trained on (12, 24,
-    48, ...), so the first checked version serves after tens of labels (--annotator-round-growth)."""
+    48, ...), so the first checked version serves after tens of labels (the app asks for them)."""
     review_threshold: float = 0.8
     """needs_review when the top calibrated probability is under this (PolicyConfig)."""
     top_up: TopUp = "never"
