@@ -132,7 +132,7 @@ class DemoConfig(StoreConfig):
     dataset: Path | None = None
     """JSONL / CSV with text, label[, split] (default: Fine Food)"""
     quick: bool = False
-    """a small run (about 3 minutes; what CI runs)"""
+    """a small run (minutes; what CI runs)"""
     generation: bool = False
     """the generation demo (preferences, GRPO)"""
     objective: Literal["grpo", "ppo", "dpo"] = "grpo"
@@ -157,6 +157,9 @@ class DemoConfig(StoreConfig):
     """how the policy chooses the served label (default off; see docs/promote-safely.md)"""
     explore_epsilon: float | None = None
     """epsilon-greedy: share of random labels (0.1)"""
+    pseudo_label_ratio: float | None = None
+    """self-training: pseudo-labels per human label for the trainer and the passive baseline; 0 turns it
+    off (default 1.5; --quick: 0)"""
     train_items: int | None = None
     """stream only this many train items"""
     test_items: int | None = None
@@ -372,9 +375,32 @@ def cmd_data_pull(cfg: DataPull) -> int:
     return 0
 
 
+ANNOTATION_DEMO_FLAGS = (
+    "budget_fraction",
+    "error_rate",
+    "audit_fraction",
+    "review_threshold",
+    "top_up",
+    "train_items",
+    "test_items",
+    "label_descriptions",
+    "explore",
+    "explore_epsilon",
+    "pseudo_label_ratio",
+)
+"""DemoConfig's settings of the annotation demo alone (None: its default)."""
+
+
 def demo_options(cfg: DemoConfig) -> Any:
-    """The demo's options from its flags: AnnotationDemoOptions, or GenerationDemoOptions with --generation."""
+    """The demo's options from its flags: AnnotationDemoOptions, or GenerationDemoOptions with --generation.
+    An annotation setting given with --generation is a usage error (exit 2), not a flag that does nothing."""
     if cfg.generation:
+        given = [n for n in ANNOTATION_DEMO_FLAGS if getattr(cfg, n) is not None]
+        given += ["measure_ceiling"] if cfg.measure_ceiling else []
+        if given:
+            flags = ", ".join("--" + n.replace("_", "-") for n in given)
+            print(f"loopserve demo: {flags}: the annotation demo's, not --generation's (see --help)", file=sys.stderr)
+            raise SystemExit(2)
         from loopserve.cli.demo.generation import GenerationDemoOptions
 
         return GenerationDemoOptions(
@@ -395,18 +421,7 @@ def demo_options(cfg: DemoConfig) -> Any:
         seed=cfg.seed,
         measure_ceiling=cfg.measure_ceiling,
     )
-    for name in (
-        "budget_fraction",
-        "error_rate",
-        "audit_fraction",
-        "review_threshold",
-        "top_up",
-        "train_items",
-        "test_items",
-        "label_descriptions",
-        "explore",
-        "explore_epsilon",
-    ):
+    for name in ANNOTATION_DEMO_FLAGS:
         if getattr(cfg, name) is not None:
             setattr(opts, name, getattr(cfg, name))
     return opts

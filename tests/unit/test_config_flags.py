@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from loopserve.cli import command as cli
-from loopserve.cli.demo.annotation import AnnotationDemoOptions, _prepare_store
+from loopserve.cli.demo.annotation import AnnotationDemoOptions, _annotator_recipe, _prepare_store, _trainer_flags
 from loopserve.cli.serve import ray_app_args
 from loopserve.cli.up import _trainer_argv, stack_configs
 from loopserve.config import PolicyConfig, RewardConfig, parse, to_argv
@@ -33,6 +33,7 @@ from loopserve.labelstudio.config import MLBackendConfig
 from loopserve.models.store import ModelStore
 from loopserve.serving.ray import RayDeploymentConfig, read_configs
 from trainer.__main__ import read_args
+from trainer.annotation_policy import AnnotationPolicyConfig
 
 
 def config(argv: list[str], environ: dict[str, str] | None = None) -> Any:
@@ -189,6 +190,34 @@ def test_train_reads_its_objective_sections_from_flags_and_from_json(tmp_path: P
     )
     assert args.annotator.epochs == 3 and args.reward_normalised is False
     assert args.gate.kl_bound == 0.25 and args.lora.r == 4
+
+
+def test_the_demos_self_training_flag_reaches_the_trainer_and_the_passive_baseline(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--pseudo-label-ratio: None keeps the trainer's default, --quick turns self-training off unless the
+    flag says otherwise, and whatever it is reaches the trainer (its objectives file) and the passive
+    baseline (the recipe the demo trains it with). With --generation it is a usage error."""
+    flags = ["demo", "--data-dir", str(tmp_path)]
+
+    def trainer_and_passive(opts: AnnotationDemoOptions) -> tuple[float, float]:
+        run = tmp_path / "run"
+        run.mkdir(exist_ok=True)
+        trainer = read_args(_trainer_flags(opts, run), environ={}).annotator.pseudo_label_ratio
+        return trainer, AnnotationPolicyConfig(**_annotator_recipe(opts)).pseudo_label_ratio
+
+    default = cli.demo_options(config(flags))
+    assert trainer_and_passive(default) == (AnnotationPolicyConfig.pseudo_label_ratio,) * 2 == (1.5, 1.5)
+    quick = cli.demo_options(config([*flags, "--quick"]))
+    quick.apply_quick()
+    assert trainer_and_passive(quick) == (0.0, 0.0)
+    given = cli.demo_options(config([*flags, "--quick", "--pseudo-label-ratio", "0.5"]))
+    given.apply_quick()
+    assert trainer_and_passive(given) == (0.5, 0.5)
+    with pytest.raises(SystemExit) as bad:
+        cli.demo_options(config([*flags, "--generation", "--pseudo-label-ratio", "0.5", "--top-up", "always"]))
+    assert bad.value.code == 2
+    assert "--top-up, --pseudo-label-ratio: the annotation demo's" in capsys.readouterr().err
 
 
 def test_demo_store_dir_is_where_the_base_versions_come_from(tiny_data_dir: Path, tmp_path: Path) -> None:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
+from trainer.annotation_policy import AnnotationPolicyConfig
+
 if TYPE_CHECKING:
     from loopserve.cli.demo.annotation import AnnotationRun
     from loopserve.cli.demo.annotators import AnnotatorPool
@@ -22,6 +24,17 @@ if TYPE_CHECKING:
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _self_training(ratio: float | None) -> str:
+    """The report's sentence on the recipe's self-training (None: the trainer's default)."""
+    ratio = AnnotationPolicyConfig.pseudo_label_ratio if ratio is None else ratio
+    if ratio <= 0:
+        return "No self-training (each round trains on the human labels alone; --pseudo-label-ratio 0)."
+    return (
+        f"Self-training: each model of a cross-fitted round, and the passive baseline's, teaches a student on up to "
+        f"{ratio:g} of its confident pseudo-labels per human label on the streamed items nobody labelled."
+    )
 
 
 def live_table(st: AnnotationRun) -> Table:
@@ -327,7 +340,8 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         "(out-of-fold accuracy must beat the majority answer in a paired test; no significant regression "
         "against the serving version on the labels it never saw; temperature fitted out of fold); from "
         f"then on the serving version trains on, with {opts.heldout_fraction:.0%} of the verified items "
-        f"held out for the gate (at least {opts.min_eval_items}). max_length {opts.max_length} tokens.",
+        f"held out for the gate (at least {opts.min_eval_items}). max_length {opts.max_length} tokens. "
+        + _self_training(opts.pseudo_label_ratio),
         "- Once it handed a round's worth of labels over, the app waited for that round and its swap before "
         "streaming on (pacing to 2 CPU cores); every served version was evaluated on the test split "
         f"({len(st.test)} items) through the real gRPC `Annotate`, weights served in {opts.serve_dtype} "
