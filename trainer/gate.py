@@ -77,7 +77,10 @@ class GateConfig:
     at 300 labels and 0.827 +- 0.003 at 500 (passive sampling 0.792 and 0.810), against 0.802 and 0.807
     (passive 0.765 and 0.786) in the stored run at 300. Cross-fitting costs about 3 trainings a round."""
     cv_folds: int = 2
-    """Annotator: folds of the cross-fitting (each costs a round's worth of steps on (k-1)/k of the labels)."""
+    """Annotator: folds of the cross-fitting (each costs a round's worth of steps on (k-1)/k of the labels).
+    5 folds judge fold models nearer the candidate's size (40 of 50 labels, not 25), but did not rescue the
+    seeds 2 folds left unserved or unchecked at 50 labels: bench/learning.py seeds 5 and 6 read 0.621 and
+    0.634 against 0.621 and 0.628 (bench/results/learning-5-folds-50.json), for 3.4-3.6x a round's time."""
     cv_lift_z: float = 2.0
     """Annotator, few labels: the out-of-fold answers must carry signal about the labels at this
     permutation z (`trainer.oof_evidence.signal_test`), and their leave-one-out calibrated probabilities
