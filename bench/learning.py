@@ -157,13 +157,7 @@ class Replay:
         n = len(self.labelled)
         ablation: dict[str, float] = {}  # --pseudo-ablation: test accuracy with and without pseudo-labels
         if not gated and n < self.gate.cv_max_items:
-            model = self.load_base()
-            annotation_policy.train_annotation_policy(
-                model, self.tokenizer, self.labelled, [], self.cfg, generator=self.gen
-            )
-            model, student = self_train(  # as the trainer's cross-fitted candidate (no-op when off)
-                self.load_base, model, self.tokenizer, self.labelled, pool or [], self.cfg, generator=self.gen
-            )
+            model, student = self.train_ungated(pool or [], self.gen)
             self.serving, self.infer = model, self._inference_copy(model)
             self.checked = True  # served ungated, as if checked: the passive baseline trusts its own rounds
             self.version += 1
@@ -222,6 +216,13 @@ class Replay:
             flush=True,
         )
         return cand
+
+    def train_ungated(self, pool: list[str], gen: torch.Generator) -> tuple[AnnotatorModel, dict[str, Any]]:
+        """A candidate from the base on every label, self-trained on `pool` as the trainer's cross-fitted
+        candidate is (a no-op when self-training is off), with no gate: the passive baseline's round."""
+        model = self.load_base()
+        annotation_policy.train_annotation_policy(model, self.tokenizer, self.labelled, [], self.cfg, generator=gen)
+        return self_train(self.load_base, model, self.tokenizer, self.labelled, pool, self.cfg, generator=gen)
 
     def accuracy(self, model: AnnotatorModel, test: list[Example]) -> float:
         return accuracy_on(self._inference_copy(model), self.tokenizer, test, self.cfg)  # as served
@@ -381,6 +382,11 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
             rp.round(pool=[stream[j].text for j in range(seen) if j not in human])
             if len(human) in budgets:
                 out[len(human)] = measure(seen)
+                if args.ungated_twin:  # the loop's labels, trained as passive trains its random ones
+                    twin, _ = rp.train_ungated(
+                        [stream[j].text for j in range(seen) if j not in human], torch.Generator().manual_seed(seed)
+                    )
+                    out[len(human)]["ungated_twin_accuracy"] = rp.accuracy(twin, test)
                 print(f"  loop  seed {seed} budget {len(human)}: {compact(out[len(human)])}", flush=True)
     if len(out) == len(budgets):
         return {"budgets": out, "rounds": rp.rounds}
@@ -623,6 +629,12 @@ def parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=AnnotationPolicyConfig.head_refit,
         help="refit the head on the fine-tuned encoder's embeddings (AnnotationPolicyConfig.head_refit)",
+    )
+    ap.add_argument(
+        "--ungated-twin",
+        action="store_true",
+        help="at each budget also train the loop's labels as the passive baseline trains its random ones (ungated, "
+        "from the base) and score that model on the test items: which items the loop bought, apart from its gate",
     )
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)

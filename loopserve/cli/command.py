@@ -135,8 +135,8 @@ class DemoConfig(StoreConfig):
     """a small run (minutes; what CI runs)"""
     generation: bool = False
     """the generation demo (preferences, GRPO)"""
-    objective: Literal["grpo", "ppo", "dpo"] = "grpo"
-    """generation: the generator's objective"""
+    objective: Literal["grpo", "ppo", "dpo"] | None = None
+    """generation: the generator's objective (default grpo)"""
     seed: int = 0
     label_descriptions: Path | None = None
     """--dataset: JSON {"label": "what it means", ...} for the zero-shot base (default: the label names)"""
@@ -393,24 +393,20 @@ ANNOTATION_DEMO_FLAGS = (
 
 def demo_options(cfg: DemoConfig) -> Any:
     """The demo's options from its flags: AnnotationDemoOptions, or GenerationDemoOptions with --generation.
-    An annotation setting given with --generation is a usage error (exit 2), not a flag that does nothing."""
+    A setting of one demo given to the other is a usage error (exit 2), not a flag that does nothing."""
     if cfg.generation:
         given = [n for n in ANNOTATION_DEMO_FLAGS if getattr(cfg, n) is not None]
         given += ["measure_ceiling"] if cfg.measure_ceiling else []
-        if given:
-            flags = ", ".join("--" + n.replace("_", "-") for n in given)
-            print(f"loopserve demo: {flags}: the annotation demo's, not --generation's (see --help)", file=sys.stderr)
-            raise SystemExit(2)
+        _refuse(given, "the annotation demo's, not --generation's")
         from loopserve.cli.demo.generation import GenerationDemoOptions
 
-        return GenerationDemoOptions(
-            data_dir=cfg.data_dir,
-            store_dir=cfg.store_path,
-            dataset=cfg.dataset,
-            quick=cfg.quick,
-            objective=cfg.objective,
-            seed=cfg.seed,
+        gen = GenerationDemoOptions(
+            data_dir=cfg.data_dir, store_dir=cfg.store_path, dataset=cfg.dataset, quick=cfg.quick, seed=cfg.seed
         )
+        if cfg.objective is not None:
+            gen.objective = cfg.objective
+        return gen
+    _refuse(["objective"] if cfg.objective is not None else [], "the generation demo's: add --generation")
     from loopserve.cli.demo.annotation import AnnotationDemoOptions
 
     opts = AnnotationDemoOptions(
@@ -425,6 +421,13 @@ def demo_options(cfg: DemoConfig) -> Any:
         if getattr(cfg, name) is not None:
             setattr(opts, name, getattr(cfg, name))
     return opts
+
+
+def _refuse(names: list[str], why: str) -> None:
+    if names:
+        flags = ", ".join("--" + n.replace("_", "-") for n in names)
+        print(f"loopserve demo: {flags}: {why} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def cmd_demo(cfg: DemoConfig) -> int:

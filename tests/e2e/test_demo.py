@@ -192,6 +192,9 @@ def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
     for f in ("report.md", "accuracy_vs_labels.png", "review_and_auto_labels.png"):
         assert (run / f).stat().st_size > 0
     assert "simulated" in (run / "report.md").read_text()
+    # --quick trains both arms without self-training (its objectives file, and the report says so).
+    assert json.loads((run / "objectives.json").read_text())["annotator"]["pseudo_label_ratio"] == 0.0
+    assert "No self-training" in (run / "report.md").read_text()
     # The trainers run in the precision the demo's policy serves (auto: bf16 where this CPU multiplies it
     # natively, fp32 elsewhere): they are handed it, and the online tier fits its heads on embeddings made in it.
     served = pick_dtype("auto", torch.device("cpu"))

@@ -369,7 +369,8 @@ def test_the_demos_objective_flag_reaches_the_trainer_with_ppo_settings(tmp_path
     """`loopserve demo --generation --objective ppo`: the option reaches the trainer process's flags, and
     the PPO section the demo writes is one the trainer accepts (the round itself: the test above)."""
     _, demo = cli.parse_command(["demo", "--generation", "--quick", "--objective", "ppo"], environ={})
-    opts = GenerationDemoOptions(quick=demo.quick, objective=demo.objective)
+    opts = cli.demo_options(demo)
+    assert isinstance(opts, GenerationDemoOptions) and opts.objective == "ppo"
     opts.apply_quick()
     flags = demo_generation._trainer_flags(opts, tmp_path)
     assert flags[flags.index("--generator-objectives") + 1] == "ppo"

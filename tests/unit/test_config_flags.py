@@ -12,7 +12,8 @@ configs each command builds, no server).
 - `serve --engine ray` refuses the flags Ray's proxy cannot honour, hands every other one to the
   applications (read back by the replicas' own reader), and forwards the metrics port.
 - `train` reads its nested objective configs from flags and from the JSON file.
-- `demo --store-dir` is the store the demo takes its base versions from.
+- `demo --store-dir` is the store the demo takes its base versions from; one demo's flag given to the
+  other is a usage error.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 import pytest
 
 from loopserve.cli import command as cli
-from loopserve.cli.demo.annotation import AnnotationDemoOptions, _annotator_recipe, _prepare_store, _trainer_flags
+from loopserve.cli.demo.annotation import AnnotationDemoOptions, _prepare_store, _trainer_flags
+from loopserve.cli.demo.generation import GenerationDemoOptions
 from loopserve.cli.serve import ray_app_args
 from loopserve.cli.up import _trainer_argv, stack_configs
 from loopserve.config import PolicyConfig, RewardConfig, parse, to_argv
@@ -204,7 +206,7 @@ def test_the_demos_self_training_flag_reaches_the_trainer_and_the_passive_baseli
         run = tmp_path / "run"
         run.mkdir(exist_ok=True)
         trainer = read_args(_trainer_flags(opts, run), environ={}).annotator.pseudo_label_ratio
-        return trainer, AnnotationPolicyConfig(**_annotator_recipe(opts)).pseudo_label_ratio
+        return trainer, opts.annotator_config().pseudo_label_ratio
 
     default = cli.demo_options(config(flags))
     assert trainer_and_passive(default) == (AnnotationPolicyConfig.pseudo_label_ratio,) * 2 == (1.5, 1.5)
@@ -218,6 +220,20 @@ def test_the_demos_self_training_flag_reaches_the_trainer_and_the_passive_baseli
         cli.demo_options(config([*flags, "--generation", "--pseudo-label-ratio", "0.5", "--top-up", "always"]))
     assert bad.value.code == 2
     assert "--top-up, --pseudo-label-ratio: the annotation demo's" in capsys.readouterr().err
+
+
+def test_the_generation_demos_objective_is_refused_by_the_annotation_demo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--objective belongs to --generation: its default (grpo) is the generation demo's own, and given to the
+    annotation demo it is a usage error (exit 2), not a flag that does nothing."""
+    flags = ["demo", "--data-dir", str(tmp_path)]
+    assert cli.demo_options(config([*flags, "--generation"])).objective == GenerationDemoOptions.objective == "grpo"
+    assert cli.demo_options(config([*flags, "--generation", "--objective", "dpo"])).objective == "dpo"
+    with pytest.raises(SystemExit) as bad:
+        cli.demo_options(config([*flags, "--quick", "--objective", "ppo"]))
+    assert bad.value.code == 2
+    assert "--objective: the generation demo's: add --generation" in capsys.readouterr().err
 
 
 def test_demo_store_dir_is_where_the_base_versions_come_from(tiny_data_dir: Path, tmp_path: Path) -> None:

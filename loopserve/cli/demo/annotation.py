@@ -44,6 +44,7 @@ from loopserve.datasets import Example, label_set, load_dataset, pull_finefoods
 from loopserve.device import resolved_dtype_name
 from loopserve.feedback.v1 import feedback_pb2
 from loopserve.models.store import ModelStore, version_number
+from trainer.annotation_policy import AnnotationPolicyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +148,10 @@ class AnnotationDemoOptions:
     in fp32). The trainers and the offline baselines run in it too, so that the comparison stays like for
     like: their evaluations, calibration and head refits (`--annotator.eval-dtype`) and, as mixed
     precision, their training steps (`--annotator.train-dtype`)."""
+
+    def annotator_config(self) -> AnnotationPolicyConfig:
+        """The recipe the trainers and the offline baselines run: these options over the trainer's defaults."""
+        return AnnotationPolicyConfig(**_annotator_recipe(self))
 
     def apply_quick(self) -> None:
         self.train_items, self.test_items = self.train_items or 400, self.test_items or 200
@@ -666,9 +671,7 @@ class AnnotationDemo:
 
     def _baselines(self, st: AnnotationRun, pool: AnnotatorPool, console: Any) -> None:
         opts = self.opts
-        from trainer.annotation_policy import AnnotationPolicyConfig
-
-        cfg = AnnotationPolicyConfig(**_annotator_recipe(opts))
+        cfg = opts.annotator_config()
         base = st.run / "store" / "models" / "annotator" / "v0"
         published = [r["human_labels"] for r in st.rounds if r.get("result") == "published"]
         schedule = published or [st.human_labels]

@@ -14,8 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
-from trainer.annotation_policy import AnnotationPolicyConfig
-
 if TYPE_CHECKING:
     from loopserve.cli.demo.annotation import AnnotationRun
     from loopserve.cli.demo.annotators import AnnotatorPool
@@ -26,9 +24,8 @@ def _fmt(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def _self_training(ratio: float | None) -> str:
-    """The report's sentence on the recipe's self-training (None: the trainer's default)."""
-    ratio = AnnotationPolicyConfig.pseudo_label_ratio if ratio is None else ratio
+def _self_training(ratio: float) -> str:
+    """The report's sentence on the recipe's self-training (its pseudo-labels per human label)."""
     if ratio <= 0:
         return "No self-training (each round trains on the human labels alone; --pseudo-label-ratio 0)."
     return (
@@ -341,7 +338,7 @@ def write_annotation_report(st: AnnotationRun, pool: AnnotatorPool) -> dict[str,
         "against the serving version on the labels it never saw; temperature fitted out of fold); from "
         f"then on the serving version trains on, with {opts.heldout_fraction:.0%} of the verified items "
         f"held out for the gate (at least {opts.min_eval_items}). max_length {opts.max_length} tokens. "
-        + _self_training(opts.pseudo_label_ratio),
+        + _self_training(opts.annotator_config().pseudo_label_ratio),
         "- Once it handed a round's worth of labels over, the app waited for that round and its swap before "
         "streaming on (pacing to 2 CPU cores); every served version was evaluated on the test split "
         f"({len(st.test)} items) through the real gRPC `Annotate`, weights served in {opts.serve_dtype} "
