@@ -1,0 +1,170 @@
+"""Which first labels the annotation loop buys while no checked version serves: the router's coverage
+picks against random picks from the same streamed chunks, over many seeds.
+
+While the serving version is unchecked, the app covers each streamed chunk (loopserve.annotation.routing:
+k-means over the chunk's hashed TF-IDF, the item nearest each centre goes to a person). Whether those
+labels teach more than random ones is measured here without a fine-tune per seed, so that twenty seeds
+take minutes: each strategy's labels train (a) a head on the frozen base encoder, as the trainer's online
+tier fits its heads (trainer.head_fit.fit_head, pulled towards the encoder's own head), and (b) TF-IDF +
+logistic regression, both scored on the test split. The labels are the data's own (no annotator noise),
+so the two strategies differ only in which items they pick. A third strategy, k-means over the base
+encoder's embeddings, is a reference the app cannot run (its routing sees only texts and Annotate's
+answers). Seeds shuffle the stream as bench/learning.py does.
+
+    python bench/cold_start.py --data-dir .loopserve --seeds 20   # JSON + plot in bench/results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
+from bench.learning import tfidf_accuracy
+from loopserve.annotation.routing import pick_for_review
+from loopserve.datasets import Example
+from loopserve.models import encoder_heads
+from trainer.annotation_policy import embed_texts
+from trainer.head_fit import fit_head
+
+RESULTS = Path(__file__).resolve().parent / "results"
+STRATEGIES = ("coverage", "random", "embedding-coverage")
+
+
+def embedding_coverage(vectors: np.ndarray, k: int, rng: random.Random) -> list[int]:
+    """The router's cold-start rule on the base encoder's embeddings instead of TF-IDF: per k-means cluster,
+    the item nearest its centre."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=k, n_init=1, random_state=rng.randrange(2**31)).fit(vectors)
+    dist = km.transform(vectors)
+    return [int(m[np.argmin(dist[m, c])]) for c in range(k) if (m := np.flatnonzero(km.labels_ == c)).size]
+
+
+def picks(
+    strategy: str, chunk: list[Example], quota: int, emb: dict[str, torch.Tensor], rng: random.Random
+) -> list[int]:
+    if strategy == "coverage":  # the app's routing while the serving version is unchecked
+        n = len(chunk)
+        return pick_for_review([e.text for e in chunk], np.zeros((n, 2)), [True] * n, quota, checked=False, rng=rng)
+    if strategy == "random":
+        return rng.sample(range(len(chunk)), quota)
+    return embedding_coverage(torch.stack([emb[e.text] for e in chunk]).numpy(), quota, rng)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_annotation_data_args(ap, test_items=0)
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--chunk", type=int, default=100, help="items per streamed chunk (bench/learning.py's)")
+    ap.add_argument("--quota", type=int, default=25, help="labels per chunk (bench/learning.py's --fraction 0.25)")
+    ap.add_argument("--chunks", type=int, default=2, help="chunks streamed: budgets quota, 2 x quota, ...")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--out", type=Path, default=RESULTS / "cold_start.json")
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    path, train, test, base = load_annotation_data(args)
+    model, tokenizer = encoder_heads.load(base), encoder_heads.load_tokenizer(base)
+    assert isinstance(model, encoder_heads.AnnotatorModel)
+    names = model.spec.label_names
+    streams = []
+    for seed in range(args.seeds):
+        order = list(train)
+        random.Random(seed).shuffle(order)
+        streams.append(order[: args.chunk * args.chunks])
+    t0 = time.monotonic()
+    texts = sorted({e.text for s in streams for e in s} | {e.text for e in test})
+    emb = dict(zip(texts, embed_texts(model, tokenizer, texts, 64, args.max_length, torch.float32), strict=True))
+    embed_s = time.monotonic() - t0
+    w0, b0 = encoder_heads.encoder_head(model)
+    x_test = torch.stack([emb[e.text] for e in test])
+    y_test = torch.tensor([names.index(e.label) for e in test])
+
+    def head_accuracy(items: list[Example]) -> float:
+        x = torch.stack([emb[e.text] for e in items])
+        w, b = fit_head(x, torch.tensor([names.index(e.label) for e in items]), w0, b0, l2=1e-2, max_iter=100)
+        return float(((x_test @ w.T + b).argmax(-1) == y_test).float().mean())
+
+    budgets = [args.quota * (c + 1) for c in range(args.chunks)]
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {s: {b: [] for b in budgets} for s in STRATEGIES}
+    for seed, stream in enumerate(streams):
+        for strategy in STRATEGIES:
+            rng, bought = random.Random(seed + 1), []
+            for c, budget in enumerate(budgets):
+                chunk = stream[c * args.chunk : (c + 1) * args.chunk]
+                bought += [chunk[i] for i in picks(strategy, chunk, args.quota, emb, rng)]
+                runs[strategy][budget].append(
+                    {
+                        "head_accuracy": head_accuracy(bought),
+                        "tfidf_accuracy": tfidf_accuracy([(e.text, e.label) for e in bought], test),
+                        "majority_share": max(sum(e.label == y for e in bought) for y in names) / len(bought),
+                    }
+                )
+        print(seed, {s: round(runs[s][budgets[-1]][-1]["head_accuracy"], 3) for s in STRATEGIES}, flush=True)
+    results: dict[str, Any] = {
+        **annotation_results_header(args, path, train, test),
+        "embed_seconds": round(embed_s, 1),
+        "seconds": round(time.monotonic() - t0, 1),
+        "summary": summarise(runs, budgets),
+        "runs": {s: {str(b): v for b, v in r.items()} for s, r in runs.items()},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+    plot(results["summary"], budgets, args.out.with_suffix(".png"), f"{path.name}: {args.seeds} seeds", results)
+    print(json.dumps(results["summary"], indent=1))
+
+
+def summarise(runs: dict[str, dict[int, list[dict[str, float]]]], budgets: list[int]) -> dict[str, Any]:
+    """Per strategy and budget: mean and standard error of each probe, and the paired difference from random
+    (same seed, same stream)."""
+
+    def stat(values: list[float]) -> dict[str, float]:
+        return {"mean": statistics.fmean(values), "se": statistics.stdev(values) / len(values) ** 0.5}
+
+    out: dict[str, Any] = {}
+    for s in STRATEGIES:
+        for b in budgets:
+            row = {}
+            for probe in ("head_accuracy", "tfidf_accuracy", "majority_share"):
+                values = [r[probe] for r in runs[s][b]]
+                row[probe] = stat(values)
+                if s != "random":
+                    diff = [v - r[probe] for v, r in zip(values, runs["random"][b], strict=True)]
+                    row[f"{probe}_minus_random"] = stat(diff)
+            out.setdefault(s, {})[str(b)] = row
+    return out
+
+
+def plot(summary: dict[str, Any], budgets: list[int], out: Path, title: str, results: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, probe in zip(axes, ("head_accuracy", "tfidf_accuracy"), strict=True):
+        for i, s in enumerate(STRATEGIES):
+            xs = [b + (i - 1) * 0.6 for b in budgets]
+            ys = [summary[s][str(b)][probe]["mean"] for b in budgets]
+            es = [2 * summary[s][str(b)][probe]["se"] for b in budgets]
+            ax.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=s)
+        ax.axhline(results["majority_rate"], color="grey", ls=":", label="majority rate")
+        ax.set_xlabel("labels (first chunks of the stream)")
+        ax.set_ylabel(probe.replace("_", " ") + " (test, +-2 s.e.)")
+        save_plot(fig, ax, out, f"{title}: {probe.split('_')[0]}")
+    fig.savefig(out, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
