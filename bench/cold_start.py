@@ -9,14 +9,17 @@ tier fits its heads (trainer.head_fit.fit_head, pulled towards the encoder's own
 logistic regression, both scored on the test split. The labels are the data's own (no annotator noise),
 so the two strategies differ only in which items they pick. A third strategy, k-means over the base
 encoder's embeddings, is a reference the app cannot run (its routing sees only texts and Annotate's
-answers). Seeds shuffle the stream as bench/learning.py does.
+answers). A fourth, `loop`, is the app's routing as it runs before a fine-tune serves: coverage while
+unchecked, then, once the online tier's head passes the gate, uncertainty among the items it flags
+(OnlineTierLoop). Seeds shuffle the stream as bench/learning.py does.
 
-    python bench/cold_start.py --data-dir .loopserve --seeds 20   # JSON + plot in bench/results/
+    python bench/cold_start.py --data-dir .loopserve --seeds 20 --chunks 8   # JSON + plot in bench/results/
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import statistics
@@ -32,14 +35,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
 from bench.learning import tfidf_accuracy
-from loopserve.annotation.routing import pick_for_review
+from loopserve.annotation.routing import pick_for_review, route_chunk
 from loopserve.datasets import Example
 from loopserve.models import encoder_heads
+from loopserve.models.encoder_heads import AnnotatorModel
+from trainer.annotation_head import HeadConfig, head_round
 from trainer.annotation_policy import embed_texts
+from trainer.examples import LabelExample
+from trainer.gate import GateConfig
 from trainer.head_fit import fit_head
 
 RESULTS = Path(__file__).resolve().parent / "results"
-STRATEGIES = ("coverage", "random", "embedding-coverage")
+STRATEGIES = ("coverage", "random", "embedding-coverage", "loop")
 
 
 def embedding_coverage(vectors: np.ndarray, k: int, rng: random.Random) -> list[int]:
@@ -63,6 +70,63 @@ def picks(
     return embedding_coverage(torch.stack([emb[e.text] for e in chunk]).numpy(), quota, rng)
 
 
+class OnlineTierLoop:
+    """The app's routing with the trainer's online tier alone: coverage while the serving version is unchecked;
+    after each chunk a head round on the frozen encoder's embeddings (trainer.annotation_head.head_round,
+    the real gate); once a head is checked, only the items it flags (probability under `review_threshold`)
+    and the backlog of flagged items are candidates, least certain within clusters, with the random audit
+    (loopserve.annotation.routing.route_chunk). What the loop buys while heads are its checked versions,
+    before a fine-tune serves; items are not re-annotated except the backlog after a new head."""
+
+    def __init__(self, model: AnnotatorModel, emb: dict[str, torch.Tensor], review_threshold: float) -> None:
+        self.serving, self.emb, self.threshold = model, emb, review_threshold
+        self.gate, self.head_cfg = GateConfig(), HeadConfig()
+        self.checked, self.cursor = False, 0
+        self.labelled: list[LabelExample] = []
+        self.backlog: dict[str, np.ndarray] = {}
+
+    def probs(self, items: list[Example]) -> np.ndarray:
+        x = torch.stack([self.emb[e.text] for e in items])
+        with torch.no_grad():
+            return torch.softmax(self.serving.logits_of(x), -1).numpy()
+
+    def chunk(self, chunk: list[Example], quota: int, rng: random.Random, by_text: dict[str, Example]) -> None:
+        probs = self.probs(chunk)
+        needs = [not self.checked or float(p.max()) < self.threshold for p in probs]
+        waiting = list(self.backlog)
+        routed = route_chunk(
+            [e.text for e in chunk], probs, needs, waiting, [self.backlog[t] for t in waiting], quota,
+            checked=self.checked, audit_fraction=0.05, rng=rng,
+        )  # fmt: skip
+        items = [*chunk, *(by_text[t] for t in waiting)]
+        for i in routed[:quota]:
+            e = items[i]
+            self.labelled.append(LabelExample(e.text, e.label, f"e{len(self.labelled) + 1}", len(self.labelled) + 1))
+            self.backlog.pop(e.text, None)
+        bought = {x.text for x in self.labelled}
+        self.backlog.update(
+            {e.text: p for e, p, n in zip(chunk, probs, needs, strict=True) if n and e.text not in bought}
+        )
+        if len(self.labelled) >= self.gate.min_cv_items:
+            self.head_round(by_text)
+
+    def head_round(self, by_text: dict[str, Example]) -> None:
+        x = torch.stack([self.emb[e.text] for e in self.labelled])
+        cand = head_round(self.serving, x, self.labelled, self.cursor, self.head_cfg, self.gate, self.checked)
+        if cand.decision.publish:  # a head-only version, as Replay.head_round serves it
+            model = copy.deepcopy(self.serving)
+            model.encoder_head = encoder_heads.encoder_head(self.serving)
+            model.head, model.spec = cand.head_and_spec(model.head, model.spec)
+            self.serving, self.checked, self.cursor = model, cand.decision.checked, len(self.labelled)
+            if self.backlog:  # the new version re-annotates the backlog: confident items leave it
+                texts = list(self.backlog)
+                for t, p in zip(texts, self.probs([by_text[t] for t in texts]), strict=True):
+                    if self.checked and float(p.max()) >= self.threshold:
+                        del self.backlog[t]
+                    else:
+                        self.backlog[t] = p
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_annotation_data_args(ap, test_items=0)
@@ -71,6 +135,7 @@ def main() -> None:
     ap.add_argument("--quota", type=int, default=25, help="labels per chunk (bench/learning.py's --fraction 0.25)")
     ap.add_argument("--chunks", type=int, default=2, help="chunks streamed: budgets quota, 2 x quota, ...")
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--review-threshold", type=float, default=0.8, help="the loop strategy's needs_review line")
     ap.add_argument("--out", type=Path, default=RESULTS / "cold_start.json")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -98,17 +163,24 @@ def main() -> None:
 
     budgets = [args.quota * (c + 1) for c in range(args.chunks)]
     runs: dict[str, dict[int, list[dict[str, float]]]] = {s: {b: [] for b in budgets} for s in STRATEGIES}
+    by_text = {e.text: e for s in streams for e in s}
     for seed, stream in enumerate(streams):
         for strategy in STRATEGIES:
             rng, bought = random.Random(seed + 1), []
+            loop = OnlineTierLoop(model, emb, args.review_threshold)
             for c, budget in enumerate(budgets):
                 chunk = stream[c * args.chunk : (c + 1) * args.chunk]
-                bought += [chunk[i] for i in picks(strategy, chunk, args.quota, emb, rng)]
+                if strategy == "loop":
+                    loop.chunk(chunk, budget - len(loop.labelled), rng, by_text)
+                    bought = [by_text[x.text] for x in loop.labelled]
+                else:
+                    bought += [chunk[i] for i in picks(strategy, chunk, args.quota, emb, rng)]
                 runs[strategy][budget].append(
                     {
                         "head_accuracy": head_accuracy(bought),
                         "tfidf_accuracy": tfidf_accuracy([(e.text, e.label) for e in bought], test),
                         "majority_share": max(sum(e.label == y for e in bought) for y in names) / len(bought),
+                        "labels": float(len(bought)),
                     }
                 )
         print(seed, {s: round(runs[s][budgets[-1]][-1]["head_accuracy"], 3) for s in STRATEGIES}, flush=True)
@@ -136,7 +208,7 @@ def summarise(runs: dict[str, dict[int, list[dict[str, float]]]], budgets: list[
     for s in STRATEGIES:
         for b in budgets:
             row = {}
-            for probe in ("head_accuracy", "tfidf_accuracy", "majority_share"):
+            for probe in ("head_accuracy", "tfidf_accuracy", "majority_share", "labels"):
                 values = [r[probe] for r in runs[s][b]]
                 row[probe] = stat(values)
                 if s != "random":
