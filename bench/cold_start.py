@@ -78,8 +78,10 @@ class OnlineTierLoop:
     (loopserve.annotation.routing.route_chunk). What the loop buys while heads are its checked versions,
     before a fine-tune serves; items are not re-annotated except the backlog after a new head."""
 
-    def __init__(self, model: AnnotatorModel, emb: dict[str, torch.Tensor], review_threshold: float) -> None:
-        self.serving, self.emb, self.threshold = model, emb, review_threshold
+    def __init__(
+        self, model: AnnotatorModel, emb: dict[str, torch.Tensor], review_threshold: float, audit_fraction: float = 0.05
+    ) -> None:
+        self.serving, self.emb, self.threshold, self.audit_fraction = model, emb, review_threshold, audit_fraction
         self.gate, self.head_cfg = GateConfig(), HeadConfig()
         self.checked, self.cursor = False, 0
         self.labelled: list[LabelExample] = []
@@ -96,7 +98,7 @@ class OnlineTierLoop:
         waiting = list(self.backlog)
         routed = route_chunk(
             [e.text for e in chunk], probs, needs, waiting, [self.backlog[t] for t in waiting], quota,
-            checked=self.checked, audit_fraction=0.05, rng=rng,
+            checked=self.checked, audit_fraction=self.audit_fraction, rng=rng,
         )  # fmt: skip
         items = [*chunk, *(by_text[t] for t in waiting)]
         for i in routed[:quota]:
@@ -125,6 +127,32 @@ class OnlineTierLoop:
                         del self.backlog[t]
                     else:
                         self.backlog[t] = p
+
+
+def bought_labels(
+    strategy: str,
+    stream: list[Example],
+    chunk: int,
+    quota: int,
+    model: AnnotatorModel,
+    emb: dict[str, torch.Tensor],
+    review_threshold: float,
+    seed: int,
+) -> list[list[Example]]:
+    """The items `strategy` has bought after each `chunk` items of `stream`, at `quota` labels a chunk (the
+    loop's unspent share carries over, as the app's pace line does)."""
+    rng, bought, out = random.Random(seed + 1), [], []
+    loop = OnlineTierLoop(model, emb, review_threshold)
+    by_text = {e.text: e for e in stream}
+    for c in range(len(stream) // chunk):
+        part = stream[c * chunk : (c + 1) * chunk]
+        if strategy == "loop":
+            loop.chunk(part, quota * (c + 1) - len(loop.labelled), rng, by_text)
+            bought = [by_text[x.text] for x in loop.labelled]
+        else:
+            bought = bought + [part[i] for i in picks(strategy, part, quota, emb, rng)]
+        out.append(bought)
+    return out
 
 
 def main() -> None:
@@ -163,18 +191,10 @@ def main() -> None:
 
     budgets = [args.quota * (c + 1) for c in range(args.chunks)]
     runs: dict[str, dict[int, list[dict[str, float]]]] = {s: {b: [] for b in budgets} for s in STRATEGIES}
-    by_text = {e.text: e for s in streams for e in s}
     for seed, stream in enumerate(streams):
         for strategy in STRATEGIES:
-            rng, bought = random.Random(seed + 1), []
-            loop = OnlineTierLoop(model, emb, args.review_threshold)
-            for c, budget in enumerate(budgets):
-                chunk = stream[c * args.chunk : (c + 1) * args.chunk]
-                if strategy == "loop":
-                    loop.chunk(chunk, budget - len(loop.labelled), rng, by_text)
-                    bought = [by_text[x.text] for x in loop.labelled]
-                else:
-                    bought += [chunk[i] for i in picks(strategy, chunk, args.quota, emb, rng)]
+            sets = bought_labels(strategy, stream, args.chunk, args.quota, model, emb, args.review_threshold, seed)
+            for budget, bought in zip(budgets, sets, strict=True):
                 runs[strategy][budget].append(
                     {
                         "head_accuracy": head_accuracy(bought),

@@ -3,7 +3,8 @@ come from this code, so its mechanics are tested here (the curves themselves are
 
 The loop replay streams chunks, routes a budget of them to a simulated annotator pool, refits the online
 tier's head after every chunk and runs the trainer's round at each round point; the passive replay trains
-ungated at each budget on random labels."""
+ungated at each budget on random labels; `--ungated-twin` trains the loop's labels that way too.
+bench/cold_start.py's label choices (which items each routing strategy buys) are tested here as well."""
 
 from __future__ import annotations
 
@@ -126,3 +127,65 @@ def test_the_dtype_flag_reaches_the_replays_serving_and_training(base_store: Pat
         replay = Replay(base, cfg, gate, 0.15, seed=0)
         assert next(replay.infer.encoder.parameters()).dtype == want
         assert next(replay.serving.encoder.parameters()).dtype == torch.float32  # the trained weights stay fp32
+
+
+def test_the_ungated_twin_trains_the_loops_labels_as_passive_trains_its_own(base_store: Path) -> None:  # noqa: F811
+    """--ungated-twin: at each budget a model from the base on the loop's labels, served without the gate as
+    the passive baseline's is, scored on the test items beside the loop's serving version; the loop's own
+    run is unchanged by it (the twin draws from its own generator)."""
+    base = ModelStore(base_store).path("annotator", "v0")
+    train, test = reviews(120, 5, "train"), reviews(40, 6, "test")
+    flags = ["--budgets", "24", "--early-rounds", "12", "--no-online-tier"]
+    plain = run_loop(bench_args(*flags), base, train, test, seed=0)
+    twin = run_loop(bench_args(*flags, "--ungated-twin"), base, train, test, seed=0)
+    assert "ungated_twin_accuracy" not in plain["budgets"][24]
+    assert 0.0 <= twin["budgets"][24]["ungated_twin_accuracy"] <= 1.0
+    assert twin["budgets"][24]["accuracy"] == plain["budgets"][24]["accuracy"]
+
+
+def test_the_cold_start_bench_buys_each_strategys_labels_from_the_chunks_streamed(base_store: Path) -> None:  # noqa: F811
+    """bench/cold_start.py: every strategy buys its quota from the chunks streamed so far, never an item twice,
+    the same items for the same seed; the loop routes as coverage while no head is checked, and once its
+    online tier's head passes the gate (the real head round) it buys among the items that head flags."""
+    import torch
+
+    from bench.cold_start import STRATEGIES, OnlineTierLoop, bought_labels
+    from loopserve.models import encoder_heads
+    from trainer.annotation_policy import embed_texts
+
+    base = ModelStore(base_store).path("annotator", "v0")
+    model, tokenizer = encoder_heads.load(base), encoder_heads.load_tokenizer(base)
+    stream = reviews(160, 7, "train")
+    emb = dict(
+        zip([e.text for e in stream], embed_texts(model, tokenizer, [e.text for e in stream], 64, 32), strict=True)
+    )
+    sets = {s: bought_labels(s, stream, 40, 10, model, emb, 0.999, seed=1) for s in STRATEGIES}
+    for strategy, by_chunk in sets.items():
+        for c, bought in enumerate(by_chunk):
+            texts = [e.text for e in bought]
+            assert len(set(texts)) == len(texts) <= 10 * (c + 1)
+            assert set(texts) <= {e.text for e in stream[: 40 * (c + 1)]}
+            if strategy != "loop":
+                assert len(bought) == 10 * (c + 1)
+        assert bought_labels(strategy, stream, 40, 10, model, emb, 0.999, seed=1) == by_chunk
+    assert sets["loop"][0] == sets["coverage"][0]  # nothing checked before the first head round
+    # Mechanics, not learning: embeddings that carry the label along one direction, so that a head fitted on
+    # a chunk's labels has signal the gate can see (the tiny random encoder's own have little).
+    u = torch.nn.functional.normalize(
+        torch.randn(next(iter(emb.values())).numel(), generator=torch.Generator().manual_seed(0)), dim=0
+    )
+    scale = float(torch.stack(list(emb.values())).norm(dim=1).mean())
+    emb = {e.text: emb[e.text] + (0.05 * scale if e.label == "great" else -0.05 * scale) * u for e in stream}
+    loop = OnlineTierLoop(model, emb, 0.9, audit_fraction=0.0)  # no audit: every pick is a flagged item
+    rng, by_text = random.Random(0), {e.text: e for e in stream}
+    for c in range(3):
+        loop.chunk(stream[c * 40 : (c + 1) * 40], 10, rng, by_text)
+        if loop.checked:
+            break
+    assert loop.checked, "the tiny annotator's head passes the gate on its separable reviews"
+    before, nxt = {x.text for x in loop.labelled}, stream[(c + 1) * 40 : (c + 2) * 40]
+    probs = loop.probs(nxt)
+    flagged = {e.text for e, p in zip(nxt, probs, strict=True) if float(p.max()) < 0.9} | set(loop.backlog)
+    loop.chunk(nxt, 10, rng, by_text)
+    new = {x.text for x in loop.labelled} - before
+    assert new and new <= flagged
