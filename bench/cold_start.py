@@ -254,8 +254,7 @@ def plot(summary: dict[str, Any], budgets: list[int], out: Path, title: str, res
         ax.axhline(results["majority_rate"], color="grey", ls=":", label="majority rate")
         ax.set_xlabel("labels (first chunks of the stream)")
         ax.set_ylabel(probe.replace("_", " ") + " (test, +-2 s.e.)")
-        save_plot(fig, ax, out, f"{title}: {probe.split('_')[0]}")
-    fig.savefig(out, dpi=110)
+        save_plot(fig, ax, out, f"{title}: {probe.split('_')[0]}")  # saves the figure: last with both panels
 
 
 if __name__ == "__main__":
