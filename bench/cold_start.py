@@ -13,7 +13,11 @@ answers). A fourth, `loop`, is the app's routing as it runs before a fine-tune s
 unchecked, then, once the online tier's head passes the gate, uncertainty among the items it flags
 (OnlineTierLoop). Seeds shuffle the stream as bench/learning.py does.
 
+A slower probe closest to what the loop serves, `--fine-tune-at N`, fine-tunes the replay's recipe from the
+base on each of `--fine-tune-strategies`' labels at N (clean labels, no self-training pool).
+
     python bench/cold_start.py --data-dir .loopserve --seeds 20 --chunks 8   # JSON + plot in bench/results/
+    python bench/cold_start.py --data-dir .loopserve --seeds 6 --chunks 2 --fine-tune-at 50
 """
 
 from __future__ import annotations
@@ -155,6 +159,28 @@ def bought_labels(
     return out
 
 
+def fine_tune_accuracy(base: Path, items: list[Example], test: list[Example], max_length: int, seed: int) -> float:
+    """Test accuracy of the replay's recipe (bench/learning.py's configs: epochs scaled to the data, fp32)
+    fine-tuned from the base on `items` with their own labels, without self-training: the probe closest to
+    what the loop serves, with no annotator noise and no unlabelled pool."""
+    from bench.learning import make_configs
+    from bench.learning import parser as learning_parser
+    from loopserve.cli.demo.passive import accuracy_on
+    from trainer import annotation_policy
+
+    cfg, _ = make_configs(
+        learning_parser().parse_args(
+            ["--dtype", "float32", "--pseudo-label-ratio", "0", "--max-length", str(max_length)]
+        )
+    )
+    model, tokenizer = encoder_heads.load(base), encoder_heads.load_tokenizer(base)
+    assert isinstance(model, AnnotatorModel)
+    labelled = [LabelExample(e.text, e.label, f"e{i}", i) for i, e in enumerate(items, 1)]
+    gen = torch.Generator().manual_seed(seed)
+    annotation_policy.train_annotation_policy(model, tokenizer, labelled, [], cfg, generator=gen)
+    return accuracy_on(model, tokenizer, test, cfg)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_annotation_data_args(ap, test_items=0)
@@ -164,8 +190,19 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, default=2, help="chunks streamed: budgets quota, 2 x quota, ...")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--review-threshold", type=float, default=0.8, help="the loop strategy's needs_review line")
+    ap.add_argument(
+        "--fine-tune-at",
+        type=int,
+        default=0,
+        help="at this many labels also fine-tune the replay's recipe (bench/learning.py's, fp32, no self-training) "
+        "from the base on each of --fine-tune-strategies' labels, scored on the test split (slow; 0: off)",
+    )
+    ap.add_argument("--fine-tune-strategies", type=lambda s: s.split(","), default=["coverage", "random"])
     ap.add_argument("--out", type=Path, default=RESULTS / "cold_start.json")
     args = ap.parse_args()
+    if not set(args.fine_tune_strategies) <= set(STRATEGIES):
+        ap.error(f"--fine-tune-strategies: choose among {', '.join(STRATEGIES)}")
+    args.fine_tune_strategies = sorted({*args.fine_tune_strategies, "random"})  # the others are paired with it
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path, train, test, base = load_annotation_data(args)
     model, tokenizer = encoder_heads.load(base), encoder_heads.load_tokenizer(base)
@@ -201,6 +238,11 @@ def main() -> None:
                         "tfidf_accuracy": tfidf_accuracy([(e.text, e.label) for e in bought], test),
                         "majority_share": max(sum(e.label == y for e in bought) for y in names) / len(bought),
                         "labels": float(len(bought)),
+                        **(
+                            {"fine_tune_accuracy": fine_tune_accuracy(base, bought, test, args.max_length, seed)}
+                            if budget == args.fine_tune_at and strategy in args.fine_tune_strategies
+                            else {}
+                        ),
                     }
                 )
         print(seed, {s: round(runs[s][budgets[-1]][-1]["head_accuracy"], 3) for s in STRATEGIES}, flush=True)
@@ -228,7 +270,9 @@ def summarise(runs: dict[str, dict[int, list[dict[str, float]]]], budgets: list[
     for s in STRATEGIES:
         for b in budgets:
             row = {}
-            for probe in ("head_accuracy", "tfidf_accuracy", "majority_share", "labels"):
+            for probe in ("head_accuracy", "tfidf_accuracy", "majority_share", "labels", "fine_tune_accuracy"):
+                if not runs[s][b] or any(probe not in r for r in runs[s][b] + runs["random"][b]):
+                    continue  # fine_tune_accuracy: only at --fine-tune-at, for --fine-tune-strategies
                 values = [r[probe] for r in runs[s][b]]
                 row[probe] = stat(values)
                 if s != "random":

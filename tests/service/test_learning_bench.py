@@ -189,3 +189,29 @@ def test_the_cold_start_bench_buys_each_strategys_labels_from_the_chunks_streame
     loop.chunk(nxt, 10, rng, by_text)
     new = {x.text for x in loop.labelled} - before
     assert new and new <= flagged
+
+
+def test_the_cold_start_benchs_fine_tune_probe_is_paired_with_random(base_store: Path) -> None:  # noqa: F811
+    """--fine-tune-at: the replay's recipe fine-tuned from the base on a strategy's labels, scored on the test
+    items; the summary pairs it with random's (which always runs it) and leaves it out where it did not run."""
+    import subprocess
+    import sys
+
+    from bench.cold_start import fine_tune_accuracy, summarise
+
+    base = ModelStore(base_store).path("annotator", "v0")
+    acc = fine_tune_accuracy(base, reviews(16, 8, "train"), reviews(20, 9, "test"), 32, seed=0)
+    assert 0.0 <= acc <= 1.0
+    row = {"head_accuracy": 0.7, "tfidf_accuracy": 0.6, "majority_share": 0.6, "labels": 10.0}
+    runs = {
+        s: {10: [{**row, "fine_tune_accuracy": 0.7 + 0.01 * i} for i in range(2)], 20: [row, row]}
+        for s in ("coverage", "random", "embedding-coverage", "loop")
+    }
+    summary = summarise(runs, [10, 20])
+    assert summary["coverage"]["10"]["fine_tune_accuracy_minus_random"]["mean"] == 0.0
+    assert "fine_tune_accuracy" not in summary["coverage"]["20"]
+    bad = subprocess.run(
+        [sys.executable, "bench/cold_start.py", "--fine-tune-strategies", "coverage,bogus"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
+    )  # fmt: skip
+    assert bad.returncode == 2 and "--fine-tune-strategies: choose among" in bad.stderr
