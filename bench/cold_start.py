@@ -14,10 +14,14 @@ unchecked, then, once the online tier's head passes the gate, uncertainty among 
 (OnlineTierLoop). Seeds shuffle the stream as bench/learning.py does.
 
 A slower probe closest to what the loop serves, `--fine-tune-at N`, fine-tunes the replay's recipe from the
-base on each of `--fine-tune-strategies`' labels at N (clean labels, no self-training pool).
+base on each of `--fine-tune-strategies`' labels at N (clean labels, no self-training pool; with
+`--fine-tune-self-training`, self-trained on the streamed items the strategy did not buy, as bench/learning.py's
+passive baseline is).
 
     python bench/cold_start.py --data-dir .loopserve --seeds 20 --chunks 8   # JSON + plot in bench/results/
     python bench/cold_start.py --data-dir .loopserve --seeds 6 --chunks 2 --fine-tune-at 50
+    python bench/cold_start.py --data-dir .loopserve --first-seed 3 --seeds 3 --chunks 2 --fine-tune-at 50 \
+        --fine-tune-self-training
 """
 
 from __future__ import annotations
@@ -38,8 +42,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
-from bench.learning import tfidf_accuracy
-from loopserve.annotation.routing import pick_for_review, route_chunk
+from bench.learning import head_version, reannotate, tfidf_accuracy
+from loopserve.annotation.routing import per_cluster, pick_for_review, route_chunk
 from loopserve.datasets import Example
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
@@ -54,13 +58,10 @@ STRATEGIES = ("coverage", "random", "embedding-coverage", "loop")
 
 
 def embedding_coverage(vectors: np.ndarray, k: int, rng: random.Random) -> list[int]:
-    """The router's cold-start rule on the base encoder's embeddings instead of TF-IDF: per k-means cluster,
-    the item nearest its centre."""
-    from sklearn.cluster import KMeans
-
-    km = KMeans(n_clusters=k, n_init=1, random_state=rng.randrange(2**31)).fit(vectors)
-    dist = km.transform(vectors)
-    return [int(m[np.argmin(dist[m, c])]) for c in range(k) if (m := np.flatnonzero(km.labels_ == c)).size]
+    """The router's cold-start rule (routing.per_cluster: per k-means cluster, the item nearest its centre) on
+    the base encoder's embeddings instead of TF-IDF."""
+    n = len(vectors)
+    return per_cluster(list(range(n)), np.zeros(n), k, rng, least_certain=False, features=lambda c: vectors[c])
 
 
 def picks(
@@ -120,17 +121,11 @@ class OnlineTierLoop:
         x = torch.stack([self.emb[e.text] for e in self.labelled])
         cand = head_round(self.serving, x, self.labelled, self.cursor, self.head_cfg, self.gate, self.checked)
         if cand.decision.publish:  # a head-only version, as Replay.head_round serves it
-            model = copy.deepcopy(self.serving)
-            model.encoder_head = encoder_heads.encoder_head(self.serving)
-            model.head, model.spec = cand.head_and_spec(model.head, model.spec)
-            self.serving, self.checked, self.cursor = model, cand.decision.checked, len(self.labelled)
+            self.serving, self.checked = head_version(self.serving, cand), cand.decision.checked
+            self.cursor = len(self.labelled)
             if self.backlog:  # the new version re-annotates the backlog: confident items leave it
-                texts = list(self.backlog)
-                for t, p in zip(texts, self.probs([by_text[t] for t in texts]), strict=True):
-                    if self.checked and float(p.max()) >= self.threshold:
-                        del self.backlog[t]
-                    else:
-                        self.backlog[t] = p
+                probs = self.probs([by_text[t] for t in self.backlog])
+                reannotate(self.backlog, probs, self.checked, self.threshold)
 
 
 def bought_labels(
@@ -159,32 +154,50 @@ def bought_labels(
     return out
 
 
-def fine_tune_accuracy(base: Path, items: list[Example], test: list[Example], max_length: int, seed: int) -> float:
+class FineTuneProbe:
     """Test accuracy of the replay's recipe (bench/learning.py's configs: epochs scaled to the data, fp32)
-    fine-tuned from the base on `items` with their own labels, without self-training: the probe closest to
-    what the loop serves, with no annotator noise and no unlabelled pool."""
-    from bench.learning import make_configs
-    from bench.learning import parser as learning_parser
-    from loopserve.cli.demo.passive import accuracy_on
-    from trainer import annotation_policy
+    fine-tuned from the base on a strategy's items with their own labels: the probe closest to what the loop
+    serves, with no annotator noise. With `self_training`, the passive baseline's whole recipe: the model
+    then pseudo-labels the streamed items nobody bought and a student from the base trains on both
+    (trainer.pseudo_labels.self_train, the trainer's ratio). The base and tokenizer load once."""
 
-    cfg, _ = make_configs(
-        learning_parser().parse_args(
-            ["--dtype", "float32", "--pseudo-label-ratio", "0", "--max-length", str(max_length)]
+    def __init__(self, base: Path, test: list[Example], max_length: int, self_training: bool):
+        from bench.learning import make_configs
+        from bench.learning import parser as learning_parser
+
+        ratio = [] if self_training else ["--pseudo-label-ratio", "0"]
+        self.cfg, _ = make_configs(
+            learning_parser().parse_args(["--dtype", "float32", "--max-length", str(max_length), *ratio])
         )
-    )
-    model, tokenizer = encoder_heads.load(base), encoder_heads.load_tokenizer(base)
-    assert isinstance(model, AnnotatorModel)
-    labelled = [LabelExample(e.text, e.label, f"e{i}", i) for i, e in enumerate(items, 1)]
-    gen = torch.Generator().manual_seed(seed)
-    annotation_policy.train_annotation_policy(model, tokenizer, labelled, [], cfg, generator=gen)
-    return accuracy_on(model, tokenizer, test, cfg)
+        base_model = encoder_heads.load(base)
+        assert isinstance(base_model, AnnotatorModel)
+        self.base_model, self.tokenizer, self.test = base_model, encoder_heads.load_tokenizer(base), test
+
+    def load_base(self) -> AnnotatorModel:
+        return copy.deepcopy(self.base_model)
+
+    def run(self, items: list[Example], pool: list[str], seed: int) -> dict[str, float]:
+        """`fine_tune_accuracy` on the test split, and `fine_tune_pseudo_labels`: how many the student had."""
+        from loopserve.cli.demo.passive import accuracy_on
+        from trainer import annotation_policy
+        from trainer.pseudo_labels import self_train
+
+        labelled = [LabelExample(e.text, e.label, f"e{i}", i) for i, e in enumerate(items, 1)]
+        gen = torch.Generator().manual_seed(seed)
+        model = self.load_base()
+        annotation_policy.train_annotation_policy(model, self.tokenizer, labelled, [], self.cfg, generator=gen)
+        model, m = self_train(self.load_base, model, self.tokenizer, labelled, pool, self.cfg, generator=gen)
+        return {
+            "fine_tune_accuracy": accuracy_on(model, self.tokenizer, self.test, self.cfg),
+            "fine_tune_pseudo_labels": m["n_pseudo"],
+        }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_annotation_data_args(ap, test_items=0)
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed + seeds - 1")
     ap.add_argument("--chunk", type=int, default=100, help="items per streamed chunk (bench/learning.py's)")
     ap.add_argument("--quota", type=int, default=25, help="labels per chunk (bench/learning.py's --fraction 0.25)")
     ap.add_argument("--chunks", type=int, default=2, help="chunks streamed: budgets quota, 2 x quota, ...")
@@ -197,6 +210,12 @@ def main() -> None:
         help="at this many labels also fine-tune the replay's recipe (bench/learning.py's, fp32, no self-training) "
         "from the base on each of --fine-tune-strategies' labels, scored on the test split (slow; 0: off)",
     )
+    ap.add_argument(
+        "--fine-tune-self-training",
+        action="store_true",
+        help="the fine-tune probe self-trains on the streamed items the strategy did not buy, as the passive "
+        "baseline of bench/learning.py does",
+    )
     ap.add_argument("--fine-tune-strategies", type=lambda s: s.split(","), default=["coverage", "random"])
     ap.add_argument("--out", type=Path, default=RESULTS / "cold_start.json")
     args = ap.parse_args()
@@ -208,11 +227,13 @@ def main() -> None:
     model, tokenizer = encoder_heads.load(base), encoder_heads.load_tokenizer(base)
     assert isinstance(model, encoder_heads.AnnotatorModel)
     names = model.spec.label_names
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     streams = []
-    for seed in range(args.seeds):
+    for seed in seeds:
         order = list(train)
         random.Random(seed).shuffle(order)
         streams.append(order[: args.chunk * args.chunks])
+    probe = FineTuneProbe(base, test, args.max_length, args.fine_tune_self_training) if args.fine_tune_at else None
     t0 = time.monotonic()
     texts = sorted({e.text for s in streams for e in s} | {e.text for e in test})
     emb = dict(zip(texts, embed_texts(model, tokenizer, texts, 64, args.max_length, torch.float32), strict=True))
@@ -228,10 +249,12 @@ def main() -> None:
 
     budgets = [args.quota * (c + 1) for c in range(args.chunks)]
     runs: dict[str, dict[int, list[dict[str, float]]]] = {s: {b: [] for b in budgets} for s in STRATEGIES}
-    for seed, stream in enumerate(streams):
+    for seed, stream in zip(seeds, streams, strict=True):
         for strategy in STRATEGIES:
             sets = bought_labels(strategy, stream, args.chunk, args.quota, model, emb, args.review_threshold, seed)
-            for budget, bought in zip(budgets, sets, strict=True):
+            for c, (budget, bought) in enumerate(zip(budgets, sets, strict=True)):
+                bought_texts = {e.text for e in bought}
+                left = [e.text for e in stream[: (c + 1) * args.chunk] if e.text not in bought_texts]
                 runs[strategy][budget].append(
                     {
                         "head_accuracy": head_accuracy(bought),
@@ -239,8 +262,8 @@ def main() -> None:
                         "majority_share": max(sum(e.label == y for e in bought) for y in names) / len(bought),
                         "labels": float(len(bought)),
                         **(
-                            {"fine_tune_accuracy": fine_tune_accuracy(base, bought, test, args.max_length, seed)}
-                            if budget == args.fine_tune_at and strategy in args.fine_tune_strategies
+                            probe.run(bought, left, seed)
+                            if probe and budget == args.fine_tune_at and strategy in args.fine_tune_strategies
                             else {}
                         ),
                     }
@@ -283,13 +306,16 @@ def summarise(runs: dict[str, dict[int, list[dict[str, float]]]], budgets: list[
 
 
 def plot(summary: dict[str, Any], budgets: list[int], out: Path, title: str, results: dict[str, Any]) -> None:
+    """The head and TF-IDF probes against labels, and where the fine-tune probe ran, a third panel: its
+    accuracy per strategy at that budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, probe in zip(axes, ("head_accuracy", "tfidf_accuracy"), strict=True):
+    tuned = [(s, b) for s in STRATEGIES for b in budgets if "fine_tune_accuracy" in summary[s][str(b)]]
+    fig, axes = plt.subplots(1, 3 if tuned else 2, figsize=(15 if tuned else 10, 4))
+    for ax, probe in zip(axes, ("head_accuracy", "tfidf_accuracy"), strict=False):
         for i, s in enumerate(STRATEGIES):
             xs = [b + (i - 1) * 0.6 for b in budgets]
             ys = [summary[s][str(b)][probe]["mean"] for b in budgets]
@@ -298,7 +324,20 @@ def plot(summary: dict[str, Any], budgets: list[int], out: Path, title: str, res
         ax.axhline(results["majority_rate"], color="grey", ls=":", label="majority rate")
         ax.set_xlabel("labels (first chunks of the stream)")
         ax.set_ylabel(probe.replace("_", " ") + " (test, +-2 s.e.)")
-        save_plot(fig, ax, out, f"{title}: {probe.split('_')[0]}")  # saves the figure: last with both panels
+        ax.set_title(f"{title}: {probe.split('_')[0]}")
+        ax.legend(fontsize=8)
+    if tuned:
+        ax = axes[2]
+        for i, (s, b) in enumerate(tuned):
+            row = summary[s][str(b)]["fine_tune_accuracy"]
+            ax.errorbar([i], [row["mean"]], yerr=[2 * row["se"]], marker="o", capsize=3, label=f"{s} at {b} labels")
+        ax.axhline(results["majority_rate"], color="grey", ls=":", label="majority rate")
+        ax.set_xticks(range(len(tuned)), [s for s, _ in tuned])
+        ax.set_ylabel("fine-tune accuracy (test, +-2 s.e.)")
+        mode = "self-trained" if results["args"].get("fine_tune_self_training") else "no self-training"
+        ax.set_title(f"fine-tune probe ({mode})")
+        ax.legend(fontsize=8)
+    save_plot(fig, axes[-1], out, axes[-1].get_title())
 
 
 if __name__ == "__main__":

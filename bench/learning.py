@@ -68,7 +68,7 @@ from loopserve.device import resolved_dtype_name
 from loopserve.models import encoder_heads
 from loopserve.models.encoder_heads import AnnotatorModel
 from trainer import annotation_policy
-from trainer.annotation_head import EmbeddingCache, HeadConfig, head_round
+from trainer.annotation_head import EmbeddingCache, HeadCandidate, HeadConfig, head_round
 from trainer.annotation_policy import AnnotationPolicyConfig
 from trainer.annotation_round import AnnotatorCandidate, cross_fit_round, held_out_round
 from trainer.examples import LabelExample, heldout
@@ -139,9 +139,7 @@ class Replay:
             self.serving, emb, self.labelled, self.cursor, self.head_cfg, self.gate, serving_checked=self.checked
         )
         if cand.decision.publish:
-            model = copy.deepcopy(self.serving)
-            model.encoder_head = encoder_heads.encoder_head(self.serving)  # as a head-only version loads
-            model.head, model.spec = cand.head_and_spec(model.head, model.spec)
+            model = head_version(self.serving, cand)
             self.serving, self.checked, self.cursor = model, cand.decision.checked, n
             self.infer = self._inference_copy(model)
             self.version += 1
@@ -241,6 +239,29 @@ class Replay:
         return out
 
 
+def head_version(serving: AnnotatorModel, cand: HeadCandidate) -> AnnotatorModel:
+    """The version a passing online-tier head makes: `serving`'s encoder with `cand`'s head, as a head-only
+    version loads (the encoder's own head kept beside it)."""
+    model = copy.deepcopy(serving)
+    model.encoder_head = encoder_heads.encoder_head(serving)
+    model.head, model.spec = cand.head_and_spec(model.head, model.spec)
+    return model
+
+
+def reannotate(backlog: dict[Any, np.ndarray], probs: np.ndarray, checked: bool, threshold: float) -> int:
+    """A newly served version's pass over `backlog` (`probs`: its answers, in the backlog's order): a checked
+    version's confident items leave it (auto-labelled), the others wait with its probabilities. Returns how
+    many left."""
+    left = 0
+    for k, p in zip(list(backlog), probs, strict=True):
+        if checked and float(p.max()) >= threshold:
+            del backlog[k]
+            left += 1
+        else:
+            backlog[k] = p
+    return left
+
+
 def round_record(
     n: int, regime: str, decision: GateDecision, metrics: dict[str, float], t0: float, **extra: float
 ) -> dict[str, Any]:
@@ -337,13 +358,8 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
         probs = rp.probs(texts)
         needs = [not rp.checked or float(p.max()) < args.review_threshold for p in probs]
         if rp.version != backlog_version and backlog:  # a newly served version re-annotates the backlog
-            keys = list(backlog)
-            for k, p in zip(keys, rp.probs([stream[k].text for k in keys]), strict=True):
-                if rp.checked and float(p.max()) >= args.review_threshold:
-                    del backlog[k]  # confident now: auto-labelled
-                    auto_items += 1
-                else:
-                    backlog[k] = p
+            probs_now = rp.probs([stream[k].text for k in backlog])
+            auto_items += reannotate(backlog, probs_now, rp.checked, args.review_threshold)
         backlog_version = rp.version
         pace = min(budgets[-1], int(args.fraction * (seen + len(part))))
         quota = max(0, pace - len(human))

@@ -30,7 +30,8 @@ no trainer import: the demo's app and bench/learning.py route with this same fun
 from __future__ import annotations
 
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.cluster import KMeans
@@ -75,29 +76,40 @@ def pick_for_review(
     n = len(texts)
     if quota <= 0:
         return []
+
+    def features(candidates: list[int]) -> Any:
+        return text_features([texts[i] for i in candidates])
+
     free = [i for i in range(n) if i not in taken]
     if not checked:
-        return _per_cluster(texts, free, np.zeros(n), quota, rng, least_certain=False)
+        return per_cluster(free, np.zeros(n), quota, rng, least_certain=False, features=features)
     m = margins(np.asarray(probs, dtype=float))
     flagged = [i for i in free if needs_review[i]]
-    picks = _per_cluster(texts, flagged, m, quota, rng, least_certain=True)
+    picks = per_cluster(flagged, m, quota, rng, least_certain=True, features=features)
     extra = min(top_up, quota - len(picks))
     if extra > 0:
         confident = [i for i in free if not needs_review[i]]
-        picks += _per_cluster(texts, confident, m, extra, rng, least_certain=True)
+        picks += per_cluster(confident, m, extra, rng, least_certain=True, features=features)
     return picks
 
 
-def _per_cluster(
-    texts: Sequence[str], candidates: list[int], m: np.ndarray, quota: int, rng: random.Random, *, least_certain: bool
+def per_cluster(
+    candidates: list[int],
+    m: np.ndarray,
+    quota: int,
+    rng: random.Random,
+    *,
+    least_certain: bool,
+    features: Callable[[list[int]], Any],
 ) -> list[int]:
-    """At most `quota` of `candidates`, least certain first: all of them if they fit, else one per k-means
-    cluster (its least certain item, or with `least_certain` False its most typical one)."""
+    """At most `quota` of `candidates`, least certain (smallest `m`) first: all of them if they fit, else one
+    per k-means cluster of `features(candidates)` (a row per candidate: the router's hashed TF-IDF; a bench
+    may pass embeddings), its least certain item, or with `least_certain` False its most typical one."""
     if not candidates:
         return []
     if len(candidates) <= quota:
         return sorted(candidates, key=lambda i: m[i])
-    x = text_features([texts[i] for i in candidates])
+    x = features(candidates)
     km = KMeans(n_clusters=quota, n_init=1, random_state=rng.randrange(2**31)).fit(x)
     dist = km.transform(x)  # (c, quota): distance of each candidate to each centre
     picks = []

@@ -193,15 +193,22 @@ def test_the_cold_start_bench_buys_each_strategys_labels_from_the_chunks_streame
 
 def test_the_cold_start_benchs_fine_tune_probe_is_paired_with_random(base_store: Path) -> None:  # noqa: F811
     """--fine-tune-at: the replay's recipe fine-tuned from the base on a strategy's labels, scored on the test
-    items; the summary pairs it with random's (which always runs it) and leaves it out where it did not run."""
+    items, with --fine-tune-self-training also self-trained on the items left; the summary pairs it with
+    random's (which always runs it) and leaves it out where it did not run."""
     import subprocess
     import sys
 
-    from bench.cold_start import fine_tune_accuracy, summarise
+    from bench.cold_start import FineTuneProbe, summarise
 
     base = ModelStore(base_store).path("annotator", "v0")
-    acc = fine_tune_accuracy(base, reviews(16, 8, "train"), reviews(20, 9, "test"), 32, seed=0)
-    assert 0.0 <= acc <= 1.0
+    train, pool, test = reviews(16, 8, "train"), [e.text for e in reviews(24, 10, "pool")], reviews(20, 9, "test")
+    plain = FineTuneProbe(base, test, 32, self_training=False)
+    assert plain.cfg.pseudo_label_ratio == 0
+    row = plain.run(train, pool, seed=0)
+    assert 0.0 <= row["fine_tune_accuracy"] <= 1.0 and row["fine_tune_pseudo_labels"] == 0
+    row = FineTuneProbe(base, test, 32, self_training=True).run(train, pool, seed=0)
+    assert 0.0 <= row["fine_tune_accuracy"] <= 1.0 and row["fine_tune_pseudo_labels"] > 0
+    assert plain.load_base() is not plain.base_model  # each training starts from a fresh copy
     row = {"head_accuracy": 0.7, "tfidf_accuracy": 0.6, "majority_share": 0.6, "labels": 10.0}
     runs = {
         s: {10: [{**row, "fine_tune_accuracy": 0.7 + 0.01 * i} for i in range(2)], 20: [row, row]}
