@@ -193,7 +193,7 @@ class FineTuneProbe:
         }
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_annotation_data_args(ap, test_items=0)
     ap.add_argument("--seeds", type=int, default=20)
@@ -217,13 +217,24 @@ def main() -> None:
         "baseline of bench/learning.py does",
     )
     ap.add_argument("--fine-tune-strategies", type=lambda s: s.split(","), default=["coverage", "random"])
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        nargs="*",
+        default=[],
+        help="earlier result files (same chunks, quota and fine-tune probe) whose seeds to include; "
+        "--seeds 0 --merge A B: no new run",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS / "cold_start.json")
-    args = ap.parse_args()
-    if not set(args.fine_tune_strategies) <= set(STRATEGIES):
-        ap.error(f"--fine-tune-strategies: choose among {', '.join(STRATEGIES)}")
-    args.fine_tune_strategies = sorted({*args.fine_tune_strategies, "random"})  # the others are paired with it
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    path, train, test, base = load_annotation_data(args)
+    return ap
+
+
+Runs = dict[str, dict[int, list[dict[str, float]]]]
+"""strategy -> labels -> one row of probes per seed (the same seed order for every strategy: paired)."""
+
+
+def measure(args: argparse.Namespace, train: list[Example], test: list[Example], base: Path) -> Runs:
+    """Every strategy's labels, probed, for each of the seeds asked for."""
     model, tokenizer = encoder_heads.load(base), encoder_heads.load_tokenizer(base)
     assert isinstance(model, encoder_heads.AnnotatorModel)
     names = model.spec.label_names
@@ -234,10 +245,8 @@ def main() -> None:
         random.Random(seed).shuffle(order)
         streams.append(order[: args.chunk * args.chunks])
     probe = FineTuneProbe(base, test, args.max_length, args.fine_tune_self_training) if args.fine_tune_at else None
-    t0 = time.monotonic()
     texts = sorted({e.text for s in streams for e in s} | {e.text for e in test})
     emb = dict(zip(texts, embed_texts(model, tokenizer, texts, 64, args.max_length, torch.float32), strict=True))
-    embed_s = time.monotonic() - t0
     w0, b0 = encoder_heads.encoder_head(model)
     x_test = torch.stack([emb[e.text] for e in test])
     y_test = torch.tensor([names.index(e.label) for e in test])
@@ -248,7 +257,7 @@ def main() -> None:
         return float(((x_test @ w.T + b).argmax(-1) == y_test).float().mean())
 
     budgets = [args.quota * (c + 1) for c in range(args.chunks)]
-    runs: dict[str, dict[int, list[dict[str, float]]]] = {s: {b: [] for b in budgets} for s in STRATEGIES}
+    runs: Runs = {s: {b: [] for b in budgets} for s in STRATEGIES}
     for seed, stream in zip(seeds, streams, strict=True):
         for strategy in STRATEGIES:
             sets = bought_labels(strategy, stream, args.chunk, args.quota, model, emb, args.review_threshold, seed)
@@ -257,6 +266,7 @@ def main() -> None:
                 left = [e.text for e in stream[: (c + 1) * args.chunk] if e.text not in bought_texts]
                 runs[strategy][budget].append(
                     {
+                        "seed": float(seed),
                         "head_accuracy": head_accuracy(bought),
                         "tfidf_accuracy": tfidf_accuracy([(e.text, e.label) for e in bought], test),
                         "majority_share": max(sum(e.label == y for e in bought) for y in names) / len(bought),
@@ -269,16 +279,43 @@ def main() -> None:
                     }
                 )
         print(seed, {s: round(runs[s][budgets[-1]][-1]["head_accuracy"], 3) for s in STRATEGIES}, flush=True)
+    return runs
+
+
+def main() -> None:
+    ap = parser()
+    args = ap.parse_args()
+    if not set(args.fine_tune_strategies) <= set(STRATEGIES):
+        ap.error(f"--fine-tune-strategies: choose among {', '.join(STRATEGIES)}")
+    args.fine_tune_strategies = sorted({*args.fine_tune_strategies, "random"})  # the others are paired with it
+    budgets = [args.quota * (c + 1) for c in range(args.chunks)]
+    same = ("chunk", "quota", "chunks", "max_length", "fine_tune_at", "fine_tune_self_training")
+    earlier = [json.loads(f.read_text()) for f in args.merge]
+    for f, r in zip(args.merge, earlier, strict=True):
+        if any(r["args"].get(k, False) != getattr(args, k) for k in same):  # older files lack the newer flags
+            ap.error(f"--merge {f.name}: measured with other {', '.join(same)}")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    path, train, test, base = load_annotation_data(args)
+    t0 = time.monotonic()
+    runs = measure(args, train, test, base) if args.seeds else {s: {b: [] for b in budgets} for s in STRATEGIES}
+    for r in earlier:
+        for s in STRATEGIES:
+            for b in budgets:
+                runs[s][b] = r["runs"][s][str(b)] + runs[s][b]
+    n_seeds = len(runs["random"][budgets[0]])
     results: dict[str, Any] = {
         **annotation_results_header(args, path, train, test),
-        "embed_seconds": round(embed_s, 1),
         "seconds": round(time.monotonic() - t0, 1),
+        "merged": [
+            {"file": f.name, **{k: r.get(k) for k in ("cpu", "threads", "seconds")}, "args": r["args"]}
+            for f, r in zip(args.merge, earlier, strict=True)
+        ],
         "summary": summarise(runs, budgets),
         "runs": {s: {str(b): v for b, v in r.items()} for s, r in runs.items()},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
-    plot(results["summary"], budgets, args.out.with_suffix(".png"), f"{path.name}: {args.seeds} seeds", results)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    plot(results["summary"], budgets, args.out.with_suffix(".png"), f"{path.name}: {n_seeds} seeds", results)
     print(json.dumps(results["summary"], indent=1))
 
 

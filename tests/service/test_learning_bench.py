@@ -222,3 +222,39 @@ def test_the_cold_start_benchs_fine_tune_probe_is_paired_with_random(base_store:
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
     )  # fmt: skip
     assert bad.returncode == 2 and "--fine-tune-strategies: choose among" in bad.stderr
+
+
+def test_the_cold_start_bench_merges_earlier_seeds_and_refuses_other_probes(tmp_path: Path) -> None:
+    """--seeds 0 --merge A B: the seeds of both files, paired, summarised and plotted with no new run; a file
+    measured with another fine-tune probe (here: without self-training) is a usage error, not a mixed mean."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label, "split": e.split}) + "\n"
+                            for e in reviews(20, 1, "train") + reviews(10, 2, "test")))  # fmt: skip
+    args = {"chunk": 100, "quota": 25, "chunks": 2, "max_length": 128, "fine_tune_at": 50}
+    files = []
+    for k, self_training in enumerate((True, True, False)):
+        row = {"head_accuracy": 0.6 + 0.01 * k, "tfidf_accuracy": 0.6, "majority_share": 0.6, "labels": 25.0}
+        runs = {
+            s: {"25": [row, row], "50": [{**row, "fine_tune_accuracy": 0.7 + 0.01 * k}] * 2}
+            for s in ("coverage", "random", "embedding-coverage", "loop")
+        }
+        files.append(tmp_path / f"part{k}.json")
+        files[-1].write_text(json.dumps({"args": {**args, "fine_tune_self_training": self_training}, "runs": runs}))
+    root, out = Path(__file__).resolve().parents[2], tmp_path / "merged.json"
+    cmd = [sys.executable, "bench/cold_start.py", "--dataset", str(data), "--seeds", "0", "--fine-tune-at", "50",
+           "--fine-tune-self-training", "--out", str(out), "--merge"]  # fmt: skip
+    done = subprocess.run([*cmd, *map(str, files[:2])], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
+    merged = json.loads(out.read_text())
+    assert len(merged["runs"]["random"]["50"]) == 4 and [m["file"] for m in merged["merged"]] == [
+        "part0.json",
+        "part1.json",
+    ]
+    assert abs(merged["summary"]["coverage"]["50"]["fine_tune_accuracy"]["mean"] - 0.705) < 1e-9
+    assert out.with_suffix(".png").stat().st_size > 0
+    bad = subprocess.run([*cmd, *map(str, files[1:])], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "--merge part2.json: measured with other" in bad.stderr
