@@ -215,12 +215,16 @@ class Replay:
         )
         return cand
 
-    def train_ungated(self, pool: list[str], gen: torch.Generator) -> tuple[AnnotatorModel, dict[str, Any]]:
-        """A candidate from the base on every label, self-trained on `pool` as the trainer's cross-fitted
-        candidate is (a no-op when self-training is off), with no gate: the passive baseline's round."""
+    def train_ungated(
+        self, pool: list[str], gen: torch.Generator, labelled: list[LabelExample] | None = None
+    ) -> tuple[AnnotatorModel, dict[str, Any]]:
+        """A candidate from the base on every label (or on `labelled`), self-trained on `pool` as the
+        trainer's cross-fitted candidate is (a no-op when self-training is off), with no gate: the passive
+        baseline's round."""
+        labelled = self.labelled if labelled is None else labelled
         model = self.load_base()
-        annotation_policy.train_annotation_policy(model, self.tokenizer, self.labelled, [], self.cfg, generator=gen)
-        return self_train(self.load_base, model, self.tokenizer, self.labelled, pool, self.cfg, generator=gen)
+        annotation_policy.train_annotation_policy(model, self.tokenizer, labelled, [], self.cfg, generator=gen)
+        return self_train(self.load_base, model, self.tokenizer, labelled, pool, self.cfg, generator=gen)
 
     def accuracy(self, model: AnnotatorModel, test: list[Example]) -> float:
         return accuracy_on(self._inference_copy(model), self.tokenizer, test, self.cfg)  # as served
@@ -320,6 +324,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     seen = 0
     last_round = -1  # labels at the last full round (one per round point)
     auto_items = 0
+    bought: dict[int, list[int]] = {}  # --ungated-twin: budget -> the stream indices people labelled
     backlog: dict[int, np.ndarray] = {}  # stream index -> probabilities of the version that flagged it
     backlog_version = rp.version
 
@@ -399,13 +404,11 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
             if len(human) in budgets:
                 out[len(human)] = measure(seen)
                 if args.ungated_twin:  # the loop's labels, trained as passive trains its random ones
-                    twin, _ = rp.train_ungated(
-                        [stream[j].text for j in range(seen) if j not in human], torch.Generator().manual_seed(seed)
-                    )
-                    out[len(human)]["ungated_twin_accuracy"] = rp.accuracy(twin, test)
+                    out[len(human)].update(twins(args, rp, stream[:seen], human, test, seed))
+                    bought[len(human)] = sorted(human)
                 print(f"  loop  seed {seed} budget {len(human)}: {compact(out[len(human)])}", flush=True)
     if len(out) == len(budgets):
-        return {"budgets": out, "rounds": rp.rounds}
+        return {"budgets": out, "rounds": rp.rounds, **({"bought": bought} if bought else {})}
     # The stream ran out short of a budget (--top-up never: once a checked version serves, only the items it
     # flags are candidates, and a confident version flags fewer than the quota, so it asked people less and
     # auto-labelled the rest). The loop's end point instead: a round at the labels it reached, measured alike.
@@ -414,7 +417,30 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     end = {**measure(seen), "labels": float(len(human))}
     missed = [b for b in budgets if b not in out]
     print(f"  loop  seed {seed} stream ended at {len(human)} labels, short of {missed}: {compact(end)}", flush=True)
-    return {"budgets": out, "end": end, "rounds": rp.rounds}
+    return {"budgets": out, "end": end, "rounds": rp.rounds, **({"bought": bought} if bought else {})}
+
+
+def twins(
+    args: argparse.Namespace, rp: Replay, streamed: list[Example], human: dict[int, str], test: list[Example], seed: int
+) -> dict[str, float]:
+    """--ungated-twin: the loop's labels (`human`: stream index -> label), trained as passive trains its random
+    ones (from the base, self-trained on the streamed items nobody labelled, no gate), scored on `test`. With
+    --twin-controls, two more the same way, each from its own generator seeded alike: the loop's items with the
+    data's own labels (what the annotators' errors cost), and as many random items from the same streamed ones
+    with the data's own labels (the loop's choice of items against random ones, with nothing else different)."""
+    left = [streamed[j].text for j in range(len(streamed)) if j not in human]
+    twin, _ = rp.train_ungated(left, torch.Generator().manual_seed(seed))
+    out = {"ungated_twin_accuracy": rp.accuracy(twin, test)}
+    if not args.twin_controls:
+        return out
+    rand = random.Random(seed + 31).sample(range(len(streamed)), len(human))
+    for name, items in (("ungated_twin_clean_accuracy", sorted(human)), ("random_twin_accuracy", rand)):
+        labelled = [LabelExample(streamed[j].text, streamed[j].label, f"t{j}", n) for n, j in enumerate(items, 1)]
+        chosen = set(items)
+        pool = [streamed[j].text for j in range(len(streamed)) if j not in chosen]
+        model, _ = rp.train_ungated(pool, torch.Generator().manual_seed(seed), labelled)
+        out[name] = rp.accuracy(model, test)
+    return out
 
 
 def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test: list[Example], seed: int) -> dict:
@@ -651,6 +677,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="at each budget also train the loop's labels as the passive baseline trains its random ones (ungated, "
         "from the base) and score that model on the test items: which items the loop bought, apart from its gate",
+    )
+    ap.add_argument(
+        "--twin-controls",
+        action="store_true",
+        help="with --ungated-twin, two more twins at each budget: the loop's items with the data's own labels, and "
+        "as many random items from the same streamed ones with theirs (two more fine-tunes a budget)",
     )
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)

@@ -131,16 +131,20 @@ def test_the_dtype_flag_reaches_the_replays_serving_and_training(base_store: Pat
 
 def test_the_ungated_twin_trains_the_loops_labels_as_passive_trains_its_own(base_store: Path) -> None:  # noqa: F811
     """--ungated-twin: at each budget a model from the base on the loop's labels, served without the gate as
-    the passive baseline's is, scored on the test items beside the loop's serving version; the loop's own
-    run is unchanged by it (the twin draws from its own generator)."""
+    the passive baseline's is, scored on the test items beside the loop's serving version; --twin-controls
+    adds the loop's items with clean labels and random streamed items; the loop's own run is unchanged by
+    them (each twin draws from its own generator), and the items bought are recorded."""
     base = ModelStore(base_store).path("annotator", "v0")
     train, test = reviews(120, 5, "train"), reviews(40, 6, "test")
     flags = ["--budgets", "24", "--early-rounds", "12", "--no-online-tier"]
     plain = run_loop(bench_args(*flags), base, train, test, seed=0)
-    twin = run_loop(bench_args(*flags, "--ungated-twin"), base, train, test, seed=0)
-    assert "ungated_twin_accuracy" not in plain["budgets"][24]
-    assert 0.0 <= twin["budgets"][24]["ungated_twin_accuracy"] <= 1.0
+    twin = run_loop(bench_args(*flags, "--ungated-twin", "--twin-controls"), base, train, test, seed=0)
+    assert "ungated_twin_accuracy" not in plain["budgets"][24] and "bought" not in plain
+    for name in ("ungated_twin_accuracy", "ungated_twin_clean_accuracy", "random_twin_accuracy"):
+        assert 0.0 <= twin["budgets"][24][name] <= 1.0
     assert twin["budgets"][24]["accuracy"] == plain["budgets"][24]["accuracy"]
+    bought = twin["bought"][24]  # the stream indices people labelled, all of them streamed by then
+    assert len(bought) == len(set(bought)) == 24 and max(bought) < twin["budgets"][24]["items_streamed"]
 
 
 def test_the_cold_start_bench_buys_each_strategys_labels_from_the_chunks_streamed(base_store: Path) -> None:  # noqa: F811
