@@ -178,15 +178,12 @@ class FineTuneProbe:
 
     def run(self, items: list[Example], pool: list[str], seed: int) -> dict[str, float]:
         """`fine_tune_accuracy` on the test split, and `fine_tune_pseudo_labels`: how many the student had."""
+        from bench.learning import train_ungated
         from loopserve.cli.demo.passive import accuracy_on
-        from trainer import annotation_policy
-        from trainer.pseudo_labels import self_train
 
         labelled = [LabelExample(e.text, e.label, f"e{i}", i) for i, e in enumerate(items, 1)]
         gen = torch.Generator().manual_seed(seed)
-        model = self.load_base()
-        annotation_policy.train_annotation_policy(model, self.tokenizer, labelled, [], self.cfg, generator=gen)
-        model, m = self_train(self.load_base, model, self.tokenizer, labelled, pool, self.cfg, generator=gen)
+        model, m = train_ungated(self.load_base, self.tokenizer, labelled, pool, self.cfg, gen)
         return {
             "fine_tune_accuracy": accuracy_on(model, self.tokenizer, self.test, self.cfg),
             "fine_tune_pseudo_labels": m["n_pseudo"],

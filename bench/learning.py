@@ -50,11 +50,13 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -222,9 +224,7 @@ class Replay:
         trainer's cross-fitted candidate is (a no-op when self-training is off), with no gate: the passive
         baseline's round."""
         labelled = self.labelled if labelled is None else labelled
-        model = self.load_base()
-        annotation_policy.train_annotation_policy(model, self.tokenizer, labelled, [], self.cfg, generator=gen)
-        return self_train(self.load_base, model, self.tokenizer, labelled, pool, self.cfg, generator=gen)
+        return train_ungated(self.load_base, self.tokenizer, labelled, pool, self.cfg, gen)
 
     def accuracy(self, model: AnnotatorModel, test: list[Example]) -> float:
         return accuracy_on(self._inference_copy(model), self.tokenizer, test, self.cfg)  # as served
@@ -241,6 +241,21 @@ class Replay:
             shifted = annotation_policy.classification_metrics(logits + torch.from_numpy(prior_shift).float(), labels)
             out.update(accuracy_prior_shifted=shifted["accuracy"], macro_f1_prior_shifted=shifted["macro_f1"])
         return out
+
+
+def train_ungated(
+    load_base: Callable[[], AnnotatorModel],
+    tokenizer: PreTrainedTokenizerBase,
+    labelled: list[LabelExample],
+    pool: list[str],
+    cfg: AnnotationPolicyConfig,
+    gen: torch.Generator,
+) -> tuple[AnnotatorModel, dict[str, Any]]:
+    """The passive baseline's round: a model from the base on `labelled`, then self-trained on `pool` as the
+    trainer's cross-fitted candidate is (trainer.pseudo_labels.self_train; a no-op with self-training off)."""
+    model = load_base()
+    annotation_policy.train_annotation_policy(model, tokenizer, labelled, [], cfg, generator=gen)
+    return self_train(load_base, model, tokenizer, labelled, pool, cfg, generator=gen)
 
 
 def head_version(serving: AnnotatorModel, cand: HeadCandidate) -> AnnotatorModel:
