@@ -463,21 +463,21 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
     rp = Replay(base, cfg, gate, args.heldout_fraction, seed)
     rp.ablation_test = test if args.pseudo_ablation else []
     pool = AnnotatorPool(label_set(train + test), error_rate=args.error_rate, double_review=0.0, seed=seed + 1000)
-    order = random.Random(seed + 7919).sample(range(len(train)), len(train))
     budgets = sorted(args.budgets)
+    streamed_at = passive_draws(args.passive_from, len(train), budgets, args.fraction, random.Random(seed + 7919))
     out: dict[int, dict[str, float]] = {}
     for p in budgets:
+        streamed = [train[j] for j in streamed_at[p]]
         while len(rp.labelled) < p:
-            e = train[order[len(rp.labelled)]]
+            e = streamed[len(rp.labelled)]
             rp.add(e.text, pool.noisy_label(e.label))
-        # Its unlabelled pool: as many items as the loop has streamed by p labels, less the labelled ones.
-        rp.round(gated=False, pool=[train[j].text for j in order[p : int(p / args.fraction)]])
+        # Its unlabelled pool: the items streamed by p labels, less the labelled ones.
+        rp.round(gated=False, pool=[e.text for e in streamed[p:]])
         if p in budgets:
             m = rp.test_metrics(test)
             m["tfidf_accuracy"] = tfidf_accuracy([(x.text, x.label) for x in rp.labelled], test)
             # Its labelled data set, as the loop's is measured: the items streamed by p labels at --fraction,
             # with the human label where it bought one and its model's label on the rest.
-            streamed = [train[j] for j in order[: max(p, int(p / args.fraction))]]
             names = rp.serving.spec.label_names
             guesses = rp.probs([e.text for e in streamed[p:]]).argmax(1) if len(streamed) > p else []
             correct = sum(x.label == e.label for x, e in zip(rp.labelled, streamed[:p], strict=True))
@@ -486,6 +486,25 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
             out[p] = m
             print(f"  passive seed {seed} budget {p}: {compact(m)}", flush=True)
     return {"budgets": out, "rounds": rp.rounds}
+
+
+def passive_draws(source: str, n: int, budgets: list[int], fraction: float, rng: random.Random) -> dict[int, list[int]]:
+    """Budget p -> the indices into the train split that passive has streamed by p labels (p / `fraction` of
+    them), the p it bought first, in the order it bought them; each budget's purchases extend the last's.
+    `source` "train": a random draw from the whole split, the next items of it streamed beside them; "stream":
+    the loop's own stream (the split's order, a seed's shuffle), random picks among the items it has streamed,
+    so that the loop and passive choose from the same items and self-train on the same pool."""
+    if source == "train":
+        order = rng.sample(range(n), n)
+        return {p: order[: max(p, int(p / fraction))] for p in budgets}
+    out, bought = {}, []
+    for p in budgets:
+        prefix = range(min(n, max(p, int(p / fraction))))
+        taken = set(bought)
+        bought += rng.sample([j for j in prefix if j not in taken], p - len(bought))
+        taken = set(bought)
+        out[p] = bought + [j for j in prefix if j not in taken]
+    return out
 
 
 def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, GateConfig]:
@@ -698,6 +717,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --ungated-twin, two more twins at each budget: the loop's items with the data's own labels, and "
         "as many random items from the same streamed ones with theirs (two more fine-tunes a budget)",
+    )
+    ap.add_argument(
+        "--passive-from",
+        choices=("train", "stream"),
+        default="train",
+        help="where passive's random labels come from: the whole train split (train, as the demo's passive baseline "
+        "draws) or the items the loop's stream has delivered by then (stream: the loop's pool, paired)",
     )
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)

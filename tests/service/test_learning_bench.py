@@ -262,3 +262,21 @@ def test_the_cold_start_bench_merges_earlier_seeds_and_refuses_other_probes(tmp_
     assert out.with_suffix(".png").stat().st_size > 0
     bad = subprocess.run([*cmd, *map(str, files[1:])], capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "--merge part2.json: measured with other" in bad.stderr
+
+
+def test_passive_draws_from_the_loops_stream_or_the_whole_split() -> None:
+    """--passive-from: "stream" buys random items among those the loop's stream has delivered by each budget
+    (p / fraction of the split's first items), each budget's purchases extending the last's, the rest of the
+    prefix its self-training pool; "train" draws from the whole split, as the baseline always has."""
+    from bench.learning import passive_draws
+
+    budgets, fraction = [10, 20, 40], 0.25
+    stream = passive_draws("stream", 500, budgets, fraction, random.Random(3))
+    whole = passive_draws("train", 500, budgets, fraction, random.Random(3))
+    for p in budgets:
+        assert sorted(stream[p]) == list(range(int(p / fraction)))  # exactly the streamed prefix, once each
+        assert len(whole[p]) == int(p / fraction) == len(set(whole[p]))
+    assert stream[20][:10] == stream[10][:10] and stream[40][:20] == stream[20][:20]
+    assert whole[40][:20] == whole[20][:20]
+    assert max(whole[40][:40]) >= 160  # the whole split: not confined to the stream's first items
+    assert stream != passive_draws("stream", 500, budgets, fraction, random.Random(4))
