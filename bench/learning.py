@@ -25,7 +25,9 @@ For each seed, two replays of the same data in one process, with the trainer's o
 - passive: the same number of labels for items drawn at random, from the same annotator pool, trained
   with the same recipe at the budgets (from the base while labels are few, continued after), served
   without a gate, as the demo's offline passive baseline is; it self-trains as the loop's rounds do, on the
-  items it did not buy labels for (as many as the loop has streamed by then).
+  items it did not buy labels for (as many as the loop has streamed by then). The items come from the whole
+  train split; with `--passive-from stream`, from those the loop's stream has delivered by then, so that
+  the two choose among the same items and self-train on the same pool.
 - tfidf: TF-IDF (1-2 grams) + logistic regression on the passive labels and on the loop's labels.
 
 At each budget: test accuracy and macro-F1 of the version serving, and the labelled data set's accuracy
