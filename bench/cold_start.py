@@ -295,10 +295,9 @@ def main() -> None:
     path, train, test, base = load_annotation_data(args)
     t0 = time.monotonic()
     runs = measure(args, train, test, base) if args.seeds else {s: {b: [] for b in budgets} for s in STRATEGIES}
-    for r in earlier:
-        for s in STRATEGIES:
-            for b in budgets:
-                runs[s][b] = r["runs"][s][str(b)] + runs[s][b]
+    for s in STRATEGIES:  # the merged files' seeds first, in the order given, then this run's
+        for b in budgets:
+            runs[s][b] = [row for r in earlier for row in r["runs"][s][str(b)]] + runs[s][b]
     n_seeds = len(runs["random"][budgets[0]])
     results: dict[str, Any] = {
         **annotation_results_header(args, path, train, test),

@@ -259,6 +259,7 @@ def test_the_cold_start_bench_merges_earlier_seeds_and_refuses_other_probes(tmp_
         "part1.json",
     ]
     assert abs(merged["summary"]["coverage"]["50"]["fine_tune_accuracy"]["mean"] - 0.705) < 1e-9
+    assert [r["head_accuracy"] for r in merged["runs"]["loop"]["25"]] == [0.6, 0.6, 0.61, 0.61]  # files in order
     assert out.with_suffix(".png").stat().st_size > 0
     bad = subprocess.run([*cmd, *map(str, files[1:])], capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "--merge part2.json: measured with other" in bad.stderr
