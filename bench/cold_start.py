@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import random
 import statistics
@@ -41,7 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
+from bench.common import (
+    add_annotation_data_args,
+    annotation_results_header,
+    load_annotation_data,
+    merge_results,
+    save_figure,
+)
 from bench.learning import head_version, reannotate, tfidf_accuracy
 from loopserve.annotation.routing import per_cluster, pick_for_review, route_chunk
 from loopserve.datasets import Example
@@ -165,9 +172,13 @@ class FineTuneProbe:
         from bench.learning import make_configs
         from bench.learning import parser as learning_parser
 
-        ratio = [] if self_training else ["--pseudo-label-ratio", "0"]
-        self.cfg, _ = make_configs(
-            learning_parser().parse_args(["--dtype", "float32", "--max-length", str(max_length), *ratio])
+        cfg, _ = make_configs(learning_parser().parse_args([]))  # the replay's recipe at its defaults
+        self.cfg = dataclasses.replace(
+            cfg,
+            max_length=max_length,
+            eval_dtype="float32",
+            train_dtype="float32",
+            pseudo_label_ratio=cfg.pseudo_label_ratio if self_training else 0.0,
         )
         base_model = encoder_heads.load(base)
         assert isinstance(base_model, AnnotatorModel)
@@ -287,10 +298,7 @@ def main() -> None:
     args.fine_tune_strategies = sorted({*args.fine_tune_strategies, "random"})  # the others are paired with it
     budgets = [args.quota * (c + 1) for c in range(args.chunks)]
     same = ("chunk", "quota", "chunks", "max_length", "fine_tune_at", "fine_tune_self_training")
-    earlier = [json.loads(f.read_text()) for f in args.merge]
-    for f, r in zip(args.merge, earlier, strict=True):
-        if any(r["args"].get(k, False) != getattr(args, k) for k in same):  # older files lack the newer flags
-            ap.error(f"--merge {f.name}: measured with other {', '.join(same)}")
+    earlier, merged = merge_results(ap, args, args.merge, lambda _: same)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path, train, test, base = load_annotation_data(args)
     t0 = time.monotonic()
@@ -302,10 +310,7 @@ def main() -> None:
     results: dict[str, Any] = {
         **annotation_results_header(args, path, train, test),
         "seconds": round(time.monotonic() - t0, 1),
-        "merged": [
-            {"file": f.name, **{k: r.get(k) for k in ("cpu", "threads", "seconds")}, "args": r["args"]}
-            for f, r in zip(args.merge, earlier, strict=True)
-        ],
+        "merged": merged,
         "summary": summarise(runs, budgets),
         "runs": {s: {str(b): v for b, v in r.items()} for s, r in runs.items()},
     }
@@ -370,7 +375,7 @@ def plot(summary: dict[str, Any], budgets: list[int], out: Path, title: str, res
         mode = "self-trained" if results["args"].get("fine_tune_self_training") else "no self-training"
         ax.set_title(f"fine-tune probe ({mode})")
         ax.legend(fontsize=8)
-    save_plot(fig, axes[-1], out, axes[-1].get_title())
+    save_figure(fig, out)
 
 
 if __name__ == "__main__":

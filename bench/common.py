@@ -4,12 +4,13 @@ annotator benches' data and plots."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import random
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,44 @@ def load_annotation_data(args: argparse.Namespace) -> tuple[Path, list[Any], lis
 
 
 def save_plot(fig: Any, ax: Any, out: Path, title: str) -> None:
+    """A one-panel plot: `ax`'s title and legend, then the figure (save_figure)."""
     ax.set_title(title)
     ax.legend(fontsize=8)
+    save_figure(fig, out)
+
+
+def save_figure(fig: Any, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
+
+
+def merge_results(
+    ap: argparse.ArgumentParser,
+    args: argparse.Namespace,
+    files: Sequence[Path],
+    same: Callable[[dict[str, Any]], Iterable[str]],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The earlier result files a bench's `--merge` names: their contents, and what the new results record
+    of each (file, machine, threads, seconds, arguments). A file measured with other settings than this run's
+    in any of `same(file's contents)` (argument names) is a usage error (exit 2), not a mixed mean; a file
+    of earlier code that lacks an argument ran as its default does now."""
+    earlier = [json.loads(f.read_text()) for f in files]
+    for f, r in zip(files, earlier, strict=True):
+        differ = [
+            k for k in same(r) if _comparable(r["args"].get(k, ap.get_default(k))) != _comparable(getattr(args, k))
+        ]
+        if differ:
+            ap.error(f"--merge {f.name}: measured with other {', '.join(differ)}")
+    records = [
+        {"file": f.name, **{k: r.get(k) for k in ("cpu", "threads", "seconds")}, "args": r.get("args")}
+        for f, r in zip(files, earlier, strict=True)
+    ]
+    return earlier, records
+
+
+def _comparable(value: Any) -> Any:
+    """An argument as a result file's JSON holds it (paths as strings, tuples as lists)."""
+    return json.loads(json.dumps(value, default=str))
 
 
 def annotation_results_header(

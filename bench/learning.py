@@ -22,7 +22,8 @@ For each seed, two replays of the same data in one process, with the trainer's o
   off), held-out rounds with `--heldout-self-training`.
   Unchecked versions flag every item, so nothing is auto-labelled on their word; items nobody reviewed
   wait in the backlog.
-- passive: the same number of labels for items drawn at random, from the same annotator pool, trained
+- passive: the same number of labels for items drawn at random, from an annotator pool of the same error
+  rate (`--annotators shared`: the loop's own people, the n-th label of each with the same slip), trained
   with the same recipe at the budgets (from the base while labels are few, continued after), served
   without a gate, as the demo's offline passive baseline is; it self-trains as the loop's rounds do, on the
   items it did not buy labels for (as many as the loop has streamed by then). The items come from the whole
@@ -39,7 +40,8 @@ bench/results/learning.json (CPU model recorded) and a plot with mean +- standar
 run in CI: it takes tens of minutes on 2 cores. Seeds and learners can be measured in separate runs and
 combined with `--merge` (`--seeds 0 --merge A B`: no new run); passive does not depend on the loop's
 routing or gate, so `--learners loop` compares a routing variant against an earlier passive run of the
-same seeds.
+same seeds. A merged file whose learners ran with other settings than this run's (the data, the trainer's
+recipe, the loop's routing and gate, passive's draw: same_settings) is a usage error, not a mixed mean.
 """
 
 from __future__ import annotations
@@ -62,7 +64,13 @@ from transformers import PreTrainedTokenizerBase
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import add_annotation_data_args, annotation_results_header, load_annotation_data, save_plot
+from bench.common import (
+    add_annotation_data_args,
+    annotation_results_header,
+    load_annotation_data,
+    merge_results,
+    save_plot,
+)
 from loopserve.annotation.routing import route_chunk
 from loopserve.annotation.top_up import TOP_UPS
 from loopserve.cli.demo.annotators import AnnotatorPool
@@ -330,7 +338,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     cfg, gate = make_configs(args)
     rp = Replay(base, cfg, gate, args.heldout_fraction, seed)
     rp.ablation_test = test if args.pseudo_ablation else []
-    pool = AnnotatorPool(label_set(train + test), error_rate=args.error_rate, double_review=0.0, seed=seed)
+    pool = annotator_pool(args, label_set(train + test), seed, "loop")
     rng = random.Random(seed + 1)
     budgets = sorted(args.budgets)
     points = sorted({*args.early_rounds, *budgets})
@@ -341,7 +349,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     seen = 0
     last_round = -1  # labels at the last full round (one per round point)
     auto_items = 0
-    bought: dict[int, list[int]] = {}  # --ungated-twin: budget -> the stream indices people labelled
+    bought: dict[int, list[int]] = {}  # budget -> the stream indices people labelled
     backlog: dict[int, np.ndarray] = {}  # stream index -> probabilities of the version that flagged it
     backlog_version = rp.version
 
@@ -420,12 +428,12 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
             rp.round(pool=[stream[j].text for j in range(seen) if j not in human])
             if len(human) in budgets:
                 out[len(human)] = measure(seen)
+                bought[len(human)] = sorted(human)
                 if args.ungated_twin:  # the loop's labels, trained as passive trains its random ones
                     out[len(human)].update(twins(args, rp, stream[:seen], human, test, seed))
-                    bought[len(human)] = sorted(human)
                 print(f"  loop  seed {seed} budget {len(human)}: {compact(out[len(human)])}", flush=True)
     if len(out) == len(budgets):
-        return {"budgets": out, "rounds": rp.rounds, **({"bought": bought} if bought else {})}
+        return {"budgets": out, "rounds": rp.rounds, "bought": bought}
     # The stream ran out short of a budget (--top-up never: once a checked version serves, only the items it
     # flags are candidates, and a confident version flags fewer than the quota, so it asked people less and
     # auto-labelled the rest). The loop's end point instead: a round at the labels it reached, measured alike.
@@ -434,7 +442,7 @@ def run_loop(args: argparse.Namespace, base: Path, train: list[Example], test: l
     end = {**measure(seen), "labels": float(len(human))}
     missed = [b for b in budgets if b not in out]
     print(f"  loop  seed {seed} stream ended at {len(human)} labels, short of {missed}: {compact(end)}", flush=True)
-    return {"budgets": out, "end": end, "rounds": rp.rounds, **({"bought": bought} if bought else {})}
+    return {"budgets": out, "end": end, "rounds": rp.rounds, "bought": bought}
 
 
 def twins(
@@ -464,7 +472,7 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
     cfg, gate = make_configs(args)
     rp = Replay(base, cfg, gate, args.heldout_fraction, seed)
     rp.ablation_test = test if args.pseudo_ablation else []
-    pool = AnnotatorPool(label_set(train + test), error_rate=args.error_rate, double_review=0.0, seed=seed + 1000)
+    pool = annotator_pool(args, label_set(train + test), seed, "passive")
     budgets = sorted(args.budgets)
     streamed_at = passive_draws(args.passive_from, len(train), budgets, args.fraction, random.Random(seed + 7919))
     out: dict[int, dict[str, float]] = {}
@@ -490,6 +498,15 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
     return {"budgets": out, "rounds": rp.rounds}
 
 
+def annotator_pool(args: argparse.Namespace, labels: list[str], seed: int, learner: str) -> AnnotatorPool:
+    """The simulated people who label a learner's purchases (the demo's pool, one review each). Passive's own
+    pool (`--annotators independent`), or the loop's (`shared`): the n-th label either learner buys then comes
+    from the same person with the same slip or none, so the annotators' errors cost both alike and leave the
+    paired difference (common random numbers)."""
+    own = learner == "passive" and args.annotators == "independent"
+    return AnnotatorPool(labels, error_rate=args.error_rate, double_review=0.0, seed=seed + 1000 if own else seed)
+
+
 def passive_draws(source: str, n: int, budgets: list[int], fraction: float, rng: random.Random) -> dict[int, list[int]]:
     """Budget p -> the indices into the train split that passive has streamed by p labels (p / `fraction` of
     them), the p it bought first, in the order it bought them; each budget's purchases extend the last's.
@@ -499,12 +516,14 @@ def passive_draws(source: str, n: int, budgets: list[int], fraction: float, rng:
     if source == "train":
         order = rng.sample(range(n), n)
         return {p: order[: max(p, int(p / fraction))] for p in budgets}
-    out, bought = {}, []
+    out: dict[int, list[int]] = {}
+    bought: list[int] = []
+    taken: set[int] = set()  # bought's items
     for p in budgets:
         prefix = range(min(n, max(p, int(p / fraction))))
-        taken = set(bought)
-        bought += rng.sample([j for j in prefix if j not in taken], p - len(bought))
-        taken = set(bought)
+        new = rng.sample([j for j in prefix if j not in taken], p - len(bought))
+        bought += new
+        taken.update(new)
         out[p] = bought + [j for j in prefix if j not in taken]
     return out
 
@@ -727,6 +746,14 @@ def parser() -> argparse.ArgumentParser:
         help="where passive's random labels come from: the whole train split (train, as the demo's passive baseline "
         "draws) or the items the loop's stream has delivered by then (stream: the loop's pool, paired)",
     )
+    ap.add_argument(
+        "--annotators",
+        choices=("independent", "shared"),
+        default="independent",
+        help="passive's labels from its own simulated annotator pool (independent, as before) or from the loop's "
+        "(shared: the n-th label each buys from the same person with the same slip, so annotator errors cancel "
+        "from the paired difference)",
+    )
     ap.add_argument("--heldout-fraction", type=float, default=0.15)
     ap.add_argument("--cv-max-items", type=int, default=GateConfig.cv_max_items)
     ap.add_argument(
@@ -737,40 +764,68 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+LEARNERS = ("loop", "passive")
+TRAINER_SETTINGS = (
+    "dataset", "test_items", "fraction", "error_rate", "dtype", "max_length", "pseudo_label_ratio",
+    "heldout_self_training", "warmup_ratio", "decay_ratio", "class_balance", "contrastive_coef", "early_stopping",
+    "head_refit", "heldout_fraction", "cv_max_items",
+)  # fmt: skip
+"""The arguments both learners' figures depend on (the data, the annotators, the trainer's recipe)."""
+LEARNER_SETTINGS = {
+    "loop": (
+        "chunk", "pool", "top_up", "audit_fraction", "review_threshold", "early_rounds", "online_tier", "cv_folds",
+        "min_lift_z",
+    ),
+    "passive": ("passive_from", "annotators"),
+}  # fmt: skip
+"""The arguments only one learner's figures depend on (the loop's routing and gate; passive's draw)."""
+
+
+def same_settings(learners: set[str]) -> list[str]:
+    """The arguments a merged file must share with this run, for the learners taken from it."""
+    if not learners:
+        return []
+    return [*TRAINER_SETTINGS, *(k for learner in sorted(learners) for k in LEARNER_SETTINGS[learner])]
+
+
 def main() -> None:
-    args = parser().parse_args()
+    ap = parser()
+    args = ap.parse_args()
     args.dtype = resolved_dtype_name(args.dtype, "cpu")  # the results say which precision ran
+    run_seeds = range(args.first_seed, args.first_seed + args.seeds)
+
+    def taken(r: dict[str, Any]) -> set[str]:  # the learners this run takes from a merged file
+        return {
+            k for s in r["seeds"] for k in LEARNERS if k in s and not (s["seed"] in run_seeds and k in args.learners)
+        }
+
+    # Each merged file measured with this run's settings for the learners taken from it; the results record
+    # where its seeds ran (a learner's threads and seconds are its own run's).
+    files, merged_records = merge_results(ap, args, args.merge, lambda r: same_settings(taken(r)))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path, train, test, base = load_annotation_data(args)
     labels = label_set(train + test)
-    if (
-        json.loads((base / "head.json").read_text())["labels"]
-        and sorted(x["name"] for x in json.loads((base / "head.json").read_text())["labels"]) != labels
-    ):
+    head = json.loads((base / "head.json").read_text()) if args.seeds else {"labels": []}
+    if head["labels"] and sorted(x["name"] for x in head["labels"]) != labels:
         raise SystemExit(f"the base annotator's labels are not {labels}: pass a --data-dir whose store has them")
     results: dict[str, Any] = {**annotation_results_header(args, path, train, test), "seeds": []}
+    results["merged"] = merged_records
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    earlier: dict[int, dict[str, Any]] = {}  # seed -> learner -> result, from runs with the same data and budgets
-    results["merged"] = []  # where the merged seeds ran: a learner's threads and seconds are its own run's
-    for f in args.merge:
-        merged = json.loads(f.read_text())
-        results["merged"].append(
-            {"file": f.name, **{k: merged.get(k) for k in ("cpu", "threads", "seconds")}, "args": merged.get("args")}
-        )
+    earlier: dict[int, dict[str, Any]] = {}  # seed -> learner -> result
+    for merged in files:
         for s in merged["seeds"]:
-            for learner in ("loop", "passive"):
+            for learner in LEARNERS:
                 if learner in s:  # JSON made the budgets strings
                     s[learner]["budgets"] = {int(b): m for b, m in s[learner]["budgets"].items()}
                     earlier.setdefault(s["seed"], {"seed": s["seed"]})[learner] = s[learner]
-    run_seeds = range(args.first_seed, args.first_seed + args.seeds)
     results["seeds"] = [s for seed, s in sorted(earlier.items()) if seed not in run_seeds]
     for seed in run_seeds:
         rng = random.Random(seed)
         order = list(train)
         rng.shuffle(order)
         entry = {"seed": seed, **{k: v for k, v in earlier.get(seed, {}).items() if k != "seed"}}
-        for learner, run in (("loop", run_loop), ("passive", run_passive)):
+        for learner, run in zip(LEARNERS, (run_loop, run_passive), strict=True):
             if learner in args.learners:
                 print(f"seed {seed}: {learner}", flush=True)
                 entry[learner] = run(args, base, order, test, seed)

@@ -133,13 +133,13 @@ def test_the_ungated_twin_trains_the_loops_labels_as_passive_trains_its_own(base
     """--ungated-twin: at each budget a model from the base on the loop's labels, served without the gate as
     the passive baseline's is, scored on the test items beside the loop's serving version; --twin-controls
     adds the loop's items with clean labels and random streamed items; the loop's own run is unchanged by
-    them (each twin draws from its own generator), and the items bought are recorded."""
+    them (each twin draws from its own generator), and the items bought are recorded, with or without twins."""
     base = ModelStore(base_store).path("annotator", "v0")
     train, test = reviews(120, 5, "train"), reviews(40, 6, "test")
     flags = ["--budgets", "24", "--early-rounds", "12", "--no-online-tier"]
     plain = run_loop(bench_args(*flags), base, train, test, seed=0)
     twin = run_loop(bench_args(*flags, "--ungated-twin", "--twin-controls"), base, train, test, seed=0)
-    assert "ungated_twin_accuracy" not in plain["budgets"][24] and "bought" not in plain
+    assert "ungated_twin_accuracy" not in plain["budgets"][24] and plain["bought"] == twin["bought"]
     for name in ("ungated_twin_accuracy", "ungated_twin_clean_accuracy", "random_twin_accuracy"):
         assert 0.0 <= twin["budgets"][24][name] <= 1.0
     assert twin["budgets"][24]["accuracy"] == plain["budgets"][24]["accuracy"]
@@ -281,3 +281,59 @@ def test_passive_draws_from_the_loops_stream_or_the_whole_split() -> None:
     assert whole[40][:20] == whole[20][:20]
     assert max(whole[40][:40]) >= 160  # the whole split: not confined to the stream's first items
     assert stream != passive_draws("stream", 500, budgets, fraction, random.Random(4))
+
+
+def test_the_learning_benchs_merge_refuses_a_file_measured_with_other_settings(tmp_path: Path) -> None:
+    """--seeds 0 --merge A B: a loop file and a passive file of the same settings merge into one paired
+    summary; a file whose learner ran with other settings (passive drawn from elsewhere, the loop routed
+    otherwise) is a usage error naming them, not a mixed mean. A setting of the other learner does not count."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": e.text, "label": e.label, "split": e.split}) + "\n"
+                            for e in reviews(20, 1, "train") + reviews(10, 2, "test")))  # fmt: skip
+    flags = ["--dataset", str(data), "--budgets", "24", "--dtype", "float32", "--passive-from", "stream"]
+
+    def result(name: str, learner: str, accuracy: float, *extra: str) -> str:
+        args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(parser().parse_args([*flags, *extra])).items()}
+        figures = {"accuracy": accuracy, "macro_f1": accuracy, "dataset_accuracy": accuracy}
+        seed = {"seed": 0, learner: {"budgets": {"24": figures}, "rounds": []}}
+        (tmp_path / name).write_text(json.dumps({"args": args, "seeds": [seed]}))
+        return str(tmp_path / name)
+
+    loop, passive = result("loop.json", "loop", 0.7), result("passive.json", "passive", 0.6, "--top-up", "always")
+    root, out = Path(__file__).resolve().parents[2], tmp_path / "merged.json"
+    cmd = [sys.executable, "bench/learning.py", *flags, "--seeds", "0", "--out", str(out), "--merge"]
+    done = subprocess.run([*cmd, loop, passive], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
+    row = json.loads(out.read_text())["summary"]["24"]
+    assert abs(row["loop_minus_passive"]["mean"] - 0.1) < 1e-9 and row["loop_minus_passive"]["n"] == 1
+    assert out.with_suffix(".png").stat().st_size > 0
+    whole_split = result("whole-split.json", "passive", 0.6, "--passive-from", "train")
+    bad = subprocess.run([*cmd, loop, whole_split], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "--merge whole-split.json: measured with other passive_from" in bad.stderr
+    routed = result("routed.json", "loop", 0.7, "--top-up", "always")
+    bad = subprocess.run([*cmd, routed, passive], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "--merge routed.json: measured with other top_up" in bad.stderr
+
+
+def test_shared_annotators_give_passive_the_loops_people_and_slips() -> None:
+    """--annotators shared: the n-th label passive buys comes from the person who gave the loop its n-th, with
+    the same slip or none (common random numbers); independent: passive's own pool, as before."""
+    from bench.learning import annotator_pool
+
+    labels = ["great", "other"]
+    loop_gold = [random.Random(1).choice(labels) for _ in range(400)]  # each learner buys its own items
+    passive_gold = [random.Random(2).choice(labels) for _ in range(400)]
+
+    def slips(annotators: str, learner: str, gold: list[str]) -> list[int]:
+        pool = annotator_pool(bench_args("--annotators", annotators, "--error-rate", "0.2"), labels, 3, learner)
+        return [i for i, y in enumerate(gold) if pool.noisy_label(y) != y]
+
+    loop = slips("shared", "loop", loop_gold)
+    assert 40 < len(loop) < 120  # about 20% of 400
+    assert slips("independent", "loop", loop_gold) == loop  # the flag leaves the loop's people as they were
+    assert slips("shared", "passive", passive_gold) == loop  # other items, the same slips at the same places
+    assert slips("independent", "passive", passive_gold) != loop
