@@ -298,7 +298,7 @@ def main() -> None:
     args.fine_tune_strategies = sorted({*args.fine_tune_strategies, "random"})  # the others are paired with it
     budgets = [args.quota * (c + 1) for c in range(args.chunks)]
     same = ("chunk", "quota", "chunks", "max_length", "fine_tune_at", "fine_tune_self_training")
-    earlier, merged = merge_results(ap, args, args.merge, lambda _: same)
+    earlier, merged = merge_results(ap, args, args.merge, lambda files: [same] * len(files))
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path, train, test, base = load_annotation_data(args)
     t0 = time.monotonic()

@@ -98,17 +98,15 @@ def merge_results(
     ap: argparse.ArgumentParser,
     args: argparse.Namespace,
     files: Sequence[Path],
-    same: Callable[[dict[str, Any]], Iterable[str]],
+    same: Callable[[list[dict[str, Any]]], Sequence[Iterable[str]]],
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The earlier result files a bench's `--merge` names: their contents, and what the new results record
-    of each (file, machine, threads, seconds, arguments). A file measured with other settings than this run's
-    in any of `same(file's contents)` (argument names) is a usage error (exit 2), not a mixed mean; a file
-    of earlier code that lacks an argument ran as its default does now."""
+    of each (file, machine, threads, seconds, arguments). `same(contents of every file)`: per file, the
+    arguments it must share with this run; a file measured with other settings in any of them is a usage
+    error (exit 2), not a mixed mean. A file of earlier code that lacks an argument ran as its default does now."""
     earlier = [json.loads(f.read_text()) for f in files]
-    for f, r in zip(files, earlier, strict=True):
-        differ = [
-            k for k in same(r) if _comparable(r["args"].get(k, ap.get_default(k))) != _comparable(getattr(args, k))
-        ]
+    for f, r, keys in zip(files, earlier, same(earlier), strict=True):
+        differ = [k for k in keys if _comparable(r["args"].get(k, ap.get_default(k))) != _comparable(getattr(args, k))]
         if differ:
             ap.error(f"--merge {f.name}: measured with other {', '.join(differ)}")
     records = [

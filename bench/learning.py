@@ -794,14 +794,19 @@ def main() -> None:
     args.dtype = resolved_dtype_name(args.dtype, "cpu")  # the results say which precision ran
     run_seeds = range(args.first_seed, args.first_seed + args.seeds)
 
-    def taken(r: dict[str, Any]) -> set[str]:  # the learners this run takes from a merged file
-        return {
-            k for s in r["seeds"] for k in LEARNERS if k in s and not (s["seed"] in run_seeds and k in args.learners)
-        }
+    def taken(files: list[dict[str, Any]]) -> list[list[str]]:
+        """Per merged file, the settings of the learners this run takes from it: a seed's learner comes from
+        this run where it runs it, else from the last file that holds it."""
+        source = {(s["seed"], k): i for i, r in enumerate(files) for s in r["seeds"] for k in LEARNERS if k in s}
+        ran = {(seed, k) for seed in run_seeds for k in args.learners}
+        return [
+            same_settings({k for (seed, k), j in source.items() if j == i and (seed, k) not in ran})
+            for i in range(len(files))
+        ]
 
     # Each merged file measured with this run's settings for the learners taken from it; the results record
     # where its seeds ran (a learner's threads and seconds are its own run's).
-    files, merged_records = merge_results(ap, args, args.merge, lambda r: same_settings(taken(r)))
+    files, merged_records = merge_results(ap, args, args.merge, taken)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path, train, test, base = load_annotation_data(args)
     labels = label_set(train + test)

@@ -286,7 +286,8 @@ def test_passive_draws_from_the_loops_stream_or_the_whole_split() -> None:
 def test_the_learning_benchs_merge_refuses_a_file_measured_with_other_settings(tmp_path: Path) -> None:
     """--seeds 0 --merge A B: a loop file and a passive file of the same settings merge into one paired
     summary; a file whose learner ran with other settings (passive drawn from elsewhere, the loop routed
-    otherwise) is a usage error naming them, not a mixed mean. A setting of the other learner does not count."""
+    otherwise) is a usage error naming them, not a mixed mean. A setting of a learner not taken from the file
+    (the other learner's, or one a later file replaces) does not count."""
     import json
     import subprocess
     import sys
@@ -296,10 +297,10 @@ def test_the_learning_benchs_merge_refuses_a_file_measured_with_other_settings(t
                             for e in reviews(20, 1, "train") + reviews(10, 2, "test")))  # fmt: skip
     flags = ["--dataset", str(data), "--budgets", "24", "--dtype", "float32", "--passive-from", "stream"]
 
-    def result(name: str, learner: str, accuracy: float, *extra: str) -> str:
+    def result(name: str, learners: str, accuracy: float, *extra: str) -> str:
         args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(parser().parse_args([*flags, *extra])).items()}
         figures = {"accuracy": accuracy, "macro_f1": accuracy, "dataset_accuracy": accuracy}
-        seed = {"seed": 0, learner: {"budgets": {"24": figures}, "rounds": []}}
+        seed = {"seed": 0, **{k: {"budgets": {"24": figures}, "rounds": []} for k in learners.split(",")}}
         (tmp_path / name).write_text(json.dumps({"args": args, "seeds": [seed]}))
         return str(tmp_path / name)
 
@@ -317,6 +318,13 @@ def test_the_learning_benchs_merge_refuses_a_file_measured_with_other_settings(t
     routed = result("routed.json", "loop", 0.7, "--top-up", "always")
     bad = subprocess.run([*cmd, routed, passive], capture_output=True, text=True, cwd=root)
     assert bad.returncode == 2 and "--merge routed.json: measured with other top_up" in bad.stderr
+    # A file's learner that a later file replaces is not taken from it, and its settings do not count.
+    both = result("both.json", "loop,passive", 0.7, "--passive-from", "train")
+    done = subprocess.run([*cmd, both, passive], capture_output=True, text=True, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert abs(json.loads(out.read_text())["summary"]["24"]["loop_minus_passive"]["mean"] - 0.1) < 1e-9
+    bad = subprocess.run([*cmd, passive, both], capture_output=True, text=True, cwd=root)
+    assert bad.returncode == 2 and "--merge both.json: measured with other passive_from" in bad.stderr
 
 
 def test_shared_annotators_give_passive_the_loops_people_and_slips() -> None:
