@@ -490,9 +490,13 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
             # with the human label where it bought one and its model's label on the rest.
             names = rp.serving.spec.label_names
             guesses = rp.probs([e.text for e in streamed[p:]]).argmax(1) if len(streamed) > p else []
-            correct = sum(x.label == e.label for x, e in zip(rp.labelled, streamed[:p], strict=True))
-            correct += sum(names[int(g)] == e.label for g, e in zip(guesses, streamed[p:], strict=True))
-            m.update(dataset_accuracy=correct / len(streamed), items_streamed=float(len(streamed)))
+            right = sum(x.label == e.label for x, e in zip(rp.labelled, streamed[:p], strict=True))
+            correct = right + sum(names[int(g)] == e.label for g, e in zip(guesses, streamed[p:], strict=True))
+            m.update(
+                dataset_accuracy=correct / len(streamed),
+                items_streamed=float(len(streamed)),
+                human_label_accuracy=right / p,
+            )
             out[p] = m
             print(f"  passive seed {seed} budget {p}: {compact(m)}", flush=True)
     return {"budgets": out, "rounds": rp.rounds}
@@ -564,6 +568,8 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
             ("loop", "macro_f1", "loop_macro_f1"),
             ("loop", "dataset_accuracy", "loop_dataset_accuracy"),
             ("loop", "tfidf_accuracy", "tfidf_on_loop_labels"),
+            ("loop", "human_label_accuracy", "loop_human_label_accuracy"),
+            ("passive", "human_label_accuracy", "passive_human_label_accuracy"),
             ("passive", "accuracy", "passive_accuracy"),
             ("passive", "macro_f1", "passive_macro_f1"),
             ("passive", "tfidf_accuracy", "tfidf_on_passive_labels"),

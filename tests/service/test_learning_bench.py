@@ -62,6 +62,7 @@ def test_the_loop_replay_spends_its_budget_and_refits_the_online_tier_after_ever
     assert [r["regime"] for r in passive["rounds"]] == ["ungated", "ungated"]
     for b, m in passive["budgets"].items():  # its labelled data set: the items streamed by b labels at --fraction
         assert m["items_streamed"] == b / 0.5 and 0.0 <= m["dataset_accuracy"] <= 1.0
+        assert 0.0 <= m["human_label_accuracy"] <= 1.0  # its annotators' share right, as the loop's is recorded
 
 
 def test_a_loop_whose_stream_ends_short_of_a_budget_reports_where_it_ended(base_store: Path) -> None:  # noqa: F811
