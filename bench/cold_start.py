@@ -290,9 +290,9 @@ def measure(args: argparse.Namespace, train: list[Example], test: list[Example],
     return runs
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = parser()
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not set(args.fine_tune_strategies) <= set(STRATEGIES):
         ap.error(f"--fine-tune-strategies: choose among {', '.join(STRATEGIES)}")
     args.fine_tune_strategies = sorted({*args.fine_tune_strategies, "random"})  # the others are paired with it

@@ -794,9 +794,9 @@ def same_settings(learners: set[str]) -> list[str]:
     return [*TRAINER_SETTINGS, *(k for learner in sorted(learners) for k in LEARNER_SETTINGS[learner])]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = parser()
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     args.dtype = resolved_dtype_name(args.dtype, "cpu")  # the results say which precision ran
     run_seeds = range(args.first_seed, args.first_seed + args.seeds)
 

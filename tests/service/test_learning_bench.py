@@ -9,7 +9,10 @@ bench/cold_start.py's label choices (which items each routing strategy buys) are
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from bench.learning import parser, run_loop, run_passive
 from loopserve.datasets import Example
@@ -32,6 +35,17 @@ CONFIDENT = ["--review-threshold", "0.999"]  # the tiny model is sure of itself 
 
 def bench_args(*flags: str):  # type: ignore[no-untyped-def]
     return parser().parse_args([*SMALL, *CONFIDENT, *flags])
+
+
+def run_main(main: Callable[[list[str]], None], argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """A bench's main() on `argv` in this process, as its command line runs it: its exit status and stderr
+    (argparse's usage errors exit 2)."""
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    return code, capsys.readouterr().err
 
 
 def test_the_loop_replay_spends_its_budget_and_refits_the_online_tier_after_every_chunk(
@@ -196,14 +210,14 @@ def test_the_cold_start_bench_buys_each_strategys_labels_from_the_chunks_streame
     assert new and new <= flagged
 
 
-def test_the_cold_start_benchs_fine_tune_probe_is_paired_with_random(base_store: Path) -> None:  # noqa: F811
+def test_the_cold_start_benchs_fine_tune_probe_is_paired_with_random(
+    base_store: Path,  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """--fine-tune-at: the replay's recipe fine-tuned from the base on a strategy's labels, scored on the test
     items, with --fine-tune-self-training also self-trained on the items left; the summary pairs it with
     random's (which always runs it) and leaves it out where it did not run."""
-    import subprocess
-    import sys
-
-    from bench.cold_start import FineTuneProbe, summarise
+    from bench.cold_start import FineTuneProbe, main, summarise
 
     base = ModelStore(base_store).path("annotator", "v0")
     train, pool, test = reviews(16, 8, "train"), [e.text for e in reviews(24, 10, "pool")], reviews(20, 9, "test")
@@ -222,19 +236,18 @@ def test_the_cold_start_benchs_fine_tune_probe_is_paired_with_random(base_store:
     summary = summarise(runs, [10, 20])
     assert summary["coverage"]["10"]["fine_tune_accuracy_minus_random"]["mean"] == 0.0
     assert "fine_tune_accuracy" not in summary["coverage"]["20"]
-    bad = subprocess.run(
-        [sys.executable, "bench/cold_start.py", "--fine-tune-strategies", "coverage,bogus"],
-        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
-    )  # fmt: skip
-    assert bad.returncode == 2 and "--fine-tune-strategies: choose among" in bad.stderr
+    code, err = run_main(main, ["--fine-tune-strategies", "coverage,bogus"], capsys)
+    assert code == 2 and "--fine-tune-strategies: choose among" in err
 
 
-def test_the_cold_start_bench_merges_earlier_seeds_and_refuses_other_probes(tmp_path: Path) -> None:
+def test_the_cold_start_bench_merges_earlier_seeds_and_refuses_other_probes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--seeds 0 --merge A B: the seeds of both files, paired, summarised and plotted with no new run; a file
     measured with another fine-tune probe (here: without self-training) is a usage error, not a mixed mean."""
     import json
-    import subprocess
-    import sys
+
+    from bench.cold_start import main
 
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps({"text": e.text, "label": e.label, "split": e.split}) + "\n"
@@ -249,11 +262,11 @@ def test_the_cold_start_bench_merges_earlier_seeds_and_refuses_other_probes(tmp_
         }
         files.append(tmp_path / f"part{k}.json")
         files[-1].write_text(json.dumps({"args": {**args, "fine_tune_self_training": self_training}, "runs": runs}))
-    root, out = Path(__file__).resolve().parents[2], tmp_path / "merged.json"
-    cmd = [sys.executable, "bench/cold_start.py", "--dataset", str(data), "--seeds", "0", "--fine-tune-at", "50",
-           "--fine-tune-self-training", "--out", str(out), "--merge"]  # fmt: skip
-    done = subprocess.run([*cmd, *map(str, files[:2])], capture_output=True, text=True, cwd=root)
-    assert done.returncode == 0, done.stderr
+    out = tmp_path / "merged.json"
+    cmd = ["--dataset", str(data), "--seeds", "0", "--fine-tune-at", "50", "--fine-tune-self-training",
+           "--out", str(out), "--merge"]  # fmt: skip
+    code, err = run_main(main, [*cmd, *map(str, files[:2])], capsys)
+    assert code == 0, err
     merged = json.loads(out.read_text())
     assert len(merged["runs"]["random"]["50"]) == 4 and [m["file"] for m in merged["merged"]] == [
         "part0.json",
@@ -262,8 +275,8 @@ def test_the_cold_start_bench_merges_earlier_seeds_and_refuses_other_probes(tmp_
     assert abs(merged["summary"]["coverage"]["50"]["fine_tune_accuracy"]["mean"] - 0.705) < 1e-9
     assert [r["head_accuracy"] for r in merged["runs"]["loop"]["25"]] == [0.6, 0.6, 0.61, 0.61]  # files in order
     assert out.with_suffix(".png").stat().st_size > 0
-    bad = subprocess.run([*cmd, *map(str, files[1:])], capture_output=True, text=True, cwd=root)
-    assert bad.returncode == 2 and "--merge part2.json: measured with other" in bad.stderr
+    code, err = run_main(main, [*cmd, *map(str, files[1:])], capsys)
+    assert code == 2 and "--merge part2.json: measured with other fine_tune_self_training" in err
 
 
 def test_passive_draws_from_the_loops_stream_or_the_whole_split() -> None:
@@ -284,14 +297,16 @@ def test_passive_draws_from_the_loops_stream_or_the_whole_split() -> None:
     assert stream != passive_draws("stream", 500, budgets, fraction, random.Random(4))
 
 
-def test_the_learning_benchs_merge_refuses_a_file_measured_with_other_settings(tmp_path: Path) -> None:
+def test_the_learning_benchs_merge_refuses_a_file_measured_with_other_settings(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """--seeds 0 --merge A B: a loop file and a passive file of the same settings merge into one paired
     summary; a file whose learner ran with other settings (passive drawn from elsewhere, the loop routed
     otherwise) is a usage error naming them, not a mixed mean. A setting of a learner not taken from the file
     (the other learner's, or one a later file replaces) does not count."""
     import json
-    import subprocess
-    import sys
+
+    from bench.learning import main
 
     data = tmp_path / "reviews.jsonl"
     data.write_text("".join(json.dumps({"text": e.text, "label": e.label, "split": e.split}) + "\n"
@@ -306,26 +321,26 @@ def test_the_learning_benchs_merge_refuses_a_file_measured_with_other_settings(t
         return str(tmp_path / name)
 
     loop, passive = result("loop.json", "loop", 0.7), result("passive.json", "passive", 0.6, "--top-up", "always")
-    root, out = Path(__file__).resolve().parents[2], tmp_path / "merged.json"
-    cmd = [sys.executable, "bench/learning.py", *flags, "--seeds", "0", "--out", str(out), "--merge"]
-    done = subprocess.run([*cmd, loop, passive], capture_output=True, text=True, cwd=root)
-    assert done.returncode == 0, done.stderr
+    out = tmp_path / "merged.json"
+    cmd = [*flags, "--seeds", "0", "--out", str(out), "--merge"]
+    code, err = run_main(main, [*cmd, loop, passive], capsys)
+    assert code == 0, err
     row = json.loads(out.read_text())["summary"]["24"]
     assert abs(row["loop_minus_passive"]["mean"] - 0.1) < 1e-9 and row["loop_minus_passive"]["n"] == 1
     assert out.with_suffix(".png").stat().st_size > 0
     whole_split = result("whole-split.json", "passive", 0.6, "--passive-from", "train")
-    bad = subprocess.run([*cmd, loop, whole_split], capture_output=True, text=True, cwd=root)
-    assert bad.returncode == 2 and "--merge whole-split.json: measured with other passive_from" in bad.stderr
+    code, err = run_main(main, [*cmd, loop, whole_split], capsys)
+    assert code == 2 and "--merge whole-split.json: measured with other passive_from" in err
     routed = result("routed.json", "loop", 0.7, "--top-up", "always")
-    bad = subprocess.run([*cmd, routed, passive], capture_output=True, text=True, cwd=root)
-    assert bad.returncode == 2 and "--merge routed.json: measured with other top_up" in bad.stderr
+    code, err = run_main(main, [*cmd, routed, passive], capsys)
+    assert code == 2 and "--merge routed.json: measured with other top_up" in err
     # A file's learner that a later file replaces is not taken from it, and its settings do not count.
     both = result("both.json", "loop,passive", 0.7, "--passive-from", "train")
-    done = subprocess.run([*cmd, both, passive], capture_output=True, text=True, cwd=root)
-    assert done.returncode == 0, done.stderr
+    code, err = run_main(main, [*cmd, both, passive], capsys)
+    assert code == 0, err
     assert abs(json.loads(out.read_text())["summary"]["24"]["loop_minus_passive"]["mean"] - 0.1) < 1e-9
-    bad = subprocess.run([*cmd, passive, both], capture_output=True, text=True, cwd=root)
-    assert bad.returncode == 2 and "--merge both.json: measured with other passive_from" in bad.stderr
+    code, err = run_main(main, [*cmd, passive, both], capsys)
+    assert code == 2 and "--merge both.json: measured with other passive_from" in err
 
 
 def test_shared_annotators_give_passive_the_loops_people_and_slips() -> None:
