@@ -483,22 +483,21 @@ def run_passive(args: argparse.Namespace, base: Path, train: list[Example], test
             rp.add(e.text, pool.noisy_label(e.label))
         # Its unlabelled pool: the items streamed by p labels, less the labelled ones.
         rp.round(gated=False, pool=[e.text for e in streamed[p:]])
-        if p in budgets:
-            m = rp.test_metrics(test)
-            m["tfidf_accuracy"] = tfidf_accuracy([(x.text, x.label) for x in rp.labelled], test)
-            # Its labelled data set, as the loop's is measured: the items streamed by p labels at --fraction,
-            # with the human label where it bought one and its model's label on the rest.
-            names = rp.serving.spec.label_names
-            guesses = rp.probs([e.text for e in streamed[p:]]).argmax(1) if len(streamed) > p else []
-            right = sum(x.label == e.label for x, e in zip(rp.labelled, streamed[:p], strict=True))
-            correct = right + sum(names[int(g)] == e.label for g, e in zip(guesses, streamed[p:], strict=True))
-            m.update(
-                dataset_accuracy=correct / len(streamed),
-                items_streamed=float(len(streamed)),
-                human_label_accuracy=right / p,
-            )
-            out[p] = m
-            print(f"  passive seed {seed} budget {p}: {compact(m)}", flush=True)
+        m = rp.test_metrics(test)
+        m["tfidf_accuracy"] = tfidf_accuracy([(x.text, x.label) for x in rp.labelled], test)
+        # Its labelled data set, as the loop's is measured: the items streamed by p labels at --fraction,
+        # with the human label where it bought one and its model's label on the rest.
+        names = rp.serving.spec.label_names
+        guesses = rp.probs([e.text for e in streamed[p:]]).argmax(1) if len(streamed) > p else []
+        right = sum(x.label == e.label for x, e in zip(rp.labelled, streamed[:p], strict=True))
+        correct = right + sum(names[int(g)] == e.label for g, e in zip(guesses, streamed[p:], strict=True))
+        m.update(
+            dataset_accuracy=correct / len(streamed),
+            items_streamed=float(len(streamed)),
+            human_label_accuracy=right / p,
+        )
+        out[p] = m
+        print(f"  passive seed {seed} budget {p}: {compact(m)}", flush=True)
     return {"budgets": out, "rounds": rp.rounds}
 
 
@@ -794,6 +793,12 @@ def same_settings(learners: set[str]) -> list[str]:
     return [*TRAINER_SETTINGS, *(k for learner in sorted(learners) for k in LEARNER_SETTINGS[learner])]
 
 
+def held_results(files: list[dict[str, Any]]) -> dict[tuple[int, str], tuple[int, dict[str, Any]]]:
+    """(seed, learner) -> the last merged file that holds that learner's result for that seed (its index in
+    `files`) and the result: the one a merge takes."""
+    return {(s["seed"], k): (i, s[k]) for i, r in enumerate(files) for s in r["seeds"] for k in LEARNERS if k in s}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = parser()
     args = ap.parse_args(argv)
@@ -802,11 +807,11 @@ def main(argv: list[str] | None = None) -> None:
 
     def taken(files: list[dict[str, Any]]) -> list[list[str]]:
         """Per merged file, the settings of the learners this run takes from it: a seed's learner comes from
-        this run where it runs it, else from the last file that holds it."""
-        source = {(s["seed"], k): i for i, r in enumerate(files) for s in r["seeds"] for k in LEARNERS if k in s}
+        this run where it runs it, else from the last file that holds it (held_results)."""
         ran = {(seed, k) for seed in run_seeds for k in args.learners}
+        held = held_results(files)
         return [
-            same_settings({k for (seed, k), j in source.items() if j == i and (seed, k) not in ran})
+            same_settings({k for (seed, k), (j, _) in held.items() if j == i and (seed, k) not in ran})
             for i in range(len(files))
         ]
 
@@ -824,12 +829,9 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     earlier: dict[int, dict[str, Any]] = {}  # seed -> learner -> result
-    for merged in files:
-        for s in merged["seeds"]:
-            for learner in LEARNERS:
-                if learner in s:  # JSON made the budgets strings
-                    s[learner]["budgets"] = {int(b): m for b, m in s[learner]["budgets"].items()}
-                    earlier.setdefault(s["seed"], {"seed": s["seed"]})[learner] = s[learner]
+    for (seed, learner), (_, result) in held_results(files).items():
+        result["budgets"] = {int(b): m for b, m in result["budgets"].items()}  # JSON made the budgets strings
+        earlier.setdefault(seed, {"seed": seed})[learner] = result
     results["seeds"] = [s for seed, s in sorted(earlier.items()) if seed not in run_seeds]
     for seed in run_seeds:
         rng = random.Random(seed)
