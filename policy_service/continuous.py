@@ -56,7 +56,6 @@ class DecodeBatch:
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, T)
         self._next = torch.zeros((0,), dtype=torch.long, device=self.device)  # (B,) token to feed next
         self._pos = torch.zeros((0,), dtype=torch.long, device=self.device)  # (B,) its position
-        self._last_only = sampling.last_logits_only(model)
 
     @property
     def rows(self) -> int:
@@ -69,12 +68,10 @@ class DecodeBatch:
         rows = [r for j in new_jobs for r in j.rows]
         if not rows:
             return
-        ids, mask = sampling.left_padded([r.req.prompt_ids for r in rows], self.pad_id, self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, t)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **self._last_only)
+        logits, cache, mask = sampling.prefill(self.model, [r.req.prompt_ids for r in rows], self.pad_id, self.device)
         next_ids = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=self.device)
-        sampling.advance(rows, out.logits[:, -1, :], self.eos_ids, next_ids)
-        self._join(out.past_key_values, mask, next_ids, mask.sum(-1), rows)
+        sampling.advance(rows, logits, self.eos_ids, next_ids)
+        self._join(cache, mask, next_ids, mask.sum(-1), rows)
         self._jobs.extend(new_jobs)
         self._drop_done()
 

@@ -4,6 +4,10 @@ Each row has its own temperature / top-p / top-k / seed / stop strings, so reque
 parameters share one batch. Rows are left-padded; a finished or cancelled row stops costing anything
 but its slot in the batch, and the loop ends when every row is done.
 
+Rows that carry the same prompt (a request's n completions) share its prefill: each distinct prompt runs
+once and its cache rows are gathered per row (`prefill`), as vLLM's prefix caching does for whole
+prompts; the rows then decode apart, each with its own seed.
+
 Rows are isolated: a row whose sampling fails (or whose logits are not finite: a model fault) ends
 with its own `error`, and every other row of the batch decodes on. Temperature scaling cannot
 overflow: logits are shifted so their maximum is 0 before dividing (in float64), so any temperature
@@ -18,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from loopserve.errors import ModelFault
 from policy_service.types import SamplingParams, TokenDelta
@@ -288,6 +292,24 @@ def last_logits_only(model: PreTrainedModel) -> dict[str, int]:
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
+def prefill(
+    model: PreTrainedModel, prompts: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
+    """Each distinct prompt through the model once: per row, the logits of its next token (B, V), the KV
+    cache and the attention mask (B, T), gathered from the distinct prompts' rows. A request for n
+    completions prefills its prompt once, not n times."""
+    distinct: dict[tuple[int, ...], int] = {}
+    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
+    ids, mask = left_padded([list(p) for p in distinct], pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_logits_only(model))
+    index = torch.tensor(row_of, dtype=torch.long, device=device)
+    cache = out.past_key_values
+    if len(distinct) < len(prompts):
+        cache.batch_select_indices(index)
+    return out.logits[index, -1, :], cache, mask[index]
+
+
 @torch.inference_mode()
 def generate(
     model: PreTrainedModel,
@@ -300,17 +322,20 @@ def generate(
     rows = [Row(r, tokenizer) for r in requests]
     B = len(rows)
     pad_id = pad_id_of(tokenizer)
-    input_ids, attention_mask = left_padded([r.prompt_ids for r in requests], pad_id, device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, T)
     eos_ids = eos_ids_of(model, tokenizer)
     last_only = last_logits_only(model)
-
-    past = None
-    cur_ids, cur_pos = input_ids, position_ids
+    logits, past, attention_mask = prefill(model, [r.prompt_ids for r in requests], pad_id, device)
+    cur_pos = (attention_mask.sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1): the last prompt token's position
     max_steps = max(r.params.max_new_tokens for r in requests)
-    for _ in range(max_steps):
+    for step in range(max_steps):
+        next_ids = torch.full((B,), pad_id, dtype=torch.long, device=device)
+        advance(rows, logits, eos_ids, next_ids)
+        if all(r.done for r in rows) or step == max_steps - 1:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones((B, 1), dtype=attention_mask.dtype, device=device)], -1)
+        cur_pos = cur_pos + 1  # (B, 1)
         out = model(
-            input_ids=cur_ids,
+            input_ids=next_ids.unsqueeze(-1),  # (B, 1)
             attention_mask=attention_mask,
             position_ids=cur_pos,
             past_key_values=past,
@@ -318,13 +343,7 @@ def generate(
             **last_only,
         )
         past = out.past_key_values
-        next_ids = torch.full((B,), pad_id, dtype=torch.long, device=device)
-        advance(rows, out.logits[:, -1, :], eos_ids, next_ids)
-        if all(r.done for r in rows):
-            break
-        cur_ids = next_ids.unsqueeze(-1)  # (B, 1)
-        attention_mask = torch.cat([attention_mask, torch.ones((B, 1), dtype=attention_mask.dtype, device=device)], -1)
-        cur_pos = cur_pos[:, -1:] + 1  # (B, 1)
+        logits = out.logits[:, -1, :]
     for row in rows:
         if not row.done:  # ran out of steps in a mixed batch (cannot happen: each row caps itself)
             row.finish("length")

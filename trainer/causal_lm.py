@@ -8,6 +8,12 @@ Layout of every batch (so log-probs of sampled and of logged completions are com
 
 Position ids come from the attention mask (cumsum - 1), so padding moves nothing; the logits at
 positions P-1 .. P+C-2 predict the C completion tokens, and only those are computed (`logits_to_keep`).
+
+Rows that share a prompt (a rollout's k samples of each prompt; a DPO pair) share its forward pass: the
+distinct prompts run once, and their key/value cache is gathered to every row before the completions run
+(`completion_forward`, and `sample`'s prefill). A prompt with the chat template's system turn is most of
+a short rollout's tokens, so this is about a third of a GRPO step on a CPU; the result is the full pass's
+up to float rounding, gradients included.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from loopserve.models.generator import prompt_text
 
@@ -68,6 +74,82 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor) -> torch.Te
     return torch.stack(rows)
 
 
+def completion_forward(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    *,
+    hidden: bool = False,
+    share_prompts: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The logits that predict each completion token, (B, C, V), and with `hidden` the last hidden state
+    at the same positions (the state before each token), (B, C, H).
+
+    Two passes: the distinct prompt rows with a cache, then every row's completion (all but its last
+    token, which predicts nothing) on that cache gathered per row. Autograd runs through the gather, so
+    the gradient of a shared prompt sums over the rows that share it, as in one full pass.
+    `share_prompts=False` runs the one full pass instead (every row's prompt and completion, no cache):
+    the layout's plain definition, which the benchmark and the tests measure the shared passes against."""
+    device = next(model.parameters()).device
+    if not share_prompts:
+        return _one_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden)
+    p = prompt_ids.shape[1]
+    distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
+    ids, mask = distinct[:, :p].to(device), distinct[:, p:].to(device)  # (U, P)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        output_hidden_states=hidden,
+    )
+    row_of = row_of.to(device)
+    cache.batch_select_indices(row_of)  # (U, ...) -> (B, ...)
+    logits = [out.logits[row_of]]  # (B, 1, V): the prompt's last position predicts completion token 0
+    states = [out.hidden_states[-1][row_of, -1:]] if hidden else []  # (B, 1, H)
+    if completion_ids.shape[1] > 1:
+        attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).to(device)  # (B, P + C - 1)
+        rest = model(
+            input_ids=completion_ids[:, :-1].to(device),
+            attention_mask=attention_mask,
+            position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0)[:, p:],
+            past_key_values=cache,
+            use_cache=True,
+            output_hidden_states=hidden,
+        )
+        logits.append(rest.logits)  # (B, C - 1, V)
+        states += [rest.hidden_states[-1]] if hidden else []
+    return torch.cat(logits, dim=1), torch.cat(states, dim=1) if hidden else None
+
+
+def _one_pass(
+    model: PreTrainedModel,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    hidden: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    device = next(model.parameters()).device
+    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)  # (B, P + C)
+    c = completion_ids.shape[1]
+    out = model(
+        input_ids=torch.cat([prompt_ids, completion_ids], dim=1).to(device),  # (B, P + C)
+        attention_mask=attention_mask,
+        position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0),
+        logits_to_keep=c + 1,
+        output_hidden_states=hidden,
+        use_cache=False,
+    )
+    states = out.hidden_states[-1][:, -(c + 1) : -1] if hidden else None  # (B, C, H)
+    return out.logits[:, :-1], states  # (B, C, V): position t predicts token t + 1
+
+
 def completion_logprobs(
     model: PreTrainedModel,
     prompt_ids: torch.Tensor,
@@ -80,20 +162,8 @@ def completion_logprobs(
 
     `temperature` divides the logits as sampling did, so the log-probs are those of the distribution
     the completions were drawn from."""
-    device = next(model.parameters()).device
-    input_ids = torch.cat([prompt_ids, completion_ids], dim=1).to(device)  # (B, P + C)
-    attention_mask = torch.cat([prompt_mask, completion_mask], dim=1).to(device)  # (B, P + C)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + C)
-    c = completion_ids.shape[1]
-    out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=c + 1,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :].float() / temperature  # (B, C, V): position t predicts token t + 1
-    return selective_log_softmax(logits, completion_ids.to(device))  # (B, C)
+    logits, _ = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    return selective_log_softmax(logits.float() / temperature, completion_ids.to(logits.device))  # (B, C)
 
 
 def sequence_logprobs(
@@ -130,18 +200,22 @@ def sample(
     max_prompt_tokens: int,
     temperature: float = 1.0,
     chat_template: bool = True,
+    share_prefill: bool = True,
 ) -> Rollout:
     """k completions per prompt, drawn from pi itself (no top-k / top-p truncation, so the log-probs
     of `completion_logprobs` are those of the sampling distribution, as the policy gradient needs).
-    Uses the global torch RNG: fork and seed it around the call for reproducible draws."""
+    Uses the global torch RNG: fork and seed it around the call for reproducible draws. The k samples of
+    a prompt share its prefill (`share_prefill=False`: each row prefills its own copy, the same draws)."""
     model.eval()
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens, chat_template)
+    prefix = _prefill(model, prompt_ids[:, :-1], prompt_mask[:, :-1], k) if share_prefill else None
     prompt_ids = prompt_ids.repeat_interleave(k, dim=0)  # (B, P), B = len(prompts) * k
     prompt_mask = prompt_mask.repeat_interleave(k, dim=0)
     out = model.generate(  # type: ignore[operator]
         input_ids=prompt_ids.to(device),
         attention_mask=prompt_mask.to(device),
+        past_key_values=prefix,
         do_sample=True,
         temperature=temperature,
         top_k=0,
@@ -160,6 +234,27 @@ def sample(
         for ids, m in zip(completion_ids, completion_mask, strict=True)
     ]
     return Rollout(prompt_ids, prompt_mask, completion_ids, completion_mask, texts)
+
+
+@torch.no_grad()
+def _prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, k: int) -> DynamicCache | None:
+    """The cache of each prompt but its last token, computed once and repeated for its k samples; generate
+    then runs only the last prompt token before decoding. None when there is nothing to share."""
+    if k < 2 or ids.shape[1] == 0:
+        return None
+    device = next(model.parameters()).device
+    mask = mask.to(device)
+    cache = DynamicCache(config=model.config)
+    model(
+        input_ids=ids.to(device),
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    cache.batch_repeat_interleave(k)
+    return cache
 
 
 def precision_dtype(precision: str, device: torch.device) -> torch.dtype:

@@ -57,6 +57,7 @@ from trainer.causal_lm import (
     Rollout,
     Sampler,
     autocast,
+    completion_forward,
     completion_logprobs,
     precision_dtype,
     sample,
@@ -139,22 +140,10 @@ def logprobs_and_values(
 
     As causal_lm.completion_logprobs (same layout, same positions), plus the last hidden state at the
     positions whose logits predict the completion tokens: the state s_t before token t."""
-    device = next(policy.parameters()).device
-    input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1).to(device)  # (B, P + C)
-    attention_mask = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1).to(device)  # (B, P + C)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P + C)
-    c = rollout.completion_ids.shape[1]
-    out = policy(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids,
-        logits_to_keep=c + 1,
-        output_hidden_states=True,
-        use_cache=False,
-    )
-    logits = out.logits[:, :-1, :].float() / temperature  # (B, C, V)
-    logprobs = selective_log_softmax(logits, rollout.completion_ids.to(device))  # (B, C)
-    hidden = out.hidden_states[-1][:, -(c + 1) : -1, :]  # (B, C, H): after the final norm
+    args = (rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask)
+    logits, hidden = completion_forward(policy, *args, hidden=True)  # (B, C, V), (B, C, H): after the final norm
+    assert hidden is not None
+    logprobs = selective_log_softmax(logits.float() / temperature, rollout.completion_ids.to(logits.device))  # (B, C)
     return logprobs, value_head(hidden)  # (B, C), (B, C)
 
 

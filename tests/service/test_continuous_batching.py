@@ -135,6 +135,38 @@ def test_rows_that_join_a_running_batch_decode_as_they_would_alone(tmp_path: Pat
     assert batch.rows == 0
 
 
+def test_rows_of_one_prompt_share_its_prefill_and_decode_as_they_would_alone(tmp_path: Path) -> None:
+    """A request's n completions (rows with one prompt) prefill that prompt once, in the static and the
+    continuous batch, and each row draws, with its own seed, the tokens and log-probs it draws alone."""
+    folder = tiny_models.tiny_generator(tmp_path / "gen", seed=3)
+    model, tok = generator.load(folder), generator.load_tokenizer(folder)
+    story, other = _requests(tok)[2], _requests(tok)[3]
+    reqs = [sampling.SequenceRequest(story.prompt_ids, story.params, row_seed=40 + i) for i in range(3)] + [other]
+    alone = [sampling.generate(model, tok, [r])[0] for r in reqs]
+    assert len({tuple(r.token_ids) for r in alone[:3]}) > 1  # the seeds draw apart: nothing is copied
+
+    shapes: list[tuple[int, ...]] = []
+    hook = model.register_forward_hook(
+        lambda _m, args, kwargs, _out: shapes.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
+    static = sampling.generate(model, tok, reqs)
+    assert shapes[0] == (2, len(story.prompt_ids)), shapes  # two distinct prompts, the longer one's width
+    shapes.clear()
+    batch = DecodeBatch(model, tok)
+    batch.admit([("n3", reqs[:3]), ("other", reqs[3:])])
+    while batch.rows:
+        batch.step()
+    continuous = dict(batch.pop_finished())
+    hook.remove()
+    assert shapes[0] == (2, len(story.prompt_ids)), shapes
+    assert shapes[1] == (4, 1), shapes  # then every row decodes its own token
+    for got in (static, continuous["n3"] + continuous["other"]):
+        for g, ref in zip(got, alone, strict=True):
+            assert g.token_ids == ref.token_ids
+            assert g.finish_reason == ref.finish_reason
+            assert g.token_logprobs == pytest.approx(ref.token_logprobs, abs=1e-4)
+
+
 async def _long_stream(c: AsyncClient, seed: int, first_token: asyncio.Event, order: list[str]) -> str:
     version = ""
     async for msg in c.generate_stream("Tell me a very long story.", max_new_tokens=LONG, seed=seed, timeout_s=120):

@@ -29,7 +29,15 @@ from loopserve.models.encoder_heads import AnnotatorModel, HeadSpec, LabelSpec, 
 from trainer import annotation_policy as ap
 from trainer import dpo, generation_rl, reward_model
 from trainer.annotation_round import cross_fit_round
-from trainer.causal_lm import LoraSettings, Sampler, add_lora, merge_lora, sample
+from trainer.causal_lm import (
+    LoraSettings,
+    Sampler,
+    add_lora,
+    completion_logprobs,
+    merge_lora,
+    sample,
+    selective_log_softmax,
+)
 from trainer.examples import BanditExample, LabelExample, PointwiseExample, PreferencePair, RatingExample
 from trainer.gate import (
     GateConfig,
@@ -509,6 +517,69 @@ def test_sampled_completions_stop_at_eos_and_logprobs_ignore_padding(lm_tokenize
     lp = completion_logprobs(policy, p_ids, p_mask, c_ids, c_mask)
     alone = completion_logprobs(policy, p_ids[:1, -1:], p_mask[:1, -1:], c_ids[:1], c_mask[:1])
     assert torch.allclose(lp[0], alone[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_rows_sharing_a_prompt_share_its_pass_and_get_the_one_pass_logprobs_and_gradients(lm_tokenizer, lora_r):
+    """completion_forward runs each distinct prompt once and gathers its cache per row: the log-probs,
+    hidden states and gradients are the one-pass figures, for repeated and distinct prompts of different
+    lengths (left padding), completions of different lengths (right padding) and a one-token completion."""
+    from trainer.causal_lm import completion_forward, encode_completions, encode_prompts
+
+    policy = add_lora(tiny_lm(lm_tokenizer), LoraSettings(r=lora_r, alpha=8))
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; a trained adapter is what the gradient must flow through
+            torch.nn.init.normal_(p, std=0.1)
+    prompts = ["say", "please say something now", "say", "say", "please say something now", "a b"]
+    p_ids, p_mask = encode_prompts(lm_tokenizer, prompts, 16, chat_template=False)
+    for completions in (["a b c d", "b", "c c", "a b c d", "d a", "b b b"], ["a"] * 6):
+        c_ids, c_mask = encode_completions(lm_tokenizer, completions, 8)
+        weights = torch.randn(c_ids.shape)  # any scalar of the outputs: its gradient must match
+        got = []
+        for share in (False, True):  # the one full pass, then the shared prompt passes
+            policy.zero_grad()
+            logits, hidden = completion_forward(policy, p_ids, p_mask, c_ids, c_mask, hidden=True, share_prompts=share)
+            lp = selective_log_softmax(logits.float(), c_ids)
+            ((lp * weights * c_mask).sum() + hidden[c_mask.bool()].pow(2).mean()).backward()
+            grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
+            got.append((lp.detach() * c_mask, hidden.detach()[c_mask.bool()], grads))
+        (lp_one, h_one, g_one), (lp_shared, h_shared, g_shared) = got
+        torch.testing.assert_close(lp_shared, lp_one, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h_shared, h_one, atol=1e-5, rtol=1e-5)
+        assert g_shared.keys() == g_one.keys() and g_one
+        for name, g in g_one.items():
+            torch.testing.assert_close(g_shared[name], g, atol=1e-5, rtol=1e-4, msg=name)
+        assert completion_logprobs(policy, p_ids, p_mask, c_ids, c_mask).shape == c_ids.shape
+
+
+def test_sampling_from_a_shared_prefill_draws_what_a_full_prefill_draws(lm_tokenizer):
+    """sample() computes each prompt's cache once for its k samples: under one seed it draws exactly the
+    tokens that generate draws from the k repeated prompts."""
+    from trainer.causal_lm import encode_prompts
+
+    policy = tiny_lm(lm_tokenizer)
+    prompts, k = ["say", "please say something now", "a"], 4
+    shapes: list[tuple[int, ...]] = []
+    hook = policy.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(args[0].shape))
+    torch.manual_seed(3)
+    ro = sample(policy, lm_tokenizer, prompts, k, max_new_tokens=6, max_prompt_tokens=16, chat_template=False)
+    hook.remove()
+    ids, mask = encode_prompts(lm_tokenizer, prompts, 16, chat_template=False)
+    # The prompts run once each (all but their last token), then generate starts from that cache for 12 rows.
+    assert shapes[:2] == [(3, ids.shape[1] - 1), (12, 1)], shapes
+    torch.manual_seed(3)
+    full = policy.generate(
+        input_ids=ids.repeat_interleave(k, 0),
+        attention_mask=mask.repeat_interleave(k, 0),
+        do_sample=True,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=6,
+        pad_token_id=lm_tokenizer.pad_token_id,
+        eos_token_id=lm_tokenizer.eos_token_id,
+    )[:, ids.shape[1] :]
+    assert torch.equal(ro.completion_ids, full)
+    assert len(set(ro.texts)) > 1  # the k samples of a prompt are drawn apart, not copied
 
 
 def test_dpo_increases_the_chosen_vs_rejected_margin(lm_tokenizer):
