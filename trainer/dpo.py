@@ -71,7 +71,8 @@ def pair_logprobs(
     pairs: Sequence[PreferencePair],
     cfg: DPOConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(chosen | prompt), log pi(rejected | prompt): (P,), (P,), from one forward pass of 2P rows."""
+    """log pi(chosen | prompt), log pi(rejected | prompt): (P,), (P,), from 2P rows whose pair shares its
+    prompt's pass (causal_lm.completion_forward)."""
     prompt_ids, prompt_mask = encode_prompts(
         tokenizer, [p.prompt for p in pairs], cfg.max_prompt_tokens, cfg.chat_template
     )  # (P, T_p)
