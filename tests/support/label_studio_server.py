@@ -1,7 +1,9 @@
 """A real Label Studio server for tests, from its own virtual environment (`make label-studio-env`).
 
 `label_studio_server()` starts it on a free loopback port with a throwaway SQLite database in a
-temporary folder, a test user and an API token, and stops it (its whole process group) afterwards.
+temporary folder, a test user and an API token, and stops it (its whole process group) afterwards. The
+database is a copy of the migrated, empty one that `make label-studio-env` builds (Label Studio's
+migrations are most of a fresh start); without it, the server migrates a fresh one as it starts.
 As with PostgreSQL, the one condition that skips instead of failing is a missing install: a machine
 without Label Studio cannot run these tests, while one that has it and fails to start it has a bug.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import urllib.request
@@ -25,7 +28,8 @@ from tests.support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 LS_VENV = Path(os.environ.get("LOOPSERVE_LS_VENV", REPO / ".venv-label-studio"))
-START_TIMEOUT_S = 300.0  # first start migrates a fresh database: ~50 s on 2 busy cores
+LS_TEMPLATE = LS_VENV / "template" / "data"  # the migrated database (make label-studio-env)
+START_TIMEOUT_S = 300.0  # a start that migrates a fresh database: ~50 s on 2 busy cores
 
 # Loopback ML backends are what these tests connect: Label Studio blocks them by default (SSRF
 # protection). Legacy tokens: the API token a test user gets with --user-token.
@@ -60,6 +64,8 @@ def start_label_studio(folder: Path) -> tuple[subprocess.Popen[bytes], LabelStud
     if not exe.is_file():
         pytest.skip(f"Label Studio not installed in {LS_VENV} (make label-studio-env)")
     folder.mkdir(parents=True, exist_ok=True)
+    if LS_TEMPLATE.is_dir() and not (folder / "data").exists():
+        shutil.copytree(LS_TEMPLATE, folder / "data")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = LabelStudioServer(
