@@ -554,7 +554,7 @@ def test_rows_sharing_a_prompt_share_its_pass_and_get_the_one_pass_logprobs_and_
 
 def test_sampling_from_a_shared_prefill_draws_what_a_full_prefill_draws(lm_tokenizer):
     """sample() computes each prompt's cache once for its k samples: under one seed it draws exactly the
-    tokens that generate draws from the k repeated prompts."""
+    tokens that k prefills of each prompt draw."""
     from trainer.causal_lm import encode_prompts
 
     policy = tiny_lm(lm_tokenizer)
@@ -564,21 +564,13 @@ def test_sampling_from_a_shared_prefill_draws_what_a_full_prefill_draws(lm_token
     torch.manual_seed(3)
     ro = sample(policy, lm_tokenizer, prompts, k, max_new_tokens=6, max_prompt_tokens=16, chat_template=False)
     hook.remove()
-    ids, mask = encode_prompts(lm_tokenizer, prompts, 16, chat_template=False)
+    ids, _ = encode_prompts(lm_tokenizer, prompts, 16, chat_template=False)
     # The prompts run once each (all but their last token), then generate starts from that cache for 12 rows.
     assert shapes[:2] == [(3, ids.shape[1] - 1), (12, 1)], shapes
     torch.manual_seed(3)
-    full = policy.generate(
-        input_ids=ids.repeat_interleave(k, 0),
-        attention_mask=mask.repeat_interleave(k, 0),
-        do_sample=True,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=6,
-        pad_token_id=lm_tokenizer.pad_token_id,
-        eos_token_id=lm_tokenizer.eos_token_id,
-    )[:, ids.shape[1] :]
-    assert torch.equal(ro.completion_ids, full)
+    full = sample(policy, lm_tokenizer, prompts, k, max_new_tokens=6, max_prompt_tokens=16, chat_template=False,
+                  share_prefill=False)  # fmt: skip: generate on the k repeated prompts
+    assert torch.equal(ro.completion_ids, full.completion_ids) and ro.texts == full.texts
     assert len(set(ro.texts)) > 1  # the k samples of a prompt are drawn apart, not copied
 
 
