@@ -568,8 +568,16 @@ def test_sampling_from_a_shared_prefill_draws_what_a_full_prefill_draws(lm_token
     # The prompts run once each (all but their last token), then generate starts from that cache for 12 rows.
     assert shapes[:2] == [(3, ids.shape[1] - 1), (12, 1)], shapes
     torch.manual_seed(3)
-    full = sample(policy, lm_tokenizer, prompts, k, max_new_tokens=6, max_prompt_tokens=16, chat_template=False,
-                  share_prefill=False)  # fmt: skip: generate on the k repeated prompts
+    full = sample(
+        policy,
+        lm_tokenizer,
+        prompts,
+        k,
+        max_new_tokens=6,
+        max_prompt_tokens=16,
+        chat_template=False,
+        share_prefill=False,
+    )  # fmt: skip: generate on the k repeated prompts
     assert torch.equal(ro.completion_ids, full.completion_ids) and ro.texts == full.texts
     assert len(set(ro.texts)) > 1  # the k samples of a prompt are drawn apart, not copied
 
