@@ -104,7 +104,7 @@ bench: setup postgres models
 	$(PY) bench/ingest.py
 	$(PY) bench/hotswap.py
 	$(PY) bench/generation.py
-	$(PY) bench/rl_step.py
+	$(PY) bench/shared_prompts.py
 	$(PY) bench/swap_load.py
 	$(PY) bench/online_latency.py
 	$(PY) bench/learning.py   # learning curves, 3 seeds: over an hour on 2 cores
