@@ -50,13 +50,16 @@ $(LS_VENV)/.installed: requirements-label-studio.lock
 # A migrated, empty database that the tests' throwaway servers start from, each from its own copy:
 # migrating a fresh one is about 45 s of a first start on 2 cores, a start on a copy about 14 s. `init`
 # asks for a user; the template's is a placeholder with a random password, never the tests' user. Its
-# organisation is made here, so API tokens are enabled here as the tests' servers enable them.
+# organisation is made here, so API tokens are enabled here as the tests' servers enable them. The data
+# folder is named in the environment too: Label Studio takes an exported one over --data-dir.
 $(LS_VENV)/template/.migrated: $(LS_VENV)/.installed
-	rm -rf $(LS_VENV)/template
-	LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true COLLECT_ANALYTICS=false LATEST_VERSION_CHECK=false \
+	rm -rf $(LS_VENV)/template && mkdir -p $(LS_VENV)/template
+	env -u DATABASE_NAME -u DJANGO_DB LABEL_STUDIO_BASE_DATA_DIR=$(abspath $(LS_VENV)/template/data) \
+	  LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN=true COLLECT_ANALYTICS=false LATEST_VERSION_CHECK=false \
 	  $(LS_VENV)/bin/label-studio init --no-browser \
-	  --data-dir $(LS_VENV)/template/data --username template@localhost \
-	  --password "$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')" >/dev/null
+	  --data-dir $(abspath $(LS_VENV)/template/data) --username template@localhost \
+	  --password "$$($(PYTHON) -c 'import secrets; print(secrets.token_hex(16))')" > $(LS_VENV)/template/init.log 2>&1
+	test -s $(LS_VENV)/template/data/label_studio.sqlite3
 	touch $@
 
 label-studio-env: $(LS_VENV)/.installed $(LS_VENV)/template/.migrated

@@ -51,7 +51,9 @@ PROMPTS = [
 
 
 def prompt(i: int) -> str:
-    return PROMPTS[i % len(PROMPTS)]
+    """Request i's prompt, distinct for every i (a request of the same prompt as another would share its
+    prefill in the service, sampling.prefill, and the paths would no longer do the same work)."""
+    return f"{i}. {PROMPTS[i % len(PROMPTS)]}"
 
 
 # ---- through the service -------------------------------------------------------------------------------

@@ -223,7 +223,14 @@ def generator_at(
 
     def run(n: int) -> int:
         params = SamplingParams(args.new_tokens, temperature=1.0)
-        reqs = [sampling.SequenceRequest(ids[k % len(ids)], params, row_seed=k) for k in range(n)]
+        # Row k's prompt is distinct (its index before it): rows with one prompt would share its prefill
+        # (sampling.prefill), and this measures the batch's cost, not that saving.
+        reqs = [
+            sampling.SequenceRequest(
+                tok(f"{k}: ", add_special_tokens=False)["input_ids"] + ids[k % len(ids)], params, row_seed=k
+            )
+            for k in range(n)
+        ]
         return sum(len(r.token_ids) for r in sampling.generate(model, tok, reqs))
 
     speed = [{"batch": b, "tokens_per_s": rate(run, b, args.seconds)} for b in args.batches]

@@ -13,7 +13,7 @@ Rows that share a prompt (a rollout's k samples of each prompt; a DPO pair) shar
 distinct prompts run once, and their key/value cache is gathered to every row before the completions run
 (`completion_forward`, and `sample`'s prefill). A prompt with the chat template's system turn is most of
 a short rollout's tokens, so this is about a third of a GRPO step on a CPU; the result is the full pass's
-up to float rounding, gradients included.
+up to float rounding, gradients included (with dropout on, the rows of a prompt share its dropout mask).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -89,28 +90,19 @@ def completion_forward(
 
     Two passes: the distinct prompt rows with a cache, then every row's completion (all but its last
     token, which predicts nothing) on that cache gathered per row. Autograd runs through the gather, so
-    the gradient of a shared prompt sums over the rows that share it, as in one full pass.
-    `share_prompts=False` runs the one full pass instead (every row's prompt and completion, no cache):
-    the layout's plain definition, which the benchmark and the tests measure the shared passes against."""
+    the gradient of a shared prompt sums over the rows that share it, as in one full pass. Where every
+    prompt row is distinct there is nothing to share, and the one full pass runs. `share_prompts=False`
+    runs the one full pass always (every row's prompt and completion, no cache): the layout's plain
+    definition, which the benchmark and the tests measure the shared passes against."""
     device = next(model.parameters()).device
-    if not share_prompts:
-        return _one_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden)
     p = prompt_ids.shape[1]
     distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
-    ids, mask = distinct[:, :p].to(device), distinct[:, p:].to(device)  # (U, P)
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        output_hidden_states=hidden,
-    )
+    if not share_prompts or len(distinct) == len(prompt_ids):  # nothing shared: one pass costs less
+        return _one_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden)
+    out, cache = _cached_pass(model, distinct[:, :p], distinct[:, p:], output_hidden_states=hidden)  # U rows
     row_of = row_of.to(device)
     cache.batch_select_indices(row_of)  # (U, ...) -> (B, ...)
-    logits = [out.logits[row_of]]  # (B, 1, V): the prompt's last position predicts completion token 0
+    logits = [out.logits[row_of][:, -1:]]  # (B, 1, V): the prompt's last position predicts completion token 0
     states = [out.hidden_states[-1][row_of, -1:]] if hidden else []  # (B, 1, H)
     if completion_ids.shape[1] > 1:
         attention_mask = torch.cat([prompt_mask, completion_mask[:, :-1]], dim=1).to(device)  # (B, P + C - 1)
@@ -125,6 +117,26 @@ def completion_forward(
         logits.append(rest.logits)  # (B, C - 1, V)
         states += [rest.hidden_states[-1]] if hidden else []
     return torch.cat(logits, dim=1), torch.cat(states, dim=1) if hidden else None
+
+
+def _cached_pass(
+    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, **kwargs: bool
+) -> tuple[Any, DynamicCache]:
+    """Left-padded prompt rows through `model` once, filling a fresh cache; only the last position is
+    projected onto the vocabulary."""
+    device = next(model.parameters()).device
+    mask = mask.to(device)
+    cache = DynamicCache(config=model.config)
+    out = model(
+        input_ids=ids.to(device),
+        attention_mask=mask,
+        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **kwargs,
+    )
+    return out, cache
 
 
 def _one_pass(
@@ -205,7 +217,8 @@ def sample(
     """k completions per prompt, drawn from pi itself (no top-k / top-p truncation, so the log-probs
     of `completion_logprobs` are those of the sampling distribution, as the policy gradient needs).
     Uses the global torch RNG: fork and seed it around the call for reproducible draws. The k samples of
-    a prompt share its prefill (`share_prefill=False`: each row prefills its own copy, the same draws)."""
+    a prompt share its prefill (`share_prefill=False`: each row prefills its own copy; the same draws up
+    to float rounding)."""
     model.eval()
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, max_prompt_tokens, chat_template)
@@ -240,19 +253,9 @@ def sample(
 def _prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, k: int) -> DynamicCache | None:
     """The cache of each prompt but its last token, computed once and repeated for its k samples; generate
     then runs only the last prompt token before decoding. None when there is nothing to share."""
-    if k < 2 or ids.shape[1] == 0:
-        return None
-    device = next(model.parameters()).device
-    mask = mask.to(device)
-    cache = DynamicCache(config=model.config)
-    model(
-        input_ids=ids.to(device),
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-    )
+    if k < 2 or ids.shape[1] == 0 or getattr(model.generation_config, "cache_implementation", None):
+        return None  # a model set to build its own kind of cache (static, quantised) is left to build it
+    _, cache = _cached_pass(model, ids, mask)
     cache.batch_repeat_interleave(k)
     return cache
 

@@ -64,7 +64,7 @@ def start_label_studio(folder: Path) -> tuple[subprocess.Popen[bytes], LabelStud
     if not exe.is_file():
         pytest.skip(f"Label Studio not installed in {LS_VENV} (make label-studio-env)")
     folder.mkdir(parents=True, exist_ok=True)
-    if LS_TEMPLATE.is_dir() and not (folder / "data").exists():
+    if (LS_TEMPLATE.parent / ".migrated").is_file() and not (folder / "data").exists():  # built whole
         shutil.copytree(LS_TEMPLATE, folder / "data")
     port = free_port()
     url = f"http://127.0.0.1:{port}"

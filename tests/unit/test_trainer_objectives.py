@@ -523,22 +523,35 @@ def test_sampled_completions_stop_at_eos_and_logprobs_ignore_padding(lm_tokenize
 def test_rows_sharing_a_prompt_share_its_pass_and_get_the_one_pass_logprobs_and_gradients(lm_tokenizer, lora_r):
     """completion_forward runs each distinct prompt once and gathers its cache per row: the log-probs,
     hidden states and gradients are the one-pass figures, for repeated and distinct prompts of different
-    lengths (left padding), completions of different lengths (right padding) and a one-token completion."""
+    lengths (left padding), completions of different lengths (right padding) and one-token completions.
+    Prompts that are all distinct take the one full pass."""
     from trainer.causal_lm import completion_forward, encode_completions, encode_prompts
 
     policy = add_lora(tiny_lm(lm_tokenizer), LoraSettings(r=lora_r, alpha=8))
     for name, p in policy.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; a trained adapter is what the gradient must flow through
             torch.nn.init.normal_(p, std=0.1)
-    prompts = ["say", "please say something now", "say", "say", "please say something now", "a b"]
-    p_ids, p_mask = encode_prompts(lm_tokenizer, prompts, 16, chat_template=False)
-    for completions in (["a b c d", "b", "c c", "a b c d", "d a", "b b b"], ["a"] * 6):
-        c_ids, c_mask = encode_completions(lm_tokenizer, completions, 8)
+    shapes: list[tuple[int, ...]] = []
+    policy.get_input_embeddings().register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    repeated = ["say", "please say something now", "say", "say", "please say something now", "a b"]
+    cases = [
+        (repeated, ["a b c d", "b", "c c", "a b c d", "d a", "b b b"], True),
+        (repeated, ["a", "b", "c", "a", "d", "b"], False),  # one token each, no EOS (as logged completions)
+        (["say", "a b", "please say something now"], ["a b", "c", "d d d"], True),  # nothing to share
+    ]
+    for prompts, completions, eos in cases:
+        p_ids, p_mask = encode_prompts(lm_tokenizer, prompts, 16, chat_template=False)
+        c_ids, c_mask = encode_completions(lm_tokenizer, completions, 8, add_eos=eos)
+        assert eos or c_ids.shape[1] == 1  # the case where the prompt's pass alone predicts every token
         weights = torch.randn(c_ids.shape)  # any scalar of the outputs: its gradient must match
         got = []
         for share in (False, True):  # the one full pass, then the shared prompt passes
             policy.zero_grad()
+            shapes.clear()
             logits, hidden = completion_forward(policy, p_ids, p_mask, c_ids, c_mask, hidden=True, share_prompts=share)
+            distinct = len(set(prompts))
+            expected = (distinct, p_ids.shape[1]) if share and distinct < len(prompts) else tuple(p_ids.shape)
+            assert shapes[0][0] == expected[0] and shapes[0][1] >= expected[1], (share, shapes)
             lp = selective_log_softmax(logits.float(), c_ids)
             ((lp * weights * c_mask).sum() + hidden[c_mask.bool()].pow(2).mean()).backward()
             grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.requires_grad}
