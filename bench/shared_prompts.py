@@ -40,8 +40,8 @@ from bench.common import machine  # noqa: E402
 from loopserve.cli.demo.generation import _prompts  # noqa: E402
 from loopserve.models import generator  # noqa: E402
 from loopserve.models.store import ModelStore  # noqa: E402
-from trainer.causal_lm import LoraSettings, add_lora, completion_forward, sample, selective_log_softmax  # noqa: E402
-from trainer.generation_rl import grpo_loss  # noqa: E402
+from trainer.causal_lm import LoraSettings, add_lora, completion_logprobs, sample  # noqa: E402
+from trainer.generation_rl import group_advantages, grpo_loss  # noqa: E402
 from trainer.optim import lm_optimizer  # noqa: E402
 
 MODES = {"one_pass": False, "shared": True}
@@ -59,16 +59,14 @@ def step(policy: Any, ref: Any, tok: Any, prompts: list[str], args: argparse.Nam
     batch = (ro.prompt_ids, ro.prompt_mask, ro.completion_ids, ro.completion_mask)
     policy.train()
     start = time.perf_counter()
-    logits, _ = completion_forward(policy, *batch, share_prompts=share)
-    logp = selective_log_softmax(logits.float() / 0.7, ro.completion_ids)
+    logp = completion_logprobs(policy, *batch, temperature=0.7, share_prompts=share)
     t["policy_forward_s"] = time.perf_counter() - start
     start = time.perf_counter()
     with torch.no_grad():
-        ref_logits, _ = completion_forward(ref, *batch, share_prompts=share)
-        ref_logp = selective_log_softmax(ref_logits.float() / 0.7, ro.completion_ids)
+        ref_logp = completion_logprobs(ref, *batch, temperature=0.7, share_prompts=share)
     t["ref_forward_s"] = time.perf_counter() - start
     rewards = ro.completion_mask.sum(-1).float().view(-1, args.group)
-    adv = ((rewards - rewards.mean(-1, keepdim=True)) / (rewards.std(-1, keepdim=True) + 1e-4)).flatten()
+    adv = group_advantages(rewards, scale=True).flatten()
     loss, _ = grpo_loss(logp, ref_logp, adv, ro.completion_mask, 0.05)
     start = time.perf_counter()
     loss.backward()

@@ -56,6 +56,7 @@ class DecodeBatch:
         self._mask = torch.zeros((0, 0), dtype=torch.long, device=self.device)  # (B, T)
         self._next = torch.zeros((0,), dtype=torch.long, device=self.device)  # (B,) token to feed next
         self._pos = torch.zeros((0,), dtype=torch.long, device=self.device)  # (B,) its position
+        self._last_only = sampling.last_logits_only(model)
 
     @property
     def rows(self) -> int:
@@ -68,7 +69,8 @@ class DecodeBatch:
         rows = [r for j in new_jobs for r in j.rows]
         if not rows:
             return
-        logits, cache, mask = sampling.prefill(self.model, [r.req.prompt_ids for r in rows], self.pad_id, self.device)
+        prompts = [r.req.prompt_ids for r in rows]
+        logits, cache, mask = sampling.prefill(self.model, prompts, self.pad_id, self.device, self._last_only)
         next_ids = torch.full((len(rows),), self.pad_id, dtype=torch.long, device=self.device)
         sampling.advance(rows, logits, self.eos_ids, next_ids)
         self._join(cache, mask, next_ids, mask.sum(-1), rows)

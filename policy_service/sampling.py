@@ -293,16 +293,17 @@ def last_logits_only(model: PreTrainedModel) -> dict[str, int]:
 
 
 def prefill(
-    model: PreTrainedModel, prompts: list[list[int]], pad_id: int, device: torch.device
+    model: PreTrainedModel, prompts: list[list[int]], pad_id: int, device: torch.device, last_only: dict[str, int]
 ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
     """Each distinct prompt through the model once: per row, the logits of its next token (B, V), the KV
     cache and the attention mask (B, T), gathered from the distinct prompts' rows. A request for n
-    completions prefills its prompt once, not n times."""
+    completions prefills its prompt once, not n times. `last_only`: `last_logits_only(model)`, which the
+    caller reads once (it inspects the forward's signature)."""
     distinct: dict[tuple[int, ...], int] = {}
     row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
     ids, mask = left_padded([list(p) for p in distinct], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_logits_only(model))
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
     index = torch.tensor(row_of, dtype=torch.long, device=device)
     cache = out.past_key_values
     if len(distinct) < len(prompts):
@@ -324,7 +325,7 @@ def generate(
     pad_id = pad_id_of(tokenizer)
     eos_ids = eos_ids_of(model, tokenizer)
     last_only = last_logits_only(model)
-    logits, past, attention_mask = prefill(model, [r.prompt_ids for r in requests], pad_id, device)
+    logits, past, attention_mask = prefill(model, [r.prompt_ids for r in requests], pad_id, device, last_only)
     cur_pos = (attention_mask.sum(-1, keepdim=True) - 1).clamp(min=0)  # (B, 1): the last prompt token's position
     max_steps = max(r.params.max_new_tokens for r in requests)
     for step in range(max_steps):

@@ -169,12 +169,14 @@ def completion_logprobs(
     completion_ids: torch.Tensor,
     completion_mask: torch.Tensor,
     temperature: float = 1.0,
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """Per-token log pi(y_t | x, y_<t) of the completion tokens: (B, C) (garbage where mask is 0).
 
     `temperature` divides the logits as sampling did, so the log-probs are those of the distribution
-    the completions were drawn from."""
-    logits, _ = completion_forward(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    the completions were drawn from. `share_prompts`: as `completion_forward`'s."""
+    args = (prompt_ids, prompt_mask, completion_ids, completion_mask)
+    logits, _ = completion_forward(model, *args, share_prompts=share_prompts)
     return selective_log_softmax(logits.float() / temperature, completion_ids.to(logits.device))  # (B, C)
 
 
