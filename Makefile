@@ -7,6 +7,11 @@ PY       := $(VENV)/bin/python
 WHEELS   ?= /opt/wheels
 DATA_DIR ?= ./.loopserve
 PYTEST_ARGS ?=
+# make test's workers. Much of the suite waits (servers starting, Ray, Label Studio, a subprocess importing
+# torch on one core), so two workers overlap that with the CPU-bound tests (tests/conftest.py: each worker
+# on its own share of the cores, the two quick demos first, one a worker, one Ray cluster at a time).
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 # Label Studio runs in its own virtual environment, as a separate server does in production: its
 # dependencies (Django, its own numpy, ...) stay out of loopserve's. It pulls no torch (checked below).
 LS_VENV      ?= .venv-label-studio
@@ -70,7 +75,7 @@ chromium:
 
 # Label Studio on http://localhost:$(LS_PORT) for people: user annotator@example.com, with a password and
 # an API token made on first run and kept (mode 0600) in $(LS_DATA_DIR).
-label-studio: label-studio-env
+label-studio: $(LS_VENV)/.installed  # not the tests' template database: this server migrates its own
 	@mkdir -p $(LS_DATA_DIR) && umask 077 && for f in api-token password; do \
 	  test -s $(LS_DATA_DIR)/$$f || $(PYTHON) -c "import secrets; print(secrets.token_hex(20))" > $(LS_DATA_DIR)/$$f; done
 	@echo "Label Studio: log in as annotator@example.com / $$(cat $(LS_DATA_DIR)/password); API token in $(LS_DATA_DIR)/api-token"
@@ -81,10 +86,10 @@ label-studio: label-studio-env
 	  --user-token "$$(cat $(LS_DATA_DIR)/api-token)"
 
 test: setup postgres models label-studio-env chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxschedchunk 1 $(PYTEST_ARGS)
 
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --maxschedchunk 1 -m "not slow" $(PYTEST_ARGS)
 
 up: setup models
 	$(PY) -m loopserve up --data-dir $(DATA_DIR)

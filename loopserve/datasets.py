@@ -73,13 +73,13 @@ def pull_finefoods(dest: Path, deb: Path | None = None) -> Path:
             deb = next(tmpd.glob(f"{FINEFOODS_DEB}_*.deb"))
         subprocess.run(["dpkg-deb", "-x", str(deb), str(tmpd / "x")], check=True)
         frames = _read_lazyload(tmpd / "x" / _RDATA_DIR, list(_SPLITS))
-    part = out.with_suffix(".jsonl.part")
-    with part.open("w") as f:
+    # A part file of its own: two pulls at once (the test suite's workers) each write whole and rename.
+    with tempfile.NamedTemporaryFile("w", dir=dest, prefix="finefoods.", suffix=".part", delete=False) as f:
         for name, split in _SPLITS.items():
             df = frames[name]
             for text, label in zip(df["review"], df["score"], strict=True):  # type: ignore[index]
                 f.write(json.dumps({"text": str(text), "label": str(label), "split": split}) + "\n")
-    part.replace(out)
+    Path(f.name).replace(out)
     return out
 
 

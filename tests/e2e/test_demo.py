@@ -170,6 +170,7 @@ def _demo(data_dir: Path, *flags: str) -> tuple[Path, dict]:  # type: ignore[typ
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(1800)
 def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
     run, s = _demo(_data_dir(tmp_path))
@@ -205,6 +206,7 @@ def test_quick_annotation_demo_improves_the_annotator(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy
 @pytest.mark.timeout(1800)
 def test_quick_generation_demo_raises_the_reward(tmp_path: Path) -> None:
     run, s = _demo(_data_dir(tmp_path), "--generation")

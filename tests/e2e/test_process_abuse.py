@@ -34,7 +34,7 @@ from loopserve.feedback_log import open_feedback_log
 from loopserve.ports import free_ports
 from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
 from tests.service.test_tls import issue, make_ca
-from tests.support.waiting import wait_until
+from tests.support.waiting import kill9_and_reap, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 NO_RETRY = RetryPolicy(attempts=1)
@@ -179,8 +179,7 @@ def test_kill9_during_submitstream_then_resend_loses_and_doubles_nothing(tiny_da
         sender.start()
         # Some of the stream is durable (a chunk committed), none of it acknowledged: kill -9.
         wait_until(lambda: _feedback_rows(log_file) > ACKED, 60, "a chunk of the stream to commit")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(10)
+        kill9_and_reap(proc)  # the service and its feedback writer: the log holds still from here on
         killed.set()
         sender.join(60)
         assert len(outcome) == 1 and isinstance(outcome[0], grpc.RpcError)  # nothing acknowledged
@@ -209,6 +208,8 @@ def test_kill9_during_submitstream_then_resend_loses_and_doubles_nothing(tiny_da
 
 
 @pytest.mark.slow  # a local Ray cluster starts cold (about a minute on 2 busy cores)
+@pytest.mark.ray
+@pytest.mark.usefixtures("one_ray_cluster")
 @pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
 def test_serve_on_ray_answers_and_stops_every_process_it_started_on_sigterm(
     tiny_data_dir: Path, tmp_path: Path, ingress: str

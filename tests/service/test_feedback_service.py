@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from loopserve.feedback_log import open_feedback_log
 from loopserve.ports import free_port
 from policy_service.app import PolicyApp
 from tests.support.pg_server import create_schema, postgres_server
-from tests.support.waiting import wait_until
+from tests.support.waiting import kill9_and_reap, wait_until
 
 NO_RETRY = RetryPolicy(attempts=1)
 REPO = Path(__file__).resolve().parents[2]
@@ -279,8 +278,7 @@ def test_acknowledged_feedback_survives_kill_9(tiny_data_dir: Path) -> None:
         t = threading.Thread(target=send)
         t.start()
         wait_until(lambda: len(acked) >= 2000 or not t.is_alive(), 120, "2,000 acknowledged events")
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill9_and_reap(proc)
         t.join(30)
         assert acked, "nothing was acknowledged before the kill"
         log = open_feedback_log(str(tiny_data_dir / "feedback.sqlite3"))
@@ -337,8 +335,7 @@ def test_submit_chunks_acknowledged_survive_kill_9_and_the_tail_is_resent_once(t
         t = threading.Thread(target=send)
         t.start()
         wait_until(lambda: len(acked) >= 2000 or not t.is_alive(), 120, "2,000 acknowledged events")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill9_and_reap(proc)  # the service and its feedback writer: the log holds still from here on
         killed.set()
         t.join(30)
         assert acked, "nothing was acknowledged before the kill"
