@@ -7,7 +7,7 @@ other's barriers (a PPO test that takes 5 s alone took 113 s so). The heavy test
 come first in the collection, every other one (`pytest_collection_modifyitems`): xdist's load scheduler
 with `--maxschedchunk 1` starts each worker on two consecutive tests, so each worker starts on a demo and
 the rest is shared out one test at a time behind them. Both demos on one worker, the suite took 1,254 s;
-one a worker, 978 and 1,061 s. The Ray tests hold `one_ray_cluster`.
+one a worker, 978 and 1,061 s. The tests marked `ray` take turns (`one_ray_cluster`).
 """
 
 from __future__ import annotations
@@ -79,9 +79,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items[:] = front + heavy[pairs:] + rest[pairs:]
 
 
-@pytest.fixture
-def one_ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """One local Ray cluster on the machine at a time, whichever worker runs the test (a lock in the
-    folder above each worker's temporary root, which the workers of one run share)."""
+@pytest.fixture(autouse=True)
+def one_ray_cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A test marked `ray` runs while no other does, whichever worker runs it: one local Ray cluster on the
+    machine at a time (a lock in the folder above each worker's temporary root, which the workers of one
+    run share)."""
+    if request.node.get_closest_marker("ray") is None:
+        yield
+        return
     with FileLock(tmp_path_factory.getbasetemp().parent / "one-ray-cluster.lock"):
         yield

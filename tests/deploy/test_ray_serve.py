@@ -32,7 +32,7 @@ from loopserve.serving.ray import METRICS_PORT_STRIDE
 from tests.support import tiny_models
 from tests.support.waiting import wait_until
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.usefixtures("one_ray_cluster"), pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.timeout(300)]
 
 CLIENT_TOKEN = "client-token-for-the-ray-test-0001"
 ANNOTATOR_TOKEN = "annotator-token-for-the-ray-test-1"

@@ -208,8 +208,7 @@ def test_kill9_during_submitstream_then_resend_loses_and_doubles_nothing(tiny_da
 
 
 @pytest.mark.slow  # a local Ray cluster starts cold (about a minute on 2 busy cores)
-@pytest.mark.ray
-@pytest.mark.usefixtures("one_ray_cluster")
+@pytest.mark.ray  # one Ray cluster at a time (tests/conftest.py: one_ray_cluster)
 @pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
 def test_serve_on_ray_answers_and_stops_every_process_it_started_on_sigterm(
     tiny_data_dir: Path, tmp_path: Path, ingress: str
