@@ -26,7 +26,7 @@ from loopserve.feedback.v1 import feedback_pb2, feedback_pb2_grpc
 from loopserve.feedback_log import open_feedback_log
 from loopserve.models.store import ModelStore
 from loopserve.policy.v1 import policy_pb2, policy_pb2_grpc
-from loopserve.ports import free_port
+from loopserve.ports import free_port, free_ports
 from loopserve.reward.v1 import reward_pb2, reward_pb2_grpc
 from loopserve.serving.ray import METRICS_PORT_STRIDE
 from tests.support import tiny_models
@@ -56,6 +56,24 @@ def annotator_version(metrics_port: int) -> float | None:
         if line.startswith('loopserve_model_version{model="annotator"}'):
             return float(line.rsplit(" ", 1)[1])
     return None
+
+
+def wait_for_replicas(ports: list[int], version: float, timeout_s: float, what: str, ray_tmp: Path) -> None:
+    """Wait until every replica's /metrics reports annotator `version`; on a timeout, say what each port
+    answered and what Serve logged about replica ports, crashes and restarts (a CI run once timed out here with
+    nothing else to go on)."""
+    try:
+        wait_until(lambda: all(annotator_version(p) == version for p in ports), timeout_s, what, interval_s=0.2)
+    except AssertionError as timed_out:
+        seen = {p: annotator_version(p) for p in ports}
+        clues = ("metrics", "Traceback", "unhealthy", "died", "failed")  # a replica's port, crash or restart
+        logged = [
+            f"{log.name}: {line.strip()[:300]}"
+            for log in sorted(ray_tmp.glob("session_*/logs/serve/*.log"))
+            for line in log.read_text(errors="replace").splitlines()
+            if any(clue in line for clue in clues)
+        ]
+        raise AssertionError(f"{timed_out}; annotator version by port: {seen}; replica logs: {logged[-20:]}") from None
 
 
 def ray_processes(session_root: Path, spawned_before: set[int]) -> list[str]:
@@ -122,7 +140,9 @@ def test_policy_and_reward_on_ray_serve(
     token_file = tiny_data_dir / "tokens.json"
     token_file.write_text(json.dumps(TOKENS))
     os.chmod(token_file, 0o600)
-    grpc_port, metrics_base = free_port(), free_port()
+    grpc_port = free_port()
+    # replica k serves /metrics on metrics_base + METRICS_PORT_STRIDE * k: both ports free, not only the base
+    (metrics_base,) = free_ports(1, stride=METRICS_PORT_STRIDE, count=2)
     log_url = str(tiny_data_dir / "feedback.sqlite3")  # replicas on one machine may share SQLite
     common = {
         "data_dir": str(tiny_data_dir),
@@ -251,24 +271,14 @@ def test_policy_and_reward_on_ray_serve(
             assert "several replicas" in two_replicas.value.details()
 
             # Each policy replica exports loopserve's metrics on its own port.
-            wait_until(
-                lambda: all(annotator_version(p) == 0.0 for p in replica_ports),
-                60,
-                "both replicas' /metrics",
-                interval_s=0.2,
-            )
+            wait_for_replicas(replica_ports, 0.0, 60, "both replicas' /metrics", ray_tmp)
 
             # Publish v1 while requests keep coming: both replicas swap, no request fails.
             with Load(policy) as load:
                 wait_until(lambda: len(load.versions) >= 10, 60, "traffic before the swap", interval_s=0.2)
                 src = tiny_models.tiny_annotator(tmp_path_factory.mktemp("v1") / "annotator", seed=1)
                 ModelStore(tiny_data_dir / "store").publish_version("annotator", src)
-                wait_until(
-                    lambda: all(annotator_version(p) == 1.0 for p in replica_ports),
-                    90,
-                    "v1 on both replicas",
-                    interval_s=0.2,
-                )
+                wait_for_replicas(replica_ports, 1.0, 90, "v1 on both replicas", ray_tmp)
                 swapped_at = len(load.versions)
                 wait_until(lambda: len(load.versions) >= swapped_at + 10, 60, "traffic after the swap", interval_s=0.2)
             assert load.errors == []

@@ -49,7 +49,39 @@ def test_the_search_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         raise OSError("address in use")
 
     assert ports.free_ports(0) == []
+    offer(monkeypatch, list(range(20000, 20050)))  # (a candidate in Ray's range is skipped without a bind)
     monkeypatch.setattr(socket.socket, "bind", refuse)
     with pytest.raises(OSError, match="0 of 1 free ports"):
         ports.free_ports(1, tries=50)
     assert len(binds) == 50
+
+
+def offer(monkeypatch: pytest.MonkeyPatch, candidates: list[int]) -> None:
+    """free_ports draws these candidates, in this order."""
+    offered = iter(candidates)
+
+    class Draws:
+        def randrange(self, low: int, high: int) -> int:
+            return next(offered)
+
+    monkeypatch.setattr(ports.random, "SystemRandom", Draws)
+
+
+def test_ray_serves_ingress_ports_are_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Serve's replicas bind 30000-31000 (direct ingress) as they start: free now is not free then."""
+    good = ports.free_ports(1)[0]
+    offer(monkeypatch, [30000, 30500, 31000, good])
+    assert ports.free_ports(1) == [good]
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(good))  # Ray's own override moves the range
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(good))
+    offer(monkeypatch, [good, 30000])
+    assert ports.free_ports(1) == [30000]
+
+
+def test_a_base_is_handed_out_only_with_every_port_of_its_run_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray replica k serves /metrics on base + 10 k: a base whose second port is taken is skipped."""
+    first, second = ports.free_ports(2, stride=10, count=2)
+    offer(monkeypatch, [first, second])
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", first + 10))
+        assert ports.free_ports(1, stride=10, count=2) == [second]
