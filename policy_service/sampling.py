@@ -25,6 +25,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from loopserve.errors import ModelFault
+from loopserve.models.prefill import distinct_rows, prefill_rows
 from policy_service.types import SamplingParams, TokenDelta
 
 
@@ -295,20 +296,14 @@ def last_logits_only(model: PreTrainedModel) -> dict[str, int]:
 def prefill(
     model: PreTrainedModel, prompts: list[list[int]], pad_id: int, device: torch.device, last_only: dict[str, int]
 ) -> tuple[torch.Tensor, DynamicCache, torch.Tensor]:
-    """Each distinct prompt through the model once: per row, the logits of its next token (B, V), the KV
-    cache and the attention mask (B, T), gathered from the distinct prompts' rows. A request for n
-    completions prefills its prompt once, not n times. `last_only`: `last_logits_only(model)`, which the
-    caller reads once (it inspects the forward's signature)."""
-    distinct: dict[tuple[int, ...], int] = {}
-    row_of = [distinct.setdefault(tuple(p), len(distinct)) for p in prompts]
-    ids, mask = left_padded([list(p) for p in distinct], pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (U, T)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
-    index = torch.tensor(row_of, dtype=torch.long, device=device)
-    cache = out.past_key_values
-    if len(distinct) < len(prompts):
-        cache.batch_select_indices(index)
-    return out.logits[index, -1, :], cache, mask[index]
+    """Each distinct prompt through the model once (`loopserve.models.prefill`): per row, the logits of
+    its next token (B, V), the KV cache and the attention mask (B, T). A request for n completions
+    prefills its prompt once, not n times. `last_only`: `last_logits_only(model)`, which the caller reads
+    once (it inspects the forward's signature)."""
+    ids, mask = left_padded(prompts, pad_id, device)
+    distinct_ids, distinct_mask, row_of = distinct_rows(ids, mask)
+    out, cache = prefill_rows(model, distinct_ids, distinct_mask, row_of, **last_only)
+    return out.logits[row_of, -1, :], cache, mask
 
 
 @torch.inference_mode()

@@ -22,12 +22,12 @@ import contextlib
 import copy
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from loopserve.models.generator import prompt_text
+from loopserve.models.prefill import distinct_rows, prefill_rows
 
 
 def encode_prompts(
@@ -96,12 +96,13 @@ def completion_forward(
     definition, which the benchmark and the tests measure the shared passes against."""
     device = next(model.parameters()).device
     p = prompt_ids.shape[1]
-    distinct, row_of = torch.unique(torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True)
-    if not share_prompts or len(distinct) == len(prompt_ids):  # nothing shared: one pass costs less
+    distinct_ids, distinct_mask, row_of = distinct_rows(prompt_ids, prompt_mask)
+    if not share_prompts or len(distinct_ids) == len(prompt_ids):  # nothing shared: one pass costs less
         return _one_pass(model, prompt_ids, prompt_mask, completion_ids, completion_mask, hidden)
-    out, cache = _cached_pass(model, distinct[:, :p], distinct[:, p:], output_hidden_states=hidden)  # U rows
     row_of = row_of.to(device)
-    cache.batch_select_indices(row_of)  # (U, ...) -> (B, ...)
+    out, cache = prefill_rows(  # U rows; the cache gathered to B
+        model, distinct_ids, distinct_mask, row_of, logits_to_keep=1, output_hidden_states=hidden
+    )
     logits = [out.logits[row_of][:, -1:]]  # (B, 1, V): the prompt's last position predicts completion token 0
     states = [out.hidden_states[-1][row_of, -1:]] if hidden else []  # (B, 1, H)
     if completion_ids.shape[1] > 1:
@@ -117,26 +118,6 @@ def completion_forward(
         logits.append(rest.logits)  # (B, C - 1, V)
         states += [rest.hidden_states[-1]] if hidden else []
     return torch.cat(logits, dim=1), torch.cat(states, dim=1) if hidden else None
-
-
-def _cached_pass(
-    model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, **kwargs: bool
-) -> tuple[Any, DynamicCache]:
-    """Left-padded prompt rows through `model` once, filling a fresh cache; only the last position is
-    projected onto the vocabulary."""
-    device = next(model.parameters()).device
-    mask = mask.to(device)
-    cache = DynamicCache(config=model.config)
-    out = model(
-        input_ids=ids.to(device),
-        attention_mask=mask,
-        position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        **kwargs,
-    )
-    return out, cache
 
 
 def _one_pass(
@@ -257,7 +238,7 @@ def _prefill(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor, k: i
     then runs only the last prompt token before decoding. None when there is nothing to share."""
     if k < 2 or ids.shape[1] == 0 or getattr(model.generation_config, "cache_implementation", None):
         return None  # a model set to build its own kind of cache (static, quantised) is left to build it
-    _, cache = _cached_pass(model, ids, mask)
+    _, cache = prefill_rows(model, ids, mask, logits_to_keep=1)
     cache.batch_repeat_interleave(k)
     return cache
 
