@@ -25,7 +25,7 @@ from loopserve.feedback_log import open_feedback_log
 from loopserve.ports import free_port
 from policy_service.app import PolicyApp
 from tests.support.pg_server import create_schema, postgres_server
-from tests.support.waiting import kill9_and_reap, wait_until
+from tests.support.waiting import kill9_and_reap, wait_until, wait_until_async
 
 NO_RETRY = RetryPolicy(attempts=1)
 REPO = Path(__file__).resolve().parents[2]
@@ -500,7 +500,10 @@ async def test_ingest_process_decides_where_feedback_commits(tiny_data_dir: Path
             summary = await a.submit_chunks([correction(served.event_id, "great") for _ in range(3)], chunk_events=2)
         assert summary.accepted == 3
         assert sum(r.type == "feedback" for r in app.feedback_log.log.read(0, 100)) == 3
-        assert REGISTRY.get_sample_value("loopserve_queue_depth", {"queue": "feedback"}) == 0
+        # The committer answers a batch's callers, then stops counting its events as in flight: a scrape
+        # between the two reads them (one CI run read 1.0 right after the acknowledgement).
+        depth = {"queue": "feedback"}
+        await wait_until_async(lambda: REGISTRY.get_sample_value("loopserve_queue_depth", depth) == 0, 10, "depth 0")
     finally:
         await app.stop(1)
     wait_until(lambda: not (set(_writer_processes()) & writers), 10, "the writer process to exit with the service")

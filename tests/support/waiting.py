@@ -3,6 +3,7 @@ service's processes to be gone."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import time
@@ -18,6 +19,17 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, int
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
         time.sleep(interval_s)
+
+
+async def wait_until_async(
+    condition: Callable[[], object], timeout_s: float, what: str, interval_s: float = 0.02
+) -> None:
+    """`wait_until` for a coroutine: sleeps without blocking its event loop."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        await asyncio.sleep(interval_s)
 
 
 def kill9_and_reap(proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
