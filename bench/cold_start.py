@@ -7,7 +7,10 @@ labels teach more than random ones is measured here without a fine-tune per seed
 take minutes: each strategy's labels train (a) a head on the frozen base encoder, as the trainer's online
 tier fits its heads (trainer.head_fit.fit_head, pulled towards the encoder's own head), and (b) TF-IDF +
 logistic regression, both scored on the test split. The labels are the data's own (no annotator noise),
-so the two strategies differ only in which items they pick. A third strategy, k-means over the base
+so the two strategies differ only in which items they pick. Two more probes answer how far the first
+labels carry without any fit: a nearest-prototype classifier (cosine to each label's mean unit embedding
+of its labelled items), alone and with the label's description (the zero-shot head's row) counted as one
+more item. A third strategy, k-means over the base
 encoder's embeddings, is a reference the app cannot run (its routing sees only texts and Annotate's
 answers). A fourth, `loop`, is the app's routing as it runs before a fine-tune serves: coverage while
 unchecked, then, once the online tier's head passes the gate, uncertainty among the items it flags
@@ -62,6 +65,15 @@ from trainer.head_fit import fit_head
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STRATEGIES = ("coverage", "random", "embedding-coverage", "loop")
+PROBES = (
+    "head_accuracy",
+    "prototype_accuracy",
+    "prototype_described_accuracy",
+    "tfidf_accuracy",
+    "majority_share",
+    "labels",
+    "fine_tune_accuracy",
+)
 
 
 def embedding_coverage(vectors: np.ndarray, k: int, rng: random.Random) -> list[int]:
@@ -69,6 +81,23 @@ def embedding_coverage(vectors: np.ndarray, k: int, rng: random.Random) -> list[
     the base encoder's embeddings instead of TF-IDF."""
     n = len(vectors)
     return per_cluster(list(range(n)), np.zeros(n), k, rng, least_certain=False, features=lambda c: vectors[c])
+
+
+def nearest_prototype(
+    x: torch.Tensor, y: torch.Tensor, descriptions: torch.Tensor, description_weight: float, queries: torch.Tensor
+) -> torch.Tensor:
+    """The label of each query by cosine to each label's prototype: the mean of its labelled items' unit
+    embeddings (x, y), with the label's description (its row of the zero-shot head, `descriptions`) counted
+    as `description_weight` items; a label nobody labelled yet keeps its description alone."""
+    unit = torch.nn.functional.normalize(x, dim=-1)
+    described = torch.nn.functional.normalize(descriptions, dim=-1)
+    protos = []
+    for c in range(len(descriptions)):
+        mine = unit[y == c]
+        weight = description_weight if len(mine) else 1.0
+        protos.append((mine.sum(0) + weight * described[c]) / (len(mine) + weight))
+    centres = torch.nn.functional.normalize(torch.stack(protos), dim=-1)
+    return (torch.nn.functional.normalize(queries, dim=-1) @ centres.T).argmax(-1)
 
 
 def picks(
@@ -241,8 +270,9 @@ Runs = dict[str, dict[int, list[dict[str, float]]]]
 """strategy -> labels -> one row of probes per seed (the same seed order for every strategy: paired)."""
 
 
-def measure(args: argparse.Namespace, train: list[Example], test: list[Example], base: Path) -> Runs:
-    """Every strategy's labels, probed, for each of the seeds asked for."""
+def measure(args: argparse.Namespace, train: list[Example], test: list[Example], base: Path) -> tuple[Runs, float]:
+    """Every strategy's labels, probed, for each of the seeds asked for; and the zero-shot head's test
+    accuracy (the labels' descriptions alone, the base version)."""
     model, tokenizer = encoder_heads.load(base), encoder_heads.load_tokenizer(base)
     assert isinstance(model, encoder_heads.AnnotatorModel)
     names = model.spec.label_names
@@ -264,6 +294,11 @@ def measure(args: argparse.Namespace, train: list[Example], test: list[Example],
         w, b = fit_head(x, torch.tensor([names.index(e.label) for e in items]), w0, b0, l2=1e-2, max_iter=100)
         return float(((x_test @ w.T + b).argmax(-1) == y_test).float().mean())
 
+    def prototype_accuracy(items: list[Example], description_weight: float) -> float:
+        x = torch.stack([emb[e.text] for e in items])
+        y = torch.tensor([names.index(e.label) for e in items])
+        return float((nearest_prototype(x, y, w0, description_weight, x_test) == y_test).float().mean())
+
     budgets = [args.quota * (c + 1) for c in range(args.chunks)]
     runs: Runs = {s: {b: [] for b in budgets} for s in STRATEGIES}
     for seed, stream in zip(seeds, streams, strict=True):
@@ -276,6 +311,8 @@ def measure(args: argparse.Namespace, train: list[Example], test: list[Example],
                     {
                         "seed": float(seed),
                         "head_accuracy": head_accuracy(bought),
+                        "prototype_accuracy": prototype_accuracy(bought, 0.0),
+                        "prototype_described_accuracy": prototype_accuracy(bought, 1.0),
                         "tfidf_accuracy": tfidf_accuracy([(e.text, e.label) for e in bought], test),
                         "majority_share": max(sum(e.label == y for e in bought) for y in names) / len(bought),
                         "labels": float(len(bought)),
@@ -287,7 +324,7 @@ def measure(args: argparse.Namespace, train: list[Example], test: list[Example],
                     }
                 )
         print(seed, {s: round(runs[s][budgets[-1]][-1]["head_accuracy"], 3) for s in STRATEGIES}, flush=True)
-    return runs
+    return runs, float(((x_test @ w0.T + b0).argmax(-1) == y_test).float().mean())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -302,7 +339,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     path, train, test, base = load_annotation_data(args)
     t0 = time.monotonic()
-    runs = measure(args, train, test, base) if args.seeds else {s: {b: [] for b in budgets} for s in STRATEGIES}
+    runs: Runs = {s: {b: [] for b in budgets} for s in STRATEGIES}
+    zero_shot = earlier[0].get("zero_shot_accuracy") if earlier else None
+    if args.seeds:
+        runs, zero_shot = measure(args, train, test, base)
     for s in STRATEGIES:  # the merged files' seeds first, in the order given, then this run's
         for b in budgets:
             runs[s][b] = [row for r in earlier for row in r["runs"][s][str(b)]] + runs[s][b]
@@ -310,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, Any] = {
         **annotation_results_header(args, path, train, test),
         "seconds": round(time.monotonic() - t0, 1),
+        "zero_shot_accuracy": zero_shot,
         "merged": merged,
         "summary": summarise(runs, budgets),
         "runs": {s: {str(b): v for b, v in r.items()} for s, r in runs.items()},
@@ -331,7 +372,7 @@ def summarise(runs: dict[str, dict[int, list[dict[str, float]]]], budgets: list[
     for s in STRATEGIES:
         for b in budgets:
             row = {}
-            for probe in ("head_accuracy", "tfidf_accuracy", "majority_share", "labels", "fine_tune_accuracy"):
+            for probe in PROBES:
                 if not runs[s][b] or any(probe not in r for r in runs[s][b] + runs["random"][b]):
                     continue  # fine_tune_accuracy: only at --fine-tune-at, for --fine-tune-strategies
                 values = [r[probe] for r in runs[s][b]]
@@ -352,8 +393,9 @@ def plot(summary: dict[str, Any], budgets: list[int], out: Path, title: str, res
     import matplotlib.pyplot as plt
 
     tuned = [(s, b) for s in STRATEGIES for b in budgets if "fine_tune_accuracy" in summary[s][str(b)]]
-    fig, axes = plt.subplots(1, 3 if tuned else 2, figsize=(15 if tuned else 10, 4))
-    for ax, probe in zip(axes, ("head_accuracy", "tfidf_accuracy"), strict=False):
+    panels = [p for p in PROBES[:4] if all(p in summary[s][str(b)] for s in STRATEGIES for b in budgets)]
+    fig, axes = plt.subplots(1, len(panels) + bool(tuned), figsize=(5 * (len(panels) + bool(tuned)), 4))
+    for ax, probe in zip(axes, panels, strict=False):
         for i, s in enumerate(STRATEGIES):
             xs = [b + (i - 1) * 0.6 for b in budgets]
             ys = [summary[s][str(b)][probe]["mean"] for b in budgets]
@@ -362,10 +404,10 @@ def plot(summary: dict[str, Any], budgets: list[int], out: Path, title: str, res
         ax.axhline(results["majority_rate"], color="grey", ls=":", label="majority rate")
         ax.set_xlabel("labels (first chunks of the stream)")
         ax.set_ylabel(probe.replace("_", " ") + " (test, +-2 s.e.)")
-        ax.set_title(f"{title}: {probe.split('_')[0]}")
+        ax.set_title(f"{title}: {probe.removesuffix('_accuracy').replace('_', ' ')}")
         ax.legend(fontsize=8)
     if tuned:
-        ax = axes[2]
+        ax = axes[-1]
         for i, (s, b) in enumerate(tuned):
             row = summary[s][str(b)]["fine_tune_accuracy"]
             ax.errorbar([i], [row["mean"]], yerr=[2 * row["se"]], marker="o", capsize=3, label=f"{s} at {b} labels")

@@ -210,6 +210,25 @@ def test_the_cold_start_bench_buys_each_strategys_labels_from_the_chunks_streame
     assert new and new <= flagged
 
 
+def test_the_cold_start_benchs_prototypes_are_label_means_and_fall_back_on_the_descriptions() -> None:
+    """bench/cold_start.nearest_prototype: a query goes to the label whose items' mean direction it is
+    nearest; with no item of a label, that label's description stands in; a description counted as items
+    pulls its prototype towards it."""
+    import torch
+
+    from bench.cold_start import nearest_prototype
+
+    descriptions = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    x, y = torch.tensor([[1.0, 1.0], [2.0, 2.2], [-1.0, 0.1]]), torch.tensor([0, 0, 1])
+    queries = torch.tensor([[1.0, 0.9], [-1.0, 0.0], [0.2, 1.0]])
+    # label 0's prototype points at (1, 1.05), label 1's at (-1, 0.1): the third query is nearer label 0's
+    assert nearest_prototype(x, y, descriptions, 0.0, queries).tolist() == [0, 1, 0]
+    # counted as 3 items, label 1's description (0, 1) turns its prototype towards the third query
+    assert nearest_prototype(x, y, descriptions, 3.0, queries).tolist() == [0, 1, 1]
+    only_zero = nearest_prototype(x[:2], y[:2], descriptions, 0.0, queries)  # label 1: its description alone
+    assert only_zero.tolist() == [0, 1, 1]
+
+
 def test_the_cold_start_benchs_fine_tune_probe_is_paired_with_random(
     base_store: Path,  # noqa: F811
     capsys: pytest.CaptureFixture[str],
