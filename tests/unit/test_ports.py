@@ -69,13 +69,13 @@ def offer(monkeypatch: pytest.MonkeyPatch, candidates: list[int]) -> None:
 
 def test_ray_serves_ingress_ports_are_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray Serve's replicas bind 30000-31000 (direct ingress) as they start: free now is not free then."""
-    good = ports.free_ports(1)[0]
+    good, other = ports.free_ports(2)
     offer(monkeypatch, [30000, 30500, 31000, good])
     assert ports.free_ports(1) == [good]
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(good))  # Ray's own override moves the range
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(good))
-    offer(monkeypatch, [good, 30000])
-    assert ports.free_ports(1) == [30000]
+    offer(monkeypatch, [good, other])
+    assert ports.free_ports(1) == [other]
 
 
 def test_a_base_is_handed_out_only_with_every_port_of_its_run_free(monkeypatch: pytest.MonkeyPatch) -> None:
