@@ -3,10 +3,13 @@ the trainer's GRPO passes share (their own tests check what each computes from i
 
 from __future__ import annotations
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from pathlib import Path
 
+import torch
+
+from loopserve.models import generator
 from loopserve.models.prefill import distinct_rows, prefill_rows
+from tests.support import tiny_models
 
 
 def test_rows_are_distinct_by_ids_and_mask_and_each_row_names_its_distinct_row() -> None:
@@ -17,25 +20,11 @@ def test_rows_are_distinct_by_ids_and_mask_and_each_row_names_its_distinct_row()
     assert torch.equal(u_ids[row_of], ids) and torch.equal(u_mask[row_of], mask)
 
 
-def tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=16,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 @torch.no_grad()
-def test_the_gathered_cache_and_logits_are_those_of_a_pass_over_every_row() -> None:
+def test_the_gathered_cache_and_logits_are_those_of_a_pass_over_every_row(tmp_path: Path) -> None:
     """Three rows, two of one prompt: the model sees 2 rows, and each row's next-token logits and its
     continuation on the gathered cache match a pass over all three rows."""
-    model = tiny_llama()
+    model = generator.load(tiny_models.tiny_generator(tmp_path / "gen")).eval()
     ids = torch.tensor([[0, 3, 4], [5, 6, 7], [0, 3, 4]])
     mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 1, 1]])
     seen: list[int] = []
