@@ -7,14 +7,14 @@ labels teach more than random ones is measured here without a fine-tune per seed
 take minutes: each strategy's labels train (a) a head on the frozen base encoder, as the trainer's online
 tier fits its heads (trainer.head_fit.fit_head, pulled towards the encoder's own head), and (b) TF-IDF +
 logistic regression, both scored on the test split. The labels are the data's own (no annotator noise),
-so the two strategies differ only in which items they pick. Two more probes answer how far the first
-labels carry without any fit: a nearest-prototype classifier (cosine to each label's mean unit embedding
-of its labelled items), alone and with the label's description (the zero-shot head's row) counted as one
-more item. A third strategy, k-means over the base
+so the two strategies differ only in which items they pick. A third strategy, k-means over the base
 encoder's embeddings, is a reference the app cannot run (its routing sees only texts and Annotate's
 answers). A fourth, `loop`, is the app's routing as it runs before a fine-tune serves: coverage while
 unchecked, then, once the online tier's head passes the gate, uncertainty among the items it flags
-(OnlineTierLoop). Seeds shuffle the stream as bench/learning.py does.
+(OnlineTierLoop). Seeds shuffle the stream as bench/learning.py does. Two more probes of every strategy's
+labels ask how far they carry without a fit: a nearest-prototype classifier (cosine to each label's mean
+unit embedding of its labelled items, `nearest_prototype`), alone and with the label's description (its
+row of the zero-shot head) counted as one more item.
 
 A slower probe closest to what the loop serves, `--fine-tune-at N`, fine-tunes the replay's recipe from the
 base on each of `--fine-tune-strategies`' labels at N (clean labels, no self-training pool; with
@@ -22,6 +22,8 @@ base on each of `--fine-tune-strategies`' labels at N (clean labels, no self-tra
 passive baseline is).
 
     python bench/cold_start.py --data-dir .loopserve --seeds 20 --chunks 8   # JSON + plot in bench/results/
+    python bench/cold_start.py --data-dir .loopserve --seeds 20 --chunk 25 --quota 6 --chunks 8 \
+        --out bench/results/cold_start-prototypes-48.json   # the first 48 labels, 6 a chunk
     python bench/cold_start.py --data-dir .loopserve --seeds 6 --chunks 2 --fine-tune-at 50
     python bench/cold_start.py --data-dir .loopserve --first-seed 3 --seeds 3 --chunks 2 --fine-tune-at 50 \
         --fine-tune-self-training

@@ -501,7 +501,7 @@ async def test_ingest_process_decides_where_feedback_commits(tiny_data_dir: Path
         assert summary.accepted == 3
         assert sum(r.type == "feedback" for r in app.feedback_log.log.read(0, 100)) == 3
         # The committer answers a batch's callers, then stops counting its events as in flight: a scrape
-        # between the two reads them (one CI run read 1.0 right after the acknowledgement).
+        # between the two reads them (a clean-clone run read 1.0 right after the acknowledgement).
         depth = {"queue": "feedback"}
         await wait_until_async(lambda: REGISTRY.get_sample_value("loopserve_queue_depth", depth) == 0, 10, "depth 0")
     finally:
