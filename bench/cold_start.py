@@ -36,7 +36,6 @@ import copy
 import dataclasses
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -51,6 +50,7 @@ from bench.common import (
     add_annotation_data_args,
     annotation_results_header,
     load_annotation_data,
+    mean_se,
     merge_results,
     save_figure,
 )
@@ -291,15 +291,19 @@ def measure(args: argparse.Namespace, train: list[Example], test: list[Example],
     x_test = torch.stack([emb[e.text] for e in test])
     y_test = torch.tensor([names.index(e.label) for e in test])
 
-    def head_accuracy(items: list[Example]) -> float:
-        x = torch.stack([emb[e.text] for e in items])
-        w, b = fit_head(x, torch.tensor([names.index(e.label) for e in items]), w0, b0, l2=1e-2, max_iter=100)
-        return float(((x_test @ w.T + b).argmax(-1) == y_test).float().mean())
+    def accuracy(predicted: torch.Tensor) -> float:
+        return float((predicted == y_test).float().mean())
 
-    def prototype_accuracy(items: list[Example], description_weight: float) -> float:
+    def frozen_encoder_probes(items: list[Example]) -> dict[str, float]:
+        """The probes on the base encoder's embeddings of `items` (stacked once for all three)."""
         x = torch.stack([emb[e.text] for e in items])
         y = torch.tensor([names.index(e.label) for e in items])
-        return float((nearest_prototype(x, y, w0, description_weight, x_test) == y_test).float().mean())
+        w, b = fit_head(x, y, w0, b0, l2=1e-2, max_iter=100)
+        return {
+            "head_accuracy": accuracy((x_test @ w.T + b).argmax(-1)),
+            "prototype_accuracy": accuracy(nearest_prototype(x, y, w0, 0.0, x_test)),
+            "prototype_described_accuracy": accuracy(nearest_prototype(x, y, w0, 1.0, x_test)),
+        }
 
     budgets = [args.quota * (c + 1) for c in range(args.chunks)]
     runs: Runs = {s: {b: [] for b in budgets} for s in STRATEGIES}
@@ -312,9 +316,7 @@ def measure(args: argparse.Namespace, train: list[Example], test: list[Example],
                 runs[strategy][budget].append(
                     {
                         "seed": float(seed),
-                        "head_accuracy": head_accuracy(bought),
-                        "prototype_accuracy": prototype_accuracy(bought, 0.0),
-                        "prototype_described_accuracy": prototype_accuracy(bought, 1.0),
+                        **frozen_encoder_probes(bought),
                         "tfidf_accuracy": tfidf_accuracy([(e.text, e.label) for e in bought], test),
                         "majority_share": max(sum(e.label == y for e in bought) for y in names) / len(bought),
                         "labels": float(len(bought)),
@@ -326,7 +328,7 @@ def measure(args: argparse.Namespace, train: list[Example], test: list[Example],
                     }
                 )
         print(seed, {s: round(runs[s][budgets[-1]][-1]["head_accuracy"], 3) for s in STRATEGIES}, flush=True)
-    return runs, float(((x_test @ w0.T + b0).argmax(-1) == y_test).float().mean())
+    return runs, accuracy((x_test @ w0.T + b0).argmax(-1))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -367,9 +369,6 @@ def summarise(runs: dict[str, dict[int, list[dict[str, float]]]], budgets: list[
     """Per strategy and budget: mean and standard error of each probe, and the paired difference from random
     (same seed, same stream)."""
 
-    def stat(values: list[float]) -> dict[str, float]:
-        return {"mean": statistics.fmean(values), "se": statistics.stdev(values) / len(values) ** 0.5}
-
     out: dict[str, Any] = {}
     for s in STRATEGIES:
         for b in budgets:
@@ -378,10 +377,10 @@ def summarise(runs: dict[str, dict[int, list[dict[str, float]]]], budgets: list[
                 if not runs[s][b] or any(probe not in r for r in runs[s][b] + runs["random"][b]):
                     continue  # fine_tune_accuracy: only at --fine-tune-at, for --fine-tune-strategies
                 values = [r[probe] for r in runs[s][b]]
-                row[probe] = stat(values)
+                row[probe] = mean_se(values)
                 if s != "random":
                     diff = [v - r[probe] for v, r in zip(values, runs["random"][b], strict=True)]
-                    row[f"{probe}_minus_random"] = stat(diff)
+                    row[f"{probe}_minus_random"] = mean_se(diff)
             out.setdefault(s, {})[str(b)] = row
     return out
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import random
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -80,6 +82,13 @@ def load_annotation_data(args: argparse.Namespace) -> tuple[Path, list[Any], lis
     if args.test_items:
         test = random.Random(1).sample(test, min(args.test_items, len(test)))
     return path, train, test, args.data_dir / "store" / "models" / "annotator" / "v0"
+
+
+def mean_se(values: Sequence[float]) -> dict[str, float]:
+    """Mean, standard error of the mean (NaN for one value: a single seed has no spread) and count."""
+    mean = statistics.fmean(values)
+    se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return {"mean": mean, "se": se, "n": len(values)}
 
 
 def save_plot(fig: Any, ax: Any, out: Path, title: str) -> None:

@@ -51,7 +51,6 @@ import copy
 import json
 import math
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +67,7 @@ from bench.common import (
     add_annotation_data_args,
     annotation_results_header,
     load_annotation_data,
+    mean_se,
     merge_results,
     save_plot,
 )
@@ -554,11 +554,6 @@ def make_configs(args: argparse.Namespace) -> tuple[AnnotationPolicyConfig, Gate
 
 
 def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
-    def stat(values: list[float]) -> dict[str, float]:
-        mean = statistics.fmean(values)
-        se = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
-        return {"mean": mean, "se": se, "n": len(values)}
-
     table: dict[str, Any] = {}
     for b in budgets:
         row: dict[str, Any] = {}
@@ -577,7 +572,7 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
             runs = [s[learner]["budgets"] for s in results["seeds"] if learner in s]
             vals = [r[b][key] for r in runs if key in r.get(b, {})]  # files of earlier code lack some figures
             if vals:
-                row[name] = stat(vals)
+                row[name] = mean_se(vals)
         for key, name in [("accuracy", "loop_minus_passive"), ("dataset_accuracy", "loop_minus_passive_dataset")]:
             pairs = [
                 (s["loop"]["budgets"].get(b, {}), s["passive"]["budgets"].get(b, {}))
@@ -586,7 +581,7 @@ def summarise(results: dict[str, Any], budgets: list[int]) -> dict[str, Any]:
             ]
             diffs = [loop[key] - passive[key] for loop, passive in pairs if key in loop and key in passive]
             if diffs:  # paired by seed, over the seeds where both learners have the figure
-                row[name] = stat(diffs)
+                row[name] = mean_se(diffs)
         table[str(b)] = row
     return table
 
